@@ -1,0 +1,249 @@
+"""``stepdistill distill | sample | export | eval | demo | ls | build-assets`` (DESIGN.md §6).
+
+``accelerate launch -m stepdistill distill ...`` behaves the same as ``stepdistill distill ...``. Every user error
+ends as one line on stderr, ``stepdistill: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+DEMO_RECIPE = Path(__file__).resolve().parent / "assets" / "demo.yaml"
+
+
+def _user_errors():
+    from .config import ConfigError
+    from .export import ExportError
+    from .teachers import TeacherError
+    from .train import RunError
+
+    return ConfigError, ExportError, TeacherError, RunError, FileNotFoundError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cmd_distill(args) -> int:
+    from .config import dump_recipe, load_recipe
+    from .train import Trainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = args.output_dir or recipe.output_dir or f"runs/{Path(args.recipe).parent.name}_{Path(args.recipe).stem}"
+    if args.dry_run:
+        print(dump_recipe(recipe), end="")
+        return 0
+    trainer = Trainer(recipe, out, resume=args.resume, overwrite=args.overwrite).setup()
+    trainer.train()
+    if recipe.export.pipeline:
+        path = trainer.export()
+        if path is not None:
+            print(f"pipeline: {path}")
+    if trainer.accelerator.is_main_process:
+        print(f"run directory: {trainer.dir}")
+    return 0
+
+
+def _load_student(path: Path):
+    """``(student, grid, teacher)`` from a run directory (latest checkpoint) or an exported pipeline folder."""
+    from .config import ConfigError, build_recipe, load_recipe
+    from .export import load_exported_student
+    from .teachers import load_teacher
+    from .train import Trainer
+
+    if (path / "stepdistill.json").exists():
+        meta = json.loads((path / "stepdistill.json").read_text())
+        teacher = load_teacher(build_recipe({"teacher": meta["teacher"]}).teacher)
+        student, grid, _ = load_exported_student(path, teacher)
+        return student, grid, teacher
+    if (path / "config.yaml").exists():
+        trainer = Trainer(load_recipe(path / "config.yaml"), path, resume=True, show_progress=False)
+        trainer.setup(readonly=True)
+        trainer.method.update_schedule(max(trainer.step - 1, 0), trainer.nets)
+        return trainer.sampling_student(), trainer.method.student_grid(), trainer.teacher
+    raise ConfigError(f"{path}: neither a run directory (config.yaml) nor an exported pipeline (stepdistill.json)")
+
+
+def cmd_sample(args) -> int:
+    from .evaluate import student_samples
+    from .sampling import StudentGrid
+    from .visualize import save_sample_grid
+
+    student, grid, teacher = _load_student(Path(args.path))
+    if args.steps and args.steps != grid.steps:
+        grid = StudentGrid(times=tuple(float(t) for t in student.schedule.grid(args.steps)[:-1]),
+                           transition=grid.transition)
+    x = student_samples(student, grid, shape=teacher.sample_shape, num=args.num_samples, seed=args.seed)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, x.numpy())
+    elif out.suffix == ".pt":
+        torch.save(x, out)
+    else:
+        save_sample_grid(x, out, mixture=teacher.mixture)
+    print(f"{args.num_samples} samples ({grid.steps} steps) -> {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .config import ConfigError, load_recipe
+    from .train import Trainer
+
+    if args.lora or args.kohya:
+        raise ConfigError("export --lora/--kohya: LoRA export needs roles.mode: lora, which arrives with the "
+                          "diffusers-families work; this run holds full weights")
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").exists():
+        raise ConfigError(f"{run}: not a run directory (no config.yaml)")
+    trainer = Trainer(load_recipe(run / "config.yaml"), run, resume=True, show_progress=False).setup(readonly=True)
+    trainer.method.update_schedule(max(trainer.step - 1, 0), trainer.nets)
+    print(f"pipeline: {trainer.export(args.output_dir)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .config import load_recipe
+    from .evaluate import evaluate
+
+    path = Path(args.path)
+    student, grid, teacher = _load_student(path)
+    settings = load_recipe(path / "config.yaml").eval if (path / "config.yaml").exists() else None
+    metrics = evaluate(student, grid, teacher, num_samples=args.num_samples or (settings.num_samples if settings
+                                                                                 else 1000),
+                       teacher_sampler=settings.teacher_sampler if settings else "ddim",
+                       full_steps=settings.teacher_full_steps if settings else 64)
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Distil the embedded digits teacher (64 -> 4 steps), export, evaluate, and say where everything is."""
+    import time
+
+    from .config import load_recipe
+    from .evaluate import evaluate
+    from .train import Trainer
+
+    start = time.perf_counter()
+    recipe = load_recipe(DEMO_RECIPE, args.overrides)
+    trainer = Trainer(recipe, args.output_dir, overwrite=args.overwrite).setup()
+    trainer.train()
+    pipe = trainer.export()
+    metrics = evaluate(trainer.sampling_student(), trainer.method.student_grid(), trainer.teacher,
+                       num_samples=recipe.eval.num_samples, teacher_sampler=recipe.eval.teacher_sampler,
+                       full_steps=recipe.eval.teacher_full_steps)
+    (trainer.dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    s, tn, tf = metrics["student"], metrics["teacher_same_nfe"], metrics["teacher_full"]
+    print(f"\nFrechet distance (lower is better): student {s['nfe']} NFE {s['frechet_distance']:.2f} | "
+          f"teacher {tn['nfe']} NFE {tn['frechet_distance']:.2f} | teacher {tf['nfe']} NFE "
+          f"{tf['frechet_distance']:.2f}; classes covered by the student: {s['classes_covered']}/10")
+    print(f"pipeline:     {pipe}")
+    print(f"sample grid:  {trainer.dir / 'samples' / f'step-{trainer.step}.png'}")
+    print(f"metrics:      {trainer.dir / 'metrics.json'}")
+    print(f"finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from .methods import METHODS
+
+    print("methods:  " + ", ".join(sorted(METHODS)))
+    print("teachers: pretrained: <dir or hub id> | tiny: unet2d | gmm: {means, std|stds, weights} | "
+          "embedded: digits")
+    if REPO_RECIPES.is_dir():
+        print("recipes:")
+        for p in sorted(REPO_RECIPES.rglob("*.yaml")):
+            print(f"  {p.relative_to(REPO_RECIPES.parent)}")
+    return 0
+
+
+def cmd_build_assets(args) -> int:
+    """Re-train the shipped digits teacher and digits classifier (recorded seeds; a few minutes per asset on CPU)."""
+    from .teacher_training import build_digits_classifier, build_digits_teacher
+
+    out = Path(args.output_dir)
+    _, acc = build_digits_classifier(out / "digits_classifier.safetensors")
+    print(f"digits classifier: held-out accuracy {acc:.3f} -> {out / 'digits_classifier.safetensors'}")
+    build_digits_teacher(out / "digits_teacher")
+    print(f"digits teacher -> {out / 'digits_teacher'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stepdistill", description="Diffusion step distillation for diffusers teachers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="distil a teacher into a few-step student from a recipe")
+    d.add_argument("recipe")
+    d.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
+    d.add_argument("--output-dir")
+    d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output dir")
+    d.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    d.set_defaults(fn=cmd_distill)
+
+    s = sub.add_parser("sample", help="sample a run directory or an exported pipeline")
+    s.add_argument("path")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--num-samples", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--output", required=True, help="FILE.png (grid) | FILE.npy | FILE.pt")
+    s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("export", help="write pipeline/ from a run's latest checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--output-dir")
+    e.add_argument("--lora", action="store_true")
+    e.add_argument("--kohya", action="store_true")
+    e.set_defaults(fn=cmd_export)
+
+    v = sub.add_parser("eval", help="metrics of a run or pipeline beside the teacher's; prints JSON")
+    v.add_argument("path")
+    v.add_argument("--num-samples", type=int)
+    v.set_defaults(fn=cmd_eval)
+
+    m = sub.add_parser("demo", help="the embedded digits teacher, distilled end to end")
+    m.add_argument("overrides", nargs="*")
+    m.add_argument("--output-dir", default="runs/demo")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(fn=cmd_demo)
+
+    sub.add_parser("ls", help="methods, teachers and recipes").set_defaults(fn=cmd_ls)
+
+    b = sub.add_parser("build-assets", help="re-train the shipped digits teacher and classifier")
+    b.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "assets"))
+    b.set_defaults(fn=cmd_build_assets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may follow options (`distill r.yaml --output-dir d train.max_steps=10`).
+    if hasattr(args, "overrides"):
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.fn(args)
+    except _user_errors() as err:
+        print(f"stepdistill: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Data sources: infinite iterators of ``Batch`` on CPU, reproducible from a ``torch.Generator``.
+
+Sources (``data.source`` in a recipe):
+    * ``gmm``: exact samples of the teacher's Gaussian mixture (labels = component).
+    * ``digits``: scikit-learn's bundled 8x8 digits (offline), scaled to [-1, 1], labels = digit.
+    * ``image_folder``: PNG/JPEG files under ``data.path``, resized to the teacher's sample size, in [-1, 1].
+    * ``gaussian``: standard normal "images" of the teacher's sample shape (smoke runs of random tiny teachers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .methods.base import Batch
+from .mixture import GaussianMixture
+
+
+@lru_cache(maxsize=1)
+def digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 sklearn digits as ``([N, 1, 8, 8] in [-1, 1], labels [N])``. Pixel values are 0..16."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
+    return x, torch.from_numpy(d.target).long()
+
+
+def _image_folder(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ValueError(f"data.path: no images (png/jpg/webp) under {path!r}")
+    c, h, w = shape
+    mode = {1: "L", 3: "RGB"}.get(c)
+    if mode is None:
+        raise ValueError(f"data.source image_folder needs a 1- or 3-channel teacher, got {c} channels")
+    arrays = [np.asarray(Image.open(f).convert(mode).resize((w, h), Image.BICUBIC), dtype=np.float32) for f in files]
+    x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
+    return x[:, None] if c == 1 else x.permute(0, 3, 1, 2)
+
+
+class DataSource:
+    """An endless stream of training batches drawn with the caller's generator (so resume replays exactly)."""
+
+    def __init__(self, kind: str, *, batch_size: int, sample_shape: tuple[int, ...],
+                 mixture: GaussianMixture | None = None, path: str | None = None, labels: bool = False):
+        self.kind, self.batch_size, self.labels = kind, batch_size, labels
+        self.mixture = mixture
+        self.tensor, self.targets = None, None
+        if kind == "gmm":
+            if mixture is None:
+                raise ValueError("data.source gmm needs a teacher.gmm teacher")
+        elif kind == "digits":
+            self.tensor, self.targets = digits_tensor()
+            if tuple(sample_shape) != (1, 8, 8):
+                raise ValueError(f"data.source digits gives 1x8x8 samples; the teacher takes {sample_shape}")
+        elif kind == "image_folder":
+            if not path:
+                raise ValueError("data.source image_folder needs data.path")
+            self.tensor = _image_folder(path, tuple(sample_shape))
+        elif kind == "gaussian":
+            self.shape = tuple(sample_shape)
+        else:
+            raise ValueError(f"data.source: unknown {kind!r}; allowed: gmm, digits, image_folder, gaussian")
+
+    def next(self, generator: torch.Generator) -> Batch:
+        n = self.batch_size
+        if self.kind == "gmm":
+            x0, y = self.mixture.sample(n, generator)
+        elif self.kind == "gaussian":
+            x0, y = torch.randn(n, *self.shape, generator=generator), None
+        else:
+            idx = torch.randint(0, self.tensor.shape[0], (n,), generator=generator)
+            x0 = self.tensor[idx]
+            y = None if self.targets is None else self.targets[idx]
+        cond = {"class_labels": y} if (self.labels and y is not None) else None
+        return Batch(x0=x0, cond=cond, generator=generator)
+
+    def __iter__(self) -> Iterator[Batch]:  # pragma: no cover - convenience
+        gen = torch.Generator().manual_seed(0)
+        while True:
+            yield self.next(gen)

@@ -1,0 +1,148 @@
+"""Progressive distillation (Salimans & Ho, ICLR 2022), with guided PD for CFG teachers (Meng et al., CVPR 2023).
+
+Followed: google-research ``diffusion_distillation/dpm.py`` ``Model.training_losses`` (METHODS.md §2). Per step, with
+the student taking N steps on the grid ``t_i = i / N``:
+
+    i ~ U{0..N-1},  t = (i+1)/N,  x_t = a_t x + s_t eps
+    two teacher DDIM steps t -> t - 1/(2N) -> s = t - 1/N give z_s
+    x~ = (z_s - (s_s/s_t) x_t) / (a_s - (s_s/s_t) a_t)          (Algorithm 2: one student DDIM step lands on z_s)
+    loss = max(|x_theta - x~|^2, |eps_theta - eps~|^2) = max(SNR, 1) |x_theta - x~|^2   ("snr_trunc")
+
+When ``s = 0`` the formula gives the teacher's x0 from the midpoint evaluation, as the paper prescribes for the last
+step. Stages halve N; between stages the teacher becomes the student (``stage_teacher <- student``), driven by
+``update_schedule``. Guided PD: with ``guidance=(w_min, w_max)`` the teacher is queried with CFG at a per-sample
+``w ~ U[w_min, w_max]`` and the student receives ``w`` as the input ``cond["guidance"]``; later stages distil the
+w-conditioned previous student without CFG. (Meng et al. run a separate first stage that matches the CFG teacher at
+equal steps; here that regression is folded into the first halving.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..denoisers import guided
+from ..parameterization import ddim_step, ddim_x0_target
+from ..sampling import StudentGrid
+from .base import Batch, LossOutput, Nets, RoleSpec
+
+
+WEIGHTINGS = ("snr_trunc", "constant", "snr", "v_mse")
+
+
+class ProgressiveDistillation:
+    """Progressive distillation loss object.
+
+    Args:
+        teacher_steps: steps of the original teacher's DDIM sampler that the first student halves (e.g. 64).
+        final_steps: steps of the last student (e.g. 4); ``teacher_steps / final_steps`` must be a power of two.
+        steps_per_stage: training steps per halving (the paper uses 50k on CIFAR-10).
+        weighting: ``snr_trunc`` (default, paper), ``constant`` (x-MSE), ``snr`` (eps-MSE) or ``v_mse``.
+        student_prediction: the student's output, ``x0`` or ``v`` (eps-prediction fails, METHODS.md §2 pitfalls).
+        guidance: ``(w_min, w_max)`` for guided PD, or ``None``.
+    """
+
+    phases = ("student",)
+
+    def __init__(self, *, teacher_steps: int = 64, final_steps: int = 4, steps_per_stage: int = 1000,
+                 weighting: str = "snr_trunc", student_prediction: str = "v",
+                 guidance: tuple[float, float] | None = None):
+        ratio = teacher_steps / final_steps
+        if final_steps < 1 or ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
+            raise ValueError(f"method.teacher_steps / method.final_steps must be a power of two >= 2, got "
+                             f"{teacher_steps}/{final_steps}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"method.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if student_prediction not in ("x0", "v"):
+            raise ValueError(f"method.student_prediction must be 'x0' or 'v' (eps fails for PD), got "
+                             f"{student_prediction!r}")
+        if guidance is not None and not (1.0 <= guidance[0] <= guidance[1]):
+            raise ValueError(f"method.guidance must be [w_min, w_max] with 1 <= w_min <= w_max, got {guidance}")
+        self.teacher_steps, self.final_steps = teacher_steps, final_steps
+        self.steps_per_stage = steps_per_stage
+        self.num_stages = round(math.log2(ratio))
+        self.weighting, self.student_prediction = weighting, student_prediction
+        self.guidance = None if guidance is None else tuple(guidance)
+        self.stage = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_stages * self.steps_per_stage
+
+    @property
+    def student_steps(self) -> int:
+        return self.teacher_steps // 2 ** (self.stage + 1)
+
+    def roles(self) -> dict[str, RoleSpec]:
+        return {
+            "student": RoleSpec(init="teacher", prediction=self.student_prediction),
+            # The previous stage's student, frozen: the teacher of every stage after the first.
+            "stage_teacher": RoleSpec(init="student", trainable=False, checkpointed=True),
+        }
+
+    def owner(self, phase: str) -> str:
+        return "student"
+
+    def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
+        stage = min(step // self.steps_per_stage, self.num_stages - 1)
+        if stage > 0 and step == stage * self.steps_per_stage:
+            # Stage boundary: the student just finished becomes the teacher (idempotent for this step).
+            nets["stage_teacher"].load_state_dict(nets.student.state_dict())
+        self.stage = stage
+        return {"stage": float(stage), "student_steps": float(self.student_steps)}
+
+    def student_grid(self) -> StudentGrid:
+        n = self.student_steps
+        return StudentGrid(times=tuple((n - i) / n for i in range(n)), transition="ddim")
+
+    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
+        x0 = batch.x0
+        n_steps, b = self.student_steps, x0.shape[0]
+        sch = nets.student.schedule
+        gen = batch.generator
+
+        # Sample a student step and noise the data to its start time.
+        i = torch.randint(0, n_steps, (b,), generator=gen)
+        t = ((i + 1) / n_steps).double()
+        t_mid, s = t - 0.5 / n_steps, t - 1.0 / n_steps
+        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+        x_t = sch.add_noise(x0, eps, t)
+
+        # Teacher: CFG teacher (first stage) or the previous, already guided, student.
+        cond, student_cond, w = batch.cond, batch.cond, 1.0
+        if self.guidance is not None:
+            w = self.guidance[0] + (self.guidance[1] - self.guidance[0]) * torch.rand(b, generator=gen,
+                                                                                    dtype=torch.float64)
+            student_cond = {**(cond or {}), "guidance": w.to(x0.device, torch.float32)}
+        if self.stage == 0:
+            teacher, teacher_cond, teacher_w = nets.teacher, cond, w
+        else:
+            teacher, teacher_cond, teacher_w = nets["stage_teacher"], student_cond, 1.0
+
+        # Two teacher DDIM steps t -> t_mid -> s, then the x-target of Algorithm 2.
+        with torch.no_grad():
+            pred = guided(teacher, x_t, t, teacher_cond, teacher_w)
+            z_mid = ddim_step(pred, teacher.schedule, t_mid)
+            pred = guided(teacher, z_mid, t_mid, teacher_cond, teacher_w)
+            z_s = ddim_step(pred, teacher.schedule, s)
+            x_target = ddim_x0_target(x_t, z_s, sch, t, s)  # float64; equals the teacher's x0 when s = 0
+
+        # Student prediction and the weighted regression.
+        pred = nets.student(x_t, t, student_cond)
+        a_t, s_t = pred.coeffs.a, pred.coeffs.s
+        eps_target = (x_t.double() - a_t * x_target) / s_t
+        dims = tuple(range(1, x0.ndim))
+        x_err = ((pred.x0_64 - x_target) ** 2).mean(dims)
+        eps_err = ((pred.eps_64 - eps_target) ** 2).mean(dims)
+        if self.weighting == "snr_trunc":
+            loss = torch.maximum(x_err, eps_err)
+        elif self.weighting == "constant":
+            loss = x_err
+        elif self.weighting == "snr":
+            loss = eps_err
+        else:
+            v_target = a_t * eps_target - s_t * x_target
+            loss = ((pred.get("v", exact=True) - v_target) ** 2).mean(dims)
+        loss = loss.float()
+        return LossOutput(loss, {"loss": loss.mean().item(), "x_mse": x_err.mean().item()})

@@ -1,0 +1,224 @@
+"""Teacher sources (DESIGN.md §5): exactly one of ``pretrained``, ``tiny``, ``gmm`` or ``embedded``.
+
+Each loader returns a ``Teacher``: the denoiser, its schedule, the diffusers scheduler config it was trained with
+(export builds the student's scheduler from it) and the shape of one sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .denoisers import Denoiser, GMMDenoiser, UNet2DDenoiser
+from .mixture import GaussianMixture
+from .schedules import VPDiscrete
+
+
+ASSETS = Path(__file__).parent / "assets"
+
+#: the DDPM schedule the project's own teachers train on; 1024 steps so that every power-of-two student grid lands
+#: on integer timesteps (a student grid must be expressible by the teacher's schedule, DESIGN.md §6).
+DEFAULT_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1024,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "v_prediction",
+    "clip_sample": False,
+}
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher."""
+
+    denoiser: Denoiser
+    scheduler_config: dict
+    sample_shape: tuple[int, ...]
+    source: str
+    mixture: GaussianMixture | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        return getattr(self.denoiser, "unet", None)
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be loaded; the message names the key or file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbones built in code.
+
+
+def vector_unet(dim: int, *, width: int = 64, layers: int = 1, num_classes: int | None = None):
+    """A residual MLP for vector data, expressed as a diffusers ``UNet2DModel`` on ``[B, dim, 1, 1]`` inputs.
+
+    One block, no down/up-sampling, no attention, ``norm_num_groups=1`` (LayerNorm over channels): on a 1x1 input
+    each 3x3 convolution acts through its centre tap only, so the network is an MLP with a sinusoidal time embedding.
+    Being a stock ``UNet2DModel`` is what lets ``DDPMPipeline`` load and run the exported student without custom code;
+    the price is that 8/9 of each conv kernel is inert (measured cost in the README).
+    """
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=1, in_channels=dim, out_channels=dim, block_out_channels=(width,), layers_per_block=layers,
+        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=1, add_attention=False,
+        num_class_embeds=None if num_classes is None else num_classes + 1,
+    )
+
+
+def digits_unet(*, width: int = 32):
+    """The embedded 8x8 digits teacher's backbone: two resolutions (8, 4), no attention (a third cheaper on CPU)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(width, 2 * width), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, add_attention=False,
+    )
+
+
+def tiny_unet2d():
+    """A random tiny UNet2DModel (16x16x3) for smoke runs and tests."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loaders.
+
+
+def _unet_teacher(unet, scheduler_config: dict, source: str, sample_shape=None, **kw) -> Teacher:
+    schedule = VPDiscrete.from_scheduler_config(scheduler_config)
+    unet.requires_grad_(False).eval()
+    den = UNet2DDenoiser.from_scheduler_config(unet, schedule, scheduler_config)
+    if sample_shape is None:
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        sample_shape = (unet.config.in_channels, *size)
+    return Teacher(den, dict(scheduler_config), tuple(sample_shape), source, **kw)
+
+
+def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | None = None,
+                    revision: str | None = None) -> Teacher:
+    """A local or hub diffusers directory holding a ``UNet2DModel`` and a DDPM-family scheduler.
+
+    Accepts a pipeline directory (``unet/`` + ``scheduler/``) or, with ``subfolder``, a model folder inside one.
+    """
+    from diffusers import UNet2DModel
+
+    local = os.path.isdir(path)
+    if not local and (os.path.sep in path.strip("/") and path.startswith((".", "/"))):
+        raise TeacherError(f"teacher.pretrained: no such directory: {path}")
+    unet_sub = subfolder or "unet"
+    try:
+        unet = UNet2DModel.from_pretrained(path, subfolder=unet_sub, variant=variant, revision=revision)
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = "directory" if local else "hub id (offline or missing?)"
+        raise TeacherError(f"teacher.pretrained: cannot load a UNet2DModel from {where} {path!r} "
+                           f"(subfolder {unet_sub!r}): {str(err).splitlines()[0]}") from None
+    try:
+        from diffusers import DDPMScheduler
+
+        sched_cfg = dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError, EnvironmentError):
+        raise TeacherError(f"teacher.pretrained: {path!r} has no scheduler/scheduler_config.json; the teacher's "
+                           "noise schedule comes from it") from None
+    return _unet_teacher(unet, sched_cfg, f"pretrained:{path}")
+
+
+def load_tiny(kind: str, *, seed: int = 0) -> Teacher:
+    """``teacher.tiny``: a random tiny model built offline. Only ``unet2d`` here; SD families come with issue 3."""
+    if kind != "unet2d":
+        raise TeacherError(f"teacher.tiny: unknown kind {kind!r}; available: ['unet2d']")
+    torch.manual_seed(seed)
+    return _unet_teacher(tiny_unet2d(), dict(DEFAULT_SCHEDULER), "tiny:unet2d")
+
+
+def load_embedded(name: str) -> Teacher:
+    """The teachers shipped inside the package (``stepdistill/assets/<name>/``)."""
+    from diffusers import UNet2DModel
+
+    folder = ASSETS / f"{name}_teacher"
+    if not (folder / "unet" / "config.json").exists():
+        available = sorted(p.name.removesuffix("_teacher") for p in ASSETS.glob("*_teacher"))
+        raise TeacherError(f"teacher.embedded: no embedded teacher {name!r}; available: {available}")
+    unet = UNet2DModel.from_pretrained(folder / "unet")
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return _unet_teacher(unet, sched_cfg, f"embedded:{name}")
+
+
+def gmm_fingerprint(mixture: GaussianMixture, fit: dict) -> str:
+    blob = json.dumps({"mixture": mixture.config(), "fit": fit, "scheduler": DEFAULT_SCHEDULER}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_gmm(means, *, std=None, stds=None, weights=None, denoiser: str = "mlp", fit: dict | None = None,
+             cache_dir: str | None = None) -> Teacher:
+    """``teacher.gmm``: an analytic Gaussian mixture.
+
+    Args:
+        denoiser: ``mlp`` (default) distils from a network trained on the mixture by ``stepdistill train-teacher``'s
+            code (fitted once, cached by a fingerprint of the mixture and fit settings), ``exact`` uses the
+            closed-form ``E[x0 | x_t]`` as an oracle teacher.
+        fit: training settings for the MLP teacher (``steps``, ``batch_size``, ``lr``, ``width``, ``seed``).
+    """
+    if (std is None) == (stds is None):
+        raise TeacherError("teacher.gmm needs exactly one of 'std' (shared) or 'stds' (per mode)")
+    try:
+        mixture = GaussianMixture(means, std if stds is None else stds, weights)
+    except ValueError as err:
+        raise TeacherError(str(err)) from None
+    sched_cfg = dict(DEFAULT_SCHEDULER)
+    schedule = VPDiscrete.from_scheduler_config(sched_cfg)
+    if denoiser == "exact":
+        return Teacher(GMMDenoiser(mixture, schedule), sched_cfg, (mixture.dim,), "gmm:exact", mixture=mixture)
+    if denoiser != "mlp":
+        raise TeacherError(f"teacher.gmm.denoiser must be 'mlp' or 'exact', got {denoiser!r}")
+
+    from .teacher_training import TeacherFit, fit_vector_teacher
+
+    fit_cfg = TeacherFit(**(fit or {}))
+    key = gmm_fingerprint(mixture, fit_cfg.__dict__)
+    root = Path(cache_dir or os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
+    folder = root / "gmm_teachers" / key
+    from diffusers import UNet2DModel
+
+    if (folder / "unet" / "config.json").exists():
+        unet = UNet2DModel.from_pretrained(folder / "unet")
+    else:
+        unet = fit_vector_teacher(mixture, fit_cfg, sched_cfg, folder)
+    return _unet_teacher(unet, sched_cfg, f"gmm:mlp:{key}", sample_shape=(mixture.dim,), mixture=mixture)
+
+
+def load_teacher(cfg) -> Teacher:
+    """Dispatch on the one teacher source a recipe names (``config.TeacherConfig``)."""
+    source = cfg.source()
+    if source == "pretrained":
+        return load_pretrained(cfg.pretrained, subfolder=cfg.subfolder, variant=cfg.variant, revision=cfg.revision)
+    if source == "tiny":
+        return load_tiny(cfg.tiny)
+    if source == "embedded":
+        return load_embedded(cfg.embedded)
+    gmm = dict(cfg.gmm)
+    allowed = {"means", "std", "stds", "weights", "denoiser", "fit", "cache_dir"}
+    unknown = set(gmm) - allowed
+    if unknown or "means" not in gmm:
+        raise TeacherError(f"teacher.gmm: {'unknown key(s) ' + str(sorted(unknown)) if unknown else 'means missing'};"
+                           f" allowed: {sorted(allowed)}")
+    means = gmm.pop("means")
+    return load_gmm(means, **gmm)

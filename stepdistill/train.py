@@ -1,0 +1,406 @@
+"""THE training loop (DESIGN.md §3, §7): one accelerate loop for every method.
+
+The loop asks the method for its roles, phases and per-sample losses; it never learns the method's name. It owns
+what every method shares: per-role optimizers and LR schedules, ``update_every``, gradient accumulation, bf16
+autocast, clipping, the student EMA, the NaN/inf policy, logs, sample grids, atomic checkpoints and exact resume.
+
+Lifecycle (torchtune style): ``Trainer(recipe, output_dir, ...)`` -> ``setup()`` (everything that can fail on bad
+input happens here, before the run directory is touched) -> ``train()`` -> ``export()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
+from .data import DataSource
+from .methods import METHODS
+from .roles import build_nets
+from .sampling import sample_student
+from .teachers import TeacherError, load_teacher
+from .visualize import save_sample_grid
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message says what and how to fix it."""
+
+
+def lr_factor(step: int, cfg: OptimizerConfig) -> float:
+    """Multiplier of the base LR at ``step``: warmup, then constant / linear-to-0 / cosine-to-0 within a period."""
+    if cfg.period:
+        step = step % cfg.period
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.schedule == "constant" or not cfg.period:
+        return 1.0
+    frac = (step - cfg.warmup) / max(1, cfg.period - cfg.warmup)
+    return 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def config_fingerprint(recipe: Recipe) -> dict:
+    """What a checkpoint must agree on to be resumed by this recipe."""
+    return {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "roles": recipe.roles.mode}
+
+
+class Trainer:
+    """Distil ``recipe`` into ``output_dir``.
+
+    Args:
+        recipe: the validated recipe.
+        output_dir: the run directory (DESIGN.md §6).
+        resume: continue from the latest checkpoint in ``output_dir``.
+        overwrite: replace an earlier run in ``output_dir``.
+        show_progress: tqdm bar (main process only).
+    """
+
+    def __init__(self, recipe: Recipe, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 show_progress: bool = True):
+        self.recipe, self.dir = recipe, Path(output_dir)
+        self.resume, self.overwrite, self.show_progress = resume, overwrite, show_progress
+        self.step = 0
+        self.nonfinite_streak = 0
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, *, readonly: bool = False) -> Trainer:
+        """Build everything; ``readonly`` loads the latest checkpoint for sampling/export without writing."""
+        r = self.recipe
+        self.accelerator = Accelerator(mixed_precision=r.train.mixed_precision, cpu=not torch.cuda.is_available())
+        acc = self.accelerator
+        set_seed(r.seed)  # identical initialisation on every rank
+
+        # Teacher and method: all bad input surfaces here, before the run directory is touched.
+        try:
+            self.teacher = load_teacher(r.teacher)
+        except TeacherError as err:
+            raise RunError(str(err)) from None
+        try:
+            self.method = METHODS[r.method.name](**r.method.params)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"method: {err}") from None
+        specs = self.method.roles()
+        try:
+            self.nets = build_nets(self.teacher, specs, student_init=r.student.init, ema=r.train.ema_decay > 0)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self._check_grids()
+        unknown = set(r.train.update_every) - set(self.method.phases)
+        if unknown:
+            raise ConfigError(f"train.update_every: unknown phase(s) {sorted(unknown)}; this method's phases: "
+                              f"{list(self.method.phases)}")
+        for role in r.optim:
+            if role not in specs or not specs[role].trainable:
+                trainable = [k for k, s in specs.items() if s.trainable]
+                raise ConfigError(f"optim.{role}: not a trainable role of {r.method.name!r}; roles: {trainable}")
+        self.data = self._make_data()
+        if readonly:
+            self.resume = True
+        else:
+            self._prepare_run_dir()
+
+        # Place roles; wrap trainable backbones (DDP/FSDP) and build their optimizers.
+        self.trainable = {k for k, s in specs.items() if s.trainable}
+        self.optimizers, self.lr_schedulers = {}, {}
+        for role, net in self.nets.roles().items():
+            net.to(acc.device)
+            if role in self.trainable:
+                if r.train.gradient_checkpointing and hasattr(net.backbone, "enable_gradient_checkpointing"):
+                    net.backbone.enable_gradient_checkpointing()
+                net.wrap_backbone(acc.prepare_model(net.backbone))
+                ocfg = r.optim.get(role, OptimizerConfig())
+                opt = torch.optim.AdamW(net.backbone.parameters(), lr=ocfg.lr, betas=tuple(ocfg.betas),
+                                        weight_decay=ocfg.weight_decay, eps=ocfg.eps)
+                self.optimizers[role] = opt
+                self.lr_schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda i, c=ocfg: lr_factor(i, c))
+
+        # Per-rank data/noise generator (ranks draw different batches), and fixed noise for sample grids.
+        self.generator = torch.Generator().manual_seed(r.seed * 1000 + 17 + acc.process_index)
+        n_show = r.train.num_sample_images
+        self.sample_noise = torch.randn(n_show, *self.teacher.sample_shape,
+                                        generator=torch.Generator().manual_seed(r.eval.seed))
+        if self.resume:
+            self.load_checkpoint(self.latest_checkpoint())
+        return self
+
+    def _check_grids(self) -> None:
+        """The final student grid must be expressible by the teacher's schedule (DESIGN.md §6)."""
+        probe = copy.deepcopy(self.method)
+        probe.update_schedule(self.recipe.train.max_steps - 1, self.nets)
+        grid = probe.student_grid()
+        try:
+            self.teacher.denoiser.schedule.check_grid(grid.with_end())
+        except ValueError as err:
+            raise ConfigError(f"method: {err}") from None
+
+    def _make_data(self) -> DataSource:
+        r, t = self.recipe, self.teacher
+        source = r.data.source or {"gmm": "gmm", "embedded": "digits", "tiny": "gaussian"}.get(r.teacher.source())
+        if source is None:
+            raise ConfigError("data.source: a pretrained teacher needs a data source (image_folder with data.path)")
+        try:
+            return DataSource(source, batch_size=r.data.batch_size, sample_shape=t.sample_shape, mixture=t.mixture,
+                              path=r.data.path, labels=r.data.labels)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _prepare_run_dir(self) -> None:
+        d, acc = self.dir, self.accelerator
+        earlier = d.exists() and any(d.iterdir())
+        if self.resume:
+            if not (d / "checkpoints").is_dir():
+                raise RunError(f"--resume: {d} has no checkpoints/ to resume from")
+            self.latest_checkpoint()  # fails early and clearly when none is complete
+        elif earlier and not self.overwrite:
+            raise RunError(f"{d} already holds files (an earlier run?); pass --resume to continue it or "
+                           "--overwrite to replace it")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if earlier and self.overwrite and not self.resume:
+                shutil.rmtree(d)
+            (d / "samples").mkdir(parents=True, exist_ok=True)
+            (d / "checkpoints").mkdir(exist_ok=True)
+            (d / "config.yaml").write_text(dump_recipe(self.recipe))
+        acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train(self) -> dict:
+        """Run to ``train.max_steps``; returns the last logged scalars."""
+        r, acc = self.recipe, self.accelerator
+        log_path = self.dir / "log.jsonl"
+        self._init_trackers()
+        bar = tqdm(range(self.step, r.train.max_steps), initial=self.step, total=r.train.max_steps,
+                   disable=not (self.show_progress and acc.is_main_process), desc=f"distill {r.method.name}")
+        last, tick, tick_step = {}, time.perf_counter(), self.step
+        for step in bar:
+            self.step = step
+            logs = {f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()}
+            for phase in self.method.phases:
+                if step % r.train.update_every.get(phase, 1):
+                    continue
+                logs.update(self._run_phase(phase))
+            self._update_ema()
+            self.step = step + 1
+            if self.step % r.train.log_every == 0 or self.step == r.train.max_steps:
+                now = time.perf_counter()
+                logs["it_per_s"] = (self.step - tick_step) / max(now - tick, 1e-9)
+                tick, tick_step = now, self.step
+                last = {"step": self.step, **logs}
+                if acc.is_main_process:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    acc.log(logs, step=self.step)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
+            if r.train.sample_every and self.step % r.train.sample_every == 0:
+                self.save_samples()
+            if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
+                self.save_checkpoint()
+        if not (r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0):
+            self.save_checkpoint()
+        self.save_samples()
+        acc.end_training()
+        return last
+
+    def _init_trackers(self) -> None:
+        import importlib.util
+
+        wanted = [t for t in self.recipe.train.trackers if t != "jsonl"]
+        usable = [t for t in wanted if importlib.util.find_spec(t) is not None]
+        if set(wanted) - set(usable) and self.accelerator.is_main_process:
+            tqdm.write(f"note: trackers {sorted(set(wanted) - set(usable))} not installed; logging to log.jsonl only")
+        if usable:
+            self.accelerator.log_with = usable
+            self.accelerator.project_configuration.set_directories(str(self.dir))
+            self.accelerator.init_trackers("stepdistill", config=_flat(self.recipe.to_dict()))
+
+    def _all_true(self, flag: bool) -> bool:
+        """Agree on a flag across ranks (so every rank skips or steps together)."""
+        t = torch.tensor([0.0 if flag else 1.0], device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="sum").item() == 0
+
+    def _run_phase(self, phase: str) -> dict[str, float]:
+        r, acc = self.recipe, self.accelerator
+        role = self.method.owner(phase)
+        net, opt = self.nets[role], self.optimizers[role]
+        wrapped = net._call_backbone()
+        logs, k = {}, r.train.grad_accum
+        for micro in range(k):
+            batch = self.data.next(self.generator)
+            batch.x0 = None if batch.x0 is None else batch.x0.to(acc.device)
+            if batch.cond is not None:
+                batch.cond = {c: v.to(acc.device) for c, v in batch.cond.items()}
+            sync = acc.no_sync(wrapped) if micro < k - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                out = self.method(phase, self.nets, batch)
+                loss = out.loss.float().mean() / k
+            if not self._all_true(bool(torch.isfinite(loss))):
+                return self._skip(phase, opt, "loss")
+            acc.backward(loss)
+            for name, value in out.logs.items():
+                logs[f"{name}/{phase}"] = logs.get(f"{name}/{phase}", 0.0) + value / k
+        params = [p for p in net.backbone.parameters() if p.grad is not None]
+        max_norm = r.train.max_grad_norm if r.train.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not self._all_true(bool(torch.isfinite(grad_norm))):
+            return self._skip(phase, opt, "gradient")
+        opt.step()
+        self.lr_schedulers[role].step()
+        opt.zero_grad(set_to_none=True)
+        self.nonfinite_streak = 0
+        logs[f"grad_norm/{phase}"] = float(grad_norm)
+        logs[f"lr/{role}"] = self.lr_schedulers[role].get_last_lr()[0]
+        return logs
+
+    def _skip(self, phase: str, opt, what: str) -> dict[str, float]:
+        """The NaN/inf policy (DESIGN.md §7): count, log, skip the update; abort after too many in a row."""
+        opt.zero_grad(set_to_none=True)
+        self.nonfinite_streak += 1
+        self.nonfinite_total = getattr(self, "nonfinite_total", 0) + 1
+        limit = self.recipe.train.max_nonfinite
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {self.step}: non-finite {what} in phase {phase!r}; update skipped "
+                       f"({self.nonfinite_streak}/{limit} in a row)")
+        if self.nonfinite_streak >= limit:
+            raise RunError(f"non-finite {what} in {self.nonfinite_streak} consecutive updates (phase {phase!r}, "
+                           f"step {self.step}); lower the learning rate or raise train.max_nonfinite")
+        return {f"nonfinite/{phase}": float(self.nonfinite_total)}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if "student_ema" not in self.nets.extra:
+            return
+        d = self.recipe.train.ema_decay
+        for pe, p in zip(self.nets["student_ema"].parameters(), self.nets.student.parameters()):
+            pe.lerp_(p.detach(), 1.0 - d)
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def sampling_student(self):
+        """The student used for samples and export: the EMA when there is one and the recipe asks for it."""
+        use_ema = self.recipe.export.use_ema and "student_ema" in self.nets.extra
+        return self.nets["student_ema"] if use_ema else self.nets.student
+
+    @torch.no_grad()
+    def save_samples(self) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        student = self.sampling_student()
+        was_training = student.training
+        student.eval()
+        x = sample_student(student, self.sample_noise.to(self.accelerator.device), self.method.student_grid())
+        student.train(was_training)
+        path = self.dir / "samples" / f"step-{self.step}.png"
+        save_sample_grid(x.cpu(), path, mixture=self.teacher.mixture)
+        return path
+
+    def export(self, output_dir: str | Path | None = None) -> Path | None:
+        """Write ``pipeline/`` (DESIGN.md §6) from the trained student."""
+        from .export import export_pipeline
+
+        if not self.accelerator.is_main_process:
+            return None
+        return export_pipeline(self.sampling_student(), self.teacher, self.method.student_grid(), self.recipe,
+                               Path(output_dir) if output_dir else self.dir / "pipeline")
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _checkpointed_roles(self) -> list[str]:
+        specs = self.method.roles()
+        roles = [k for k, s in specs.items() if s.trainable or s.checkpointed]
+        return roles + (["student_ema"] if "student_ema" in self.nets.extra else [])
+
+    def save_checkpoint(self) -> Path:
+        """Atomic: everything goes into ``.step-N.tmp`` and is renamed to ``step-N`` only when complete."""
+        acc = self.accelerator
+        root = self.dir / "checkpoints"
+        tmp, final = root / f".step-{self.step}.tmp", root / f"step-{self.step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        # Every rank saves its own RNG streams.
+        save_file({"data": self.generator.get_state(), "torch": torch.get_rng_state()},
+                  str(tmp / f"rng-rank{acc.process_index}.safetensors"))
+        if acc.is_main_process:
+            for role in self._checkpointed_roles():
+                state = {k: v.detach().cpu().contiguous() for k, v in self.nets[role].backbone.state_dict().items()}
+                save_file(state, str(tmp / f"{role}.safetensors"))
+            for role, opt in self.optimizers.items():
+                torch.save({"optimizer": opt.state_dict(), "lr_scheduler": self.lr_schedulers[role].state_dict()},
+                           tmp / f"optim-{role}.pt")
+            state = {"step": self.step, "nonfinite_streak": self.nonfinite_streak,
+                     "world_size": acc.num_processes, "fingerprint": config_fingerprint(self.recipe)}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            self._prune_checkpoints()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.recipe.train.keep_checkpoints
+        done = sorted(_complete_checkpoints(self.dir / "checkpoints"), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path:
+        done = _complete_checkpoints(self.dir / "checkpoints")
+        if not done:
+            raise RunError(f"--resume: no complete checkpoint under {self.dir / 'checkpoints'}")
+        return max(done, key=lambda p: int(p.name.split("-")[1]))
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore every role, optimizer, LR schedule, RNG stream and the step; refuse incompatible checkpoints."""
+        acc = self.accelerator
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise RunError(f"--resume: corrupt checkpoint {path}: state.json unreadable ({err})") from None
+        if state.get("fingerprint") != config_fingerprint(self.recipe):
+            raise RunError(f"--resume: checkpoint {path} was written by a different method/teacher "
+                           f"({state.get('fingerprint')}); it cannot be resumed by this recipe")
+        if state.get("world_size") != acc.num_processes:
+            raise RunError(f"--resume: checkpoint {path} was written by {state.get('world_size')} process(es); "
+                           f"exact resume needs the same number, got {acc.num_processes}")
+        try:
+            for role in self._checkpointed_roles():
+                weights = load_file(str(path / f"{role}.safetensors"))
+                self.nets[role].backbone.load_state_dict(weights)
+            for role, opt in self.optimizers.items():
+                blob = torch.load(path / f"optim-{role}.pt", weights_only=True, map_location="cpu")
+                opt.load_state_dict(blob["optimizer"])
+                self.lr_schedulers[role].load_state_dict(blob["lr_scheduler"])
+            rng = load_file(str(path / f"rng-rank{acc.process_index}.safetensors"))
+        except Exception as err:  # noqa: BLE001 - any unreadable/mismatched file is the same user-facing problem
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise RunError(f"--resume: corrupt or incompatible checkpoint {path}: {first}") from None
+        self.generator.set_state(rng["data"])
+        torch.set_rng_state(rng["torch"])
+        self.step = int(state["step"])
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
