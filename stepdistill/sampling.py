@@ -56,22 +56,29 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, times: torch.Tensor, *, con
     """Heun's 2nd-order method on the scale-free PF-ODE (Karras et al. 2022, Algorithm 1, deterministic).
 
     The last step to ``t = 0`` is an Euler step, as in the paper and diffusers' ``HeunDiscreteScheduler``;
-    ``2 * steps - 1`` network evaluations.
+    ``2 * steps - 1`` network evaluations. A first step from ``alpha = 0`` (rectified flow, TrigFlow at ``t = 1``)
+    is an Euler step too, since ``sigma_bar`` is infinite there (one evaluation fewer).
     """
     sch = denoiser.schedule
     n = x.shape[0]
     for i in range(len(times) - 1):
         t, s = times[i], times[i + 1]
         a_t, a_s = sch.alpha(t), sch.alpha(s)
-        sb_t, sb_s = sch.sigma(t) / a_t, sch.sigma(s) / a_s  # sigma_bar
-        y = x.double() / a_t
         pred = _predict(denoiser, x, t.expand(n), cond, w)
-        d1 = pred.eps_64  # dy/dsigma_bar
-        y_next = y + (sb_s - sb_t) * d1
-        if s > 0:
-            pred2 = _predict(denoiser, (y_next * a_s).to(x.dtype), s.expand(n), cond, w)
-            y_next = y + (sb_s - sb_t) * 0.5 * (d1 + pred2.eps_64)
-        x = (y_next * a_s).to(x.dtype)
+        if a_t < 1e-8:
+            # alpha(t) = 0 up to rounding (rectified flow and TrigFlow at t = 1): sigma_bar is infinite there and the
+            # trapezoid over an infinite interval is undefined (it returned NaN/inf), so this step is Euler (= DDIM),
+            # as the last step to sigma = 0 is.
+            x = ddim_step(pred, sch, s.expand(n))
+        else:
+            sb_t, sb_s = sch.sigma(t) / a_t, sch.sigma(s) / a_s  # sigma_bar
+            y = x.double() / a_t
+            d1 = pred.eps_64  # dy/dsigma_bar
+            y_next = y + (sb_s - sb_t) * d1
+            if s > 0:
+                pred2 = _predict(denoiser, (y_next * a_s).to(x.dtype), s.expand(n), cond, w)
+                y_next = y + (sb_s - sb_t) * 0.5 * (d1 + pred2.eps_64)
+            x = (y_next * a_s).to(x.dtype)
         if callback is not None:
             callback(i, x, pred)
     return x

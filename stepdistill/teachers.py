@@ -127,7 +127,7 @@ def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | N
     unet_sub = subfolder or "unet"
     try:
         unet = UNet2DModel.from_pretrained(path, subfolder=unet_sub, variant=variant, revision=revision)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         where = "directory" if local else "hub id (offline or missing?)"
         raise TeacherError(f"teacher.pretrained: cannot load a UNet2DModel from {where} {path!r} "
                            f"(subfolder {unet_sub!r}): {str(err).splitlines()[0]}") from None
@@ -135,7 +135,7 @@ def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | N
         from diffusers import DDPMScheduler
 
         sched_cfg = dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
-    except (OSError, ValueError, EnvironmentError):
+    except (OSError, ValueError):
         raise TeacherError(f"teacher.pretrained: {path!r} has no scheduler/scheduler_config.json; the teacher's "
                            "noise schedule comes from it") from None
     return _unet_teacher(unet, sched_cfg, f"pretrained:{path}")

@@ -1,0 +1,85 @@
+"""Export round trip: stock diffusers, in a process that never imports stepdistill, reproduces the student."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from stepdistill.config import build_recipe
+from stepdistill.export import ExportError, export_pipeline
+from stepdistill.sampling import StudentGrid, sample_student
+from stepdistill.train import Trainer
+
+from ._recipes import gmm_recipe
+
+
+CONSUMER = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline
+
+    folder, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    call = json.load(open(folder + "/stepdistill.json"))["call"]
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    images = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), output_type="np", **call).images
+    np.save(out, images)
+    print(type(pipe).__name__, type(pipe.scheduler).__name__, pipe.scheduler.timesteps.tolist())
+    assert not any(m.startswith("stepdistill") for m in sys.modules), "consumer imported stepdistill"
+""")
+
+
+def _consume(folder, tmp_path, n=8):
+    out = tmp_path / "images.npy"
+    proc = subprocess.run([sys.executable, "-c", CONSUMER, str(folder), str(out), str(n)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return np.load(out), proc.stdout
+
+
+def _expected(trainer, n=8):
+    """The training-time student sampler on the same noise the pipeline draws (randn on CPU, seed 0)."""
+    shape = trainer.teacher.sample_shape
+    unet_shape = (n, *shape) if len(shape) == 3 else (n, shape[0], 1, 1)
+    noise = torch.randn(unet_shape, generator=torch.Generator().manual_seed(0))
+    noise = noise if len(shape) == 3 else noise[:, :, 0, 0]
+    x = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid())
+    x = x if len(shape) == 3 else x[:, :, None, None]
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # vector student (2-D GMM), 2 steps
+    {"teacher": {"tiny": "unet2d"}, "student.init": "teacher", "data.batch_size": 4,
+     "method.teacher_steps": 2, "method.final_steps": 1, "method.steps_per_stage": 6},  # image student, 1 step
+], ids=["gmm-2step", "unet2d-1step"])
+def test_stock_pipeline_reproduces_the_student(tmp_path, overrides):
+    recipe = gmm_recipe(**{k: v for k, v in overrides.items() if k != "teacher"})
+    if "teacher" in overrides:
+        recipe["teacher"] = overrides["teacher"]
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    trainer.train()
+    folder = trainer.export()
+    meta = json.loads((folder / "stepdistill.json").read_text())
+    grid = trainer.method.student_grid()
+    assert meta["num_inference_steps"] == grid.steps and meta["call"] == {"num_inference_steps": grid.steps}
+    assert meta["timesteps"] == [round(t * 1024) - 1 for t in grid.times]
+    assert 0 not in meta["timesteps"]  # never a 1-step grid at t=0 (ECOSYSTEM.md §0.2)
+    images, stdout = _consume(folder, tmp_path)
+    assert stdout.startswith("DDPMPipeline DDIMScheduler " + str(meta["timesteps"]))
+    np.testing.assert_allclose(images, _expected(trainer), atol=2e-5, rtol=0)
+    assert (folder / "README.md").read_text().count("num_inference_steps") >= 1
+
+
+def test_grids_a_stock_scheduler_cannot_replay_are_refused(tmp_path):
+    trainer = Trainer(build_recipe(gmm_recipe()), tmp_path / "run", show_progress=False).setup()
+    with pytest.raises(ExportError, match="consistency-style scheduler"):
+        export_pipeline(trainer.nets.student, trainer.teacher, StudentGrid((1.0, 0.5), "renoise"), trainer.recipe,
+                        tmp_path / "p")
+    with pytest.raises(ExportError, match="not what DDIMScheduler"):
+        export_pipeline(trainer.nets.student, trainer.teacher, StudentGrid((1.0, 0.25)), trainer.recipe,
+                        tmp_path / "p")
+    assert not (tmp_path / "p").exists()

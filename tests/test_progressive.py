@@ -1,0 +1,142 @@
+"""Progressive distillation (Salimans & Ho 2022): the x-target identity, stages, weighting, guided PD."""
+
+import pytest
+import torch
+from torch import nn
+
+from stepdistill.denoisers import Denoiser, GMMDenoiser, UNet2DDenoiser, guided
+from stepdistill.methods.base import Batch, Nets
+from stepdistill.methods.progressive import ProgressiveDistillation
+from stepdistill.mixture import GaussianMixture
+from stepdistill.parameterization import Coefficients, Prediction, ddim_step, ddim_x0_target
+from stepdistill.roles import build_nets
+from stepdistill.schedules import VPDiscrete
+from stepdistill.teachers import DEFAULT_SCHEDULER, load_gmm, vector_unet
+
+
+SCHEDULE = VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER)
+MIX = GaussianMixture([[0.5, 0.5], [-0.5, -0.5], [0.5, -0.5]], 0.1, [0.5, 0.3, 0.2])
+
+
+@pytest.mark.parametrize("n_steps", [1, 2, 4, 8])
+def test_one_student_ddim_step_lands_on_two_teacher_steps(n_steps):
+    """The PD identity: with x0 = x~, one DDIM step t -> s reproduces the teacher's two-step result z_s."""
+    torch.manual_seed(0)
+    teacher = UNet2DDenoiser(vector_unet(2, width=16), SCHEDULE, "v")
+    x_t = torch.randn(64, 2)
+    for i in range(n_steps):
+        t = torch.full((64,), (i + 1) / n_steps, dtype=torch.float64)
+        t_mid, s = t - 0.5 / n_steps, t - 1.0 / n_steps
+        with torch.no_grad():
+            z_mid = ddim_step(teacher(x_t, t), SCHEDULE, t_mid)
+            z_s = ddim_step(teacher(z_mid, t_mid), SCHEDULE, s)
+        x_target = ddim_x0_target(x_t, z_s, SCHEDULE, t, s)
+        c = Coefficients.at(SCHEDULE, t, x_t)
+        student = Prediction(x_target, (x_t.double() - c.a * x_target) / c.s, c, torch.float64)
+        assert torch.allclose(ddim_step(student, SCHEDULE, s).double(), z_s.double(), atol=1e-9, rtol=0)
+
+
+def _nets(teacher_den, student_den):
+    return Nets(student=student_den, teacher=teacher_den,
+                extra={"stage_teacher": UNet2DDenoiser(vector_unet(2, width=16), SCHEDULE, "v")})
+
+
+def test_loss_is_zero_for_a_student_that_equals_its_target_and_weighting_is_snr_trunc():
+    """An exact GMM teacher evaluated through a student whose x0 is the PD target gives zero loss."""
+    torch.manual_seed(0)
+    teacher = GMMDenoiser(MIX, SCHEDULE)
+    pd = ProgressiveDistillation(teacher_steps=8, final_steps=4, steps_per_stage=10)
+    pd.update_schedule(0, _nets(teacher, teacher))
+
+    class Oracle(Denoiser):
+        """Returns the PD target itself: the teacher's two-step x~ at (x_t, t)."""
+
+        def __init__(self):
+            super().__init__(SCHEDULE, "x0")
+
+        def forward(self, x_t, t, cond=None):
+            n = pd.student_steps
+            t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+            z_mid = ddim_step(teacher(x_t, t), SCHEDULE, t - 0.5 / n)
+            z_s = ddim_step(teacher(z_mid, t - 0.5 / n), SCHEDULE, t - 1.0 / n)
+            x0 = ddim_x0_target(x_t, z_s, SCHEDULE, t, t - 1.0 / n)
+            c = Coefficients.at(SCHEDULE, t, x_t)
+            return Prediction(x0, (x_t.double() - c.a * x0) / c.s, c, x_t.dtype)
+
+    x0, _ = MIX.sample(128, torch.Generator().manual_seed(1))
+    out = pd("student", _nets(teacher, Oracle()), Batch(x0=x0, cond=None, generator=torch.Generator()))
+    assert out.loss.shape == (128,)
+    assert out.loss.abs().max() < 1e-10
+
+    # snr_trunc = max(SNR, 1) * x-MSE, per sample.
+    student = UNet2DDenoiser(vector_unet(2, width=16), SCHEDULE, "v")
+    nets = _nets(teacher, student)
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    trunc = pd("student", nets, Batch(x0=x0, cond=None, generator=gen_a))
+    pd_const = ProgressiveDistillation(teacher_steps=8, final_steps=4, steps_per_stage=10, weighting="constant")
+    pd_const.update_schedule(0, nets)
+    const = pd_const("student", nets, Batch(x0=x0, cond=None, generator=gen_b))
+    i = torch.randint(0, 4, (128,), generator=torch.Generator().manual_seed(3))
+    t = (i + 1) / 4
+    snr = (SCHEDULE.alpha(t) / SCHEDULE.sigma(t)) ** 2
+    assert torch.allclose(trunc.loss.double(), const.loss.double() * snr.clamp(min=1), rtol=1e-4)
+
+
+def test_stages_halve_the_grid_and_hand_the_student_to_the_teacher():
+    teacher = load_gmm(MIX.means.tolist(), stds=MIX.stds.tolist(), weights=MIX.weights.tolist(), denoiser="exact")
+    pd = ProgressiveDistillation(teacher_steps=16, final_steps=2, steps_per_stage=5)
+    nets = build_nets(teacher, pd.roles(), student_init="new")
+    assert pd.num_stages == 3 and pd.total_steps == 15
+    grids = []
+    for step in range(15):
+        with torch.no_grad():
+            for p in nets.student.parameters():
+                p.add_(0.01)  # stands in for an optimizer step
+        pd.update_schedule(step, nets)
+        grids.append(pd.student_grid().times)
+        if step in (5, 10):  # stage boundaries: the teacher becomes the student just trained
+            for a, b in zip(nets["stage_teacher"].parameters(), nets.student.parameters()):
+                assert torch.equal(a, b)
+    assert grids[0] == (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
+    assert grids[5] == (1.0, 0.75, 0.5, 0.25) and grids[14] == (1.0, 0.5)
+    pd.update_schedule(12, nets)  # away from a boundary nothing is copied (the student moved on since step 10)
+    assert not torch.equal(next(nets["stage_teacher"].parameters()), next(nets.student.parameters()))
+
+
+class _GuidanceAware(Denoiser):
+    """A tiny w-conditioned student: records the guidance it is given."""
+
+    def __init__(self):
+        super().__init__(SCHEDULE, "x0")
+        self.lin = nn.Linear(3, 2)
+        self.seen = None
+
+    def null_cond(self, cond):
+        return {"class_labels": torch.full_like(cond["class_labels"], 3)}
+
+    def raw(self, x_t, model_time, cond):
+        self.seen = cond["guidance"]
+        return self.lin(torch.cat([x_t, cond["guidance"][:, None]], 1))
+
+
+def test_guided_pd_queries_the_cfg_teacher_and_conditions_the_student_on_w():
+    teacher = GMMDenoiser(MIX, SCHEDULE)
+    student = _GuidanceAware()
+    pd = ProgressiveDistillation(teacher_steps=4, final_steps=2, steps_per_stage=10, guidance=(2.0, 4.0))
+    nets = Nets(student=student, teacher=teacher, extra={"stage_teacher": _GuidanceAware()})
+    pd.update_schedule(0, nets)
+    x0, labels = MIX.sample(32, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(5)
+    out = pd("student", nets, Batch(x0=x0, cond={"class_labels": labels}, generator=gen))
+    assert torch.isfinite(out.loss).all()
+    assert student.seen.shape == (32,) and (student.seen >= 2).all() and (student.seen <= 4).all()
+    # The CFG teacher really extrapolates: at w > 1 it differs from the plain conditional denoiser.
+    x_t = torch.randn(32, 2)
+    t = torch.full((32,), 0.5, dtype=torch.float64)
+    cond = {"class_labels": labels}
+    plain = guided(teacher, x_t, t, cond, 1.0).x0_64
+    cfg = guided(teacher, x_t, t, cond, 3.0).x0_64
+    uncond = teacher(x_t, t).x0_64
+    assert torch.allclose(cfg, uncond + 3.0 * (plain - uncond), atol=1e-10)
+    with pytest.raises(ValueError, match="guidance"):
+        ProgressiveDistillation(guidance=(0.5, 2.0))

@@ -1,0 +1,133 @@
+"""The training loop: exact resume, atomic checkpoints, the NaN/inf policy, run-directory protection, logs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdistill.config import build_recipe
+from stepdistill.methods import METHODS
+from stepdistill.methods.base import LossOutput
+from stepdistill.train import RunError, Trainer, lr_factor
+
+from ._recipes import gmm_recipe
+
+
+def _run(out, resume=False, **overrides):
+    trainer = Trainer(build_recipe(gmm_recipe(**overrides)), out, resume=resume, show_progress=False).setup()
+    trainer.train()
+    return trainer
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/student"] for r in rows}
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = _run(tmp_path / "full")
+    # Interrupted at step 3 (a stage boundary follows), then resumed to the end.
+    _run(tmp_path / "part", **{"train.max_steps": 3})
+    resumed = _run(tmp_path / "part", resume=True)
+    assert resumed.step == full.step == 6
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert a.keys() == b.keys() == set(range(1, 7))
+    for step in a:
+        assert a[step] == b[step], f"loss differs at step {step}"
+    for role in ("student", "stage_teacher"):
+        wa = load_file(str(tmp_path / "full" / "checkpoints" / "step-6" / f"{role}.safetensors"))
+        wb = load_file(str(tmp_path / "part" / "checkpoints" / "step-6" / f"{role}.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_holds_every_piece_and_incomplete_ones_are_ignored(tmp_path):
+    trainer = _run(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-6"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"student.safetensors", "stage_teacher.safetensors", "optim-student.pt", "rng-rank0.safetensors",
+            "state.json"} <= names
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 6
+    # A crash mid-save leaves a .tmp folder (or a folder without state.json): never picked for resume.
+    (tmp_path / "run" / "checkpoints" / ".step-9.tmp").mkdir()
+    (tmp_path / "run" / "checkpoints" / "step-12").mkdir()
+    assert trainer.latest_checkpoint() == ckpt
+
+
+def test_run_directory_is_protected(tmp_path):
+    _run(tmp_path / "run")
+    before = (tmp_path / "run" / "log.jsonl").read_text()
+    with pytest.raises(RunError, match="already holds files"):
+        _run(tmp_path / "run")
+    assert (tmp_path / "run" / "log.jsonl").read_text() == before
+    trainer = Trainer(build_recipe(gmm_recipe()), tmp_path / "run", overwrite=True, show_progress=False).setup()
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # replaced only when asked
+    assert trainer.step == 0
+
+
+def test_corrupt_and_incompatible_checkpoints_are_refused(tmp_path):
+    _run(tmp_path / "run")
+    with pytest.raises(RunError, match="different method/teacher"):
+        _run(tmp_path / "run", resume=True, **{"teacher.gmm.std": 0.2, "train.max_steps": 8})
+    (tmp_path / "run" / "checkpoints" / "step-6" / "student.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RunError, match="corrupt or incompatible checkpoint"):
+        _run(tmp_path / "run", resume=True, **{"train.max_steps": 8})
+
+
+class _NaNAfter:
+    """Wraps a method so that its loss turns NaN for the steps in ``bad``."""
+
+    def __init__(self, inner, bad):
+        self.inner, self.bad, self.calls = inner, set(bad), 0
+        self.phases = inner.phases
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, phase, nets, batch):
+        out = self.inner(phase, nets, batch)
+        self.calls += 1
+        if self.calls in self.bad:
+            return LossOutput(out.loss * float("nan"), out.logs)
+        return out
+
+
+def test_nonfinite_losses_are_counted_skipped_and_abort(tmp_path, monkeypatch):
+    recipe = build_recipe(gmm_recipe(**{"train.max_nonfinite": 3, "train.checkpoint_every": 0}))
+    trainer = Trainer(recipe, tmp_path / "a", show_progress=False).setup()
+    trainer.method = _NaNAfter(trainer.method, bad=[2])
+    before = {k: v.clone() for k, v in trainer.nets.student.state_dict().items()}
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert rows[1]["nonfinite/student"] == 1.0  # step 2 was skipped and logged
+    assert any(not torch.equal(before[k], v) for k, v in trainer.nets.student.state_dict().items())
+
+    trainer = Trainer(recipe, tmp_path / "b", show_progress=False).setup()
+    trainer.method = _NaNAfter(trainer.method, bad=[2, 3, 4])
+    with pytest.raises(RunError, match="non-finite loss in 3 consecutive updates"):
+        trainer.train()
+
+
+def test_lr_schedules():
+    from stepdistill.config import OptimizerConfig
+
+    cfg = OptimizerConfig(schedule="linear", period=10)
+    assert lr_factor(0, cfg) == 1.0 and lr_factor(5, cfg) == pytest.approx(0.5)
+    assert lr_factor(10, cfg) == 1.0  # restarts every period (each PD stage)
+    cos = OptimizerConfig(schedule="cosine", warmup=2, period=12)
+    assert lr_factor(0, cos) == pytest.approx(0.5) and lr_factor(7, cos) == pytest.approx(0.5)
+
+
+def test_logs_and_sample_grids_are_written(tmp_path):
+    _run(tmp_path / "run", **{"train.sample_every": 3})
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"loss/student", "grad_norm/student", "lr/student", "it_per_s", "schedule/stage"} <= rows[-1].keys()
+    assert (tmp_path / "run" / "samples" / "step-3.png").exists()
+    assert (tmp_path / "run" / "samples" / "step-6.png").exists()
+    assert "method" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_registry_entries_follow_the_interface():
+    for name, cls in METHODS.items():
+        method = cls()
+        assert method.phases and all(method.owner(p) in method.roles() for p in method.phases), name
