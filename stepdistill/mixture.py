@@ -27,11 +27,12 @@ class GaussianMixture:
     def __init__(self, means, stds, weights=None):
         self.means = torch.as_tensor(means, dtype=torch.float64)
         if self.means.ndim != 2:
-            raise ValueError(f"teacher.gmm.means must be a list of K points of equal dimension, got {self.means.shape}")
+            raise ValueError(f"teacher.gmm.means must be a list of K points of one dimension, got {self.means.shape}")
         k = self.means.shape[0]
         stds = torch.as_tensor(stds, dtype=torch.float64)
         self.stds = stds.expand(k).clone() if stds.ndim == 0 else stds
-        weights = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        weights = torch.ones(k) if weights is None else torch.as_tensor(weights)
+        weights = weights.to(torch.float64)
         if self.stds.shape != (k,) or weights.shape != (k,):
             raise ValueError(f"teacher.gmm: stds and weights need {k} entries, got {tuple(self.stds.shape)} and "
                              f"{tuple(weights.shape)}")

@@ -370,7 +370,7 @@ class LogitNormal:
 
 @dataclass(frozen=True)
 class KarrasGrid:
-    """A uniformly drawn point of the N-point Karras rho-grid between ``sigma_min`` and ``sigma_max`` (CM, Song 2023)."""
+    """A uniform draw from the N-point Karras rho-grid between ``sigma_min`` and ``sigma_max`` (CM, Song 2023)."""
 
     num_points: int = 40
     sigma_min: float = 0.002
