@@ -132,6 +132,8 @@ class Trainer:
                                         generator=torch.Generator().manual_seed(r.eval.seed))
         if self.resume:
             self.load_checkpoint(self.latest_checkpoint())
+            if not readonly and acc.is_main_process:
+                (self.dir / "config.yaml").write_text(dump_recipe(self.recipe))
         return self
 
     def _check_grids(self) -> None:
@@ -166,8 +168,8 @@ class Trainer:
             raise RunError(f"{d} already holds files (an earlier run?); pass --resume to continue it or "
                            "--overwrite to replace it")
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            if earlier and self.overwrite and not self.resume:
+        if acc.is_main_process and not self.resume:  # a resumed run rewrites config.yaml once its checkpoint loads
+            if earlier and self.overwrite:
                 shutil.rmtree(d)
             (d / "samples").mkdir(parents=True, exist_ok=True)
             (d / "checkpoints").mkdir(exist_ok=True)

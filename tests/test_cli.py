@@ -1,0 +1,104 @@
+"""The command line: the happy paths, and every bad input of the foundation issue as one clear line + exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stepdistill.cli import main
+
+from ._recipes import gmm_recipe
+
+
+def _recipe_file(tmp_path, name="recipe.yaml", **overrides):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(gmm_recipe(**overrides)))
+    return path
+
+
+def _error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("stepdistill: error: "), err
+    return err[-1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.gmm=null", "teacher.pretrained=/no/such/teacher"], "teacher.pretrained: no such directory"),
+    (["method.name=magic"], "method.name: unknown method 'magic'"),
+    (["teacher.gmm=null", "teacher.tiny=sd99"], "teacher.tiny: unknown kind 'sd99'"),
+    (["method.teacher_steps=12", "method.final_steps=3"], "falls between the teacher's 1024 discrete timesteps"),
+    (["train.colour=blue"], "train.colour: unknown key"),
+    (["train.max_steps=abc"], "train.max_steps: expected an integer"),
+    (["teacher.gmm.stds=[0.1]"], "teacher.gmm needs exactly one of 'std'"),
+])
+def test_bad_recipe_inputs(tmp_path, capsys, overrides, message):
+    recipe = _recipe_file(tmp_path)
+    line = _error(capsys, ["distill", str(recipe), "--output-dir", str(tmp_path / "run"), *overrides])
+    assert message in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_and_malformed_recipe_files(tmp_path, capsys):
+    assert "recipe file not found" in _error(capsys, ["distill", str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    assert "not valid YAML" in _error(capsys, ["distill", str(bad)])
+
+
+def test_distill_sample_eval_export_and_protection(tmp_path, capsys):
+    recipe, run = _recipe_file(tmp_path), tmp_path / "run"
+    assert main(["distill", str(recipe), "--output-dir", str(run)]) == 0
+    assert (run / "pipeline" / "stepdistill.json").exists()
+    log_before = (run / "log.jsonl").read_text()
+
+    # An output directory holding an earlier run is never overwritten without --overwrite.
+    assert "already holds files" in _error(capsys, ["distill", str(recipe), "--output-dir", str(run)])
+    assert (run / "log.jsonl").read_text() == log_before
+
+    # --resume of a finished run with a larger budget continues; an incompatible recipe is refused.
+    other = _recipe_file(tmp_path, "other.yaml", **{"teacher.gmm.std": 0.3})
+    config_before = (run / "config.yaml").read_text()
+    assert "different method/teacher" in _error(capsys, ["distill", str(other), "--output-dir", str(run),
+                                                         "--resume", "train.max_steps=8"])
+    assert (run / "config.yaml").read_text() == config_before
+    assert main(["distill", str(recipe), "--output-dir", str(run), "--resume", "train.max_steps=7"]) == 0
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] == 7
+
+    for target in (run, run / "pipeline"):
+        assert main(["sample", str(target), "--num-samples", "16", "--output", str(tmp_path / "s.npy")]) == 0
+        assert main(["eval", str(target), "--num-samples", "64"]) == 0
+        metrics = json.loads((target / "metrics.json").read_text())
+        assert {"student", "teacher_same_nfe", "teacher_full"} <= metrics.keys()
+        assert metrics["teacher_full"]["nfe"] == 8 if target == run else 64
+    assert main(["sample", str(run), "--num-samples", "16", "--output", str(tmp_path / "grid.png")]) == 0
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "model_index.json").exists()
+    assert "LoRA export needs roles.mode: lora" in _error(capsys, ["export", str(run), "--lora"])
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    recipe, run = _recipe_file(tmp_path), tmp_path / "run"
+    assert main(["distill", str(recipe), "--output-dir", str(run)]) == 0
+    ckpt = run / "checkpoints" / "step-6"
+    (ckpt / "optim-student.pt").write_bytes(b"\x00garbage")
+    kept = (ckpt / "student.safetensors").read_bytes()
+    line = _error(capsys, ["distill", str(recipe), "--output-dir", str(run), "--resume", "train.max_steps=9"])
+    assert "corrupt or incompatible checkpoint" in line and "step-6" in line
+    assert (ckpt / "student.safetensors").read_bytes() == kept  # nothing earlier touched
+    (ckpt / "state.json").write_text("{not json")
+    line = _error(capsys, ["distill", str(recipe), "--output-dir", str(run), "--resume"])
+    assert "no complete checkpoint" in line or "corrupt checkpoint" in line
+
+
+def test_module_entry_point_exit_code_and_single_line(tmp_path):
+    recipe = _recipe_file(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "stepdistill", "distill", str(recipe), "method.name=magic"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("stepdistill: error:")]
+    assert len(errors) == 1 and "unknown method 'magic'" in errors[0]
+    out = subprocess.run([sys.executable, "-m", "stepdistill", "ls"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "progressive" in out.stdout and "recipes/progressive/digits.yaml" in out.stdout

@@ -1,0 +1,51 @@
+"""Two real CPU processes (gloo) under `accelerate launch`: both ranks end with identical weights."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from ._recipes import gmm_recipe
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args, tmp_path):
+    # ACCELERATE_USE_CPU=1 + --multi_gpu is what starts real ranks on a CPU box (ECOSYSTEM.md §3.4).
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_port()), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_ranks_end_with_identical_weights(tmp_path):
+    _launch([str(ROOT / "tests" / "_ddp_job.py"), str(tmp_path)], tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and "MULTI_CPU" in r["distributed"] for r in ranks)
+    assert ranks[0]["first_batch_sum"] != ranks[1]["first_batch_sum"], "ranks must draw different batches"
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert (tmp_path / "checkpoints" / "step-4" / "rng-rank1.safetensors").exists()
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4  # one writer
+
+
+def test_cli_module_under_accelerate_launch(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(gmm_recipe(**{"train.max_steps": 2, "train.checkpoint_every": 0})))
+    proc = _launch(["-m", "stepdistill", "distill", str(recipe), "--output-dir", str(tmp_path / "run")], tmp_path)
+    assert proc.stdout.count("pipeline:") == 1  # the export runs on the main process only
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["world_size"] == 2
