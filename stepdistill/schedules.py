@@ -150,7 +150,8 @@ class VPDiscrete(NoiseSchedule):
         pos = (_f64(t) * self.num_train_timesteps).clamp(0, self.num_train_timesteps)
         lo = pos.floor().clamp(max=self.num_train_timesteps - 1).long()
         frac = pos - lo
-        s_lo, s_hi = self._sigmas[lo], self._sigmas[lo + 1]
+        sigmas = self._sigmas.to(pos.device)
+        s_lo, s_hi = sigmas[lo], sigmas[lo + 1]
         # Interpolate log-sigma between indices; between the clean end and index 0 interpolate sigma itself.
         log_interp = torch.exp(torch.log(s_lo.clamp(min=1e-300)) * (1 - frac) + torch.log(s_hi) * frac)
         return torch.where(lo == 0, s_hi * frac, log_interp)
