@@ -52,14 +52,11 @@ class NoiseSchedule:
     def derivatives(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha'(t), sigma'(t))`` by autograd in float64, so every schedule gets them for free."""
         t = _f64(t).detach().clone().requires_grad_(True)
-        zero = torch.zeros_like(t).detach()
 
         def grad(y: torch.Tensor) -> torch.Tensor:
             # A constant (EDM's alpha = 1) has no graph at all: autograd.grad would raise, so its derivative is 0.
-            if not y.requires_grad:
-                return zero
-            g = torch.autograd.grad(y.sum(), t, retain_graph=True, allow_unused=True)[0]
-            return zero if g is None else g.detach()
+            g = torch.autograd.grad(y.sum(), t, retain_graph=True, allow_unused=True)[0] if y.requires_grad else None
+            return torch.zeros_like(t).detach() if g is None else g.detach()
 
         with torch.enable_grad():
             a, s = self.alpha(t), self.sigma(t)
