@@ -65,7 +65,6 @@ def _load_student(path: Path):
     if (path / "config.yaml").exists():
         trainer = Trainer(load_recipe(path / "config.yaml"), path, resume=True, show_progress=False)
         trainer.setup(readonly=True)
-        trainer.method.update_schedule(max(trainer.step - 1, 0), trainer.nets)
         return trainer.sampling_student(), trainer.method.student_grid(), trainer.teacher
     raise ConfigError(f"{path}: neither a run directory (config.yaml) nor an exported pipeline (stepdistill.json)")
 
@@ -105,7 +104,6 @@ def cmd_export(args) -> int:
     if not (run / "config.yaml").exists():
         raise ConfigError(f"{run}: not a run directory (no config.yaml)")
     trainer = Trainer(load_recipe(run / "config.yaml"), run, resume=True, show_progress=False).setup(readonly=True)
-    trainer.method.update_schedule(max(trainer.step - 1, 0), trainer.nets)
     print(f"pipeline: {trainer.export(args.output_dir)}")
     return 0
 

@@ -131,6 +131,7 @@ def student_samples(student, grid: StudentGrid, *, shape, num: int, seed: int) -
 def evaluate(student, grid: StudentGrid, teacher, *, num_samples: int = 1000, seed: int = 1234,
              teacher_sampler: str = "ddim", full_steps: int = 64) -> dict:
     """Student metrics beside the teacher's sampler at the student's NFE and at ``full_steps``."""
+    was_training = student.training
     student.eval()
     same_steps = grid.steps if teacher_sampler != "heun" else max(1, (grid.steps + 1) // 2)
     out = {
@@ -142,4 +143,5 @@ def evaluate(student, grid: StudentGrid, teacher, *, num_samples: int = 1000, se
             teacher_samples(teacher, full_steps, sampler=teacher_sampler, num=num_samples, seed=seed), teacher)},
         "num_samples": num_samples,
     }
+    student.train(was_training)
     return out

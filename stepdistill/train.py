@@ -132,6 +132,9 @@ class Trainer:
                                         generator=torch.Generator().manual_seed(r.eval.seed))
         if self.resume:
             self.load_checkpoint(self.latest_checkpoint())
+            # Bring curricula to the checkpoint's step so student_grid() is right even if no step runs (idempotent:
+            # train() calls it again for the same step).
+            self.method.update_schedule(min(self.step, r.train.max_steps - 1), self.nets)
             if not readonly and acc.is_main_process:
                 (self.dir / "config.yaml").write_text(dump_recipe(self.recipe))
         return self
@@ -185,6 +188,8 @@ class Trainer:
         bar = tqdm(range(self.step, r.train.max_steps), initial=self.step, total=r.train.max_steps,
                    disable=not (self.show_progress and acc.is_main_process), desc=f"distill {r.method.name}")
         last, tick, tick_step = {}, time.perf_counter(), self.step
+        if self.step >= r.train.max_steps:
+            return last  # a finished run resumed without a larger budget: nothing to do, nothing rewritten
         for step in bar:
             self.step = step
             logs = {f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()}

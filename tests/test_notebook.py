@@ -49,6 +49,7 @@ def test_notebook_executes_in_quick_mode(tmp_path, monkeypatch):
     nb = nbformat.read(executed, as_version=4)
     monkeypatch.setenv("STEPDISTILL_QUICK", "1")  # the kernel inherits this process's environment
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a tiny MLP: several times slower with 2 threads on shared cores
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's run directory (tempfile.mkdtemp) lands here
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})

@@ -131,3 +131,15 @@ def test_registry_entries_follow_the_interface():
     for name, cls in METHODS.items():
         method = cls()
         assert method.phases and all(method.owner(p) in method.roles() for p in method.phases), name
+
+
+def test_resumed_finished_run_reports_the_final_grid(tmp_path):
+    """Python API: a resumed, finished run exports the last stage's grid without training further."""
+    _run(tmp_path / "run")
+    before = (tmp_path / "run" / "log.jsonl").read_text()
+    trainer = Trainer(build_recipe(gmm_recipe()), tmp_path / "run", resume=True, show_progress=False).setup()
+    assert trainer.method.student_grid().times == (1.0, 0.5)
+    trainer.train()
+    assert (tmp_path / "run" / "log.jsonl").read_text() == before
+    meta = json.loads((trainer.export() / "stepdistill.json").read_text())
+    assert meta["num_inference_steps"] == 2
