@@ -1,6 +1,6 @@
 """Quality bars of progressive distillation (foundation issue): run the shipped recipes, evaluate, compare.
 
-    python benchmarks/quality_bars.py [gmm gmm16 digits] [--out runs/bars]
+    python benchmarks/quality_bars.py [gmm gmm16 digits] [--out runs/bars] [--set key=value ...]
 
 For each recipe: distil, then evaluate the student beside the teacher's own DDIM sampler at the same NFE and at 64
 NFE (``stepdistill.evaluate.evaluate``), and check the bars:
@@ -49,10 +49,11 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("names", nargs="*", default=list(RECIPES))
     p.add_argument("--out", default="runs/bars")
+    p.add_argument("--set", nargs="*", default=[], help="dotted overrides applied to every recipe")
     args = p.parse_args()
     summary = {}
     for name in args.names:
-        recipe = load_recipe(RECIPES[name])
+        recipe = load_recipe(RECIPES[name], args.set)
         start = time.perf_counter()
         trainer = Trainer(recipe, Path(args.out) / name, overwrite=True, show_progress=False).setup()
         setup_s = time.perf_counter() - start

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
 from .data import DataSource
