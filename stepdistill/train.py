@@ -76,7 +76,11 @@ class Trainer:
     def setup(self, *, readonly: bool = False) -> Trainer:
         """Build everything; ``readonly`` loads the latest checkpoint for sampling/export without writing."""
         r = self.recipe
-        self.accelerator = Accelerator(mixed_precision=r.train.mixed_precision, cpu=not torch.cuda.is_available())
+        self.trackers, missing = _available_trackers(r.train.trackers)
+        self.accelerator = Accelerator(mixed_precision=r.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                                       log_with=self.trackers or None, project_dir=str(self.dir))
+        if missing and self.accelerator.is_main_process:
+            tqdm.write(f"note: trackers {missing} are not installed; logging to log.jsonl only")
         acc = self.accelerator
         set_seed(r.seed)  # identical initialisation on every rank
 
@@ -220,15 +224,7 @@ class Trainer:
         return last
 
     def _init_trackers(self) -> None:
-        import importlib.util
-
-        wanted = [t for t in self.recipe.train.trackers if t != "jsonl"]
-        usable = [t for t in wanted if importlib.util.find_spec(t) is not None]
-        if set(wanted) - set(usable) and self.accelerator.is_main_process:
-            tqdm.write(f"note: trackers {sorted(set(wanted) - set(usable))} not installed; logging to log.jsonl only")
-        if usable:
-            self.accelerator.log_with = usable
-            self.accelerator.project_configuration.set_directories(str(self.dir))
+        if self.trackers:  # tensorboard / wandb, when installed; log.jsonl is always written by the loop itself
             self.accelerator.init_trackers("stepdistill", config=_flat(self.recipe.to_dict()))
 
     def _all_true(self, flag: bool) -> bool:
@@ -394,6 +390,15 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         self.step = int(state["step"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+
+def _available_trackers(names: list[str]) -> tuple[list[str], list[str]]:
+    """Split requested trackers into (installed, missing); ``jsonl`` is built in and never listed."""
+    import importlib.util
+
+    wanted = [t for t in names if t != "jsonl"]
+    usable = [t for t in wanted if importlib.util.find_spec(t) is not None]
+    return usable, sorted(set(wanted) - set(usable))
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:
