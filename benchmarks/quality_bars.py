@@ -62,6 +62,7 @@ def main() -> int:
         m = evaluate(trainer.sampling_student(), trainer.method.student_grid(), trainer.teacher,
                      num_samples=recipe.eval.num_samples, teacher_sampler=recipe.eval.teacher_sampler,
                      full_steps=recipe.eval.teacher_full_steps)
+        trainer.export()  # OUT/<name>/pipeline, for benchmarks/bench_speed.py
         m["bars"] = bars(name, m)
         m["seconds"] = {"setup_incl_teacher_fit": round(setup_s, 1), "train": round(train_s, 1)}
         (trainer.dir / "metrics.json").write_text(json.dumps(m, indent=2))
