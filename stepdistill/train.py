@@ -77,6 +77,7 @@ class Trainer:
         """Build everything; ``readonly`` loads the latest checkpoint for sampling/export without writing."""
         r = self.recipe
         self.trackers, missing = _available_trackers(r.train.trackers)
+        _release_accelerator_state(r.train.mixed_precision)
         self.accelerator = Accelerator(mixed_precision=r.train.mixed_precision, cpu=not torch.cuda.is_available(),
                                        log_with=self.trackers or None, project_dir=str(self.dir))
         if missing and self.accelerator.is_main_process:
@@ -390,6 +391,19 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         self.step = int(state["step"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+
+def _release_accelerator_state(mixed_precision: str) -> None:
+    """Let a second Trainer in one process use another precision.
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a new ``Accelerator`` with a different
+    ``mixed_precision``. The per-process distributed state (``PartialState``: the process group) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _available_trackers(names: list[str]) -> tuple[list[str], list[str]]:
