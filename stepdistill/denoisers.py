@@ -30,8 +30,9 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.prediction = prediction
 
-    def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The backbone's raw output at the backbone's own timestep. Analytic denoisers override ``forward``."""
+        raise TypeError(f"{type(self).__name__} must implement raw() or override forward()")
 
     @property
     def backbone(self) -> nn.Module | None:

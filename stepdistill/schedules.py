@@ -21,6 +21,7 @@ Everything is computed in float64; callers cast back.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ def _f64(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64)
 
 
-class NoiseSchedule:
+class NoiseSchedule(abc.ABC):
     """Base class: subclasses define ``alpha`` and ``sigma``; derivatives, logSNR and its inverse are generic."""
 
     #: the name a recipe uses for this schedule
@@ -39,11 +40,13 @@ class NoiseSchedule:
     #: smallest time at which the backbone may be evaluated (``1/N`` for discrete schedules)
     t_min: float = 0.0
 
-    def alpha(self, t) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def alpha(self, t) -> torch.Tensor:
+        """Signal scale at ``t`` (float64)."""
 
-    def sigma(self, t) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def sigma(self, t) -> torch.Tensor:
+        """Noise scale at ``t`` (float64)."""
 
     def model_time(self, t) -> torch.Tensor:
         """The timestep the backbone was trained with, as float64."""
