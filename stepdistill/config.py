@@ -133,7 +133,8 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["method"] = {"name": self.method.name, **self.method.params}
+        d["method"] = {"name": self.method.name, **{k: list(v) if isinstance(v, tuple) else v
+                                                    for k, v in self.method.params.items()}}
         return d
 
 
@@ -178,6 +179,11 @@ def _coerce(value: Any, tp, key: str):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{key}: expected a list of {len(items)} values, got {value!r}")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
     if origin is dict:
         kt, vt = typing.get_args(tp) or (str, Any)
         if not isinstance(value, dict):
@@ -229,9 +235,11 @@ def build_recipe(data: dict) -> Recipe:
         raise ConfigError(f"method.name: unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     sig = inspect.signature(METHODS[name].__init__)
     allowed = [p for p in sig.parameters if p != "self"]
+    hints = typing.get_type_hints(METHODS[name].__init__)
     for k in method:
         if k not in allowed:
             raise ConfigError(f"method.{k}: unknown key for method {name!r}; allowed: {', '.join(allowed)}")
+        method[k] = _coerce(method[k], hints.get(k, Any), f"method.{k}")
     optim = data.pop("optim", None) or {}
     if not isinstance(optim, dict):
         raise ConfigError(f"optim: expected a mapping of role -> optimizer settings, got {optim!r}")

@@ -42,6 +42,8 @@ def test_accelerate_configs_parse():
     ({"optim.student.schedule": "zigzag"}, "optim.student.schedule: 'zigzag'"),
     ({"train.update_every": {"student": 0}}, "train.update_every.student: update ratio must be >= 1"),
     ({"data.batch_size": 0}, "data.batch_size: must be >= 1"),
+    ({"method.teacher_steps": "many"}, "method.teacher_steps: expected an integer"),
+    ({"method.guidance": [2.0]}, "method.guidance: expected a list of 2 values"),
     ({"teacher.tiny": "unet2d"}, "teacher: give exactly one of"),
 ])
 def test_bad_values_name_the_key(overrides, message):
