@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -102,3 +103,10 @@ def test_module_entry_point_exit_code_and_single_line(tmp_path):
     assert len(errors) == 1 and "unknown method 'magic'" in errors[0]
     out = subprocess.run([sys.executable, "-m", "stepdistill", "ls"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "progressive" in out.stdout and "recipes/progressive/digits.yaml" in out.stdout
+
+
+def test_tiny_smoke_recipe_runs_from_the_command_line(tmp_path):
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "progressive" / "tiny_unet2d.yaml"
+    assert main(["distill", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
+    meta = json.loads((tmp_path / "run" / "pipeline" / "stepdistill.json").read_text())
+    assert meta["timesteps"] == [1023, 511] and (tmp_path / "run" / "samples" / "step-4.png").exists()
