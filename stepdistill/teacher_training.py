@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .denoisers import UNet2DDenoiser
 from .mixture import GaussianMixture
+from .parameterization import Coefficients, from_x0_eps
 from .schedules import UniformIndex, VPDiscrete
 
 
@@ -40,6 +42,7 @@ def train_denoiser(unet, sample_batch, scheduler_config: dict, *, steps: int, lr
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     schedule = VPDiscrete.from_scheduler_config(scheduler_config)
+    denoiser = UNet2DDenoiser(unet, schedule, "v")  # raw() handles vector data and the backbone's timestep
     times = UniformIndex()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     lr_at = lambda i: min(1.0, (i + 1) / 200) * 0.5 * (1 + torch.cos(torch.tensor(i / steps * torch.pi)).item())  # noqa: E731
@@ -52,13 +55,8 @@ def train_denoiser(unet, sample_batch, scheduler_config: dict, *, steps: int, lr
         t = times.sample(x0.shape[0], schedule, gen)
         eps = torch.randn(x0.shape, generator=gen)
         x_t = schedule.add_noise(x0, eps, t)
-        a = schedule.alpha(t).float().reshape(-1, *([1] * (x0.ndim - 1)))
-        s = schedule.sigma(t).float().reshape(-1, *([1] * (x0.ndim - 1)))
-        v = a * eps - s * x0
-        inp = x_t[:, :, None, None] if x0.ndim == 2 else x_t
-        out = unet(inp, schedule.model_time(t).float()).sample
-        out = out[:, :, 0, 0] if x0.ndim == 2 else out
-        loss = ((out - v) ** 2).mean()
+        v = from_x0_eps("v", x0.double(), eps.double(), Coefficients.at(schedule, t, x0)).float()
+        loss = ((denoiser.raw(x_t, schedule.model_time(t), None) - v) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
