@@ -11,8 +11,6 @@ vanish at one end of the schedule (``alpha`` near pure noise, ``sigma`` near dat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .schedules import NoiseSchedule, _bcast
@@ -25,19 +23,47 @@ DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "
 OURS_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_PREDICTION.items()}
 
 
-@dataclass
 class Coefficients:
-    """Schedule values at one time, broadcast against a sample ``[B, ...]``, in float64."""
+    """Schedule values at one time, broadcast against a sample ``[B, ...]``, in float64.
 
-    a: torch.Tensor
-    s: torch.Tensor
-    da: torch.Tensor
-    ds: torch.Tensor
+    ``a, s`` are computed at once; the derivatives ``da, ds`` (needed only by flow conversions) on first use, since
+    every denoiser call builds one of these and autograd through the schedule would otherwise sit on the hot path.
+    """
+
+    def __init__(self, a: torch.Tensor, s: torch.Tensor, da: torch.Tensor | None = None,
+                 ds: torch.Tensor | None = None, *, derive=None):
+        self.a, self.s = a, s
+        self._da, self._ds, self._derive = da, ds, derive
 
     @classmethod
     def at(cls, schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> Coefficients:
-        da, ds = schedule.derivatives(t)
-        return cls(*(_bcast(v, like) for v in (schedule.alpha(t), schedule.sigma(t), da, ds)))
+        def derive():
+            return tuple(_bcast(v, like) for v in schedule.derivatives(t))
+
+        return cls(_bcast(schedule.alpha(t), like), _bcast(schedule.sigma(t), like), derive=derive)
+
+    def _derivatives(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._da is None:
+            self._da, self._ds = self._derive()
+        return self._da, self._ds
+
+    @property
+    def da(self) -> torch.Tensor:
+        return self._derivatives()[0]
+
+    @property
+    def ds(self) -> torch.Tensor:
+        return self._derivatives()[1]
+
+    def chunk(self, n: int) -> list[Coefficients]:
+        """Split per-sample values along the batch; derivatives stay lazy."""
+        def split(v):
+            return v.chunk(n) if v.ndim else [v] * n
+
+        parts = []
+        for i, (a, s) in enumerate(zip(split(self.a), split(self.s))):
+            parts.append(Coefficients(a, s, derive=lambda i=i: (split(self.da)[i], split(self.ds)[i])))
+        return parts
 
 
 def to_x0_eps(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coefficients) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +144,8 @@ class Prediction:
 
     def chunk(self, n: int) -> list[Prediction]:
         """Split along the batch into ``n`` predictions (the two halves of a batched CFG pass)."""
-        parts = zip(*(v.chunk(n) if v.ndim else [v] * n for v in
-                      (self.x0_64, self.eps_64, self.coeffs.a, self.coeffs.s, self.coeffs.da, self.coeffs.ds)))
-        return [Prediction(x0, eps, Coefficients(a, s, da, ds), self.dtype) for x0, eps, a, s, da, ds in parts]
+        return [Prediction(x0, eps, c, self.dtype)
+                for x0, eps, c in zip(self.x0_64.chunk(n), self.eps_64.chunk(n), self.coeffs.chunk(n))]
 
     @staticmethod
     def combine(uncond: Prediction, cond: Prediction, w) -> Prediction:

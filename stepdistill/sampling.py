@@ -14,11 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .denoisers import Cond, Denoiser, guided
-from .parameterization import Prediction, ddim_step
-
-
-def _predict(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Cond, w) -> Prediction:
-    return guided(denoiser, x, t, cond, w)
+from .parameterization import ddim_step
 
 
 def prior_noise(schedule, noise: torch.Tensor, t: float = 1.0) -> torch.Tensor:
@@ -40,7 +36,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, times: torch.Tensor, *, con
     so it doubles as ``sample_euler``. One network evaluation per step.
     """
     for i in range(len(times) - 1):
-        pred = _predict(denoiser, x, times[i], cond, w)
+        pred = guided(denoiser, x, times[i], cond, w)
         x = ddim_step(pred, denoiser.schedule, times[i + 1].expand(x.shape[0]))
         if callback is not None:
             callback(i, x, pred)
@@ -64,7 +60,7 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, times: torch.Tensor, *, con
     for i in range(len(times) - 1):
         t, s = times[i], times[i + 1]
         a_t, a_s = sch.alpha(t), sch.alpha(s)
-        pred = _predict(denoiser, x, t.expand(n), cond, w)
+        pred = guided(denoiser, x, t.expand(n), cond, w)
         if a_t < 1e-8:
             # alpha(t) = 0 up to rounding (rectified flow and TrigFlow at t = 1): sigma_bar is infinite there and the
             # trapezoid over an infinite interval is undefined (it returned NaN/inf), so this step is Euler (= DDIM),
@@ -76,7 +72,7 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, times: torch.Tensor, *, con
             d1 = pred.eps_64  # dy/dsigma_bar
             y_next = y + (sb_s - sb_t) * d1
             if s > 0:
-                pred2 = _predict(denoiser, (y_next * a_s).to(x.dtype), s.expand(n), cond, w)
+                pred2 = guided(denoiser, (y_next * a_s).to(x.dtype), s.expand(n), cond, w)
                 y_next = y + (sb_s - sb_t) * 0.5 * (d1 + pred2.eps_64)
             x = (y_next * a_s).to(x.dtype)
         if callback is not None:
@@ -97,7 +93,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, times: torch.Tensor, *,
     x0_prev, h_prev = None, None
     for i in range(len(times) - 1):
         t, s = times[i], times[i + 1]
-        pred = _predict(denoiser, x, t.expand(n), cond, w)
+        pred = guided(denoiser, x, t.expand(n), cond, w)
         x0 = pred.x0_64
         if s == 0:
             x = x0.to(x.dtype)
@@ -168,7 +164,7 @@ def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *,
     x = prior_noise(sch, noise, grid.times[0])
     n = x.shape[0]
     for i in range(grid.steps):
-        pred = _predict(student, x, times[i].expand(n), cond, w)
+        pred = guided(student, x, times[i].expand(n), cond, w)
         t_next = times[i + 1].expand(n)
         if grid.transition == "ddim" or times[i + 1] == 0:
             x = ddim_step(pred, sch, t_next)
