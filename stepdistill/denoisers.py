@@ -20,19 +20,8 @@ from .schedules import NoiseSchedule
 Cond = dict | None
 
 
-class Denoiser(nn.Module):
-    """Base adapter. Subclasses implement ``raw(x_t, model_time, cond)`` returning the backbone's output."""
-
-    def __init__(self, schedule: NoiseSchedule, prediction: str):
-        super().__init__()
-        if prediction not in KINDS:
-            raise ValueError(f"prediction must be one of {KINDS}, got {prediction!r}")
-        self.schedule = schedule
-        self.prediction = prediction
-
-    def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The backbone's raw output at the backbone's own timestep. Analytic denoisers override ``forward``."""
-        raise TypeError(f"{type(self).__name__} must implement raw() or override forward()")
+class RoleModule(nn.Module):
+    """What the training loop needs of any role: a ``backbone`` to optimise, checkpoint and wrap for DDP/FSDP."""
 
     @property
     def backbone(self) -> nn.Module | None:
@@ -46,6 +35,40 @@ class Denoiser(nn.Module):
 
     def _call_backbone(self) -> nn.Module:
         return self.__dict__.get("_wrapped_backbone") or self.backbone
+
+
+class Denoiser(RoleModule):
+    """Base adapter. Subclasses implement ``raw(x_t, model_time, cond)`` returning the backbone's output."""
+
+    def __init__(self, schedule: NoiseSchedule, prediction: str):
+        super().__init__()
+        if prediction not in KINDS:
+            raise ValueError(f"prediction must be one of {KINDS}, got {prediction!r}")
+        self.schedule = schedule
+        self.prediction = prediction
+
+    def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The backbone's raw output at the backbone's own timestep. Analytic denoisers override ``forward``."""
+        raise TypeError(f"{type(self).__name__} must implement raw() or override forward()")
+
+    def feature_module(self) -> nn.Module:
+        """The block whose output is the bottleneck feature map (GAN heads read it, DMD2 §3.2)."""
+        raise TypeError(f"{type(self).__name__} has no bottleneck features for a GAN head")
+
+    def with_features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> tuple[Prediction, torch.Tensor]:
+        """One forward pass returning the prediction and the bottleneck features ``[B, C, h, w]``.
+
+        The features are caught by a forward hook on ``feature_module()``, so the pass goes through the (possibly
+        DDP-wrapped) backbone like any other: DDP sees every parameter used and its reducer stays consistent.
+        """
+        caught = []
+        handle = self.feature_module().register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            pred = self(x_t, t, cond)
+        finally:
+            handle.remove()
+        feats = caught[-1][0] if isinstance(caught[-1], tuple) else caught[-1]
+        return pred, feats
 
     def null_cond(self, cond: Cond) -> Cond:
         """The condition that means "no condition" for CFG. Unconditional models have none."""
@@ -109,6 +132,9 @@ class UNet2DDenoiser(Denoiser):
             return super().null_cond(cond)
         labels = cond["class_labels"]
         return {"class_labels": torch.full_like(labels, self.num_classes)}
+
+    def feature_module(self) -> nn.Module:
+        return self.unet.mid_block
 
     def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
         vector = x_t.ndim == 2

@@ -129,7 +129,8 @@ def teacher_samples(teacher, steps: int, *, sampler: str, num: int, seed: int) -
 
 @torch.no_grad()
 def student_samples(student, grid: StudentGrid, *, shape, num: int, seed: int) -> torch.Tensor:
-    return torch.cat([sample_student(student, z, grid) for z in noise_batches(num, shape, seed)])
+    g = torch.Generator().manual_seed(seed + 1)  # the fresh noise of re-noising grids, reproducible too
+    return torch.cat([sample_student(student, z, grid, generator=g) for z in noise_batches(num, shape, seed)])
 
 
 def evaluate(student, grid: StudentGrid, teacher, *, num_samples: int = 1000, seed: int = 1234,

@@ -1,11 +1,16 @@
 """Export a student as a stock diffusers pipeline whose scheduler config encodes the student grid (DESIGN.md §6).
 
-UNet2DModel students are saved as ``DDPMPipeline(unet, DDIMScheduler)``. The scheduler keeps the teacher's betas and
-uses ``timestep_spacing="trailing"`` with ``set_alpha_to_one=True`` (ECOSYSTEM.md §0.2: the default spacings put a
-1-step grid at t=0), so ``DiffusionPipeline.from_pretrained(dir)(num_inference_steps=N)`` runs exactly the training
-grid. The grid is checked against what the scheduler actually produces before anything is written. ``DDPMPipeline``
-calls ``scheduler.step(out, t, x, generator=...)`` with DDIM's default ``eta=0``: the deterministic DDIM jump the
-progressive-distillation student was trained for.
+UNet2DModel students are saved as ``DDPMPipeline(unet, scheduler)`` on the teacher's betas, so
+``DiffusionPipeline.from_pretrained(dir)(num_inference_steps=N)`` runs exactly the training grid:
+
+* deterministic grids (progressive distillation, one-step students): ``DDIMScheduler`` with
+  ``timestep_spacing="trailing"`` and ``set_alpha_to_one=True`` (ECOSYSTEM.md §0.2: the default spacings put a
+  1-step grid at t=0); ``DDPMPipeline`` calls ``scheduler.step(out, t, x, generator=...)`` with DDIM's ``eta=0``.
+  A one-step student conditioned on another time (DMD2) uses ``"leading"`` spacing with ``steps_offset`` = that step;
+* re-noising grids (DMD2 multi-step): ``LCMScheduler(original_inference_steps=K)``, whose step denoises and then
+  re-noises with fresh noise from the pipeline's generator.
+
+The grid is checked against what the scheduler actually produces before anything is written.
 """
 
 from __future__ import annotations
@@ -27,14 +32,36 @@ class ExportError(ValueError):
     """The student cannot be expressed by a stock pipeline; the message says why."""
 
 
-def student_scheduler(teacher_scheduler_config: dict, prediction: str):
-    """The DDIM scheduler that replays a deterministic student grid on the teacher's betas."""
-    from diffusers import DDIMScheduler
+def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid: StudentGrid, timesteps: list[int]):
+    """Stock schedulers that may replay ``grid`` on the teacher's betas, most natural first."""
+    from diffusers import DDIMScheduler, LCMScheduler
 
     cfg = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
-    cfg.update(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, thresholding=False,
-               steps_offset=0, prediction_type=OURS_TO_DIFFUSERS[prediction])
-    return DDIMScheduler.from_config(cfg)
+    cfg.update(set_alpha_to_one=True, clip_sample=False, thresholding=False,
+               prediction_type=OURS_TO_DIFFUSERS[prediction])
+    if grid.transition == "renoise":
+        # LCMScheduler's multistep sampling is "denoise, then re-noise with fresh noise" (DMD2's 4-step sampler);
+        # original_inference_steps = K puts its grid at DMD2's 999/749/499/249 (ECOSYSTEM.md §1). Its boundary
+        # scalings (timestep_scaling 10) leave c_skip < 1e-7 at every grid step >= N/8.
+        yield LCMScheduler.from_config({**cfg, "original_inference_steps": grid.steps})
+        return
+    yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "steps_offset": 0})
+    if grid.steps == 1:
+        # A one-step student told another time than the start (DMD2's conditioning timestep): DDIM's "leading"
+        # spacing puts its single step at steps_offset, and that step lands on x0 (set_alpha_to_one).
+        yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "leading", "steps_offset": timesteps[0]})
+
+
+def student_scheduler(teacher_scheduler_config: dict, prediction: str, grid: StudentGrid, timesteps: list[int]):
+    """The stock scheduler whose ``set_timesteps(K)`` reproduces the student grid exactly (checked, not assumed)."""
+    tried = []
+    for scheduler in _scheduler_candidates(teacher_scheduler_config, prediction, grid, timesteps):
+        scheduler.set_timesteps(grid.steps)
+        if scheduler.timesteps.tolist() == timesteps:
+            return scheduler
+        tried.append(f"{type(scheduler).__name__}: {scheduler.timesteps.tolist()}")
+    raise ExportError(f"export: no stock scheduler reproduces the {grid.transition} student grid {timesteps} "
+                      f"({'; '.join(tried)})")
 
 
 def grid_timesteps(schedule: VPDiscrete, grid: StudentGrid) -> list[int]:
@@ -49,15 +76,11 @@ def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_d
     schedule = student.schedule
     if not isinstance(schedule, VPDiscrete) or student.backbone is None:
         raise ExportError("export: only UNet2DModel students on a discrete VP schedule export to DDPMPipeline today")
-    if grid.transition != "ddim":
-        raise ExportError(f"export: a {grid.transition!r} student grid needs a consistency-style scheduler; "
-                          "DDPMPipeline + DDIM replays deterministic grids only")
+    if grid.transition == "renoise" and student.prediction not in ("x0", "eps", "v"):
+        raise ExportError(f"export: LCMScheduler takes epsilon, v_prediction or sample outputs, not "
+                          f"{student.prediction!r}")
     timesteps = grid_timesteps(schedule, grid)
-    scheduler = student_scheduler(teacher.scheduler_config, student.prediction)
-    scheduler.set_timesteps(grid.steps)
-    if scheduler.timesteps.tolist() != timesteps:
-        raise ExportError(f"export: the student grid {timesteps} is not what DDIMScheduler(trailing) produces for "
-                          f"{grid.steps} steps ({scheduler.timesteps.tolist()})")
+    scheduler = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps)
 
     unet = copy.deepcopy(student.backbone).float().eval()
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
@@ -74,6 +97,8 @@ def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_d
         "num_inference_steps": grid.steps,
         "guidance_scale": None,
         "timesteps": timesteps,
+        "transition": grid.transition,
+        "scheduler": type(scheduler).__name__,
         "call": {"num_inference_steps": grid.steps},
         "sample_shape": list(teacher.sample_shape),
         "data": "vector" if vector else "image",
@@ -102,7 +127,11 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         f'images = pipe(batch_size=16, {call}, output_type="np").images',
         "```",
         "",
-        f"- timesteps: `{meta['timesteps']}` (DDIMScheduler, trailing spacing, eta 0)",
+        f"- timesteps: `{meta['timesteps']}` ({meta.get('scheduler', 'DDIMScheduler')}: "
+        + ("denoise, then re-noise with fresh noise" if meta.get("transition") == "renoise" else
+           "deterministic DDIM jumps, eta 0") + ")",
+        "- the pipeline's `generator` also drives the re-noising, so a seeded call is reproducible"
+        if meta.get("transition") == "renoise" else "- deterministic given the initial noise",
         f"- prediction type: `{meta['prediction_type']}`",
         f"- output: {meta['output']}",
     ]
@@ -123,4 +152,4 @@ def load_exported_student(pipeline_dir: Path, teacher) -> tuple[Denoiser, Studen
     schedule = teacher.denoiser.schedule
     student = UNet2DDenoiser(unet, schedule, DIFFUSERS_PREDICTION[meta["prediction_type"]])
     times = tuple(float(v) for v in schedule.index_to_t(torch.tensor(meta["timesteps"], dtype=torch.float64)))
-    return student, StudentGrid(times=times, transition="ddim"), meta
+    return student, StudentGrid(times=times, transition=meta.get("transition", "ddim")), meta

@@ -13,14 +13,16 @@ from torch import nn
 
 from .denoisers import Denoiser, UNet2DDenoiser
 from .methods.base import Nets, RoleSpec
+from .nets.gan_head import GANHead
 from .teachers import Teacher, vector_unet
 
 
-def _backbone_copy(teacher: Teacher, init: str) -> nn.Module:
+def _backbone_copy(teacher: Teacher, init: str, role: str) -> nn.Module:
     backbone = teacher.backbone
     if backbone is None:
         if init == "teacher":
-            raise ValueError("student.init: the exact GMM teacher has no weights to copy; set student.init: new")
+            raise ValueError(f"{role}: the exact GMM teacher has no weights to copy; use teacher.gmm.denoiser: mlp"
+                             + (" or set student.init: new" if role == "student" else ""))
         return vector_unet(teacher.sample_shape[0])
     if init == "new":
         return type(backbone).from_config(backbone.config)
@@ -41,10 +43,13 @@ def build_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: st
     for role in order:
         spec = specs[role]
         init = student_init if role == "student" else spec.init
+        if init == "head":
+            made[role] = GANHead.for_denoiser(made[spec.head_of]).requires_grad_(spec.trainable).train(spec.trainable)
+            continue
         if init == "student":
             backbone = copy.deepcopy(made["student"].unet)
         else:
-            backbone = _backbone_copy(teacher, init)
+            backbone = _backbone_copy(teacher, init, role)
         prediction = spec.prediction or (made["student"].prediction if init == "student" else
                                          teacher.denoiser.prediction)
         den = make_denoiser(backbone, teacher, prediction)

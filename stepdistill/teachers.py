@@ -162,6 +162,12 @@ def load_embedded(name: str) -> Teacher:
     return _unet_teacher(unet, sched_cfg, f"embedded:{name}")
 
 
+def cache_root() -> Path:
+    """Where derived artefacts (fitted GMM teachers, ODE pair sets) are cached: ``$STEPDISTILL_CACHE`` or
+    ``~/.cache/stepdistill``."""
+    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
+
+
 def gmm_fingerprint(mixture: GaussianMixture, fit: dict) -> str:
     blob = json.dumps({"mixture": mixture.config(), "fit": fit, "scheduler": DEFAULT_SCHEDULER}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -194,8 +200,7 @@ def load_gmm(means, *, std=None, stds=None, weights=None, denoiser: str = "mlp",
 
     fit_cfg = TeacherFit(**(fit or {}))
     key = gmm_fingerprint(mixture, fit_cfg.__dict__)
-    root = Path(cache_dir or os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
-    folder = root / "gmm_teachers" / key
+    folder = (Path(cache_dir) if cache_dir else cache_root()) / "gmm_teachers" / key
     from diffusers import UNet2DModel
 
     if (folder / "unet" / "config.json").exists():

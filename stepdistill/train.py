@@ -26,10 +26,13 @@ from tqdm import tqdm
 
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
 from .data import DataSource
+from .export import grid_timesteps, student_scheduler
 from .methods import METHODS
+from .methods.base import PrepareContext
 from .roles import build_nets
 from .sampling import sample_student
-from .teachers import TeacherError, load_teacher
+from .schedules import VPDiscrete
+from .teachers import TeacherError, cache_root, load_teacher
 from .visualize import save_sample_grid
 
 
@@ -112,6 +115,7 @@ class Trainer:
         if readonly:
             self.resume = True
         else:
+            self._prepare_method()
             self._prepare_run_dir()
 
         # Place roles; wrap trainable backbones (DDP/FSDP) and build their optimizers.
@@ -149,21 +153,49 @@ class Trainer:
         probe = copy.deepcopy(self.method)
         probe.update_schedule(self.recipe.train.max_steps - 1, self.nets)
         grid = probe.student_grid()
+        schedule = self.teacher.denoiser.schedule
         try:
-            self.teacher.denoiser.schedule.check_grid(grid.with_end())
-        except ValueError as err:
+            schedule.check_grid(grid.with_end())
+            if isinstance(schedule, VPDiscrete) and self.recipe.export.pipeline:  # export must replay it too
+                student_scheduler(self.teacher.scheduler_config, self.nets.student.prediction, grid,
+                                  grid_timesteps(schedule, grid))
+        except ValueError as err:  # ExportError is a ValueError
             raise ConfigError(f"method: {err}") from None
 
     def _make_data(self) -> DataSource:
-        r, t = self.recipe, self.teacher
-        source = r.data.source or {"gmm": "gmm", "embedded": "digits", "tiny": "gaussian"}.get(r.teacher.source())
-        if source is None:
-            raise ConfigError("data.source: a pretrained teacher needs a data source (image_folder with data.path)")
+        r, t, m = self.recipe, self.teacher, self.method
+        needs_real = getattr(m, "needs_real_data", None)  # why the loss needs data samples, or None
+        source = r.data.source
+        if source is None:  # derive one from the teacher; "gaussian" is a stand-in, never real data
+            derived = {"gmm": "gmm", "embedded": "digits", "tiny": "gaussian"}.get(r.teacher.source())
+            if not getattr(m, "reads_data", True):
+                derived = derived or "gaussian"  # data-free: only the batch size and shape are used
+            if derived is None and needs_real is None:
+                raise ConfigError("data.source: a pretrained teacher needs a data source (image_folder with "
+                                  "data.path)")
+            source = derived
+        if needs_real is not None and source in (None, "gaussian"):
+            raise ConfigError(f"data.source: {needs_real} needs a real-data source; set data.source to "
+                              f"image_folder (with data.path), digits or gmm (got {source or 'none'})")
         try:
             return DataSource(source, batch_size=r.data.batch_size, sample_shape=t.sample_shape, mixture=t.mixture,
                               path=r.data.path, labels=r.data.labels)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _prepare_method(self) -> None:
+        """The optional ``prepare`` hook (methods/base.py ``Prepares``): derived data such as DMD's ODE pairs."""
+        prepare = getattr(self.method, "prepare", None)
+        if prepare is None:
+            return
+        acc = self.accelerator
+        ctx = PrepareContext(cache_dir=cache_root(), sample_shape=tuple(self.teacher.sample_shape),
+                             device=acc.device, is_main_process=acc.is_main_process,
+                             wait_for_everyone=acc.wait_for_everyone)
+        try:
+            prepare(self.nets, ctx)
+        except ValueError as err:
+            raise ConfigError(f"method: {err}") from None
 
     def _prepare_run_dir(self) -> None:
         d, acc = self.dir, self.accelerator
@@ -192,12 +224,13 @@ class Trainer:
         self._init_trackers()
         bar = tqdm(range(self.step, r.train.max_steps), initial=self.step, total=r.train.max_steps,
                    disable=not (self.show_progress and acc.is_main_process), desc=f"distill {r.method.name}")
-        last, tick, tick_step = {}, time.perf_counter(), self.step
+        last, logs, tick, tick_step = {}, {}, time.perf_counter(), self.step
         if self.step >= r.train.max_steps:
             return last  # a finished run resumed without a larger budget: nothing to do, nothing rewritten
         for step in bar:
             self.step = step
-            logs = {f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()}
+            # ``logs`` keeps the latest value of every key: with update_every a phase may not run on a logging step.
+            logs.update({f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()})
             for phase in self.method.phases:
                 if step % r.train.update_every.get(phase, 1):
                     continue
@@ -213,7 +246,7 @@ class Trainer:
                     with log_path.open("a") as f:
                         f.write(json.dumps(last) + "\n")
                     acc.log(logs, step=self.step)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
+                bar.set_postfix({k.split("/", 1)[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
             if r.train.sample_every and self.step % r.train.sample_every == 0:
                 self.save_samples()
             if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
@@ -235,40 +268,47 @@ class Trainer:
 
     def _run_phase(self, phase: str) -> dict[str, float]:
         r, acc = self.recipe, self.accelerator
-        role = self.method.owner(phase)
-        net, opt = self.nets[role], self.optimizers[role]
-        wrapped = net._call_backbone()
+        owner = self.method.owner(phase)
+        roles = (owner,) if isinstance(owner, str) else tuple(owner)
         logs, k = {}, r.train.grad_accum
         for micro in range(k):
             batch = self.data.next(self.generator)
             batch.x0 = None if batch.x0 is None else batch.x0.to(acc.device)
             if batch.cond is not None:
                 batch.cond = {c: v.to(acc.device) for c, v in batch.cond.items()}
-            sync = acc.no_sync(wrapped) if micro < k - 1 else contextlib.nullcontext()
-            with sync, acc.autocast():
+            with contextlib.ExitStack() as stack:
+                if micro < k - 1:  # accumulate locally; gradients are all-reduced on the last micro-batch only
+                    for role in roles:
+                        stack.enter_context(acc.no_sync(self.nets[role]._call_backbone()))
+                stack.enter_context(acc.autocast())
                 out = self.method(phase, self.nets, batch)
                 loss = out.loss.float().mean() / k
             if not self._all_true(bool(torch.isfinite(loss))):
-                return self._skip(phase, opt, "loss")
+                return self._skip(phase, roles, "loss")
             acc.backward(loss)
             for name, value in out.logs.items():
                 logs[f"{name}/{phase}"] = logs.get(f"{name}/{phase}", 0.0) + value / k
-        params = [p for p in net.backbone.parameters() if p.grad is not None]
         max_norm = r.train.max_grad_norm if r.train.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not self._all_true(bool(torch.isfinite(grad_norm))):
-            return self._skip(phase, opt, "gradient")
-        opt.step()
-        self.lr_schedulers[role].step()
-        opt.zero_grad(set_to_none=True)
+        norms = {}
+        for role in roles:
+            params = [p for p in self.nets[role].backbone.parameters() if p.grad is not None]
+            norms[role] = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not self._all_true(all(bool(torch.isfinite(n)) for n in norms.values())):
+            return self._skip(phase, roles, "gradient")
+        for role in roles:
+            opt = self.optimizers[role]
+            opt.step()
+            self.lr_schedulers[role].step()
+            opt.zero_grad(set_to_none=True)
+            logs[f"grad_norm/{role}"] = float(norms[role])
+            logs[f"lr/{role}"] = self.lr_schedulers[role].get_last_lr()[0]
         self.nonfinite_streak = 0
-        logs[f"grad_norm/{phase}"] = float(grad_norm)
-        logs[f"lr/{role}"] = self.lr_schedulers[role].get_last_lr()[0]
         return logs
 
-    def _skip(self, phase: str, opt, what: str) -> dict[str, float]:
+    def _skip(self, phase: str, roles: tuple[str, ...], what: str) -> dict[str, float]:
         """The NaN/inf policy (DESIGN.md §7): count, log, skip the update; abort after too many in a row."""
-        opt.zero_grad(set_to_none=True)
+        for role in roles:
+            self.optimizers[role].zero_grad(set_to_none=True)
         self.nonfinite_streak += 1
         self.nonfinite_total = getattr(self, "nonfinite_total", 0) + 1
         limit = self.recipe.train.max_nonfinite
@@ -301,7 +341,8 @@ class Trainer:
         student = self.sampling_student()
         was_training = student.training
         student.eval()
-        x = sample_student(student, self.sample_noise.to(self.accelerator.device), self.method.student_grid())
+        x = sample_student(student, self.sample_noise.to(self.accelerator.device), self.method.student_grid(),
+                           generator=torch.Generator().manual_seed(self.recipe.eval.seed + 1))  # re-noising grids
         student.train(was_training)
         path = self.dir / "samples" / f"step-{self.step}.png"
         save_sample_grid(x.cpu(), path, mixture=self.teacher.mixture)

@@ -25,10 +25,30 @@ def gmm_recipe(**overrides) -> dict:
                   "keep_checkpoints": 5},
         "eval": {"num_samples": 64, "teacher_full_steps": 8},
     }
+    return _apply(recipe, overrides)
+
+
+def _apply(recipe: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         node = recipe
         *path, last = key.split(".")
         for p in path:
             node = node.setdefault(p, {})
         node[last] = value
+    return recipe
+
+
+def dmd_recipe(**overrides) -> dict:
+    """DMD2 with the GAN head, one-step, on a 2-D GMM whose MLP teacher is a quick (cached) fit; a few steps."""
+    recipe = gmm_recipe()
+    recipe["teacher"] = {"gmm": {**copy.deepcopy(GMM_2D), "denoiser": "mlp",
+                                 "fit": {"steps": 200, "batch_size": 256, "width": 32}}}
+    recipe["student"] = {"init": "teacher"}
+    recipe["method"] = {"name": "dmd2", "student_steps": 1, "gan_weight": 1e-2}
+    recipe["optim"] = {"student": {"lr": 1e-3}, "fake_score": {"lr": 1e-3}, "discriminator": {"lr": 1e-3}}
+    recipe["train"]["update_every"] = {"student": 2}
+    recipe = _apply(recipe, overrides)
+    method = recipe["method"]
+    if not (method.get("gan_weight", 0) > 0 or method.get("divergence", "reverse_kl") != "reverse_kl"):
+        del recipe["optim"]["discriminator"]  # no GAN head is built
     return recipe

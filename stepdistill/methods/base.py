@@ -6,7 +6,9 @@ optimizer steps in each phase, and for a per-sample loss; it never learns the me
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
@@ -21,17 +23,20 @@ class RoleSpec:
     """How the loop builds one role.
 
     Attributes:
-        init: ``"teacher"`` (a copy of the teacher's backbone), ``"student"`` (a copy of the student) or ``"new"``
-            (the student's architecture, freshly initialised).
+        init: ``"teacher"`` (a copy of the teacher's backbone), ``"student"`` (a copy of the student), ``"new"``
+            (the student's architecture, freshly initialised) or ``"head"`` (a fresh GAN head on the bottleneck of
+            the role named by ``head_of``).
         trainable: gets an optimizer and, under DDP, a wrapper.
         checkpointed: saved and restored with checkpoints (trainable roles always are).
         prediction: the role's output parameterisation (``x0 | eps | v | flow``); ``None`` keeps the source's.
+        head_of: for ``init="head"``: the denoiser role whose features the head reads.
     """
 
     init: str = "teacher"
     trainable: bool = True
     checkpointed: bool = True
     prediction: str | None = None
+    head_of: str | None = None
 
 
 @dataclass
@@ -81,8 +86,9 @@ class Method(Protocol):
         """Roles beyond the frozen teacher, with how each is initialised (always includes ``student``)."""
         ...
 
-    def owner(self, phase: str) -> str:
-        """The role whose optimizer steps in ``phase``."""
+    def owner(self, phase: str) -> str | tuple[str, ...]:
+        """The role (or roles, stepped together, e.g. DMD2's fake score and its GAN head) whose optimizers step in
+        ``phase``."""
         ...
 
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
@@ -97,3 +103,31 @@ class Method(Protocol):
     def student_grid(self) -> StudentGrid:
         """The grid the student is sampled on now: used by in-loop samples, ``sample`` and export."""
         ...
+
+
+class Prepares(Protocol):
+    """Optional hooks and attributes a method may have (the loop reads them with ``getattr`` and a default).
+
+    * ``needs_real_data``: why the loss needs samples of the data distribution (e.g. DMD2's GAN term), or ``None``.
+      A run whose data source would be the synthetic ``gaussian`` stand-in then stops with that reason.
+    * ``reads_data`` (default ``True``): ``False`` for data-free losses, which use only the batch size and shape.
+    * ``prepare(nets, ctx)``: derived data needed before training (DMD's teacher ODE pairs). Called once per run
+      on every rank after the roles are built and before the run directory is touched, so a bad cache fails like
+      any other bad input; work that writes files happens on the main process only. ``ValueError`` -> one line.
+    """
+
+    needs_real_data: str | None
+    reads_data: bool
+
+    def prepare(self, nets: Nets, ctx: PrepareContext) -> None: ...
+
+
+@dataclass
+class PrepareContext:
+    """What ``prepare`` may use: where derived data is cached, and how to coordinate ranks."""
+
+    cache_dir: Path
+    sample_shape: tuple[int, ...]
+    device: torch.device
+    is_main_process: bool
+    wait_for_everyone: Callable[[], None]

@@ -1,0 +1,380 @@
+"""DMD (Yin et al., CVPR 2024) and DMD2 (Yin et al., NeurIPS 2024): distribution matching distillation.
+
+Followed: METHODS.md §4 and the DMD2 official code (tianweiy/DMD2 ``main/sd_guidance.py``
+``compute_distribution_matching_loss``, ``compute_loss_fake``, ``compute_cls_logits``; ``main/sd_unified_model.py``
+backward simulation; ``main/train_sd.py`` update order). One loss object serves both papers; the recipe chooses:
+
+* the distribution-matching (DM) gradient (DMD Eq. 7; DMD2 Eq. 2), for a generator sample ``x`` and
+  ``t ~ U[t_min, t_max]`` (DMD2: indices ``[0.02 N, 0.98 N]``), ``x_t = a_t x + s_t eps``::
+
+      grad = h(r) (x0_fake(x_t) - x0_real(x_t)) / mean_CHW |x - x0_real(x_t)|      (float64, no grad)
+      L_DM = 0.5 |x - sg(x - grad)|^2      so that  dL_DM/dx = grad / numel
+
+  The teacher (real score) runs with CFG ``w = guidance_scale``; the fake score always at ``w = 1``.
+  ``h = 1`` is reverse KL (DMD). f-distill (Xu et al. 2025) replaces it by ``h(r) = f''(r) r^2`` of the density
+  ratio ``r = p_real / p_fake = exp(D(x_t))`` read from the GAN head: forward KL ``h = r``, Jensen-Shannon
+  ``h = r / (1 + r)``; ``r`` is clipped to [0.1, 20], normalised by its batch mean within 10 bins of ``t``, and ``h``
+  by its batch mean (the two-stage normalisation as in NVIDIA FastGen's ``f_distill.py``; the paper body was not
+  available to check).
+* the fake score (critic), trained by denoising on detached generator samples in its own output
+  parameterisation, ``t`` uniform over the whole schedule (DMD2 ``compute_loss_fake``);
+* DMD (v1)'s regression loss ``regression_weight * d(G(z), y)`` on teacher ODE pairs ``(z, y)`` made once and
+  cached (``pairs.py``); ``d`` is pseudo-Huber (``c = 0.00054 sqrt(dim)``, iCT) or MSE; one-step students only;
+* DMD2's GAN term: a head on the fake score's bottleneck (``nets/gan_head.py``); inputs are diffusion-noised
+  (``t_gan ~ U[0, gan_t_max]``); non-saturating losses ``softplus(-D(fake))`` for the generator,
+  ``softplus(D(fake)) + softplus(-D(real))`` for the head (weight ``gan_critic_weight``), trained with the fake
+  score in one phase;
+* DMD2's multi-step student (``student_steps > 1``) on the grid ``schedule.grid(K)`` (DMD2's 999/749/499/249 on a
+  1000-step schedule) with "denoise then re-noise" transitions and backward simulation: pick ``k ~ U{0..K-1}``,
+  run the student without gradient from pure noise for ``k`` steps, take the gradient at step ``k`` only. The first
+  step's input is always pure prior noise (DMD2's ``pure_noise_mask`` for schedules with non-zero terminal SNR);
+* DMD2's conditioning timestep for one-step students: ``conditioning_time`` (e.g. 0.4 for DMD2's t=399 SDXL
+  student) feeds pure noise but tells the network that time.
+
+Phases: ``("student", "fake_score")``, DMD2's order (generator then guidance in ``train_one_step``). The two-time-scale
+rule is ``train.update_every: {student: 5}``. During the student phase the fake score and the head are frozen
+(``requires_grad`` off, DMD2's fix; ECOSYSTEM.md §3.2 (b)), so the GAN generator loss reaches only the student.
+The fake-score phase draws its own no-grad generator sample: one extra student forward on the steps where the
+student also updates, instead of a cache shared between phases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..denoisers import guided
+from ..pairs import load_or_make_pairs, pair_spec
+from ..parameterization import from_x0_eps
+from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise
+from ..schedules import UniformIndex, UniformTime, VPDiscrete
+from .base import Batch, LossOutput, Nets, PrepareContext, RoleSpec
+
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "js")
+REGRESSION_LOSSES = ("pseudo_huber", "mse")
+
+
+def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
+    """``h(r) = f''(r) r^2`` of f-distill for the density ratio ``r = p_real / p_fake`` (reverse KL: 1)."""
+    if divergence == "reverse_kl":
+        return torch.ones_like(r)
+    if divergence == "forward_kl":
+        return r
+    return r / (1.0 + r)  # Jensen-Shannon
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Switch ``requires_grad`` off for ``modules`` and restore it after: gradients may flow *through* them to
+    their inputs but never accumulate in their parameters (and DDP's reducer is not involved)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _time_density(schedule, lo: float, hi: float):
+    """DMD2 draws integer timesteps in ``[int(lo N), int(hi N)]``; continuous schedules draw ``t ~ U[lo, hi]``."""
+    if isinstance(schedule, VPDiscrete):
+        n = schedule.num_train_timesteps
+        return UniformIndex(int(lo * n), min(int(hi * n) + 1, n))
+    return UniformTime(lo, hi)
+
+
+def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(like.device).view(-1, *([1] * (like.ndim - 1)))
+
+
+class DMD:
+    """Distribution matching distillation loss object (DMD and DMD2).
+
+    Args:
+        student_steps: steps of the student (1 for one-step; DMD2 uses 4 with backward simulation).
+        conditioning_time: one-step only: the time the student is told while it is fed pure noise (DMD2 SDXL
+            1-step: t=399 of 1000, i.e. 0.4); ``None`` uses the start of the schedule.
+        backward_simulation: multi-step inputs come from the student's own no-grad rollout (DMD2 default);
+            ``False`` noises real data to the sampled step instead (needs a real-data source).
+        guidance_scale: CFG scale of the real score (DESIGN.md §2 convention, 1 = none). The fake score never
+            uses CFG.
+        t_min, t_max: range of the DM loss's time (DMD2 ``min/max_step_percent`` 0.02 / 0.98).
+        dm_weight: weight of the DM loss (DMD2 ``dm_loss_weight``).
+        divergence: ``reverse_kl`` (DMD), ``forward_kl`` or ``js`` (f-distill; needs the GAN head).
+        gan_weight: weight of the generator's GAN loss (DMD2 ``gen_cls_loss_weight``; 0 disables the GAN term).
+        gan_critic_weight: weight of the head's classification loss in the fake-score phase
+            (DMD2 ``guidance_cls_loss_weight``).
+        gan_t_max: largest time of the diffusion-noised GAN inputs (DMD2 ``diffusion_gan_max_timestep``/N).
+        regression_weight: weight of DMD (v1)'s regression loss on teacher ODE pairs (paper: 0.25; 0 disables).
+        regression_loss: ``pseudo_huber`` or ``mse``.
+        num_pairs, pair_sampler, pair_steps: the pair set: how many, the teacher sampler and its steps.
+        pair_cache: where the pairs are cached; ``None`` keys a file under ``$STEPDISTILL_CACHE/ode_pairs`` by the
+            teacher's weights and these settings.
+        student_prediction: the student's output parameterisation; ``None`` keeps the teacher's.
+    """
+
+    phases = ("student", "fake_score")
+
+    def __init__(self, *, student_steps: int = 1, conditioning_time: float | None = None,
+                 backward_simulation: bool = True, guidance_scale: float = 1.0, t_min: float = 0.02,
+                 t_max: float = 0.98, dm_weight: float = 1.0, divergence: str = "reverse_kl",
+                 gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_t_max: float = 1.0,
+                 regression_weight: float = 0.0, regression_loss: str = "pseudo_huber", num_pairs: int = 2048,
+                 pair_sampler: str = "ddim", pair_steps: int = 64, pair_cache: str | None = None,
+                 student_prediction: str | None = None):
+        if student_steps < 1:
+            raise ValueError(f"method.student_steps must be >= 1, got {student_steps}")
+        if conditioning_time is not None and (student_steps != 1 or not 0.0 < conditioning_time <= 1.0):
+            raise ValueError("method.conditioning_time is for one-step students (student_steps: 1) and must be in "
+                             f"(0, 1], got {conditioning_time} with student_steps {student_steps}")
+        if not 0.0 <= t_min < t_max <= 1.0:
+            raise ValueError(f"method.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"method.divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        if regression_loss not in REGRESSION_LOSSES:
+            raise ValueError(f"method.regression_loss must be one of {REGRESSION_LOSSES} (LPIPS needs pretrained "
+                             f"weights that are not shipped), got {regression_loss!r}")
+        if regression_weight > 0 and student_steps != 1:
+            raise ValueError("method.regression_weight: the ODE-pair regression is defined for one-step students "
+                             f"(DMD v1); got student_steps {student_steps}")
+        if pair_sampler not in TEACHER_SAMPLERS:
+            raise ValueError(f"method.pair_sampler must be one of {sorted(TEACHER_SAMPLERS)}, got {pair_sampler!r}")
+        if min(gan_weight, gan_critic_weight, regression_weight, dm_weight) < 0 or guidance_scale < 1.0:
+            raise ValueError("method: loss weights must be >= 0 and guidance_scale >= 1")
+        if not 0.0 < gan_t_max <= 1.0:
+            raise ValueError(f"method.gan_t_max must be in (0, 1], got {gan_t_max}")
+        self.student_steps, self.conditioning_time = student_steps, conditioning_time
+        self.backward_simulation, self.guidance_scale = backward_simulation, guidance_scale
+        self.t_min, self.t_max, self.dm_weight, self.divergence = t_min, t_max, dm_weight, divergence
+        self.gan_weight, self.gan_critic_weight, self.gan_t_max = gan_weight, gan_critic_weight, gan_t_max
+        self.regression_weight, self.regression_loss = regression_weight, regression_loss
+        self.num_pairs, self.pair_sampler, self.pair_steps = num_pairs, pair_sampler, pair_steps
+        self.pair_cache, self.student_prediction = pair_cache, student_prediction
+        self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._grid: StudentGrid | None = None
+
+    # ------------------------------------------------------------------------------------------------ interface
+    @property
+    def uses_head(self) -> bool:
+        """The GAN head exists for the GAN term and for the density ratio of the f-divergence weighting."""
+        return self.gan_weight > 0 or self.divergence != "reverse_kl"
+
+    @property
+    def needs_real_data(self) -> str | None:
+        if self.gan_weight > 0:
+            return "the GAN term (method.gan_weight > 0)"
+        if self.divergence != "reverse_kl":
+            return f"the density ratio of method.divergence {self.divergence!r} (a GAN head)"
+        if self.student_steps > 1 and not self.backward_simulation:
+            return "multi-step training without backward simulation"
+        return None
+
+    @property
+    def reads_data(self) -> bool:
+        return self.needs_real_data is not None
+
+    def roles(self) -> dict[str, RoleSpec]:
+        specs = {
+            "student": RoleSpec(init="teacher", prediction=self.student_prediction),
+            "fake_score": RoleSpec(init="teacher"),
+        }
+        if self.uses_head:
+            specs["discriminator"] = RoleSpec(init="head", head_of="fake_score")
+        return specs
+
+    def owner(self, phase: str) -> str | tuple[str, ...]:
+        if phase == "student":
+            return "student"
+        return ("fake_score", "discriminator") if self.uses_head else "fake_score"
+
+    def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
+        if self._grid is None:
+            sch = nets.student.schedule
+            if self.conditioning_time is not None:
+                t = torch.tensor(float(self.conditioning_time), dtype=torch.float64)
+                if isinstance(sch, VPDiscrete):  # snap to a discrete timestep: 0.4 -> 399 of 1000 (DMD2's SDXL)
+                    t = sch.index_to_t(sch.model_time(t).round())
+                times = (float(t),)
+            else:
+                times = tuple(float(t) for t in sch.grid(self.student_steps)[:-1])
+            self._grid = StudentGrid(times, transition="renoise" if self.student_steps > 1 else "ddim")
+        return {}
+
+    def student_grid(self) -> StudentGrid:
+        if self._grid is None:
+            raise RuntimeError("DMD.student_grid() before update_schedule(): the grid needs the schedule")
+        return self._grid
+
+    def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
+        """Make or load the teacher ODE pairs of the regression loss (DMD v1)."""
+        self.update_schedule(0, nets)
+        if self.regression_weight == 0:
+            return
+        teacher = nets.teacher
+        if getattr(teacher, "num_classes", None):
+            raise ValueError("regression_weight: ODE pairs for class-conditional teachers are not supported yet")
+        spec = pair_spec(teacher, sample_shape=ctx.sample_shape, num_pairs=self.num_pairs,
+                         sampler=self.pair_sampler, steps=self.pair_steps, guidance=self.guidance_scale, seed=0)
+        path = Path(self.pair_cache) if self.pair_cache else ctx.cache_dir / "ode_pairs" / f"{spec['teacher']}-" \
+            f"{self.pair_sampler}{self.pair_steps}-n{self.num_pairs}.safetensors"
+        self.pairs = load_or_make_pairs(teacher, spec, path, device=ctx.device, is_main_process=ctx.is_main_process,
+                                        wait_for_everyone=ctx.wait_for_everyone)
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def _times(self, schedule, n: int, lo: float, hi: float, gen) -> torch.Tensor:
+        return _time_density(schedule, lo, hi).sample(n, schedule, gen)
+
+    def generate(self, student, noise: torch.Tensor, cond, gen, *, data: torch.Tensor | None = None) -> torch.Tensor:
+        """A generator sample ``x`` whose graph reaches the student through one step only (backward simulation).
+
+        Step ``k ~ U{0..K-1}`` is drawn per batch. Steps before ``k`` run without gradient from pure noise (or, with
+        ``backward_simulation=False``, ``data`` noised to step ``k``); the student's x0 at step ``k`` is returned.
+        """
+        sch, grid = student.schedule, self.student_grid()
+        times = torch.tensor(grid.times, dtype=torch.float64, device=noise.device)
+        b = noise.shape[0]
+        x = prior_noise(sch, noise, grid.times[0])
+        k = int(torch.randint(0, grid.steps, (1,), generator=gen)) if grid.steps > 1 else 0
+
+        def fresh_noise():
+            return torch.randn(noise.shape, generator=gen, dtype=noise.dtype).to(noise.device)
+
+        if k > 0 and self.backward_simulation:
+            with torch.no_grad():
+                for j in range(k):
+                    x0 = student(x, times[j].expand(b), cond).x0
+                    x = sch.add_noise(x0, fresh_noise(), times[j + 1].expand(b))
+        elif k > 0:
+            x = sch.add_noise(data, fresh_noise(), times[k].expand(b))
+        return student(x, times[k].expand(b), cond).x0
+
+    def _ratio_weight(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f-distill's weight ``h(r)`` with its two-stage normalisation (per-t-bin ratio, then batch-mean h)."""
+        r = logits.double().clamp(-10, 10).exp().clamp(0.1, 20.0)
+        bins = ((t - self.t_min) / max(self.t_max - self.t_min, 1e-12) * 10).long().clamp(0, 9).to(r.device)
+        sums = torch.zeros(10, dtype=r.dtype, device=r.device).index_add_(0, bins, r)
+        counts = torch.zeros(10, dtype=r.dtype, device=r.device).index_add_(0, bins, torch.ones_like(r))
+        r = r / (sums / counts.clamp(min=1))[bins]
+        h = f_weight(self.divergence, r)
+        return h / (h.mean() + 1e-6)
+
+    def dm_loss(self, x: torch.Tensor, nets: Nets, cond, gen) -> tuple[torch.Tensor, dict]:
+        """Per-sample DM loss and logs; gradient only through ``x`` (DMD2 ``compute_distribution_matching_loss``)."""
+        sch, b = nets.teacher.schedule, x.shape[0]
+        t = self._times(sch, b, self.t_min, self.t_max, gen)
+        with torch.no_grad():
+            eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+            x_t = sch.add_noise(x.detach(), eps, t.to(x.device))
+            real = guided(nets.teacher, x_t, t, cond, self.guidance_scale).x0_64
+            fake_net = nets["fake_score"]
+            if self.divergence == "reverse_kl":
+                fake, h = fake_net(x_t, t, cond).x0_64, None
+            else:
+                pred, feats = fake_net.with_features(x_t, t, cond)
+                fake, h = pred.x0_64, self._ratio_weight(nets["discriminator"](feats), t)
+            dims = tuple(range(1, x.ndim))
+            norm = (x.detach().double() - real).abs().mean(dims, keepdim=True)
+            grad = (fake - real) / norm
+            if h is not None:
+                grad = grad * _expand(h, grad)
+            grad = torch.nan_to_num(grad).to(x.dtype)
+        loss = 0.5 * ((x - (x - grad).detach()) ** 2).mean(dims)
+        logs = {"dm_grad_norm": float(grad.flatten(1).norm(dim=1).mean())}
+        return loss, logs
+
+    def _gan_inputs(self, x: torch.Tensor, schedule, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._times(schedule, x.shape[0], 0.0, self.gan_t_max, gen)
+        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        return schedule.add_noise(x, eps, t.to(x.device)), t
+
+    def regression(self, nets: Nets, b: int, device, gen) -> torch.Tensor:
+        """DMD (v1) regression on cached teacher ODE pairs: one student step from ``z`` against the teacher's ``y``."""
+        noise, target = self.pairs
+        idx = torch.randint(0, noise.shape[0], (b,), generator=gen)
+        z, y = noise[idx].to(device), target[idx].to(device)
+        sch, t0 = nets.student.schedule, self.student_grid().times[0]
+        x = nets.student(prior_noise(sch, z, t0), torch.full((b,), t0, dtype=torch.float64), None).x0
+        sq = ((x - y) ** 2).flatten(1).sum(1)
+        if self.regression_loss == "mse":
+            return sq / x[0].numel()
+        c = 0.00054 * math.sqrt(x[0].numel())  # iCT's pseudo-Huber constant (Song & Dhariwal 2023, §3.3)
+        return (sq + c * c).sqrt() - c
+
+    # ------------------------------------------------------------------------------------------------ phases
+    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
+        return self.student_loss(nets, batch) if phase == "student" else self.fake_score_loss(nets, batch)
+
+    def student_loss(self, nets: Nets, batch: Batch) -> LossOutput:
+        """Generator update: DM loss (+ GAN generator loss, + regression). Fake score and head are frozen."""
+        gen, cond, b = batch.generator, batch.cond, batch.size
+        shape, device = self._shape_device(nets, batch)
+        noise = torch.randn((b, *shape), generator=gen).to(device)
+        x = self.generate(nets.student, noise, cond, gen, data=batch.x0)
+        dm, logs = self.dm_loss(x, nets, cond, gen)
+        loss = self.dm_weight * dm
+        logs["loss_dm"] = float(dm.detach().mean())
+        if self.gan_weight > 0:
+            heads = [nets["fake_score"], nets["discriminator"]]
+            with frozen(*heads):
+                x_gan, t_gan = self._gan_inputs(x, nets.teacher.schedule, gen)
+                _, feats = nets["fake_score"].with_features(x_gan, t_gan, cond)
+                gan = F.softplus(-nets["discriminator"](feats))
+            loss = loss + self.gan_weight * gan
+            logs["loss_gan"] = float(gan.detach().mean())
+        if self.regression_weight > 0:
+            reg = self.regression(nets, b, device, gen)
+            loss = loss + self.regression_weight * reg
+            logs["loss_reg"] = float(reg.detach().mean())
+        logs["loss"] = float(loss.detach().mean())
+        return LossOutput(loss, logs)
+
+    def fake_score_loss(self, nets: Nets, batch: Batch) -> LossOutput:
+        """Critic update: denoising on detached generator samples (+ the GAN head's classification loss)."""
+        gen, cond, b = batch.generator, batch.cond, batch.size
+        shape, device = self._shape_device(nets, batch)
+        with torch.no_grad():
+            noise = torch.randn((b, *shape), generator=gen).to(device)
+            x = self.generate(nets.student, noise, cond, gen, data=batch.x0)
+        fake_net = nets["fake_score"]
+        sch = fake_net.schedule
+        t = self._times(sch, b, 0.0, 1.0, gen)
+        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
+        x_t = sch.add_noise(x, eps, t.to(device))
+        if not self.uses_head:
+            pred = fake_net(x_t, t, cond)
+        else:
+            # One forward over [denoising inputs, noised fakes, noised reals]: DDP sees every parameter used once.
+            x_fake, t_fake = self._gan_inputs(x, sch, gen)
+            x_real, t_real = self._gan_inputs(batch.x0, sch, gen)
+            cond3 = None if cond is None else {k: torch.cat([v, v, v]) for k, v in cond.items()}
+            pred_all, feats = fake_net.with_features(torch.cat([x_t, x_fake, x_real]), torch.cat([t, t_fake, t_real]),
+                                                     cond3)
+            pred = pred_all.chunk(3)[0]
+            logits_fake, logits_real = nets["discriminator"](feats[b:]).chunk(2)
+        kind = fake_net.prediction
+        target = from_x0_eps(kind, x.double(), eps.double(), pred.coeffs)
+        dims = tuple(range(1, x.ndim))
+        loss = ((pred.get(kind, exact=True) - target) ** 2).mean(dims).float()
+        logs = {"loss_denoise": float(loss.detach().mean())}
+        if self.uses_head:
+            cls = F.softplus(logits_fake) + F.softplus(-logits_real)
+            loss = loss + self.gan_critic_weight * cls
+            logs.update(loss_cls=float(cls.detach().mean()), d_real=float(logits_real.detach().mean()),
+                        d_fake=float(logits_fake.detach().mean()))
+        logs["loss"] = float(loss.detach().mean())
+        return LossOutput(loss, logs)
+
+    @staticmethod
+    def _shape_device(nets: Nets, batch: Batch):
+        ref = batch.x0 if batch.x0 is not None else None
+        if ref is None:
+            raise ValueError("DMD needs batches with x0 for the sample shape")
+        return tuple(ref.shape[1:]), ref.device

@@ -1,0 +1,67 @@
+"""The GAN classifier head of DMD2 (Yin et al., NeurIPS 2024, §4.3): a small network on the fake score's bottleneck.
+
+DMD2 (``main/sd_guidance.py`` ``cls_pred_branch``) puts a few strided convolutions on the deepest UNet feature map
+and reads one logit per sample; the fake-score network *is* the GAN's feature extractor. The official stacks are
+sized for 64x64 / 128x128 latents; this head is resolution-agnostic instead (conv, GroupNorm, SiLU, then a mean over
+space and a linear layer), so it also fits the 1x1 "maps" of vector backbones and the 4x4 ones of the digits UNet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..denoisers import RoleModule
+
+
+def _groups(channels: int) -> int:
+    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+
+
+class BottleneckHead(nn.Module):
+    """``[B, C, h, w]`` features -> ``[B]`` logits."""
+
+    def __init__(self, channels: int, *, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or channels
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
+        )
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(feats).mean((2, 3))).squeeze(1)
+
+
+class GANHead(RoleModule):
+    """The ``discriminator`` role: a ``BottleneckHead`` that the loop optimises, checkpoints and wraps like any role.
+
+    ``forward(feats)`` goes through the DDP wrapper when there is one.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.head = BottleneckHead(channels)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.head
+
+    @classmethod
+    def for_denoiser(cls, denoiser) -> GANHead:
+        """A head sized for ``denoiser``'s bottleneck."""
+        return cls(bottleneck_channels(denoiser))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        param = next(self.head.parameters())
+        return self._call_backbone()(feats.to(param.dtype)).float()
+
+
+def bottleneck_channels(denoiser) -> int:
+    """Channels of the bottleneck feature map (UNet2D: the last ``block_out_channels``)."""
+    cfg = getattr(denoiser.backbone, "config", None)
+    channels = getattr(cfg, "block_out_channels", None)
+    if not channels:
+        raise TypeError(f"{type(denoiser.backbone).__name__}: cannot size a GAN head for this backbone")
+    return int(channels[-1])

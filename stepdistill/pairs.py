@@ -1,0 +1,84 @@
+"""Teacher ODE pairs ``(noise, teacher sample)`` for DMD's regression loss (Yin et al., CVPR 2024, §3.3).
+
+DMD (v1) keeps the one-step generator anchored to the teacher's deterministic map with a regression loss on pairs
+``(z, y = ODE_teacher(z))`` made once before training. Making them costs ``num_pairs x steps`` teacher passes, so they
+are cached on disk (safetensors) under a key that fingerprints the teacher's weights and every setting that changes
+the pairs. A cache whose recorded fingerprint does not match the run is refused, never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .denoisers import Denoiser
+from .sampling import TEACHER_SAMPLERS, prior_noise
+
+
+def weights_fingerprint(denoiser: Denoiser) -> str:
+    """A short hash of a denoiser's weights (or, for analytic denoisers, of its defining tensors and class)."""
+    h = hashlib.sha256(type(denoiser).__name__.encode())
+    h.update(json.dumps(denoiser.schedule.config(), sort_keys=True).encode())
+    h.update(denoiser.prediction.encode())
+    module = denoiser.backbone if denoiser.backbone is not None else denoiser
+    tensors = dict(module.state_dict())
+    if not tensors and hasattr(denoiser, "mixture"):  # the exact GMM denoiser: hash the mixture itself
+        tensors = {k: v for k, v in vars(denoiser.mixture).items() if torch.is_tensor(v)}
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pair_spec(teacher: Denoiser, *, sample_shape, num_pairs: int, sampler: str, steps: int, guidance: float,
+              seed: int) -> dict:
+    """Everything the pairs depend on; stored in the cache file and compared on load."""
+    return {"teacher": weights_fingerprint(teacher), "sample_shape": list(sample_shape), "num_pairs": num_pairs,
+            "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed}
+
+
+@torch.no_grad()
+def make_pairs(teacher: Denoiser, spec: dict, *, device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``spec["num_pairs"]`` noises and run the teacher's deterministic sampler on each (unconditional)."""
+    fn = TEACHER_SAMPLERS[spec["sampler"]]
+    g = torch.Generator().manual_seed(spec["seed"])
+    noise = torch.randn(spec["num_pairs"], *spec["sample_shape"], generator=g)
+    times = teacher.schedule.grid(spec["steps"]).to(device)
+    out = [fn(teacher, prior_noise(teacher.schedule, z.to(device)), times).cpu() for z in noise.split(batch)]
+    return noise, torch.cat(out)
+
+
+def load_or_make_pairs(teacher: Denoiser, spec: dict, path: Path, *, device, is_main_process: bool = True,
+                       wait_for_everyone=lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the pairs at ``path`` if they match ``spec``; otherwise make them (main process) and save atomically.
+
+    Raises:
+        ValueError: ``path`` holds pairs made for another teacher or other settings.
+    """
+    path = Path(path)
+    if is_main_process and not path.exists():
+        noise, target = make_pairs(teacher, spec, device=device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"noise": noise.contiguous(), "target": target.contiguous()}, str(tmp),
+                  metadata={"spec": json.dumps(spec, sort_keys=True)})
+        tmp.replace(path)
+    wait_for_everyone()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = json.loads((f.metadata() or {}).get("spec", "null"))
+            noise, target = f.get_tensor("noise"), f.get_tensor("target")
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise ValueError(f"pair_cache: {path} is not a readable pair cache ({str(err).splitlines()[0]}); "
+                         "delete it or point method.pair_cache elsewhere") from None
+    if found != spec:
+        diff = sorted(k for k in spec if (found or {}).get(k) != spec[k])
+        raise ValueError(f"pair_cache: {path} was made for a different teacher or recipe (differs in {diff}); "
+                         "delete it or point method.pair_cache elsewhere")
+    return noise, target

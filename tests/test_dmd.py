@@ -1,0 +1,225 @@
+"""DMD / DMD2 (METHODS.md §4): the DM gradient identity, who gets gradients, backward simulation, the f-divergence
+weights, the ODE-pair cache, resume, bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdistill.config import ConfigError, build_recipe
+from stepdistill.denoisers import guided
+from stepdistill.methods.base import Batch
+from stepdistill.methods.dmd import DMD, f_weight
+from stepdistill.train import Trainer
+
+from ._recipes import dmd_recipe
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _trainer(tmp_path, name="run", **overrides):
+    return Trainer(build_recipe(dmd_recipe(**overrides)), tmp_path / name, show_progress=False).setup()
+
+
+def _batch(trainer, seed=0):
+    batch = trainer.data.next(torch.Generator().manual_seed(seed))
+    batch.generator = torch.Generator().manual_seed(seed + 1)
+    return batch
+
+
+def _perturb(module, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_dm_loss_gradient_is_grad_over_numel(tmp_path):
+    trainer = _trainer(tmp_path)
+    nets, method = trainer.nets, trainer.method
+    _perturb(nets["fake_score"].backbone)  # so that the fake score differs from the teacher
+    x = (0.5 * torch.randn(16, 2, generator=torch.Generator().manual_seed(3))).requires_grad_(True)
+    loss, _ = method.dm_loss(x, nets, None, torch.Generator().manual_seed(7))
+    loss.mean().backward()
+
+    # The same draws, recomputed by hand from METHODS.md §4.1.
+    g = torch.Generator().manual_seed(7)
+    sch = nets.teacher.schedule
+    n = sch.num_train_timesteps
+    t = sch.index_to_t(torch.randint(int(0.02 * n), int(0.98 * n) + 1, (16,), generator=g))
+    eps = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        x_t = sch.add_noise(x.detach(), eps, t)
+        real = guided(nets.teacher, x_t, t, None, 1.0).x0_64
+        fake = nets["fake_score"](x_t, t, None).x0_64
+        grad = (fake - real) / (x.detach().double() - real).abs().mean(1, keepdim=True)
+    assert grad.abs().max() > 1e-3
+    torch.testing.assert_close(x.grad.double(), grad / x.numel(), rtol=1e-5, atol=1e-9)
+
+
+def test_dm_gradient_vanishes_when_the_fake_score_is_the_teacher(tmp_path):
+    trainer = _trainer(tmp_path)  # fake_score starts as a copy of the teacher
+    x = torch.randn(16, 2).requires_grad_(True)
+    loss, _ = trainer.method.dm_loss(x, trainer.nets, None, torch.Generator().manual_seed(0))
+    loss.mean().backward()
+    assert float(loss.detach().abs().max()) == 0.0 and float(x.grad.abs().max()) == 0.0
+
+
+def test_student_phase_reaches_only_the_student_and_critic_phase_only_the_critic(tmp_path):
+    trainer = _trainer(tmp_path, **{"method.regression_weight": 0.0})
+    nets, method = trainer.nets, trainer.method
+    groups = {"student": nets.student, "fake_score": nets["fake_score"], "discriminator": nets["discriminator"],
+              "teacher": nets.teacher}
+
+    def touched():
+        return {k: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()) for k, m in
+                groups.items()}
+
+    method("student", nets, _batch(trainer)).loss.mean().backward()
+    assert touched() == {"student": True, "fake_score": False, "discriminator": False, "teacher": False}
+    # the GAN generator term ran through the frozen fake score and head, and left them trainable afterwards
+    assert all(p.requires_grad for p in nets["fake_score"].parameters())
+    assert all(p.requires_grad for p in nets["discriminator"].parameters())
+    for m in groups.values():
+        m.zero_grad(set_to_none=True)
+    method("fake_score", nets, _batch(trainer)).loss.mean().backward()
+    assert touched() == {"student": False, "fake_score": True, "discriminator": True, "teacher": False}
+
+
+def test_backward_simulation_keeps_gradient_at_the_sampled_step_only(tmp_path):
+    trainer = _trainer(tmp_path, **{"method.student_steps": 4})
+    student, method = trainer.nets.student, trainer.method
+    assert method.student_grid().times == (1.0, 0.75, 0.5, 0.25)
+    assert method.student_grid().transition == "renoise"
+    calls = []
+    hook = student.register_forward_hook(lambda m, args, out: calls.append((torch.is_grad_enabled(), args)))
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    seen_k = set()
+    for seed in range(12):
+        calls.clear()
+        x = method.generate(student, noise, None, torch.Generator().manual_seed(seed))
+        k = len(calls) - 1
+        seen_k.add(k)
+        assert [grad for grad, _ in calls] == [False] * k + [True]
+        assert x.requires_grad
+        first_x, first_t = calls[0][1][:2]
+        assert torch.equal(first_x, noise)  # the first input is pure noise (DMD2's pure_noise_mask)
+        assert torch.allclose(first_t, torch.ones(8, dtype=torch.float64))
+        if k:  # the input at step k is the re-noised x0 of step k-1, at time t_k
+            assert torch.allclose(calls[-1][1][1], torch.full((8,), (4 - k) / 4, dtype=torch.float64))
+    hook.remove()
+    assert seen_k == {0, 1, 2, 3}
+
+
+def test_f_divergence_weights():
+    r = torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64)
+    assert torch.equal(f_weight("reverse_kl", r), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(f_weight("forward_kl", r), r)
+    torch.testing.assert_close(f_weight("js", r), r / (1 + r))
+    # h = f''(r) r^2 for f(r) = r log r - (r + 1) log((r + 1) / 2) (Jensen-Shannon), by finite differences
+    f = lambda u: u * torch.log(u) - (u + 1) * torch.log((u + 1) / 2)  # noqa: E731
+    d = 1e-4
+    second = (f(r + d) - 2 * f(r) + f(r - d)) / d**2
+    torch.testing.assert_close(second * r**2, f_weight("js", r), rtol=1e-4, atol=1e-6)
+    method = DMD(divergence="forward_kl")
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0])
+    h = method._ratio_weight(logits, torch.tensor([0.1, 0.1, 0.9, 0.9], dtype=torch.float64))
+    assert abs(float(h.mean()) - 1.0) < 1e-5  # normalised by the batch mean
+    # within a time bin the ratio is divided by the bin mean: e vs e^-1 ... relative order is kept
+    assert h[1] > h[0] and h[3] > h[2]
+
+
+def test_f_divergence_run_needs_and_uses_the_head(tmp_path):
+    trainer = _trainer(tmp_path, **{"method.divergence": "js", "method.gan_weight": 0.0})
+    assert "discriminator" in trainer.nets.extra
+    logs = trainer.train()
+    assert "loss_dm/student" in logs and "loss_cls/fake_score" in logs and "loss_gan/student" not in logs
+
+
+def test_two_time_scale_update_and_logs(tmp_path):
+    trainer = _trainer(tmp_path, **{"train.update_every": {"student": 3}, "train.max_steps": 6})
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # the student steps at 0 and 3; the critic every step; a logging step shows the latest student values
+    lr_steps = [r["step"] for r in rows if "grad_norm/student" in r]
+    assert lr_steps == [1, 2, 3, 4, 5, 6]
+    opt = trainer.optimizers
+    assert opt["student"].state[next(iter(opt["student"].state))]["step"] == 2
+    assert opt["fake_score"].state[next(iter(opt["fake_score"].state))]["step"] == 6
+    assert opt["discriminator"].state[next(iter(opt["discriminator"].state))]["step"] == 6
+
+
+def test_resume_is_exact_with_three_networks(tmp_path):
+    full = _trainer(tmp_path, "full")
+    full.train()
+    part = _trainer(tmp_path, "part", **{"train.max_steps": 3})
+    part.train()
+    resumed = Trainer(build_recipe(dmd_recipe()), tmp_path / "part", resume=True, show_progress=False).setup()
+    resumed.train()
+    for role in ("student", "fake_score", "discriminator"):
+        wa = load_file(str(tmp_path / "full" / "checkpoints" / "step-6" / f"{role}.safetensors"))
+        wb = load_file(str(tmp_path / "part" / "checkpoints" / "step-6" / f"{role}.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), role
+
+
+def test_regression_pairs_are_cached_and_a_mismatched_cache_is_refused(tmp_path):
+    cache = tmp_path / "pairs.safetensors"
+    over = {"method.regression_weight": 0.25, "method.num_pairs": 32, "method.pair_steps": 8,
+            "method.pair_cache": str(cache), "method.gan_weight": 0.0}
+    trainer = _trainer(tmp_path, "a", **over)
+    assert cache.exists() and trainer.method.pairs[0].shape == (32, 2)
+    stamp = cache.stat().st_mtime_ns
+    logs = _trainer(tmp_path, "b", **over).train()
+    assert cache.stat().st_mtime_ns == stamp and "loss_reg/student" in logs  # reused, not remade
+    # the pair targets are the teacher's own 8-step DDIM samples of the stored noise
+    from stepdistill.sampling import sample_ddim
+
+    noise, target = trainer.method.pairs
+    teacher = trainer.nets.teacher
+    with torch.no_grad():
+        torch.testing.assert_close(sample_ddim(teacher, noise[:4], teacher.schedule.grid(8)), target[:4])
+    with pytest.raises(ConfigError, match="different teacher or recipe.*pair_steps|steps"):
+        _trainer(tmp_path, "c", **{**over, "method.pair_steps": 16})
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"method.student_steps": 3}, "no stock scheduler reproduces"),  # 1024 / 3: LCM cannot replay it
+    ({"train.update_every": {"student": 0}}, "update ratio must be >= 1"),
+    ({"method.conditioning_time": 0.4, "method.student_steps": 4}, "one-step students"),
+    ({"method.regression_weight": 0.25, "method.student_steps": 2}, "one-step students"),
+    ({"method.divergence": "kl"}, "divergence must be one of"),
+    ({"data.source": "gaussian"}, "the GAN term .* needs a real-data source"),
+])
+def test_bad_input_is_named(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _trainer(tmp_path, **overrides)
+    assert not (tmp_path / "run").exists()
+
+
+def test_gan_without_real_data_on_a_tiny_teacher(tmp_path):
+    recipe = dmd_recipe()
+    recipe["teacher"] = {"tiny": "unet2d"}
+    with pytest.raises(ConfigError, match="GAN term"):
+        Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    # data-free DMD on the same teacher needs no data source at all
+    recipe["method"] = {"name": "dmd", "student_steps": 1}
+    del recipe["optim"]["discriminator"]
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    assert "discriminator" not in trainer.nets.extra and not trainer.method.reads_data
+
+
+def test_one_step_conditioning_time_snaps_to_a_teacher_timestep(tmp_path):
+    trainer = _trainer(tmp_path, **{"method.conditioning_time": 0.4})
+    (t,) = trainer.method.student_grid().times
+    assert t == 410 / 1024  # index 409 of the 1024-step teacher
+    x = trainer.method.generate(trainer.nets.student, torch.randn(4, 2), None, torch.Generator())
+    assert x.shape == (4, 2)
+
+
+def test_batch_shape_comes_from_the_data(tmp_path):
+    trainer = _trainer(tmp_path)
+    batch = Batch(x0=torch.zeros(5, 2), cond=None, generator=torch.Generator().manual_seed(0))
+    assert trainer.method("student", trainer.nets, batch).loss.shape == (5,)
