@@ -37,7 +37,7 @@ def test_accelerate_configs_parse():
     ({"train.max_stepz": 3}, "train.max_stepz: unknown key; allowed:"),
     ({"train.max_steps": "many"}, "train.max_steps: expected an integer"),
     ({"train.mixed_precision": "fp8"}, "train.mixed_precision: 'fp8' is not allowed"),
-    ({"method.name": "magic"}, "method.name: unknown method 'magic'; available: progressive"),
+    ({"method.name": "magic"}, "method.name: unknown method 'magic'; available: dmd, dmd2, progressive"),
     ({"method.halve_every": 2}, "method.halve_every: unknown key for method 'progressive'"),
     ({"optim.student.schedule": "zigzag"}, "optim.student.schedule: 'zigzag'"),
     ({"train.update_every": {"student": 0}}, "train.update_every.student: update ratio must be >= 1"),

@@ -14,7 +14,7 @@ from stepdistill.export import ExportError, export_pipeline
 from stepdistill.sampling import StudentGrid, sample_student
 from stepdistill.train import Trainer
 
-from ._recipes import gmm_recipe
+from ._recipes import dmd_recipe, gmm_recipe
 
 
 CONSUMER = textwrap.dedent("""
@@ -44,9 +44,10 @@ def _expected(trainer, n=8):
     """The training-time student sampler on the same noise the pipeline draws (randn on CPU, seed 0)."""
     shape = trainer.teacher.sample_shape
     unet_shape = (n, *shape) if len(shape) == 3 else (n, shape[0], 1, 1)
-    noise = torch.randn(unet_shape, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the pipeline's generator: initial noise, then any re-noising draws
+    noise = torch.randn(unet_shape, generator=g)
     noise = noise if len(shape) == 3 else noise[:, :, 0, 0]
-    x = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid())
+    x = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), generator=g)
     x = x if len(shape) == 3 else x[:, :, None, None]
     return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -76,10 +77,27 @@ def test_stock_pipeline_reproduces_the_student(tmp_path, overrides):
 
 def test_grids_a_stock_scheduler_cannot_replay_are_refused(tmp_path):
     trainer = Trainer(build_recipe(gmm_recipe()), tmp_path / "run", show_progress=False).setup()
-    with pytest.raises(ExportError, match="consistency-style scheduler"):
-        export_pipeline(trainer.nets.student, trainer.teacher, StudentGrid((1.0, 0.5), "renoise"), trainer.recipe,
+    with pytest.raises(ExportError, match=r"no stock scheduler reproduces the renoise .*LCMScheduler: \[1023, 511\]"):
+        export_pipeline(trainer.nets.student, trainer.teacher, StudentGrid((1.0, 0.625), "renoise"), trainer.recipe,
                         tmp_path / "p")
-    with pytest.raises(ExportError, match="not what DDIMScheduler"):
+    with pytest.raises(ExportError, match="no stock scheduler reproduces the ddim"):
         export_pipeline(trainer.nets.student, trainer.teacher, StudentGrid((1.0, 0.25)), trainer.recipe,
                         tmp_path / "p")
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("overrides, scheduler", [
+    ({"method.student_steps": 4}, "LCMScheduler"),  # DMD2 multi-step: denoise, then re-noise
+    ({"method.conditioning_time": 0.4}, "DDIMScheduler"),  # one step told t=409 while fed pure noise
+], ids=["dmd2-4step-renoise", "dmd2-1step-conditioning-time"])
+def test_stock_pipeline_reproduces_dmd_students(tmp_path, overrides, scheduler):
+    trainer = Trainer(build_recipe(dmd_recipe(**{"train.max_steps": 2, **overrides})), tmp_path / "run",
+                      show_progress=False).setup()
+    trainer.train()
+    folder = trainer.export()
+    meta = json.loads((folder / "stepdistill.json").read_text())
+    grid = trainer.method.student_grid()
+    assert meta["timesteps"] == [round(t * 1024) - 1 for t in grid.times] and meta["transition"] == grid.transition
+    images, stdout = _consume(folder, tmp_path)
+    assert stdout.startswith(f"DDPMPipeline {scheduler} {meta['timesteps']}")
+    np.testing.assert_allclose(images, _expected(trainer), atol=2e-5, rtol=0)

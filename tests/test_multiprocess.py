@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ._recipes import gmm_recipe
@@ -32,9 +33,14 @@ def _launch(args, tmp_path):
     return proc
 
 
-def test_two_ranks_end_with_identical_weights(tmp_path):
-    _launch([str(ROOT / "tests" / "_ddp_job.py"), str(tmp_path)], tmp_path)
+@pytest.mark.parametrize("kind", ["pd", "dmd2"])
+def test_two_ranks_end_with_identical_weights(tmp_path, kind):
+    # dmd2: student, fake score and GAN head all DDP-wrapped; the generator's GAN loss runs through the fake score
+    # (which breaks naive DDP, ECOSYSTEM.md §3.2) with the student updated every 2nd step.
+    _launch([str(ROOT / "tests" / "_ddp_job.py"), str(tmp_path), kind], tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    if kind == "dmd2":
+        assert ranks[0]["roles"] == ["discriminator", "fake_score", "student"]
     assert all(r["world"] == 2 and "MULTI_CPU" in r["distributed"] for r in ranks)
     assert ranks[0]["first_batch_sum"] != ranks[1]["first_batch_sum"], "ranks must draw different batches"
     assert ranks[0]["weights"] == ranks[1]["weights"]
