@@ -108,7 +108,12 @@ class ExportConfig:
 
 @dataclass
 class RolesConfig:
+    """``full``: a copy of the network per role. ``lora``: student and fake score are LoRA adapters of rank
+    ``rank`` (scale ``alpha / rank``) on one frozen base, the teacher being that base with adapters disabled."""
+
     mode: str = "full"
+    rank: int = 16
+    alpha: float = 16.0
 
 
 @dataclass
@@ -143,7 +148,7 @@ class Recipe:
 
 _CHOICES = {
     "train.mixed_precision": ("no", "bf16"),
-    "roles.mode": ("full",),
+    "roles.mode": ("full", "lora"),
     "student.init": ("teacher", "new"),
     "eval.teacher_sampler": ("ddim", "euler", "heun", "dpmpp_2m"),
 }

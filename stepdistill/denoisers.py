@@ -36,6 +36,21 @@ class RoleModule(nn.Module):
     def _call_backbone(self) -> nn.Module:
         return self.__dict__.get("_wrapped_backbone") or self.backbone
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What this role's optimizer owns (LoRA roles: their adapter only, ``lora.AdapterDenoiser``)."""
+        return list(self.backbone.parameters())
+
+    def role_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores for this role."""
+        return self.backbone.state_dict()
+
+    def load_role_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.backbone.load_state_dict(state)
+
+    def plain_backbone(self) -> nn.Module:
+        """The role as a stock backbone with no wrappers or adapters (what export saves)."""
+        return self.backbone
+
 
 class Denoiser(RoleModule):
     """Base adapter. Subclasses implement ``raw(x_t, model_time, cond)`` returning the backbone's output."""

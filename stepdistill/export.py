@@ -82,7 +82,7 @@ def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_d
     timesteps = grid_timesteps(schedule, grid)
     scheduler = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps)
 
-    unet = copy.deepcopy(student.backbone).float().eval()
+    unet = copy.deepcopy(student.plain_backbone()).float().eval()
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -1,8 +1,8 @@
 """Build the roles a method asks for (DESIGN.md §4): student, teacher, fake_score, discriminator, student_ema, ...
 
-``roles.mode: full`` (this module, today) makes an independent copy per role. The teacher is frozen: ``requires_grad``
-off, eval mode, never given to an optimizer or wrapped by DDP. LoRA roles on one frozen base come with the
-diffusers-families work.
+``roles.mode: full`` makes an independent copy per role; ``roles.mode: lora`` makes the student and the fake score
+adapters of the teacher's own backbone (``lora.py``). The teacher is frozen: ``requires_grad`` off, eval mode, never
+given to an optimizer or wrapped by DDP.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import copy
 
 from torch import nn
 
-from .denoisers import Denoiser, UNet2DDenoiser
+from .denoisers import Denoiser, RoleModule, UNet2DDenoiser
+from .lora import AdapterDenoiser, add_adapters
 from .methods.base import Nets, RoleSpec
 from .nets.gan_head import GANHead
 from .teachers import Teacher, vector_unet
@@ -34,11 +35,17 @@ def make_denoiser(backbone: nn.Module, teacher: Teacher, prediction: str) -> Den
 
 
 def build_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str = "teacher",
-               ema: bool = False) -> Nets:
-    """Instantiate every role in ``specs`` (``student`` first) plus ``student_ema`` when ``ema``."""
+               ema: bool = False, roles=None) -> Nets:
+    """Instantiate every role in ``specs`` (``student`` first) plus ``student_ema`` when ``ema``.
+
+    ``roles`` is the recipe's ``RolesConfig`` (``None``: full copies).
+    """
     if "student" not in specs:
         raise ValueError("a method must declare a 'student' role")
-    made: dict[str, Denoiser] = {}
+    if roles is not None and roles.mode == "lora":
+        return _build_lora_nets(teacher, specs, student_init=student_init, ema=ema, rank=roles.rank,
+                                alpha=roles.alpha)
+    made: dict[str, RoleModule] = {}
     order = ["student"] + [r for r in specs if r != "student"]
     for role in order:
         spec = specs[role]
@@ -58,5 +65,41 @@ def build_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: st
         made[role] = den
     if ema:
         made["student_ema"] = copy.deepcopy(made["student"]).requires_grad_(False).eval()
+    student = made.pop("student")
+    return Nets(student=student, teacher=teacher.denoiser, extra=made)
+
+
+def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str, ema: bool, rank: int,
+                     alpha: float) -> Nets:
+    """``roles.mode: lora``: denoiser roles become adapters of the teacher's own backbone, which stays frozen.
+
+    The teacher is replaced by a view of that base with adapters disabled (also in ``teacher.denoiser``, so every
+    teacher call anywhere, e.g. in evaluation, bypasses the adapters).
+    """
+    base = teacher.backbone
+    if base is None:
+        raise ValueError("roles.mode: lora needs a teacher with weights (the exact GMM teacher has none)")
+    if ema:
+        raise ValueError("train.ema_decay: a student EMA is not supported with roles.mode: lora yet")
+    sched, pred = teacher.denoiser.schedule, teacher.denoiser.prediction
+    adapters = [r for r, s in specs.items() if s.init != "head"]
+    for role in adapters:
+        init = student_init if role == "student" else specs[role].init
+        if init == "new":
+            raise ValueError(f"roles.mode: lora: role {role!r} starts from scratch (init: new); use roles.mode: full")
+        if (specs[role].prediction or pred) != pred:
+            raise ValueError(f"roles.mode: lora: role {role!r} predicts {specs[role].prediction!r} but the shared "
+                             f"base predicts {pred!r}; use roles.mode: full or the teacher's parameterisation")
+    add_adapters(base, adapters, rank=rank, alpha=alpha)
+    made: dict[str, RoleModule] = {}
+    for role in adapters:
+        made[role] = AdapterDenoiser(base, sched, pred, role)
+        if not specs[role].trainable:
+            for p in made[role].trainable_parameters():
+                p.requires_grad_(False)
+    for role in specs:
+        if specs[role].init == "head":
+            made[role] = GANHead.for_denoiser(made[specs[role].head_of]).train(specs[role].trainable)
+    teacher.denoiser = AdapterDenoiser(base, sched, pred, None).eval()
     student = made.pop("student")
     return Nets(student=student, teacher=teacher.denoiser, extra=made)

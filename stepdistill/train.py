@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -81,8 +81,12 @@ class Trainer:
         r = self.recipe
         self.trackers, missing = _available_trackers(r.train.trackers)
         _release_accelerator_state(r.train.mixed_precision)
+        # LoRA roles share one DDP-wrapped base, and each phase uses one adapter of it: DDP must expect unused
+        # parameters (ECOSYSTEM.md §3.2 (c)).
+        ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if r.roles.mode == "lora" else []
         self.accelerator = Accelerator(mixed_precision=r.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                                       log_with=self.trackers or None, project_dir=str(self.dir))
+                                       log_with=self.trackers or None, project_dir=str(self.dir),
+                                       kwargs_handlers=ddp)
         if missing and self.accelerator.is_main_process:
             tqdm.write(f"note: trackers {missing} are not installed; logging to log.jsonl only")
         acc = self.accelerator
@@ -99,7 +103,8 @@ class Trainer:
             raise ConfigError(f"method: {err}") from None
         specs = self.method.roles()
         try:
-            self.nets = build_nets(self.teacher, specs, student_init=r.student.init, ema=r.train.ema_decay > 0)
+            self.nets = build_nets(self.teacher, specs, student_init=r.student.init, ema=r.train.ema_decay > 0,
+                                   roles=r.roles)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self._check_grids()
@@ -121,14 +126,17 @@ class Trainer:
         # Place roles; wrap trainable backbones (DDP/FSDP) and build their optimizers.
         self.trainable = {k for k, s in specs.items() if s.trainable}
         self.optimizers, self.lr_schedulers = {}, {}
+        wrapped = {}  # LoRA roles share one base: it is wrapped once and every role routes through that wrapper
         for role, net in self.nets.roles().items():
             net.to(acc.device)
             if role in self.trainable:
-                if r.train.gradient_checkpointing and hasattr(net.backbone, "enable_gradient_checkpointing"):
-                    net.backbone.enable_gradient_checkpointing()
-                net.wrap_backbone(acc.prepare_model(net.backbone))
+                if id(net.backbone) not in wrapped:
+                    if r.train.gradient_checkpointing and hasattr(net.backbone, "enable_gradient_checkpointing"):
+                        net.backbone.enable_gradient_checkpointing()
+                    wrapped[id(net.backbone)] = acc.prepare_model(net.backbone)
+                net.wrap_backbone(wrapped[id(net.backbone)])
                 ocfg = r.optim.get(role, OptimizerConfig())
-                opt = torch.optim.AdamW(net.backbone.parameters(), lr=ocfg.lr, betas=tuple(ocfg.betas),
+                opt = torch.optim.AdamW(net.trainable_parameters(), lr=ocfg.lr, betas=tuple(ocfg.betas),
                                         weight_decay=ocfg.weight_decay, eps=ocfg.eps)
                 self.optimizers[role] = opt
                 self.lr_schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
@@ -291,7 +299,7 @@ class Trainer:
         max_norm = r.train.max_grad_norm if r.train.max_grad_norm is not None else float("inf")
         norms = {}
         for role in roles:
-            params = [p for p in self.nets[role].backbone.parameters() if p.grad is not None]
+            params = [p for p in self.nets[role].trainable_parameters() if p.grad is not None]
             norms[role] = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if not self._all_true(all(bool(torch.isfinite(n)) for n in norms.values())):
             return self._skip(phase, roles, "gradient")
@@ -325,7 +333,7 @@ class Trainer:
         if "student_ema" not in self.nets.extra:
             return
         d = self.recipe.train.ema_decay
-        for pe, p in zip(self.nets["student_ema"].parameters(), self.nets.student.parameters()):
+        for pe, p in zip(self.nets["student_ema"].trainable_parameters(), self.nets.student.trainable_parameters()):
             pe.lerp_(p.detach(), 1.0 - d)
 
     # ------------------------------------------------------------------------------------------------ outputs
@@ -377,7 +385,7 @@ class Trainer:
                   str(tmp / f"rng-rank{acc.process_index}.safetensors"))
         if acc.is_main_process:
             for role in self._checkpointed_roles():
-                state = {k: v.detach().cpu().contiguous() for k, v in self.nets[role].backbone.state_dict().items()}
+                state = {k: v.detach().cpu().contiguous() for k, v in self.nets[role].role_state_dict().items()}
                 save_file(state, str(tmp / f"{role}.safetensors"))
             for role, opt in self.optimizers.items():
                 torch.save({"optimizer": opt.state_dict(), "lr_scheduler": self.lr_schedulers[role].state_dict()},
@@ -419,7 +427,7 @@ class Trainer:
         try:
             for role in self._checkpointed_roles():
                 weights = load_file(str(path / f"{role}.safetensors"))
-                self.nets[role].backbone.load_state_dict(weights)
+                self.nets[role].load_role_state_dict(weights)
             for role, opt in self.optimizers.items():
                 blob = torch.load(path / f"optim-{role}.pt", weights_only=True, map_location="cpu")
                 opt.load_state_dict(blob["optimizer"])

@@ -33,13 +33,13 @@ def _launch(args, tmp_path):
     return proc
 
 
-@pytest.mark.parametrize("kind", ["pd", "dmd2"])
+@pytest.mark.parametrize("kind", ["pd", "dmd2", "dmd2-lora"])
 def test_two_ranks_end_with_identical_weights(tmp_path, kind):
     # dmd2: student, fake score and GAN head all DDP-wrapped; the generator's GAN loss runs through the fake score
     # (which breaks naive DDP, ECOSYSTEM.md §3.2) with the student updated every 2nd step.
     _launch([str(ROOT / "tests" / "_ddp_job.py"), str(tmp_path), kind], tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    if kind == "dmd2":
+    if kind.startswith("dmd2"):
         assert ranks[0]["roles"] == ["discriminator", "fake_score", "student"]
     assert all(r["world"] == 2 and "MULTI_CPU" in r["distributed"] for r in ranks)
     assert ranks[0]["first_batch_sum"] != ranks[1]["first_batch_sum"], "ranks must draw different batches"

@@ -72,7 +72,7 @@ def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
 def frozen(*modules):
     """Switch ``requires_grad`` off for ``modules`` and restore it after: gradients may flow *through* them to
     their inputs but never accumulate in their parameters (and DDP's reducer is not involved)."""
-    params = [p for m in modules for p in m.parameters()]
+    params = [p for m in modules for p in m.trainable_parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)

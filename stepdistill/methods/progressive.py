@@ -88,7 +88,7 @@ class ProgressiveDistillation:
         stage = min(step // self.steps_per_stage, self.num_stages - 1)
         if stage > 0 and step == stage * self.steps_per_stage:
             # Stage boundary: the student just finished becomes the teacher (idempotent for this step).
-            nets["stage_teacher"].load_state_dict(nets.student.state_dict())
+            nets["stage_teacher"].load_role_state_dict(nets.student.role_state_dict())
         self.stage = stage
         return {"stage": float(stage), "student_steps": float(self.student_steps)}
 

@@ -1,0 +1,127 @@
+"""Roles as LoRA adapters on one frozen base (DESIGN.md §4, ``roles.mode: lora``).
+
+The teacher's backbone becomes the shared base: each trainable denoiser role (student, fake score) is a separate
+peft LoRA adapter injected into it, and the teacher is the same base with adapters disabled. One copy of the big
+network serves every role, so a DMD2-style run costs about one model plus small adapters instead of three models.
+
+Switching roles per forward pass sets peft's active-adapter flags on every LoRA layer directly (``_active_adapter``,
+``_disable_adapters``) instead of calling ``set_adapter``, because ``set_adapter`` also flips ``requires_grad`` of the
+other adapters, which would undo the freezing that methods rely on (``methods/dmd.py`` ``frozen``). Tests check that
+the teacher view equals the base model and that gradients reach only the owning adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .denoisers import Cond, UNet2DDenoiser
+from .schedules import NoiseSchedule
+
+
+#: the layers LoRA adapts in UNet2DModel backbones: every conv and linear layer of the resnets, attention and time
+#: embedding (the same breadth as DMD2's SDXL LoRA, which targets attention, conv and projection layers)
+UNET2D_TARGETS = r".*(conv1|conv2|conv_shortcut|time_emb_proj|to_q|to_k|to_v|to_out\.0|linear_1|linear_2)$"
+
+
+def add_adapters(base: nn.Module, names: list[str], *, rank: int, alpha: float, target_modules: str = UNET2D_TARGETS,
+                 seed: int = 0) -> None:
+    """Inject one LoRA adapter per name into ``base`` (in place). ``lora_B`` starts at zero: every role starts
+    exactly as the base model (Hu et al. 2021, §4.1)."""
+    base.requires_grad_(False)
+    for name in names:
+        torch.manual_seed(seed)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True)
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(cfg, base, adapter_name=name)
+    for name in names:
+        for p in adapter_parameters(base, name):
+            p.requires_grad_(True)
+
+
+def lora_layers(base: nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_parameters(base: nn.Module, name: str) -> list[nn.Parameter]:
+    return [p for n, p in base.named_parameters() if f".{name}." in n and ".lora_" in n]
+
+
+def adapter_state_dict(base: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under peft's adapter-neutral keys (``...conv1.lora_A.weight``), so one adapter's
+    state loads into another (progressive distillation's stage teacher) and matches peft's saved format."""
+    return {n.replace(f".{name}.", "."): p for n, p in base.named_parameters() if f".{name}." in n and ".lora_" in n}
+
+
+@contextlib.contextmanager
+def active(base: nn.Module, name: str | None):
+    """Run ``base`` with only adapter ``name`` active (``None``: adapters disabled, i.e. the teacher)."""
+    layers = lora_layers(base)
+    before = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:
+        m._disable_adapters = name is None
+        if name is not None:
+            m._active_adapter = name
+    try:
+        yield
+    finally:
+        for m, (adapter, disabled) in zip(layers, before):
+            m._active_adapter, m._disable_adapters = adapter, disabled
+
+
+def merged_copy(base: nn.Module, name: str) -> nn.Module:
+    """A plain backbone (same class, no peft layers) whose weights are ``base`` with adapter ``name`` merged."""
+    tmp = copy.deepcopy(base)
+    for m in lora_layers(tmp):
+        if name in m.lora_A:
+            m.merge(adapter_names=[name])
+    state = {}
+    for key, value in tmp.state_dict().items():
+        if ".lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    plain = type(base).from_config(base.config)
+    plain.load_state_dict(state)
+    return plain
+
+
+class AdapterDenoiser(UNet2DDenoiser):
+    """A role that is one adapter of a shared base (``adapter=None``: the frozen base itself, i.e. the teacher).
+
+    ``trainable_parameters`` / ``role_state_dict`` cover the adapter only, so optimizers and checkpoints hold
+    what the role owns, not the shared base.
+    """
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction: str, adapter: str | None):
+        super().__init__(unet, schedule, prediction)
+        self.adapter = adapter
+
+    def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
+        with active(self.unet, self.adapter):
+            return super().raw(x_t, model_time, cond)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [] if self.adapter is None else adapter_parameters(self.unet, self.adapter)
+
+    def role_state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.adapter is None else adapter_state_dict(self.unet, self.adapter)
+
+    def load_role_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.role_state_dict()
+        if own.keys() != state.keys():
+            missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+            raise KeyError(f"adapter {self.adapter!r}: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+
+    def plain_backbone(self) -> nn.Module:
+        """The student as a stock backbone (adapter merged), for export."""
+        return merged_copy(self.unet, self.adapter)

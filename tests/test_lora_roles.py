@@ -1,0 +1,125 @@
+"""``roles.mode: lora``: student and fake score as adapters on one frozen base, the teacher as that base with adapters
+disabled (DESIGN.md §4)."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdistill.config import ConfigError, build_recipe
+from stepdistill.export import load_exported_student
+from stepdistill.lora import lora_layers
+from stepdistill.train import Trainer
+
+from ._recipes import dmd_recipe, gmm_recipe
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LORA = {"roles.mode": "lora", "roles.rank": 4, "roles.alpha": 8.0}  # alpha != rank: the scale is exercised
+
+
+def _trainer(tmp_path, name="run", make=dmd_recipe, **overrides):
+    return Trainer(build_recipe(make(**{**LORA, **overrides})), tmp_path / name, show_progress=False).setup()
+
+
+def _perturb(params, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_one_base_and_the_teacher_is_the_base_without_adapters(tmp_path):
+    ref = Trainer(build_recipe(dmd_recipe()), tmp_path / "ref", show_progress=False).setup()
+    trainer = _trainer(tmp_path)
+    nets = trainer.nets
+    base = nets.teacher.backbone
+    assert nets.student.backbone is base and nets["fake_score"].backbone is base and trainer.teacher.backbone is base
+    assert len(lora_layers(base)) > 0 and not any(p.requires_grad for n, p in base.named_parameters()
+                                                  if ".lora_" not in n)
+    _perturb(nets.student.trainable_parameters(), 1)
+    _perturb(nets["fake_score"].trainable_parameters(), 2)
+    x, t = torch.randn(16, 2), torch.rand(16, dtype=torch.float64) * 0.9 + 0.05
+    with torch.no_grad():
+        teacher, original = nets.teacher(x, t).x0_64, ref.teacher.denoiser(x, t).x0_64
+        student, fake = nets.student(x, t).x0_64, nets["fake_score"](x, t).x0_64
+    torch.testing.assert_close(teacher, original, rtol=0, atol=0)  # adapters disabled = the original weights
+    assert (student - teacher).abs().max() > 1e-3 and (fake - teacher).abs().max() > 1e-3
+    assert (student - fake).abs().max() > 1e-3
+    # adapters only: the trainable share is small next to a full copy
+    n_base = sum(p.numel() for p in base.parameters() if not p.requires_grad)
+    assert sum(p.numel() for p in nets.student.trainable_parameters()) < 0.2 * n_base
+
+
+def test_gradients_reach_only_the_owning_adapter(tmp_path):
+    trainer = _trainer(tmp_path)
+    nets, method = trainer.nets, trainer.method
+    _perturb(nets["fake_score"].trainable_parameters())  # a non-zero DM gradient
+    base = nets.teacher.backbone
+
+    def touched():
+        frozen = [p for n, p in base.named_parameters() if ".lora_" not in n]
+        return {"student": any(p.grad is not None for p in nets.student.trainable_parameters()),
+                "fake_score": any(p.grad is not None for p in nets["fake_score"].trainable_parameters()),
+                "base": any(p.grad is not None for p in frozen)}
+
+    batch = trainer.data.next(torch.Generator().manual_seed(0))
+    batch.generator = torch.Generator().manual_seed(1)
+    method("student", nets, batch).loss.mean().backward()
+    assert touched() == {"student": True, "fake_score": False, "base": False}
+    base.zero_grad(set_to_none=True)
+    method("fake_score", nets, batch).loss.mean().backward()
+    assert touched() == {"student": False, "fake_score": True, "base": False}
+
+
+def test_resume_is_exact_and_checkpoints_hold_adapters_only(tmp_path):
+    full = _trainer(tmp_path, "full")
+    full.train()
+    _trainer(tmp_path, "part", **{"train.max_steps": 3}).train()
+    Trainer(build_recipe(dmd_recipe(**LORA)), tmp_path / "part", resume=True, show_progress=False).setup().train()
+    for role in ("student", "fake_score", "discriminator"):
+        wa = load_file(str(tmp_path / "full" / "checkpoints" / "step-6" / f"{role}.safetensors"))
+        wb = load_file(str(tmp_path / "part" / "checkpoints" / "step-6" / f"{role}.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), role
+        if role != "discriminator":
+            assert all(".lora_A." in k or ".lora_B." in k for k in wa)  # the adapter, not the base
+
+
+def test_export_merges_the_student_adapter(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    folder = trainer.export()
+    exported, grid, _ = load_exported_student(folder, trainer.teacher)
+    assert not lora_layers(exported.backbone)  # a plain UNet2DModel
+    x, t = torch.randn(16, 2), torch.full((16,), grid.times[0], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, t).x0_64, trainer.nets.student(x, t).x0_64, rtol=0, atol=1e-5)
+
+
+def test_progressive_distillation_with_lora_roles(tmp_path):
+    recipe = gmm_recipe(**LORA)
+    recipe["teacher"] = copy.deepcopy(dmd_recipe()["teacher"])
+    recipe["student"] = {"init": "teacher"}
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    trainer.train()
+    nets = trainer.nets
+    # at the stage boundary (step 3) the stage teacher adapter received the student's adapter
+    assert nets["stage_teacher"].role_state_dict().keys() == nets.student.role_state_dict().keys()
+    assert not any(p.requires_grad for p in nets["stage_teacher"].trainable_parameters())
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"train.ema_decay": 0.9}, "not supported with roles.mode: lora"),
+    ({"roles.mode": "adapters"}, "roles.mode"),
+])
+def test_lora_bad_input(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _trainer(tmp_path, **overrides)
+
+
+def test_lora_on_the_exact_gmm_teacher_is_refused(tmp_path):
+    recipe = gmm_recipe(**LORA)  # exact oracle teacher: no weights to put adapters on
+    with pytest.raises(ConfigError, match="needs a teacher with weights"):
+        Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
