@@ -51,6 +51,15 @@ class RoleModule(nn.Module):
         """The role as a stock backbone with no wrappers or adapters (what export saves)."""
         return self.backbone
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing of the backbone (diffusers models); a no-op for backbones without it.
+
+        The recompute sees the adapter and ``requires_grad`` state of the original forward (``lora.py``)."""
+        from .lora import consistent_checkpoint
+
+        if getattr(self.backbone, "_supports_gradient_checkpointing", False):
+            self.backbone.enable_gradient_checkpointing(consistent_checkpoint(self.backbone))
+
 
 class Denoiser(RoleModule):
     """Base adapter. Subclasses implement ``raw(x_t, model_time, cond)`` returning the backbone's output."""

@@ -17,6 +17,7 @@ import copy
 import warnings
 
 import torch
+import torch.utils.checkpoint
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -60,20 +61,62 @@ def adapter_state_dict(base: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {n.replace(f".{name}.", "."): p for n, p in base.named_parameters() if f".{name}." in n and ".lora_" in n}
 
 
+_NOT_SET = object()
+
+
 @contextlib.contextmanager
 def active(base: nn.Module, name: str | None):
     """Run ``base`` with only adapter ``name`` active (``None``: adapters disabled, i.e. the teacher)."""
     layers = lora_layers(base)
     before = [(m._active_adapter, m._disable_adapters) for m in layers]
+    before_name = base.__dict__.get("_stepdistill_adapter", _NOT_SET)
     for m in layers:
         m._disable_adapters = name is None
         if name is not None:
             m._active_adapter = name
+    base.__dict__["_stepdistill_adapter"] = name  # read by consistent_checkpoint
     try:
         yield
     finally:
         for m, (adapter, disabled) in zip(layers, before):
             m._active_adapter, m._disable_adapters = adapter, disabled
+        if before_name is _NOT_SET:
+            base.__dict__.pop("_stepdistill_adapter", None)
+        else:
+            base.__dict__["_stepdistill_adapter"] = before_name
+
+
+def consistent_checkpoint(base: nn.Module):
+    """A ``gradient_checkpointing_func`` for diffusers backbones whose state changes between forward and backward.
+
+    Activation checkpointing re-runs a block's forward during backward. By then another role's adapter may be active
+    (the student's backward runs after the teacher's and the fake score's forwards), and a network that was frozen
+    for one forward (DMD2's GAN term through the fake score, ``methods/dmd.py`` ``frozen``) is trainable again. The
+    recompute must see what the original forward saw, or torch refuses it (or, worse, gradients are wrong): torch's
+    ``context_fn`` re-enters the recorded adapter and ``requires_grad`` flags for the recompute.
+    """
+
+    def checkpoint(module, *args):
+        name = base.__dict__.get("_stepdistill_adapter", _NOT_SET)
+        params = list(module.parameters())
+        flags = [p.requires_grad for p in params]
+
+        @contextlib.contextmanager
+        def as_in_forward():
+            now = [p.requires_grad for p in params]
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+            try:
+                with active(base, name) if name is not _NOT_SET else contextlib.nullcontext():
+                    yield
+            finally:
+                for p, flag in zip(params, now):
+                    p.requires_grad_(flag)
+
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                                 context_fn=lambda: (contextlib.nullcontext(), as_in_forward()))
+
+    return checkpoint
 
 
 def merged_copy(base: nn.Module, name: str) -> nn.Module:

@@ -131,8 +131,8 @@ class Trainer:
             net.to(acc.device)
             if role in self.trainable:
                 if id(net.backbone) not in wrapped:
-                    if r.train.gradient_checkpointing and hasattr(net.backbone, "enable_gradient_checkpointing"):
-                        net.backbone.enable_gradient_checkpointing()
+                    if r.train.gradient_checkpointing:
+                        net.enable_gradient_checkpointing()
                     wrapped[id(net.backbone)] = acc.prepare_model(net.backbone)
                 net.wrap_backbone(wrapped[id(net.backbone)])
                 ocfg = r.optim.get(role, OptimizerConfig())

@@ -123,3 +123,21 @@ def test_lora_on_the_exact_gmm_teacher_is_refused(tmp_path):
     recipe = gmm_recipe(**LORA)  # exact oracle teacher: no weights to put adapters on
     with pytest.raises(ConfigError, match="needs a teacher with weights"):
         Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, mode):
+    # The student's backward recomputes its blocks after the teacher's and the (frozen) fake score's forwards: the
+    # recompute must use the student's adapter and the forward's requires_grad flags (lora.consistent_checkpoint).
+    grads = []
+    for ckpt in (False, True):
+        trainer = _trainer(tmp_path, f"{mode}-{ckpt}", **{"roles.mode": mode, "train.gradient_checkpointing": ckpt})
+        nets = trainer.nets
+        _perturb(nets["fake_score"].trainable_parameters())
+        batch = trainer.data.next(torch.Generator().manual_seed(0))
+        batch.generator = torch.Generator().manual_seed(1)
+        trainer.method("student", nets, batch).loss.mean().backward()
+        grads.append([p.grad.clone() for p in nets.student.trainable_parameters()])
+        assert all(p.grad is None for p in nets["fake_score"].trainable_parameters())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,145 @@
+"""Peak memory of a DMD2 step with LoRA roles vs a plain LoRA fine-tune step vs full copies, measured in one run.
+
+    python benchmarks/bench_memory.py [--width 128] [--batch 8] [--rank 16] [--gradient-checkpointing]
+
+A mid-size UNet2DModel teacher (32x32x3, attention in the middle blocks) is saved as a DDPM pipeline; each mode runs in
+its own fresh process, which reports ``peak RSS - RSS after imports`` (weights, optimizer states, gradients and
+activations; on CPU the process peak is what a GPU's ``max_memory_allocated`` measures). Modes:
+
+* ``lora_finetune``: the base frozen plus one LoRA adapter, one denoising step (forward, backward, AdamW): the
+  reference the DMD/DMD2 issue's bar compares against;
+* ``dmd2_lora``: a DMD2 iteration (student phase and fake-score phase, GAN head on) with ``roles.mode: lora``;
+* ``dmd2_full``: the same with ``roles.mode: full`` (a copy of the network per role).
+
+Prints one JSON object with the figures in MiB and the ratios to ``lora_finetune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build_teacher(folder: Path, width: int) -> None:
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from PIL import Image
+
+    from stepdistill.teachers import DEFAULT_SCHEDULER
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                       block_out_channels=(width, 2 * width, 2 * width, 2 * width),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(DEFAULT_SCHEDULER)).save_pretrained(folder / "teacher")
+    images = folder / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):  # the GAN's "real data": any images of the right size
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+
+
+def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool) -> dict:
+    return {
+        "teacher": {"pretrained": str(folder / "teacher")},
+        "method": {"name": "dmd2", "student_steps": 1, "gan_weight": 3e-3},
+        "roles": {"mode": mode, "rank": rank, "alpha": rank},
+        "data": {"source": "image_folder", "path": str(folder / "images"), "batch_size": batch},
+        "train": {"max_steps": 10, "num_sample_images": 4, "gradient_checkpointing": ckpt},
+        "export": {"pipeline": False},
+    }
+
+
+def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool) -> dict:
+    base = rss_mib()
+    import torch
+
+    torch.manual_seed(0)
+    if mode == "lora_finetune":
+        from stepdistill.data import DataSource
+        from stepdistill.lora import AdapterDenoiser, add_adapters
+        from stepdistill.teachers import load_pretrained
+
+        teacher = load_pretrained(str(folder / "teacher"))
+        add_adapters(teacher.backbone, ["student"], rank=rank, alpha=rank)
+        if ckpt:
+            teacher.backbone.enable_gradient_checkpointing()
+        net = AdapterDenoiser(teacher.backbone, teacher.denoiser.schedule, teacher.denoiser.prediction, "student")
+        opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
+        data = DataSource("image_folder", batch_size=batch, sample_shape=teacher.sample_shape,
+                          path=str(folder / "images"))
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x0 = data.next(g).x0
+            t = torch.rand(batch, generator=g, dtype=torch.float64)
+            eps = torch.randn(x0.shape, generator=g)
+            pred = net(net.schedule.add_noise(x0, eps, t), t)
+            loss = ((pred.get("v", exact=True) - pred.coeffs.a * eps.double() + pred.coeffs.s * x0.double()) ** 2)
+            loss.mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        from stepdistill.config import build_recipe
+        from stepdistill.train import Trainer
+
+        trainer = Trainer(build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt)), folder / f"run-{mode}",
+                          overwrite=True, show_progress=False).setup()
+        setup = peak_mib() - base
+        for _ in range(3):
+            trainer._run_phase("student")
+            trainer._run_phase("fake_score")
+    return {"mode": mode, "peak_mib": round(peak_mib() - base, 1), "setup_mib": round(locals().get("setup", 0.0), 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--width", type=int, default=128, help="first block's channels (37M parameters at 128)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="in every mode")
+    p.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run_mode(args.child[0], Path(args.child[1]), args.batch, args.rank,
+                                  args.gradient_checkpointing)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_teacher(folder, args.width)
+        out = {}
+        for mode in ("lora_finetune", "dmd2_lora", "dmd2_full"):
+            flags = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+            proc = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--rank", str(args.rank),
+                                   *flags, "--child", mode, str(folder)], capture_output=True, text=True, check=True)
+            out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+        from diffusers import UNet2DModel
+
+        params = sum(p.numel() for p in UNet2DModel.from_pretrained(folder / "teacher" / "unet").parameters())
+    ref = out["lora_finetune"]
+    print(json.dumps({"teacher_params_M": round(params / 1e6, 1), "batch": args.batch, "rank": args.rank,
+                      "gradient_checkpointing": args.gradient_checkpointing,
+                      "peak_mib": out, "ratio_to_lora_finetune": {k: round(v / ref, 2) for k, v in out.items()}},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
