@@ -223,3 +223,14 @@ def test_batch_shape_comes_from_the_data(tmp_path):
     trainer = _trainer(tmp_path)
     batch = Batch(x0=torch.zeros(5, 2), cond=None, generator=torch.Generator().manual_seed(0))
     assert trainer.method("student", trainer.nets, batch).loss.shape == (5,)
+
+
+def test_fake_score_target_changes_the_critic_weighting_only(tmp_path):
+    # eps-MSE = a_t^2 v-MSE at every (x_t, t) (the project's teachers predict v): same minimiser, other weights
+    losses = {}
+    for target in ("v", "eps"):
+        trainer = _trainer(tmp_path, f"run-{target}", **{"method.fake_score_target": target,
+                                                           "method.gan_weight": 0.0})
+        out = trainer.method("fake_score", trainer.nets, _batch(trainer))
+        losses[target] = out.loss
+    assert not torch.allclose(losses["v"], losses["eps"]) and (losses["eps"] <= losses["v"] + 1e-6).all()

@@ -16,8 +16,10 @@ backward simulation; ``main/train_sd.py`` update order). One loss object serves 
   ``h = r / (1 + r)``; ``r`` is clipped to [0.1, 20], normalised by its batch mean within 10 bins of ``t``, and ``h``
   by its batch mean (the two-stage normalisation as in NVIDIA FastGen's ``f_distill.py``; the paper body was not
   available to check).
-* the fake score (critic), trained by denoising on detached generator samples in its own output
-  parameterisation, ``t`` uniform over the whole schedule (DMD2 ``compute_loss_fake``);
+* the fake score (critic), trained by denoising on detached generator samples, ``t`` uniform over the whole
+  schedule (DMD2 ``compute_loss_fake``). The MSE is taken in ``fake_score_target``: by default the fake score's own
+  output parameterisation, i.e. the teacher's training loss (v-MSE for the project's v-prediction teachers, which
+  weights high-noise times by ``1/a_t^2`` relative to DMD2's eps-MSE on SD); ``eps`` reproduces DMD2 on any teacher;
 * DMD (v1)'s regression loss ``regression_weight * d(G(z), y)`` on teacher ODE pairs ``(z, y)`` made once and
   cached (``pairs.py``); ``d`` is pseudo-Huber (``c = 0.00054 sqrt(dim)``, iCT) or MSE; one-step students only;
 * DMD2's GAN term: a head on the fake score's bottleneck (``nets/gan_head.py``); inputs are diffusion-noised
@@ -35,7 +37,9 @@ Phases: ``("student", "fake_score")``, DMD2's order (generator then guidance in 
 rule is ``train.update_every: {student: 5}``. During the student phase the fake score and the head are frozen
 (``requires_grad`` off, DMD2's fix; ECOSYSTEM.md §3.2 (b)), so the GAN generator loss reaches only the student.
 The fake-score phase draws its own no-grad generator sample: one extra student forward on the steps where the
-student also updates, instead of a cache shared between phases.
+student also updates, instead of a cache shared between phases. Smaller departures from the DMD2 code: the fake
+score and the head are clipped separately (DMD2 clips them jointly), LR warmup counts a role's own updates (DMD2
+steps every scheduler every iteration), and the multi-step ``k`` is drawn per rank (DMD2 broadcasts one ``k``).
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ class DMD:
         pair_cache: where the pairs are cached; ``None`` keys a file under ``$STEPDISTILL_CACHE/ode_pairs`` by the
             teacher's weights and these settings.
         student_prediction: the student's output parameterisation; ``None`` keeps the teacher's.
+        fake_score_target: parameterisation of the fake score's denoising MSE (``x0 | eps | v``); ``None`` uses the
+            fake score's own output (the teacher's training loss).
     """
 
     phases = ("student", "fake_score")
@@ -129,7 +135,7 @@ class DMD:
                  gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_t_max: float = 1.0,
                  regression_weight: float = 0.0, regression_loss: str = "pseudo_huber", num_pairs: int = 2048,
                  pair_sampler: str = "ddim", pair_steps: int = 64, pair_cache: str | None = None,
-                 student_prediction: str | None = None):
+                 student_prediction: str | None = None, fake_score_target: str | None = None):
         if student_steps < 1:
             raise ValueError(f"method.student_steps must be >= 1, got {student_steps}")
         if conditioning_time is not None and (student_steps != 1 or not 0.0 < conditioning_time <= 1.0):
@@ -149,6 +155,9 @@ class DMD:
             raise ValueError(f"method.pair_sampler must be one of {sorted(TEACHER_SAMPLERS)}, got {pair_sampler!r}")
         if min(gan_weight, gan_critic_weight, regression_weight, dm_weight) < 0 or guidance_scale < 1.0:
             raise ValueError("method: loss weights must be >= 0 and guidance_scale >= 1")
+        if fake_score_target not in (None, "x0", "eps", "v"):
+            raise ValueError(f"method.fake_score_target must be x0, eps, v or null (the fake score's own output), "
+                             f"got {fake_score_target!r}")
         if not 0.0 < gan_t_max <= 1.0:
             raise ValueError(f"method.gan_t_max must be in (0, 1], got {gan_t_max}")
         self.student_steps, self.conditioning_time = student_steps, conditioning_time
@@ -158,6 +167,7 @@ class DMD:
         self.regression_weight, self.regression_loss = regression_weight, regression_loss
         self.num_pairs, self.pair_sampler, self.pair_steps = num_pairs, pair_sampler, pair_steps
         self.pair_cache, self.student_prediction = pair_cache, student_prediction
+        self.fake_score_target = fake_score_target
         self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._grid: StudentGrid | None = None
 
@@ -359,7 +369,7 @@ class DMD:
                                                      cond3)
             pred = pred_all.chunk(3)[0]
             logits_fake, logits_real = nets["discriminator"](feats[b:]).chunk(2)
-        kind = fake_net.prediction
+        kind = self.fake_score_target or fake_net.prediction
         target = from_x0_eps(kind, x.double(), eps.double(), pred.coeffs)
         dims = tuple(range(1, x.ndim))
         loss = ((pred.get(kind, exact=True) - target) ** 2).mean(dims).float()
