@@ -16,6 +16,7 @@ The grid is checked against what the scheduler actually produces before anything
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -42,8 +43,10 @@ def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid:
     if grid.transition == "renoise":
         # LCMScheduler's multistep sampling is "denoise, then re-noise with fresh noise" (DMD2's 4-step sampler);
         # original_inference_steps = K puts its grid at DMD2's 999/749/499/249 (ECOSYSTEM.md §1). Its boundary
-        # scalings (timestep_scaling 10) leave c_skip < 1e-7 at every grid step >= N/8.
-        yield LCMScheduler.from_config({**cfg, "original_inference_steps": grid.steps})
+        # scalings (timestep_scaling 10) leave c_skip < 2e-7 at every grid step >= N/8.
+        accepted = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys would only draw a warning
+        yield LCMScheduler.from_config({**{k: v for k, v in cfg.items() if k in accepted},
+                                        "original_inference_steps": grid.steps})
         return
     yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "steps_offset": 0})
     if grid.steps == 1:
