@@ -384,7 +384,7 @@ class DMD:
 
     @staticmethod
     def _shape_device(nets: Nets, batch: Batch):
-        ref = batch.x0 if batch.x0 is not None else None
-        if ref is None:
+        """Sample shape and device from the batch (data-free runs get the ``gaussian`` stand-in batch)."""
+        if batch.x0 is None:
             raise ValueError("DMD needs batches with x0 for the sample shape")
-        return tuple(ref.shape[1:]), ref.device
+        return tuple(batch.x0.shape[1:]), batch.x0.device
