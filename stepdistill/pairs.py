@@ -22,12 +22,15 @@ from .sampling import TEACHER_SAMPLERS, prior_noise
 
 
 def weights_fingerprint(denoiser: Denoiser) -> str:
-    """A short hash of a denoiser's weights (or, for analytic denoisers, of its defining tensors and class)."""
-    h = hashlib.sha256(type(denoiser).__name__.encode())
-    h.update(json.dumps(denoiser.schedule.config(), sort_keys=True).encode())
+    """A short hash of a denoiser's schedule, output kind and weights (for analytic denoisers: defining tensors).
+
+    Not the adapter class: a LoRA-roles teacher view (``lora.AdapterDenoiser``) is the same teacher."""
+    h = hashlib.sha256(json.dumps(denoiser.schedule.config(), sort_keys=True).encode())
     h.update(denoiser.prediction.encode())
     module = denoiser.backbone if denoiser.backbone is not None else denoiser
-    tensors = dict(module.state_dict())
+    # The base weights only: with LoRA roles the teacher's backbone carries (disabled) adapters, which must not
+    # change the teacher's identity (``lora.py``).
+    tensors = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
     if not tensors and hasattr(denoiser, "mixture"):  # the exact GMM denoiser: hash the mixture itself
         tensors = {k: v for k, v in vars(denoiser.mixture).items() if torch.is_tensor(v)}
     for name in sorted(tensors):
@@ -36,11 +39,11 @@ def weights_fingerprint(denoiser: Denoiser) -> str:
     return h.hexdigest()[:16]
 
 
-def pair_spec(teacher: Denoiser, *, sample_shape, num_pairs: int, sampler: str, steps: int, guidance: float,
-              seed: int) -> dict:
-    """Everything the pairs depend on; stored in the cache file and compared on load."""
+def pair_spec(teacher: Denoiser, *, sample_shape, num_pairs: int, sampler: str, steps: int, seed: int) -> dict:
+    """Everything the pairs depend on; stored in the cache file and compared on load. Unconditional teachers only
+    (so no guidance scale): ``DMD.prepare`` refuses class-conditional ones."""
     return {"teacher": weights_fingerprint(teacher), "sample_shape": list(sample_shape), "num_pairs": num_pairs,
-            "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed}
+            "sampler": sampler, "steps": steps, "seed": seed}
 
 
 @torch.no_grad()

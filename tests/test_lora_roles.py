@@ -141,3 +141,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, mode):
         assert all(p.grad is None for p in nets["fake_score"].trainable_parameters())
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_fingerprint_ignores_the_role_adapters(tmp_path):
+    # DMD's ODE-pair cache is keyed by the teacher's weights: LoRA roles on the same teacher must find the same key
+    from stepdistill.pairs import weights_fingerprint
+
+    full = Trainer(build_recipe(dmd_recipe()), tmp_path / "full", show_progress=False).setup()
+    lora = _trainer(tmp_path)
+    _perturb(lora.nets.student.trainable_parameters())
+    assert weights_fingerprint(lora.nets.teacher) == weights_fingerprint(full.nets.teacher)

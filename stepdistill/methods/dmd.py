@@ -232,7 +232,7 @@ class DMD:
         if getattr(teacher, "num_classes", None):
             raise ValueError("regression_weight: ODE pairs for class-conditional teachers are not supported yet")
         spec = pair_spec(teacher, sample_shape=ctx.sample_shape, num_pairs=self.num_pairs,
-                         sampler=self.pair_sampler, steps=self.pair_steps, guidance=self.guidance_scale, seed=0)
+                         sampler=self.pair_sampler, steps=self.pair_steps, seed=0)
         path = Path(self.pair_cache) if self.pair_cache else ctx.cache_dir / "ode_pairs" / f"{spec['teacher']}-" \
             f"{self.pair_sampler}{self.pair_steps}-n{self.num_pairs}.safetensors"
         self.pairs = load_or_make_pairs(teacher, spec, path, device=ctx.device, is_main_process=ctx.is_main_process,
