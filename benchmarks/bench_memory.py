@@ -82,7 +82,7 @@ def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool) -> dict
         add_adapters(teacher.backbone, ["student"], rank=rank, alpha=rank)
         if ckpt:
             teacher.backbone.enable_gradient_checkpointing()
-        net = AdapterDenoiser(teacher.backbone, teacher.denoiser.schedule, teacher.denoiser.prediction, "student")
+        net = AdapterDenoiser(teacher.denoiser, "student")
         opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
         data = DataSource("image_folder", batch_size=batch, sample_shape=teacher.sample_shape,
                           path=str(folder / "images"))

@@ -37,6 +37,12 @@ class TeacherConfig:
     tiny: str | None = None
     gmm: dict | None = None
     embedded: str | None = None
+    #: diffusers families (SD1.5, SDXL, SD3, FLUX): the family the recipe expects (checked against the teacher),
+    #: the image size in pixels, the T5 prompt length, and FLUX.1-dev's embedded guidance scale
+    family: str | None = None
+    resolution: int | None = None
+    max_sequence_length: int | None = None
+    guidance: float | None = None
 
     def source(self) -> str:
         given = [k for k in ("pretrained", "tiny", "gmm", "embedded") if getattr(self, k) is not None]

@@ -9,6 +9,8 @@ models. Classifier-free guidance is ``guided(...)`` with one convention everywhe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -26,7 +28,10 @@ class RoleModule(nn.Module):
     @property
     def backbone(self) -> nn.Module | None:
         """The trainable network inside the adapter (``None`` for analytic denoisers)."""
-        return getattr(self, "unet", None)
+        for name in ("unet", "transformer"):
+            if name in self._modules:
+                return self._modules[name]
+        return None
 
     def wrap_backbone(self, wrapped: nn.Module) -> None:
         """Route forward calls through ``wrapped`` (a DDP/FSDP wrapper of ``backbone``) while parameters, state
@@ -98,6 +103,10 @@ class Denoiser(RoleModule):
         """The condition that means "no condition" for CFG. Unconditional models have none."""
         raise ValueError(f"{type(self).__name__} is unconditional; classifier-free guidance needs a condition")
 
+    def with_backbone(self, backbone: nn.Module, prediction: str) -> Denoiser:
+        """The same adapter (schedule, conditioning settings) around another backbone: how roles are built."""
+        raise TypeError(f"{type(self).__name__} has no backbone to replace")
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Prediction:
         t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
         out = self.raw(x_t, self.schedule.model_time(t), cond)
@@ -151,6 +160,9 @@ class UNet2DDenoiser(Denoiser):
         n = getattr(self.unet.config, "num_class_embeds", None)
         return None if n is None else n - 1
 
+    def with_backbone(self, backbone: nn.Module, prediction: str) -> Denoiser:
+        return UNet2DDenoiser(backbone, self.schedule, prediction)
+
     def null_cond(self, cond: Cond) -> Cond:
         if self.num_classes is None:
             return super().null_cond(cond)
@@ -167,6 +179,163 @@ class UNet2DDenoiser(Denoiser):
         out = self._call_backbone()(x.to(param.dtype), model_time.to(device=x.device, dtype=torch.float32),
                                     **(cond or {})).sample
         return out[:, :, 0, 0] if vector else out
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal embedding of a guidance scale that w-conditioned UNets take as ``timestep_cond``.
+
+    Latent Consistency Models (Luo et al. 2023), following Meng et al. (2023) guided distillation; the same formula as
+    diffusers' ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``, which the exported pipeline uses
+    (called there with ``w = guidance_scale - 1``).
+    """
+    w = w.float() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TextConditioned(Denoiser):
+    """Base of the text-conditioned adapters (SD1.5, SDXL, SD3, FLUX).
+
+    ``cond`` holds a prompt encoded by the family's own pipeline (``conditioning.py``): ``encoder_hidden_states`` plus
+    the family's pooled embeddings and ids. The null condition of CFG is the encoding of the empty prompt, exactly what
+    the stock pipeline uses as its default negative prompt (zeros for SDXL, ``force_zeros_for_empty_prompt``). It is
+    set once by ``set_null_condition``; keys it does not hold (SDXL's size ids, FLUX's embedded guidance) are kept
+    from ``cond``.
+    """
+
+    def set_null_condition(self, null: dict[str, torch.Tensor]) -> None:
+        self._null_keys = tuple(null)
+        for key, value in null.items():
+            self.register_buffer(f"null_{key}", value[:1].detach().clone(), persistent=False)
+
+    def null_cond(self, cond: Cond) -> Cond:
+        keys = getattr(self, "_null_keys", None)
+        if keys is None:
+            raise ValueError(f"{type(self).__name__}: no null condition set; encode prompts first (conditioning.py)")
+        out = dict(cond)
+        for key in keys:
+            ref, null = cond[key], getattr(self, f"null_{key}")
+            out[key] = null.to(ref.device, ref.dtype).expand(ref.shape[0], *null.shape[1:])
+        return out
+
+    def settings(self) -> dict:
+        """Constructor keywords beyond ``(backbone, schedule, prediction)``."""
+        return {}
+
+    def with_backbone(self, backbone: nn.Module, prediction: str) -> Denoiser:
+        new = type(self)(backbone, self.schedule, prediction, **self.settings())
+        if hasattr(self, "_null_keys"):
+            new.set_null_condition({k: getattr(self, f"null_{k}") for k in self._null_keys})
+        return new
+
+    def _inputs(self, cond: Cond) -> dict[str, torch.Tensor]:
+        if cond is None or "encoder_hidden_states" not in cond:
+            raise ValueError(f"{type(self).__name__} needs an encoded prompt (cond['encoder_hidden_states'])")
+        dtype = next(self.backbone.parameters()).dtype
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+
+
+class UNetCondDenoiser(TextConditioned):
+    """A diffusers ``UNet2DConditionModel``: SD1.5-type (``encoder_hidden_states``) or SDXL-type (plus
+    ``text_embeds`` and ``time_ids``, passed as ``added_cond_kwargs``), on the teacher's discrete VP schedule.
+
+    ``cond["guidance"]`` (a per-sample guidance scale) feeds the w-embedding of LCM-style students
+    (``time_cond_proj_dim``), as ``LatentConsistencyModelPipeline`` does.
+    """
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction: str):
+        super().__init__(schedule, prediction)
+        self.unet = unet
+
+    def feature_module(self) -> nn.Module:
+        return self.unet.mid_block
+
+    def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
+        c = self._inputs(cond)
+        kwargs = {"encoder_hidden_states": c.pop("encoder_hidden_states")}
+        added = {k: c.pop(k) for k in ("text_embeds", "time_ids") if k in c}
+        if added:
+            kwargs["added_cond_kwargs"] = added
+        if "guidance" in c:
+            dim = self.unet.config.time_cond_proj_dim
+            if dim is None:
+                raise ValueError("a guidance-conditioned UNet needs time_cond_proj_dim (the LCM w-embedding)")
+            kwargs["timestep_cond"] = guidance_embedding(c.pop("guidance") - 1.0, dim).to(x_t.device)
+        if c:
+            raise ValueError(f"UNetCondDenoiser: unexpected condition keys {sorted(c)}")
+        dtype = next(self.unet.parameters()).dtype
+        return self._call_backbone()(x_t.to(dtype), model_time.to(x_t.device, torch.float32), **kwargs).sample
+
+
+class SD3Denoiser(TextConditioned):
+    """A diffusers ``SD3Transformer2DModel`` on rectified flow: timestep ``1000 sigma``, output ``eps - x0``."""
+
+    def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, prediction: str = "flow_match"):
+        super().__init__(schedule, prediction)
+        self.transformer = transformer
+
+    def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
+        c = self._inputs(cond)
+        dtype = next(self.transformer.parameters()).dtype
+        return self._call_backbone()(
+            hidden_states=x_t.to(dtype), timestep=model_time.to(x_t.device, torch.float32),
+            encoder_hidden_states=c.pop("encoder_hidden_states"), pooled_projections=c.pop("pooled_projections"),
+            return_dict=False)[0]
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's 2x2 patch packing: ``[B, C, H, W] -> [B, H/2 * W/2, 4C]`` (as ``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of ``pack_latents`` for a ``[B, C, h, w]`` latent."""
+    b, _, d = x.shape
+    return x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+class FluxDenoiser(TextConditioned):
+    """A diffusers ``FluxTransformer2DModel``. The library keeps latents unpacked ``[B, C, H, W]``; this adapter
+    packs them, builds the position ids and unpacks the velocity ``eps - x0``.
+
+    Guidance-distilled teachers (FLUX.1-dev, ``guidance_embeds``) take the guidance scale as an input, not as CFG:
+    ``cond["guidance"]`` when given, else ``guidance`` (the pipeline's default 3.5).
+    """
+
+    def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, prediction: str = "flow_match", *,
+                 guidance: float = 3.5):
+        super().__init__(schedule, prediction)
+        self.transformer = transformer
+        self.guidance = guidance
+
+    def settings(self) -> dict:
+        return {"guidance": self.guidance}
+
+    def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
+        c = self._inputs(cond)
+        b, _, h, w = x_t.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"FLUX latents need even height and width, got {h}x{w}")
+        dtype, dev = next(self.transformer.parameters()).dtype, x_t.device
+        text = c.pop("encoder_hidden_states")
+        guidance = c.pop("guidance", None)
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance, device=dev) if guidance is None else guidance.float()
+        elif guidance is not None:
+            raise ValueError("this FLUX transformer has no guidance embedding (schnell-like); drop cond['guidance']")
+        rows = torch.arange(h // 2, device=dev, dtype=dtype)[:, None].expand(h // 2, w // 2)
+        cols = torch.arange(w // 2, device=dev, dtype=dtype)[None, :].expand(h // 2, w // 2)
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
+        txt_ids = torch.zeros(text.shape[1], 3, device=dev, dtype=dtype)
+        out = self._call_backbone()(
+            hidden_states=pack_latents(x_t.to(dtype)), timestep=(model_time / 1000.0).to(dev, dtype),
+            guidance=guidance, pooled_projections=c.pop("pooled_projections"), encoder_hidden_states=text,
+            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return unpack_latents(out, h, w)
 
 
 class GMMDenoiser(Denoiser):

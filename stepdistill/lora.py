@@ -22,8 +22,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .denoisers import Cond, UNet2DDenoiser
-from .schedules import NoiseSchedule
+from .denoisers import Cond, Denoiser
+from .parameterization import Prediction
 
 
 #: the layers LoRA adapts in UNet2DModel backbones: every conv and linear layer of the resnets, attention and time
@@ -135,26 +135,44 @@ def merged_copy(base: nn.Module, name: str) -> nn.Module:
     return plain
 
 
-class AdapterDenoiser(UNet2DDenoiser):
+class AdapterDenoiser(Denoiser):
     """A role that is one adapter of a shared base (``adapter=None``: the frozen base itself, i.e. the teacher).
 
-    ``trainable_parameters`` / ``role_state_dict`` cover the adapter only, so optimizers and checkpoints hold
-    what the role owns, not the shared base.
+    Wraps the teacher's own adapter (``inner``, any ``denoisers.py`` class), so every family works the same way: each
+    call runs ``inner`` with only this role's adapter active. ``trainable_parameters`` / ``role_state_dict`` cover
+    the adapter only, so optimizers and checkpoints hold what the role owns, not the shared base.
     """
 
-    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction: str, adapter: str | None):
-        super().__init__(unet, schedule, prediction)
+    def __init__(self, inner: Denoiser, adapter: str | None):
+        super().__init__(inner.schedule, inner.prediction)
+        self.inner = inner
         self.adapter = adapter
 
-    def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
-        with active(self.unet, self.adapter):
-            return super().raw(x_t, model_time, cond)
+    @property
+    def backbone(self) -> nn.Module:
+        return self.inner.backbone
+
+    def wrap_backbone(self, wrapped: nn.Module) -> None:
+        self.inner.wrap_backbone(wrapped)  # the shared base is wrapped once; every role routes through it
+
+    def _call_backbone(self) -> nn.Module:
+        return self.inner._call_backbone()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Prediction:
+        with active(self.backbone, self.adapter):
+            return self.inner(x_t, t, cond)
+
+    def null_cond(self, cond: Cond) -> Cond:
+        return self.inner.null_cond(cond)
+
+    def feature_module(self) -> nn.Module:
+        return self.inner.feature_module()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [] if self.adapter is None else adapter_parameters(self.unet, self.adapter)
+        return [] if self.adapter is None else adapter_parameters(self.backbone, self.adapter)
 
     def role_state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self.adapter is None else adapter_state_dict(self.unet, self.adapter)
+        return {} if self.adapter is None else adapter_state_dict(self.backbone, self.adapter)
 
     def load_role_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = self.role_state_dict()
@@ -167,4 +185,4 @@ class AdapterDenoiser(UNet2DDenoiser):
 
     def plain_backbone(self) -> nn.Module:
         """The student as a stock backbone (adapter merged), for export."""
-        return merged_copy(self.unet, self.adapter)
+        return merged_copy(self.backbone, self.adapter)

@@ -6,6 +6,8 @@ vanish at one end of the schedule (``alpha`` near pure noise, ``sigma`` near dat
 
     v     = a eps - s x0                      (Salimans & Ho 2022, §4)
     flow  = dx_t/dt = a' x0 + s' eps          (the PF-ODE velocity; for rectified flow, eps - x0)
+    flow_match = eps - x0                     (what flow-matching backbones output, SD3 and FLUX: the velocity
+                                               along the straight path, whatever time shift the schedule applies)
     score = grad log p_t(x_t) = -eps / s
 """
 
@@ -17,9 +19,9 @@ from .schedules import NoiseSchedule, _bcast
 
 
 #: the prediction kinds a backbone may output
-KINDS = ("x0", "eps", "v", "flow")
+KINDS = ("x0", "eps", "v", "flow", "flow_match")
 #: diffusers' ``prediction_type`` names -> ours
-DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow_match"}
 OURS_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_PREDICTION.items()}
 
 
@@ -83,6 +85,10 @@ def to_x0_eps(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coefficients) 
         det = c.a * c.ds - c.s * c.da
         x0 = (c.ds * x - c.s * out) / det
         eps = (c.a * out - c.da * x) / det
+    elif kind == "flow_match":
+        # x_t = a x0 + s (u + x0)  =>  x0 = (x_t - s u) / (a + s); a + s = 1 on rectified flow
+        x0 = (x - c.s * out) / (c.a + c.s)
+        eps = out + x0
     else:
         raise ValueError(f"unknown prediction kind {kind!r}; allowed: {KINDS}")
     return x0, eps
@@ -98,6 +104,8 @@ def from_x0_eps(kind: str, x0: torch.Tensor, eps: torch.Tensor, c: Coefficients)
         return c.a * eps - c.s * x0
     if kind == "flow":
         return c.da * x0 + c.ds * eps
+    if kind == "flow_match":
+        return eps - x0
     if kind == "score":
         return -eps / c.s
     raise ValueError(f"unknown prediction kind {kind!r}; allowed: {KINDS + ('score',)}")

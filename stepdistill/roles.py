@@ -12,7 +12,7 @@ import copy
 from torch import nn
 
 from .denoisers import Denoiser, RoleModule, UNet2DDenoiser
-from .lora import AdapterDenoiser, add_adapters
+from .lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
 from .methods.base import Nets, RoleSpec
 from .nets.gan_head import GANHead
 from .teachers import Teacher, vector_unet
@@ -31,7 +31,10 @@ def _backbone_copy(teacher: Teacher, init: str, role: str) -> nn.Module:
 
 
 def make_denoiser(backbone: nn.Module, teacher: Teacher, prediction: str) -> Denoiser:
-    return UNet2DDenoiser(backbone, teacher.denoiser.schedule, prediction)
+    """``backbone`` behind the teacher's kind of adapter (same schedule and conditioning) predicting ``prediction``."""
+    if teacher.backbone is None:  # the exact GMM teacher: roles are vector UNets on its schedule
+        return UNet2DDenoiser(backbone, teacher.denoiser.schedule, prediction)
+    return teacher.denoiser.with_backbone(backbone, prediction)
 
 
 def build_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str = "teacher",
@@ -54,7 +57,7 @@ def build_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: st
             made[role] = GANHead.for_denoiser(made[spec.head_of]).requires_grad_(spec.trainable).train(spec.trainable)
             continue
         if init == "student":
-            backbone = copy.deepcopy(made["student"].unet)
+            backbone = copy.deepcopy(made["student"].backbone)
         else:
             backbone = _backbone_copy(teacher, init, role)
         prediction = spec.prediction or (made["student"].prediction if init == "student" else
@@ -81,7 +84,7 @@ def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
         raise ValueError("roles.mode: lora needs a teacher with weights (the exact GMM teacher has none)")
     if ema:
         raise ValueError("train.ema_decay: a student EMA is not supported with roles.mode: lora yet")
-    sched, pred = teacher.denoiser.schedule, teacher.denoiser.prediction
+    pred = teacher.denoiser.prediction
     adapters = [r for r, s in specs.items() if s.init != "head"]
     for role in adapters:
         init = student_init if role == "student" else specs[role].init
@@ -90,16 +93,18 @@ def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
         if (specs[role].prediction or pred) != pred:
             raise ValueError(f"roles.mode: lora: role {role!r} predicts {specs[role].prediction!r} but the shared "
                              f"base predicts {pred!r}; use roles.mode: full or the teacher's parameterisation")
-    add_adapters(base, adapters, rank=rank, alpha=alpha)
+    targets = teacher.family.lora_targets if teacher.family is not None else UNET2D_TARGETS
+    add_adapters(base, adapters, rank=rank, alpha=alpha, target_modules=targets)
+    inner = teacher.denoiser  # one adapter-free view of the base, shared by every role
     made: dict[str, RoleModule] = {}
     for role in adapters:
-        made[role] = AdapterDenoiser(base, sched, pred, role)
+        made[role] = AdapterDenoiser(inner, role)
         if not specs[role].trainable:
             for p in made[role].trainable_parameters():
                 p.requires_grad_(False)
     for role in specs:
         if specs[role].init == "head":
             made[role] = GANHead.for_denoiser(made[specs[role].head_of]).train(specs[role].trainable)
-    teacher.denoiser = AdapterDenoiser(base, sched, pred, None).eval()
+    teacher.denoiser = AdapterDenoiser(inner, None).eval()
     student = made.pop("student")
     return Nets(student=student, teacher=teacher.denoiser, extra=made)

@@ -1,7 +1,9 @@
 """Teacher sources (DESIGN.md §5): exactly one of ``pretrained``, ``tiny``, ``gmm`` or ``embedded``.
 
 Each loader returns a ``Teacher``: the denoiser, its schedule, the diffusers scheduler config it was trained with
-(export builds the student's scheduler from it) and the shape of one sample.
+(export builds the student's scheduler from it) and the shape of one sample. Teachers of the diffusers families
+(SD1.5, SDXL, SD3, FLUX; ``families.py``) also carry their VAE, the prompt-encoding settings and a way to load the
+stock pipeline again (prompt encoding and export need its text encoders, which training does not keep in memory).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from .denoisers import Denoiser, GMMDenoiser, UNet2DDenoiser
+from .families import BY_PIPELINE, FAMILIES, Family, family_denoiser, vae_scale
 from .mixture import GaussianMixture
 from .schedules import VPDiscrete
 
@@ -45,10 +49,17 @@ class Teacher:
     source: str
     mixture: GaussianMixture | None = None
     meta: dict = field(default_factory=dict)
+    #: the diffusers family (``families.FAMILIES``) of text-conditioned latent teachers; ``None`` otherwise
+    family: Family | None = None
+    #: ``load_pipeline(**components)``: the teacher's stock pipeline on CPU, with the given components replaced
+    load_pipeline: Callable[..., object] | None = None
+    vae: nn.Module | None = None
+    #: what prompt encoding depends on besides the prompts (``conditioning.ENCODERS``): image size, T5 length
+    encode_settings: dict = field(default_factory=dict)
 
     @property
     def backbone(self) -> nn.Module | None:
-        return getattr(self.denoiser, "unet", None)
+        return self.denoiser.backbone
 
 
 class TeacherError(ValueError):
@@ -113,17 +124,91 @@ def _unet_teacher(unet, scheduler_config: dict, source: str, sample_shape=None, 
     return Teacher(den, dict(scheduler_config), tuple(sample_shape), source, **kw)
 
 
-def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | None = None,
-                    revision: str | None = None) -> Teacher:
-    """A local or hub diffusers directory holding a ``UNet2DModel`` and a DDPM-family scheduler.
+def _family_teacher(family: Family, backbone: nn.Module, vae: nn.Module, scheduler_config: dict, source: str,
+                    load_pipeline: Callable[..., object], *, resolution: int | None = None,
+                    max_sequence_length: int | None = None, guidance: float | None = None) -> Teacher:
+    """A text-conditioned latent teacher of ``family``: the frozen backbone behind its adapter, and the VAE."""
+    backbone.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval()
+    scale = vae_scale(vae.config)
+    resolution = resolution or family.default_resolution(backbone.config, scale)
+    shape = family.latent_shape(backbone.config, scale, resolution)
+    settings = {"guidance": guidance} if (family.name == "flux" and guidance is not None) else {}
+    try:
+        den = family_denoiser(family, backbone, dict(scheduler_config), shape[1:], **settings)
+    except ValueError as err:
+        raise TeacherError(f"teacher: {err}") from None
+    encode = {"image_size": [resolution, resolution],
+              "max_sequence_length": max_sequence_length or family.max_sequence_length}
+    return Teacher(den, dict(scheduler_config), shape, source, family=family, load_pipeline=load_pipeline, vae=vae,
+                   encode_settings=encode, meta={"resolution": resolution})
 
-    Accepts a pipeline directory (``unet/`` + ``scheduler/``) or, with ``subfolder``, a model folder inside one.
+
+def _model_index(path: str, revision: str | None) -> dict | None:
+    """``model_index.json`` of a pipeline directory or hub id, or ``None`` when there is none."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(path, revision=revision))
+    except (OSError, ValueError):
+        return None
+
+
+def _load_family_pretrained(path: str, index: dict, family: Family, *, variant, revision, resolution,
+                            max_sequence_length, guidance) -> Teacher:
+    import diffusers
+
+    if os.path.isdir(path):  # a missing component fails here with its name, not deep inside diffusers
+        for name, entry in index.items():
+            if isinstance(entry, list) and entry[0] is not None and not (Path(path) / name).is_dir():
+                raise TeacherError(f"teacher.pretrained: {path} is missing component {name!r} (model_index.json "
+                                   f"lists {entry[1]}, but there is no {name}/ folder)")
+
+    def component(name: str):
+        cls = getattr(diffusers, index[name][1])
+        try:
+            return cls.from_pretrained(path, subfolder=name, variant=variant, revision=revision)
+        except (OSError, ValueError) as err:
+            raise TeacherError(f"teacher.pretrained: cannot load {name} ({index[name][1]}) from {path!r}: "
+                               f"{str(err).splitlines()[0]}") from None
+
+    backbone, vae = component(family.backbone), component("vae")
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    sched_cfg = dict(sched_cls.load_config(path, subfolder="scheduler", revision=revision))
+
+    def load_pipeline(**components):
+        return diffusers.DiffusionPipeline.from_pretrained(path, variant=variant, revision=revision, **components)
+
+    return _family_teacher(family, backbone, vae, sched_cfg, f"pretrained:{path}", load_pipeline,
+                           resolution=resolution, max_sequence_length=max_sequence_length, guidance=guidance)
+
+
+def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | None = None,
+                    revision: str | None = None, family: str | None = None, resolution: int | None = None,
+                    max_sequence_length: int | None = None, guidance: float | None = None) -> Teacher:
+    """A local or hub diffusers directory.
+
+    * A pipeline of a supported family (``model_index.json`` names StableDiffusionPipeline,
+      StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline): its backbone, VAE and scheduler.
+      ``family``, when given, must match.
+    * Otherwise a ``UNet2DModel`` and a DDPM-family scheduler: a pipeline directory (``unet/`` + ``scheduler/``)
+      or, with ``subfolder``, a model folder inside one.
     """
     from diffusers import UNet2DModel
 
     local = os.path.isdir(path)
     if not local and (os.path.sep in path.strip("/") and path.startswith((".", "/"))):
         raise TeacherError(f"teacher.pretrained: no such directory: {path}")
+    index = None if subfolder else _model_index(path, revision)
+    found = BY_PIPELINE.get((index or {}).get("_class_name"))
+    if family is not None and family not in FAMILIES and family != "unet2d":
+        raise TeacherError(f"teacher.family: unknown {family!r}; allowed: {['unet2d', *FAMILIES]}")
+    if family is not None and (found.name if found else "unet2d") != family:
+        what = index.get("_class_name") if index else "no model_index.json (a UNet2DModel folder?)"
+        raise TeacherError(f"teacher.family: the recipe says {family!r} but {path} holds {what}")
+    if found is not None:
+        return _load_family_pretrained(path, index, found, variant=variant, revision=revision, resolution=resolution,
+                                       max_sequence_length=max_sequence_length, guidance=guidance)
     unet_sub = subfolder or "unet"
     try:
         unet = UNet2DModel.from_pretrained(path, subfolder=unet_sub, variant=variant, revision=revision)
@@ -141,12 +226,33 @@ def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | N
     return _unet_teacher(unet, sched_cfg, f"pretrained:{path}")
 
 
-def load_tiny(kind: str, *, seed: int = 0) -> Teacher:
-    """``teacher.tiny``: a random tiny model built offline. Only ``unet2d`` here; SD families come with issue 3."""
-    if kind != "unet2d":
-        raise TeacherError(f"teacher.tiny: unknown kind {kind!r}; available: ['unet2d']")
-    torch.manual_seed(seed)
-    return _unet_teacher(tiny_unet2d(), dict(DEFAULT_SCHEDULER), "tiny:unet2d")
+#: image size of the tiny family teachers (the FLUX one has a 1x VAE, so 16 px are 16x16 latents, 64 tokens)
+TINY_RESOLUTION = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 16, "flux-dev": 16}
+
+
+def load_tiny(kind: str, *, seed: int = 0, resolution: int | None = None, max_sequence_length: int | None = None,
+              guidance: float | None = None) -> Teacher:
+    """``teacher.tiny``: a random tiny model built offline: ``unet2d`` or a diffusers family (``tiny.py``)."""
+    from .tiny import TINY_PIPELINES
+
+    if kind == "unet2d":
+        torch.manual_seed(seed)
+        return _unet_teacher(tiny_unet2d(), dict(DEFAULT_SCHEDULER), "tiny:unet2d")
+    if kind not in TINY_PIPELINES:
+        raise TeacherError(f"teacher.tiny: unknown kind {kind!r}; available: {['unet2d', *TINY_PIPELINES]}")
+    build = TINY_PIPELINES[kind]
+    pipe = build()
+    family = BY_PIPELINE[type(pipe).__name__]
+
+    def load_pipeline(**components):
+        fresh = build()
+        fresh.register_modules(**components)
+        return fresh
+
+    backbone = getattr(pipe, family.backbone)
+    return _family_teacher(family, backbone, pipe.vae, dict(pipe.scheduler.config), f"tiny:{kind}", load_pipeline,
+                           resolution=resolution or TINY_RESOLUTION[kind],
+                           max_sequence_length=max_sequence_length or 16, guidance=guidance)
 
 
 def load_embedded(name: str) -> Teacher:
@@ -213,10 +319,12 @@ def load_gmm(means, *, std=None, stds=None, weights=None, denoiser: str = "mlp",
 def load_teacher(cfg) -> Teacher:
     """Dispatch on the one teacher source a recipe names (``config.TeacherConfig``)."""
     source = cfg.source()
+    family = {"resolution": cfg.resolution, "max_sequence_length": cfg.max_sequence_length, "guidance": cfg.guidance}
     if source == "pretrained":
-        return load_pretrained(cfg.pretrained, subfolder=cfg.subfolder, variant=cfg.variant, revision=cfg.revision)
+        return load_pretrained(cfg.pretrained, subfolder=cfg.subfolder, variant=cfg.variant, revision=cfg.revision,
+                               family=cfg.family, **family)
     if source == "tiny":
-        return load_tiny(cfg.tiny)
+        return load_tiny(cfg.tiny, **family)
     if source == "embedded":
         return load_embedded(cfg.embedded)
     gmm = dict(cfg.gmm)

@@ -149,7 +149,25 @@ def test_unknown_kinds_are_rejected():
         to_x0_eps("score", x0, x0, c)  # score is an output-only reading
     with pytest.raises(ValueError, match="unknown prediction kind"):
         from_x0_eps("velocity", x0, eps, c)
-    assert {DIFFUSERS_PREDICTION[OURS_TO_DIFFUSERS[k]] for k in KINDS} == set(KINDS)
+    # every diffusers prediction_type has a kind; "flow" (our d/dt, chain-ruled through a shift) has no diffusers name
+    assert {DIFFUSERS_PREDICTION[OURS_TO_DIFFUSERS[k]] for k in OURS_TO_DIFFUSERS} == set(KINDS) - {"flow"}
+    assert DIFFUSERS_PREDICTION["flow_prediction"] == "flow_match"
+
+
+@pytest.mark.parametrize("schedule", [RectifiedFlow(), RectifiedFlow(shift=3.0)], ids=["rf", "rf-shift3"])
+def test_flow_match_is_eps_minus_x0_whatever_the_shift(schedule):
+    """SD3/FLUX output eps - x0 (FlowMatchEuler's step is x + (sigma' - sigma) u), not d/dt of the shifted path."""
+    x0, eps = _pair()
+    x_t, c = _noised(schedule, x0, eps, T4)
+    u = eps - x0
+    torch.testing.assert_close(from_x0_eps("flow_match", x0, eps, c), u, rtol=0, atol=1e-12)
+    x0_u, eps_u = to_x0_eps("flow_match", u, x_t, c)
+    torch.testing.assert_close(x0_u, x0.double(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(eps_u, eps.double(), rtol=0, atol=1e-10)
+    sigma, sigma_next = schedule.sigma(T4), schedule.sigma(T4 - 0.04)
+    pred = Prediction.from_output("flow_match", u, x_t, c)
+    euler = x_t + (sigma_next - sigma)[:, None, None] * u
+    torch.testing.assert_close(ddim_step(pred, schedule, T4 - 0.04), euler, rtol=0, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
