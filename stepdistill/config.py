@@ -64,6 +64,7 @@ class DataConfig:
     path: str | None = None
     batch_size: int = 64
     labels: bool = False
+    prompts: str | None = None  # text-conditioned teachers: a file with one prompt per line
 
 
 @dataclass

@@ -5,6 +5,9 @@ Sources (``data.source`` in a recipe):
     * ``digits``: scikit-learn's bundled 8x8 digits (offline), scaled to [-1, 1], labels = digit.
     * ``image_folder``: PNG/JPEG files under ``data.path``, resized to the teacher's sample size, in [-1, 1].
     * ``gaussian``: standard normal "images" of the teacher's sample shape (smoke runs of random tiny teachers).
+
+Latent teachers (SD1.5, SDXL, SD3, FLUX) take ``image_folder`` data as VAE latents, encoded once and cached on disk
+(``latent_table``), and their conditions come from a prompt table (``conditioning.py``): each batch draws rows of it.
 """
 
 from __future__ import annotations
@@ -45,13 +48,48 @@ def _image_folder(path: str, shape: tuple[int, ...]) -> torch.Tensor:
     return x[:, None] if c == 1 else x.permute(0, 3, 1, 2)
 
 
+def latent_table(path: str, teacher, cache_dir: Path) -> torch.Tensor:
+    """The images under ``path`` as the latent teacher's VAE latents ``[N, C, h, w]``, cached as safetensors.
+
+    The key covers the file list (names, sizes, mtimes), the teacher and its resolution; one deterministic posterior
+    sample per image (seed 0), as the diffusers training scripts cache them.
+    """
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from .families import images_to_latents
+
+    res = teacher.meta["resolution"]
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([teacher.source, res, stamp]).encode()).hexdigest()[:16]
+    file = Path(cache_dir) / "latents" / f"{key}.safetensors"
+    if file.exists():
+        return load_file(str(file))["latents"]
+    images = _image_folder(path, (3, res, res))
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.cat([images_to_latents(teacher.vae, images[i:i + 16], gen) for i in range(0, len(images), 16)])
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous()}, str(file.with_suffix(".tmp")))
+    file.with_suffix(".tmp").rename(file)
+    return latents
+
+
 class DataSource:
-    """An endless stream of training batches drawn with the caller's generator (so resume replays exactly)."""
+    """An endless stream of training batches drawn with the caller's generator (so resume replays exactly).
+
+    ``conditions``: a prompt table ``{key: [N, ...]}``; each batch draws its rows independently of the images.
+    ``latents``: for latent teachers, the image folder already encoded (``latent_table``).
+    """
 
     def __init__(self, kind: str, *, batch_size: int, sample_shape: tuple[int, ...],
-                 mixture: GaussianMixture | None = None, path: str | None = None, labels: bool = False):
+                 mixture: GaussianMixture | None = None, path: str | None = None, labels: bool = False,
+                 conditions: dict[str, torch.Tensor] | None = None, latents: torch.Tensor | None = None):
         self.kind, self.batch_size, self.labels = kind, batch_size, labels
         self.mixture = mixture
+        self.conditions = conditions
         self.tensor, self.targets = None, None
         if kind == "gmm":
             if mixture is None:
@@ -63,7 +101,7 @@ class DataSource:
         elif kind == "image_folder":
             if not path:
                 raise ValueError("data.source image_folder needs data.path")
-            self.tensor = _image_folder(path, tuple(sample_shape))
+            self.tensor = latents if latents is not None else _image_folder(path, tuple(sample_shape))
         elif kind == "gaussian":
             self.shape = tuple(sample_shape)
         else:
@@ -80,6 +118,9 @@ class DataSource:
             x0 = self.tensor[idx]
             y = None if self.targets is None else self.targets[idx]
         cond = {"class_labels": y} if (self.labels and y is not None) else None
+        if self.conditions is not None:
+            rows = torch.randint(0, next(iter(self.conditions.values())).shape[0], (n,), generator=generator)
+            cond = {k: v[rows] for k, v in self.conditions.items()}
         return Batch(x0=x0, cond=cond, generator=generator)
 
     def __iter__(self) -> Iterator[Batch]:  # pragma: no cover - convenience

@@ -1,5 +1,7 @@
 """Export a student as a stock diffusers pipeline whose scheduler config encodes the student grid (DESIGN.md §6).
 
+Students of the diffusers families (SD1.5, SDXL, SD3, FLUX) are saved with their teacher's stock pipeline class
+(``_family_pipeline``); SD3/FLUX grids go in ``FlowMatchEulerDiscreteScheduler`` plus the ``sigmas=`` call argument.
 UNet2DModel students are saved as ``DDPMPipeline(unet, scheduler)`` on the teacher's betas, so
 ``DiffusionPipeline.from_pretrained(dir)(num_inference_steps=N)`` runs exactly the training grid:
 
@@ -72,42 +74,115 @@ def grid_timesteps(schedule: VPDiscrete, grid: StudentGrid) -> list[int]:
     return [int(round(float(v))) for v in schedule.model_time(torch.tensor(grid.times, dtype=torch.float64))]
 
 
-def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: Path) -> Path:
-    """Write ``out_dir`` (atomically): the pipeline, ``stepdistill.json`` and a model card ``README.md``."""
+def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
+    """UNet2DModel students: ``DDPMPipeline`` on the teacher's betas, the grid in the scheduler config."""
     from diffusers import DDPMPipeline
 
     schedule = student.schedule
     if not isinstance(schedule, VPDiscrete) or student.backbone is None:
-        raise ExportError("export: only UNet2DModel students on a discrete VP schedule export to DDPMPipeline today")
-    if grid.transition == "renoise" and student.prediction not in ("x0", "eps", "v"):
-        raise ExportError(f"export: LCMScheduler takes epsilon, v_prediction or sample outputs, not "
-                          f"{student.prediction!r}")
+        raise ExportError("export: only UNet2DModel students on a discrete VP schedule export to DDPMPipeline")
+    _check_renoise_prediction(student, grid)
     timesteps = grid_timesteps(schedule, grid)
     scheduler = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps)
-
-    unet = copy.deepcopy(student.plain_backbone()).float().eval()
-    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
+    pipe = DDPMPipeline(unet=copy.deepcopy(student.plain_backbone()).float().eval(), scheduler=scheduler)
     vector = len(teacher.sample_shape) == 1
-    meta = {
-        "method": recipe.method.name,
-        "teacher": recipe.to_dict()["teacher"],
-        "teacher_source": teacher.source,
+    return pipe, {
         "prediction_type": OURS_TO_DIFFUSERS[student.prediction],
         "num_inference_steps": grid.steps,
         "guidance_scale": None,
         "timesteps": timesteps,
-        "transition": grid.transition,
-        "scheduler": type(scheduler).__name__,
         "call": {"num_inference_steps": grid.steps},
         "sample_shape": list(teacher.sample_shape),
         "data": "vector" if vector else "image",
         "output": "DDPMPipeline returns (x / 2 + 0.5).clamp(0, 1); x = 2 * output - 1 recovers the sample"
                   + ("; vector samples come as [B, 1, 1, D] arrays" if vector else ""),
     }
+
+
+def _check_renoise_prediction(student: Denoiser, grid: StudentGrid) -> None:
+    if grid.transition == "renoise" and student.prediction not in ("x0", "eps", "v"):
+        raise ExportError(f"export: LCMScheduler takes epsilon, v_prediction or sample outputs, not "
+                          f"{student.prediction!r}")
+
+
+def flow_scheduler(teacher_scheduler_config: dict, grid: StudentGrid, sigmas: list[float]):
+    """``FlowMatchEulerDiscreteScheduler`` that replays ``sigmas`` literally (shift 1, no dynamic shifting: the
+    pipelines' ``sigmas=`` would be shifted again otherwise, ECOSYSTEM.md §1.3). Its Euler step
+    ``x + (sigma' - sigma) u`` is the DDIM jump on rectified flow; ``stochastic_sampling`` is "denoise, then re-noise
+    with fresh noise" for re-noising grids."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        {**cfg, "shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None,
+         "stochastic_sampling": grid.transition == "renoise"})
+    scheduler.set_timesteps(sigmas=sigmas)
+    got = scheduler.sigmas[:-1].tolist()
+    if max(abs(a - b) for a, b in zip(got, sigmas)) > 1e-6 or scheduler.sigmas[-1] != 0:
+        raise ExportError(f"export: FlowMatchEulerDiscreteScheduler does not replay the student sigmas {sigmas} "
+                          f"(got {got})")
+    return scheduler
+
+
+def _family_pipeline(student: Denoiser, teacher, grid: StudentGrid):
+    """SD1.5 / SDXL / SD3 / FLUX students: the teacher's stock pipeline class with the student backbone and a
+    scheduler that replays the grid; ``call`` holds the exact keyword arguments (SD3/FLUX take ``sigmas=``)."""
+    family = teacher.family
+    schedule = student.schedule
+    res = teacher.meta["resolution"]
+    call = {"num_inference_steps": grid.steps}
+    if family.flow:
+        if student.prediction != "flow_match":
+            raise ExportError(f"export: FlowMatchEuler pipelines need a flow_match student, not "
+                              f"{student.prediction!r}")
+        sigmas = [float(v) for v in schedule.sigma(torch.tensor(grid.times, dtype=torch.float64))]
+        scheduler = flow_scheduler(teacher.scheduler_config, grid, sigmas)
+        grid_meta = {"sigmas": sigmas}
+        call["sigmas"] = sigmas
+        call["max_sequence_length"] = teacher.encode_settings["max_sequence_length"]
+    else:
+        _check_renoise_prediction(student, grid)
+        timesteps = grid_timesteps(schedule, grid)
+        scheduler = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps)
+        grid_meta = {"timesteps": timesteps}
+    # The student carries any guidance it was distilled with: no CFG at sampling time (guidance_scale <= 1 turns
+    # it off). FLUX-dev's guidance is an input of the network, so it keeps the value the student was trained with.
+    if family.name != "flux":
+        call["guidance_scale"] = 0.0
+    elif student.backbone.config.guidance_embeds:
+        call["guidance_scale"] = teacher.meta["guidance"]
+    call.update(height=res, width=res)
+    backbone = copy.deepcopy(student.plain_backbone()).float().eval()
+    pipe = teacher.load_pipeline(**{family.backbone: backbone, "scheduler": scheduler})
+    if not family.flow:  # pipelines may rewrite scheduler settings at construction (SD's steps_offset): re-check
+        pipe.scheduler.set_timesteps(grid.steps)
+        if pipe.scheduler.timesteps.tolist() != grid_meta["timesteps"]:
+            raise ExportError(f"export: {type(pipe).__name__} changed the scheduler grid to "
+                              f"{pipe.scheduler.timesteps.tolist()} (expected {grid_meta['timesteps']})")
+    return pipe, {
+        "family": family.name,
+        "pipeline_class": type(pipe).__name__,
+        "prediction_type": OURS_TO_DIFFUSERS[student.prediction],
+        "num_inference_steps": grid.steps,
+        "guidance_scale": call.get("guidance_scale"),
+        **grid_meta,
+        "call": call,
+        "sample_shape": list(teacher.sample_shape),
+        "data": "latent",
+        "output": "images decoded by the VAE (PIL by default); output_type='latent' returns the student's latents",
+    }
+
+
+def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: Path) -> Path:
+    """Write ``out_dir`` (atomically): the stock pipeline, ``stepdistill.json`` and a model card ``README.md``."""
+    build = _family_pipeline if teacher.family is not None else _ddpm_pipeline
+    pipe, fields = build(student, teacher, grid)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    meta = {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "teacher_source": teacher.source,
+            **fields, "transition": grid.transition, "scheduler": type(pipe.scheduler).__name__}
     (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
     (tmp / "README.md").write_text(model_card(meta))
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -127,12 +202,14 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         "from diffusers import DiffusionPipeline",
         "",
         'pipe = DiffusionPipeline.from_pretrained("PATH_TO_THIS_FOLDER")',
+        f'images = pipe("a photo of a cat", {call}).images' if meta.get("family") else
         f'images = pipe(batch_size=16, {call}, output_type="np").images',
         "```",
         "",
-        f"- timesteps: `{meta['timesteps']}` ({meta.get('scheduler', 'DDIMScheduler')}: "
+        (f"- sigmas: `{meta['sigmas']}`" if "sigmas" in meta else f"- timesteps: `{meta['timesteps']}`")
+        + f" ({meta.get('scheduler', 'DDIMScheduler')}: "
         + ("denoise, then re-noise with fresh noise" if meta.get("transition") == "renoise" else
-           "deterministic DDIM jumps, eta 0") + ")",
+           "deterministic jumps, no added noise") + ")",
         "- the pipeline's `generator` also drives the re-noising, so a seeded call is reproducible"
         if meta.get("transition") == "renoise" else "- deterministic given the initial noise",
         f"- prediction type: `{meta['prediction_type']}`",

@@ -140,8 +140,9 @@ def _family_teacher(family: Family, backbone: nn.Module, vae: nn.Module, schedul
         raise TeacherError(f"teacher: {err}") from None
     encode = {"image_size": [resolution, resolution],
               "max_sequence_length": max_sequence_length or family.max_sequence_length}
+    meta = {"resolution": resolution, **({"guidance": den.guidance} if family.name == "flux" else {})}
     return Teacher(den, dict(scheduler_config), shape, source, family=family, load_pipeline=load_pipeline, vae=vae,
-                   encode_settings=encode, meta={"resolution": resolution})
+                   encode_settings=encode, meta=meta)
 
 
 def _model_index(path: str, revision: str | None) -> dict | None:
@@ -324,7 +325,12 @@ def load_teacher(cfg) -> Teacher:
         return load_pretrained(cfg.pretrained, subfolder=cfg.subfolder, variant=cfg.variant, revision=cfg.revision,
                                family=cfg.family, **family)
     if source == "tiny":
-        return load_tiny(cfg.tiny, **family)
+        teacher = load_tiny(cfg.tiny, **family)
+        found = teacher.family.name if teacher.family else "unet2d"
+        if cfg.family is not None and cfg.family != found:
+            raise TeacherError(f"teacher.family: the recipe says {cfg.family!r} but teacher.tiny {cfg.tiny!r} is "
+                               f"{found!r}")
+        return teacher
     if source == "embedded":
         return load_embedded(cfg.embedded)
     gmm = dict(cfg.gmm)

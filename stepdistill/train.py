@@ -24,9 +24,11 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .conditioning import load_or_encode, read_prompts
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
-from .data import DataSource
+from .data import DataSource, latent_table
 from .export import grid_timesteps, student_scheduler
+from .families import latents_to_images
 from .methods import METHODS
 from .methods.base import PrepareContext
 from .roles import build_nets
@@ -97,6 +99,7 @@ class Trainer:
             self.teacher = load_teacher(r.teacher)
         except TeacherError as err:
             raise RunError(str(err)) from None
+        self.conditions = self._encode_prompts()  # before the roles are built: they copy the null condition
         try:
             self.method = METHODS[r.method.name](**r.method.params)
         except (TypeError, ValueError) as err:
@@ -147,6 +150,10 @@ class Trainer:
         n_show = r.train.num_sample_images
         self.sample_noise = torch.randn(n_show, *self.teacher.sample_shape,
                                         generator=torch.Generator().manual_seed(r.eval.seed))
+        self.sample_cond = None  # the first prompts of the prompt file, cycled, for text-conditioned teachers
+        if self.conditions is not None:
+            rows = torch.arange(n_show) % next(iter(self.conditions.values())).shape[0]
+            self.sample_cond = {k: v[rows].to(acc.device) for k, v in self.conditions.items()}
         if self.resume:
             self.load_checkpoint(self.latest_checkpoint())
             # Bring curricula to the checkpoint's step so student_grid() is right even if no step runs (idempotent:
@@ -170,6 +177,30 @@ class Trainer:
         except ValueError as err:  # ExportError is a ValueError
             raise ConfigError(f"method: {err}") from None
 
+    def _encode_prompts(self) -> dict[str, torch.Tensor] | None:
+        """Text-conditioned teachers: the prompt table (cached, ``conditioning.py``) and the teacher's null condition.
+
+        The text encoders are loaded only on a cache miss, on the main process, and dropped right after encoding.
+        """
+        r, t, acc = self.recipe, self.teacher, self.accelerator
+        if t.family is None:
+            if r.data.prompts:
+                raise ConfigError(f"data.prompts: the teacher ({t.source}) is not text-conditioned; remove the key")
+            return None
+        if not r.data.prompts:
+            raise ConfigError(f"data.prompts: a text-conditioned teacher ({t.family.name}) needs a prompt file, one "
+                              "prompt per line")
+        try:
+            prompts = read_prompts(r.data.prompts)
+            table, null = load_or_encode(
+                lambda: t.load_pipeline(**{t.family.backbone: t.backbone, "vae": t.vae}), t.family.name, prompts,
+                teacher_id=t.source, cache_dir=cache_root(), settings=t.encode_settings,
+                is_main_process=acc.is_main_process, wait_for_everyone=acc.wait_for_everyone)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        t.denoiser.set_null_condition(null)
+        return table
+
     def _make_data(self) -> DataSource:
         r, t, m = self.recipe, self.teacher, self.method
         needs_real = getattr(m, "needs_real_data", None)  # why the loss needs data samples, or None
@@ -186,8 +217,13 @@ class Trainer:
             raise ConfigError(f"data.source: {needs_real} needs a real-data source; set data.source to "
                               f"image_folder (with data.path), digits or gmm (got {source or 'none'})")
         try:
+            latents = None
+            if source == "image_folder" and t.family is not None:
+                if not r.data.path:
+                    raise ValueError("data.source image_folder needs data.path")
+                latents = latent_table(r.data.path, t, cache_root())
             return DataSource(source, batch_size=r.data.batch_size, sample_shape=t.sample_shape, mixture=t.mixture,
-                              path=r.data.path, labels=r.data.labels)
+                              path=r.data.path, labels=r.data.labels, conditions=self.conditions, latents=latents)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
@@ -350,8 +386,11 @@ class Trainer:
         was_training = student.training
         student.eval()
         x = sample_student(student, self.sample_noise.to(self.accelerator.device), self.method.student_grid(),
+                           cond=self.sample_cond,
                            generator=torch.Generator().manual_seed(self.recipe.eval.seed + 1))  # re-noising grids
         student.train(was_training)
+        if self.teacher.vae is not None:  # latent teachers: show decoded images
+            x = latents_to_images(self.teacher.vae.to(x.device), x)
         path = self.dir / "samples" / f"step-{self.step}.png"
         save_sample_grid(x.cpu(), path, mixture=self.teacher.mixture)
         return path

@@ -52,3 +52,24 @@ def dmd_recipe(**overrides) -> dict:
     if not (method.get("gan_weight", 0) > 0 or method.get("divergence", "reverse_kl") != "reverse_kl"):
         del recipe["optim"]["discriminator"]  # no GAN head is built
     return recipe
+
+
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+SMOKE_PROMPTS = str(__import__("pathlib").Path(__file__).parents[1] / "recipes" / "prompts" / "smoke.txt")
+
+
+def family_recipe(tiny: str, **overrides) -> dict:
+    """PD 4 -> 2 steps on a tiny random diffusers-family teacher (``tiny.py``) with CFG w = 3; three steps."""
+    flow = tiny.startswith(("sd3", "flux"))
+    recipe = {
+        "seed": 0,
+        "teacher": {"tiny": tiny},
+        "method": {"name": "progressive", "teacher_steps": 4, "final_steps": 2, "steps_per_stage": 3,
+                   "student_prediction": "flow_match" if flow else "v",
+                   **({} if tiny.startswith("flux") else {"guidance": [3.0, 3.0]})},
+        "data": {"source": "gaussian", "prompts": SMOKE_PROMPTS, "batch_size": 2},
+        "optim": {"student": {"lr": 1e-3}},
+        "train": {"max_steps": 3, "log_every": 1, "num_sample_images": 2},
+        "eval": {"num_samples": 4, "teacher_full_steps": 4},
+    }
+    return _apply(recipe, overrides)

@@ -39,8 +39,10 @@ class ProgressiveDistillation:
         final_steps: steps of the last student (e.g. 4); ``teacher_steps / final_steps`` must be a power of two.
         steps_per_stage: training steps per halving (the paper uses 50k on CIFAR-10).
         weighting: ``snr_trunc`` (default, paper), ``constant`` (x-MSE), ``snr`` (eps-MSE) or ``v_mse``.
-        student_prediction: the student's output, ``x0`` or ``v`` (eps-prediction fails, METHODS.md §2 pitfalls).
-        guidance: ``(w_min, w_max)`` for guided PD, or ``None``.
+        student_prediction: the student's output, ``x0``, ``v`` or, for flow teachers, ``flow_match`` (eps-prediction
+            fails, METHODS.md §2 pitfalls).
+        guidance: ``(w_min, w_max)`` for guided PD, or ``None``. With ``w_min == w_max`` the student distils the
+            CFG teacher at that one scale and takes no w input (stock backbones have none).
     """
 
     phases = ("student",)
@@ -54,8 +56,8 @@ class ProgressiveDistillation:
                              f"{teacher_steps}/{final_steps}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"method.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if student_prediction not in ("x0", "v"):
-            raise ValueError(f"method.student_prediction must be 'x0' or 'v' (eps fails for PD), got "
+        if student_prediction not in ("x0", "v", "flow_match"):
+            raise ValueError(f"method.student_prediction must be 'x0', 'v' or 'flow_match' (eps fails for PD), got "
                              f"{student_prediction!r}")
         if guidance is not None and not (1.0 <= guidance[0] <= guidance[1]):
             raise ValueError(f"method.guidance must be [w_min, w_max] with 1 <= w_min <= w_max, got {guidance}")
@@ -114,7 +116,8 @@ class ProgressiveDistillation:
         if self.guidance is not None:
             w = self.guidance[0] + (self.guidance[1] - self.guidance[0]) * torch.rand(b, generator=gen,
                                                                                     dtype=torch.float64)
-            student_cond = {**(cond or {}), "guidance": w.to(x0.device, torch.float32)}
+            if self.guidance[1] > self.guidance[0]:  # a fixed w is baked in; only a range needs a w-input
+                student_cond = {**(cond or {}), "guidance": w.to(x0.device, torch.float32)}
         if self.stage == 0:
             teacher, teacher_cond, teacher_w = nets.teacher, cond, w
         else:

@@ -1,0 +1,213 @@
+"""The diffusers families on tiny offline models (ISSUE: real teachers): adapters against the stock pipelines, prompt
+encoding and its cache, distillation runs and the export round trip through stock diffusers, bad input."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from stepdistill.cli import main
+from stepdistill.conditioning import encode_prompts, load_or_encode, null_condition
+from stepdistill.config import build_recipe
+from stepdistill.denoisers import guidance_embedding, pack_latents, unpack_latents
+from stepdistill.sampling import StudentGrid, sample_student
+from stepdistill.teachers import TeacherError, load_pretrained, load_tiny
+from stepdistill.train import Trainer
+
+from ._recipes import FAMILIES, SMOKE_PROMPTS, family_recipe
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["a red cat", "a lighthouse at dusk"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
+
+
+def _stock_call(teacher, pipe, noise, w, steps):
+    """The stock pipeline's own sampling call for the same noise, grid and CFG scale, returning latents."""
+    from diffusers import DDIMScheduler
+
+    res = teacher.meta["resolution"]
+    kw = {"height": res, "width": res, "output_type": "latent", "guidance_scale": w}
+    latents = noise
+    if teacher.family.flow:
+        kw.update(sigmas=list(steps), max_sequence_length=teacher.encode_settings["max_sequence_length"])
+        if teacher.family.name == "flux":  # FLUX's CFG is "true CFG" with a negative prompt; "" is our null
+            latents = pack_latents(noise)
+            kw.update(negative_prompt="", true_cfg_scale=w, guidance_scale=teacher.meta["guidance"])
+    else:  # our deterministic grid is DDIM with trailing spacing
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                   set_alpha_to_one=True, steps_offset=0, clip_sample=False)
+        kw["num_inference_steps"] = len(steps)
+    out = pipe(PROMPTS, latents=latents.clone(), **kw).images
+    return unpack_latents(out, *noise.shape[2:]) if teacher.family.name == "flux" else out
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux", "flux-dev"])
+def test_adapter_and_cfg_match_the_stock_pipeline(kind):
+    """Two sampling steps with CFG w = 3 through our adapter equal the stock pipeline's own loop on the same noise:
+    prompt encoding, null condition, time conversion, prediction type and guidance convention all agree."""
+    teacher = load_tiny(kind)
+    pipe = teacher.load_pipeline()
+    cond = encode_prompts(pipe, teacher.family.name, PROMPTS, **teacher.encode_settings)
+    teacher.denoiser.set_null_condition(null_condition(pipe, teacher.family.name, **teacher.encode_settings))
+    noise = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    times = (1.0, 0.5)
+    ours = sample_student(teacher.denoiser, noise, StudentGrid(times), cond=cond, w=3.0)
+    # SD3's scheduler shifts the sigmas it is given (shift 3) exactly as our schedule maps times to sigmas
+    ref = _stock_call(teacher, pipe, noise, 3.0, times)
+    scale = ref.abs().mean()
+    assert (ours - ref).abs().max() <= 1e-5 * max(1.0, float(scale)), (ours - ref).abs().max()
+
+
+def test_flux_packing_and_ids_match_the_pipeline():
+    from diffusers import FluxPipeline
+
+    x = torch.randn(2, 3, 8, 6)
+    packed = pack_latents(x)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(x, 2, 3, 8, 6), rtol=0, atol=0)
+    torch.testing.assert_close(unpack_latents(packed, 8, 6), x, rtol=0, atol=0)
+
+
+def test_guidance_embedding_matches_the_lcm_pipeline():
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.tensor([1.0, 3.5, 8.0])
+    for dim in (256, 33):
+        ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        torch.testing.assert_close(guidance_embedding(w, dim), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_prompt_cache_is_used_and_text_encoders_are_not_loaded_again(tmp_path):
+    teacher = load_tiny("sd3")
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return teacher.load_pipeline()
+
+    args = dict(teacher_id=teacher.source, cache_dir=tmp_path / "c", settings=teacher.encode_settings)
+    table, null = load_or_encode(loader, "sd3", PROMPTS, **args)
+    again, null_again = load_or_encode(lambda: pytest.fail("text encoders loaded despite the cache"), "sd3",
+                                       PROMPTS, **args)
+    assert loads == [1]
+    direct = encode_prompts(teacher.load_pipeline(), "sd3", PROMPTS, **teacher.encode_settings)
+    for key in direct:
+        torch.testing.assert_close(table[key], direct[key])
+        torch.testing.assert_close(again[key], direct[key])
+    assert set(null) == set(null_again) == {"encoder_hidden_states", "pooled_projections"}
+    # another prompt list (or teacher) is another key: encoded again
+    load_or_encode(loader, "sd3", PROMPTS[:1], **args)
+    assert loads == [1, 1]
+
+
+def test_sdxl_null_condition_is_zeros_like_the_pipeline():
+    teacher = load_tiny("sdxl")
+    null = null_condition(teacher.load_pipeline(), "sdxl", **teacher.encode_settings)
+    assert set(null) == {"encoder_hidden_states", "text_embeds"}  # the size ids stay the sample's own
+    assert all(float(v.abs().max()) == 0 for v in null.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distillation runs and the export round trip.
+
+CONSUMER = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline
+
+    folder, latents, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    prompts = json.loads(sys.argv[4])
+    call = json.load(open(folder + "/stepdistill.json"))["call"]
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    x = torch.from_numpy(np.load(latents))
+    images = pipe(prompts, latents=x, output_type="latent", **call).images
+    np.save(out, images.numpy())
+    print(type(pipe).__name__, type(pipe.scheduler).__name__, pipe.scheduler.timesteps.tolist())
+    assert not any(m.startswith("stepdistill") for m in sys.modules), "consumer imported stepdistill"
+""")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distill_then_the_stock_pipeline_reproduces_the_student(tmp_path, family):
+    """Three PD steps on a tiny teacher, export, and ``DiffusionPipeline.from_pretrained(dir)(prompts, **call)`` in
+    a process that never imports stepdistill lands on the training-time student's latents."""
+    trainer = Trainer(build_recipe(family_recipe(family)), tmp_path / "run", show_progress=False).setup()
+    trainer.train()
+    folder = trainer.export()
+    meta = json.loads((folder / "stepdistill.json").read_text())
+    assert meta["pipeline_class"] == trainer.teacher.family.pipeline and meta["num_inference_steps"] == 2
+    assert (tmp_path / "run" / "samples" / "step-3.png").exists()
+
+    prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
+    noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    cond = {k: v[:2] for k, v in trainer.conditions.items()}  # rows 0, 1 = the first two prompts
+    expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond)
+    fed = pack_latents(noise) if family == "flux" else noise
+    np.save(tmp_path / "noise.npy", fed.numpy())
+    argv = [sys.executable, "-c", CONSUMER, str(folder), str(tmp_path / "noise.npy"), str(tmp_path / "out.npy"),
+            json.dumps(prompts)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    got = unpack_latents(got, *noise.shape[2:]) if family == "flux" else got
+    assert meta["pipeline_class"] in proc.stdout
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def _cli(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_empty_prompt_file_is_one_line_and_writes_nothing(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    recipe = tmp_path / "r.yaml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(family_recipe("sd15", **{"data.prompts": str(empty)})))
+    code, err = _cli(["distill", str(recipe), "--output-dir", str(tmp_path / "run")], capsys)
+    assert code != 0 and "data.prompts" in err and "no prompts" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"data.prompts": None}, "data.prompts: a text-conditioned teacher"),
+    ({"teacher.family": "sdxl"}, "teacher.family: the recipe says 'sdxl'"),
+    ({"teacher.tiny": "sd4"}, "teacher.tiny: unknown kind 'sd4'"),
+])
+def test_family_bad_input(tmp_path, overrides, match):
+    from stepdistill.config import ConfigError
+    from stepdistill.train import RunError
+
+    with pytest.raises((ConfigError, RunError), match=match):
+        Trainer(build_recipe(family_recipe("sd15", **overrides)), tmp_path / "run", show_progress=False).setup()
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_directory_missing_a_component_names_it(tmp_path):
+    import shutil
+
+    from stepdistill.tiny import TINY_PIPELINES
+
+    TINY_PIPELINES["sd15"]().save_pretrained(tmp_path / "sd")
+    teacher = load_pretrained(str(tmp_path / "sd"), family="sd15")  # the real loading code, local directory
+    assert teacher.family.name == "sd15" and teacher.sample_shape == (4, 16, 16)  # unet sample_size x VAE scale
+    with pytest.raises(TeacherError, match="teacher.family: the recipe says 'flux'"):
+        load_pretrained(str(tmp_path / "sd"), family="flux")
+    shutil.rmtree(tmp_path / "sd" / "vae")
+    with pytest.raises(TeacherError, match="missing component 'vae'"):
+        load_pretrained(str(tmp_path / "sd"))
