@@ -45,6 +45,10 @@ def cmd_distill(args) -> int:
         path = trainer.export()
         if path is not None:
             print(f"pipeline: {path}")
+    if trainer.writes_lora():  # LoRA-role students of the diffusers families also ship as a LoRA file
+        path = trainer.export_lora(kohya=recipe.export.kohya)
+        if path is not None:
+            print(f"lora: {path}")
     if trainer.accelerator.is_main_process:
         print(f"run directory: {trainer.dir}")
     return 0
@@ -97,14 +101,16 @@ def cmd_export(args) -> int:
     from .config import ConfigError, load_recipe
     from .train import Trainer
 
-    if args.lora or args.kohya:
-        raise ConfigError("export --lora/--kohya: LoRA export needs roles.mode: lora, which arrives with the "
-                          "diffusers-families work; this run holds full weights")
     run = Path(args.run_dir)
     if not (run / "config.yaml").exists():
         raise ConfigError(f"{run}: not a run directory (no config.yaml)")
     trainer = Trainer(load_recipe(run / "config.yaml"), run, resume=True, show_progress=False).setup(readonly=True)
-    print(f"pipeline: {trainer.export(args.output_dir)}")
+    lora = args.lora or args.kohya
+    out = Path(args.output_dir) if args.output_dir else None
+    if lora:
+        print(f"lora: {trainer.export_lora(out / 'lora' if out else None, kohya=args.kohya)}")
+    if args.fuse or not lora:  # the stock pipeline, with a LoRA student merged into the backbone
+        print(f"pipeline: {trainer.export(out / 'pipeline' if (out and lora) else out)}")
     return 0
 
 
@@ -201,11 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="FILE.png (grid) | FILE.npy | FILE.pt")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("export", help="write pipeline/ from a run's latest checkpoint")
+    e = sub.add_parser("export", help="write pipeline/ (and lora/) from a run's latest checkpoint")
     e.add_argument("run_dir")
     e.add_argument("--output-dir")
-    e.add_argument("--lora", action="store_true")
-    e.add_argument("--kohya", action="store_true")
+    e.add_argument("--lora", action="store_true", help="lora/pytorch_lora_weights.safetensors (roles.mode: lora runs)")
+    e.add_argument("--kohya", action="store_true", help="also a kohya/webui LoRA file (SD1.5, SDXL); implies --lora")
+    e.add_argument("--fuse", action="store_true", help="with --lora: also write the merged full pipeline")
     e.set_defaults(fn=cmd_export)
 
     v = sub.add_parser("eval", help="metrics of a run or pipeline beside the teacher's; prints JSON")

@@ -111,6 +111,7 @@ class EvalConfig:
 class ExportConfig:
     pipeline: bool = True
     use_ema: bool = True
+    kohya: bool = False  # LoRA-role runs on SD1.5/SDXL: also write lora/student_kohya.safetensors
 
 
 @dataclass

@@ -124,12 +124,11 @@ def flow_scheduler(teacher_scheduler_config: dict, grid: StudentGrid, sigmas: li
     return scheduler
 
 
-def _family_pipeline(student: Denoiser, teacher, grid: StudentGrid):
-    """SD1.5 / SDXL / SD3 / FLUX students: the teacher's stock pipeline class with the student backbone and a
-    scheduler that replays the grid; ``call`` holds the exact keyword arguments (SD3/FLUX take ``sigmas=``)."""
+def _family_sampling(student: Denoiser, teacher, grid: StudentGrid):
+    """The stock scheduler that replays the grid of a diffusers-family student, the exact ``pipe(...)`` keyword
+    arguments, and the grid as stored in ``stepdistill.json`` (``timesteps`` or, for SD3/FLUX, ``sigmas``)."""
     family = teacher.family
     schedule = student.schedule
-    res = teacher.meta["resolution"]
     call = {"num_inference_steps": grid.steps}
     if family.flow:
         if student.prediction != "flow_match":
@@ -151,26 +150,114 @@ def _family_pipeline(student: Denoiser, teacher, grid: StudentGrid):
         call["guidance_scale"] = 0.0
     elif student.backbone.config.guidance_embeds:
         call["guidance_scale"] = teacher.meta["guidance"]
+    res = teacher.meta["resolution"]
     call.update(height=res, width=res)
+    fields = {"family": family.name, "pipeline_class": family.pipeline,
+              "prediction_type": OURS_TO_DIFFUSERS[student.prediction], "num_inference_steps": grid.steps,
+              "guidance_scale": call.get("guidance_scale"), **grid_meta, "call": call,
+              "sample_shape": list(teacher.sample_shape), "data": "latent",
+              "output": "images decoded by the VAE (PIL by default); output_type='latent' gives the student's latents"}
+    return scheduler, fields
+
+
+def _family_pipeline(student: Denoiser, teacher, grid: StudentGrid):
+    """SD1.5 / SDXL / SD3 / FLUX students: the teacher's stock pipeline class with the student backbone (LoRA
+    students merged) and a scheduler that replays the grid."""
+    scheduler, fields = _family_sampling(student, teacher, grid)
     backbone = copy.deepcopy(student.plain_backbone()).float().eval()
-    pipe = teacher.load_pipeline(**{family.backbone: backbone, "scheduler": scheduler})
-    if not family.flow:  # pipelines may rewrite scheduler settings at construction (SD's steps_offset): re-check
+    pipe = teacher.load_pipeline(**{teacher.family.backbone: backbone, "scheduler": scheduler})
+    if "timesteps" in fields:  # pipelines may rewrite scheduler settings at construction (SD's steps_offset)
         pipe.scheduler.set_timesteps(grid.steps)
-        if pipe.scheduler.timesteps.tolist() != grid_meta["timesteps"]:
+        if pipe.scheduler.timesteps.tolist() != fields["timesteps"]:
             raise ExportError(f"export: {type(pipe).__name__} changed the scheduler grid to "
-                              f"{pipe.scheduler.timesteps.tolist()} (expected {grid_meta['timesteps']})")
-    return pipe, {
-        "family": family.name,
-        "pipeline_class": type(pipe).__name__,
-        "prediction_type": OURS_TO_DIFFUSERS[student.prediction],
-        "num_inference_steps": grid.steps,
-        "guidance_scale": call.get("guidance_scale"),
-        **grid_meta,
-        "call": call,
-        "sample_shape": list(teacher.sample_shape),
-        "data": "latent",
-        "output": "images decoded by the VAE (PIL by default); output_type='latent' returns the student's latents",
-    }
+                              f"{pipe.scheduler.timesteps.tolist()} (expected {fields['timesteps']})")
+    return pipe, fields
+
+
+def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: Path, *, kohya: bool = False) -> Path:
+    """Write ``out_dir`` (atomically): the student's LoRA as ``pytorch_lora_weights.safetensors`` for
+    ``pipe.load_lora_weights``, the scheduler that replays its grid, ``stepdistill.json``, a README, and with
+    ``kohya`` a kohya/webui file.
+
+    The file holds the raw PEFT state dict plus the adapter config as metadata: converting it to the legacy diffusers
+    format makes ``load_lora_weights`` silently drop every attention layer when convs are adapted too, and without
+    metadata ``lora_alpha != r`` reloads with the wrong scale (ECOSYSTEM.md §2.2).
+    """
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    family, adapter = teacher.family, getattr(student, "adapter", None)
+    if family is None:
+        raise ExportError("export --lora: LoRA files load into SD1.5/SDXL/SD3/FLUX pipelines; DDPMPipeline has no "
+                          "load_lora_weights, so export the merged pipeline instead (--fuse)")
+    if adapter is None:
+        raise ExportError("export --lora: this run trained full weights (roles.mode: full); a LoRA file needs a run "
+                          "with roles.mode: lora")
+    if kohya and family.flow:
+        raise ExportError(f"export --kohya: kohya/webui files are written for SD1.5 and SDXL; diffusers has no "
+                          f"converter to the original {family.name} LoRA format")
+    scheduler, fields = _family_sampling(student, teacher, grid)
+    base = student.backbone
+    layers = {k: v.detach().float().cpu().contiguous()
+              for k, v in get_peft_model_state_dict(base, adapter_name=adapter).items()}
+    config = base.peft_config[adapter]
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    name = family.backbone  # the keyword prefix of save_lora_weights: unet_lora_layers / transformer_lora_layers
+    getattr(diffusers, family.pipeline).save_lora_weights(
+        tmp, **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config.to_dict()})
+    scheduler.save_pretrained(tmp / "scheduler")
+    if kohya:
+        write_kohya(layers, float(config.lora_alpha), tmp / "student_kohya.safetensors")
+    meta = {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "teacher_source": teacher.source,
+            **fields, "transition": grid.transition, "scheduler": type(scheduler).__name__,
+            "lora": {"rank": config.r, "alpha": config.lora_alpha, "layers": len(layers) // 2,
+                     "kohya": "student_kohya.safetensors" if kohya else None}}
+    (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "README.md").write_text(lora_card(meta))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def write_kohya(layers: dict[str, torch.Tensor], alpha: float, path: Path) -> None:
+    """The kohya / A1111 / ComfyUI key layout (``lora_unet_..._conv1.lora_down.weight`` + ``.alpha``).
+
+    diffusers' converter writes ``alpha = rank``; the true ``lora_alpha`` is written instead so the scale survives.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    converted = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in layers.items()})
+    for key in converted:
+        if key.endswith(".alpha"):
+            converted[key] = torch.tensor(alpha)
+    save_file({k: v.contiguous() for k, v in converted.items()}, str(path))
+
+
+def lora_card(meta: dict) -> str:
+    call = ", ".join(f"{k}={v!r}" for k, v in meta["call"].items())
+    lines = [
+        f"# {meta['num_inference_steps']}-step LoRA ({meta['method']}) for `{meta['teacher_source']}`",
+        "",
+        "```python",
+        f"from diffusers import DiffusionPipeline, {meta['scheduler']}",
+        "",
+        'pipe = DiffusionPipeline.from_pretrained("THE_BASE_MODEL")  # the teacher this LoRA was distilled from',
+        'pipe.load_lora_weights("PATH_TO_THIS_FOLDER")',
+        f'pipe.scheduler = {meta["scheduler"]}.from_pretrained("PATH_TO_THIS_FOLDER", subfolder="scheduler")',
+        f'images = pipe("a photo of a cat", {call}).images',
+        "```",
+        "",
+        f"- rank {meta['lora']['rank']}, alpha {meta['lora']['alpha']}, {meta['lora']['layers']} LoRA layers; the "
+        "file carries the adapter config as metadata, so alpha != rank reloads exactly",
+        "- `pipe.fuse_lora()` merges it; `stepdistill export RUN --fuse` writes the merged pipeline directly",
+    ]
+    if meta["lora"]["kohya"]:
+        lines.append(f"- `{meta['lora']['kohya']}`: the same LoRA in the kohya/webui layout (A1111, ComfyUI)")
+    return "\n".join(lines) + "\n"
 
 
 def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: Path) -> Path:
@@ -210,7 +297,9 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         + f" ({meta.get('scheduler', 'DDIMScheduler')}: "
         + ("denoise, then re-noise with fresh noise" if meta.get("transition") == "renoise" else
            "deterministic jumps, no added noise") + ")",
-        "- the pipeline's `generator` also drives the re-noising, so a seeded call is reproducible"
+        ("- SD3/FLUX pipelines re-noise with torch's global RNG (they do not pass `generator` to the scheduler): "
+         "call `torch.manual_seed(...)` first for a reproducible result" if meta.get("family") in ("sd3", "flux") else
+         "- the pipeline's `generator` also drives the re-noising, so a seeded call is reproducible")
         if meta.get("transition") == "renoise" else "- deterministic given the initial noise",
         f"- prediction type: `{meta['prediction_type']}`",
         f"- output: {meta['output']}",

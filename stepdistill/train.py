@@ -404,6 +404,19 @@ class Trainer:
         return export_pipeline(self.sampling_student(), self.teacher, self.method.student_grid(), self.recipe,
                                Path(output_dir) if output_dir else self.dir / "pipeline")
 
+    def writes_lora(self) -> bool:
+        """Whether the run's student is a LoRA that stock pipelines can load (``roles.mode: lora`` on a family)."""
+        return self.recipe.roles.mode == "lora" and self.teacher.family is not None
+
+    def export_lora(self, output_dir: str | Path | None = None, *, kohya: bool = False) -> Path | None:
+        """Write ``lora/`` (DESIGN.md §6): the student adapter as a diffusers/PEFT LoRA file (+ kohya)."""
+        from .export import export_lora
+
+        if not self.accelerator.is_main_process:
+            return None
+        return export_lora(self.sampling_student(), self.teacher, self.method.student_grid(), self.recipe,
+                           Path(output_dir) if output_dir else self.dir / "lora", kohya=kohya)
+
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _checkpointed_roles(self) -> list[str]:
         specs = self.method.roles()

@@ -73,3 +73,14 @@ def family_recipe(tiny: str, **overrides) -> dict:
         "eval": {"num_samples": 4, "teacher_full_steps": 4},
     }
     return _apply(recipe, overrides)
+
+
+def family_dmd_recipe(tiny: str, **overrides) -> dict:
+    """DMD2 (no GAN term), 2-step re-noising student, CFG teacher w = 3, on a tiny diffusers-family teacher, with the
+    student and fake score as LoRA adapters (rank 4, alpha 8: the scale is exercised); three steps."""
+    recipe = family_recipe(tiny)
+    recipe["method"] = {"name": "dmd2", "student_steps": 2,
+                        **({} if tiny.startswith("flux") else {"guidance_scale": 3.0})}
+    recipe["optim"] = {"student": {"lr": 1e-2}, "fake_score": {"lr": 1e-2}}
+    recipe["roles"] = {"mode": "lora", "rank": 4, "alpha": 8.0}
+    return _apply(recipe, overrides)
