@@ -24,7 +24,8 @@ def _port() -> int:
 
 def _launch(args, tmp_path):
     # ACCELERATE_USE_CPU=1 + --multi_gpu is what starts real ranks on a CPU box (ECOSYSTEM.md §3.4).
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "STEPDISTILL_CACHE": f"{tmp_path}-cache"}  # beside the run directory, which must start empty
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_port()), *args]
@@ -33,14 +34,17 @@ def _launch(args, tmp_path):
     return proc
 
 
-@pytest.mark.parametrize("kind", ["pd", "dmd2", "dmd2-lora"])
+@pytest.mark.parametrize("kind", ["pd", "dmd2", "dmd2-lora", "sd15", "sd15-dmd2-lora"])
 def test_two_ranks_end_with_identical_weights(tmp_path, kind):
     # dmd2: student, fake score and GAN head all DDP-wrapped; the generator's GAN loss runs through the fake score
-    # (which breaks naive DDP, ECOSYSTEM.md §3.2) with the student updated every 2nd step.
+    # (which breaks naive DDP, ECOSYSTEM.md §3.2) with the student updated every 2nd step. sd15*: a tiny Stable
+    # Diffusion teacher conditioned on a prompt file, in full and in LoRA-roles mode.
     _launch([str(ROOT / "tests" / "_ddp_job.py"), str(tmp_path), kind], tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     if kind.startswith("dmd2"):
         assert ranks[0]["roles"] == ["discriminator", "fake_score", "student"]
+    if kind.startswith("sd15"):
+        assert len(list(Path(f"{tmp_path}-cache", "prompt_embeds").glob("*.safetensors"))) == 1
     assert all(r["world"] == 2 and "MULTI_CPU" in r["distributed"] for r in ranks)
     assert ranks[0]["first_batch_sum"] != ranks[1]["first_batch_sum"], "ranks must draw different batches"
     assert ranks[0]["weights"] == ranks[1]["weights"]
