@@ -97,6 +97,8 @@ class TrainConfig:
     max_nonfinite: int = 5
     trackers: list[str] = field(default_factory=lambda: ["jsonl"])
     gradient_checkpointing: bool = False
+    #: ``sdpa`` (torch's scaled_dot_product_attention, diffusers' default) or ``xformers`` (CUDA, when installed)
+    attention_backend: str = "sdpa"
 
 
 @dataclass
@@ -122,6 +124,8 @@ class RolesConfig:
     mode: str = "full"
     rank: int = 16
     alpha: float = 16.0
+    #: storage dtype of the frozen teacher weights (in ``lora`` mode the shared base; adapters stay float32)
+    teacher_dtype: str = "float32"
 
 
 @dataclass
@@ -157,6 +161,8 @@ class Recipe:
 _CHOICES = {
     "train.mixed_precision": ("no", "bf16"),
     "roles.mode": ("full", "lora"),
+    "roles.teacher_dtype": ("float32", "bfloat16"),
+    "train.attention_backend": ("sdpa", "xformers"),
     "student.init": ("teacher", "new"),
     "eval.teacher_sampler": ("ddim", "euler", "heun", "dpmpp_2m"),
 }

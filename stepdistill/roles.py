@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from .denoisers import Denoiser, RoleModule, UNet2DDenoiser
@@ -46,8 +47,24 @@ def build_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: st
     if "student" not in specs:
         raise ValueError("a method must declare a 'student' role")
     if roles is not None and roles.mode == "lora":
-        return _build_lora_nets(teacher, specs, student_init=student_init, ema=ema, rank=roles.rank,
+        nets = _build_lora_nets(teacher, specs, student_init=student_init, ema=ema, rank=roles.rank,
                                 alpha=roles.alpha)
+    else:
+        nets = _build_full_nets(teacher, specs, student_init=student_init, ema=ema)
+    if roles is not None and roles.teacher_dtype != "float32" and teacher.backbone is not None:
+        cast_frozen(teacher.backbone, getattr(torch, roles.teacher_dtype))
+    return nets
+
+
+def cast_frozen(backbone: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen teacher's weights in ``dtype`` (bf16 halves its memory). LoRA adapters on it stay float32:
+    peft casts their input, as the LCM-LoRA training scripts do with a half-precision base."""
+    for name, p in backbone.named_parameters():
+        if ".lora_" not in name:
+            p.data = p.data.to(dtype)
+
+
+def _build_full_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str, ema: bool) -> Nets:
     made: dict[str, RoleModule] = {}
     order = ["student"] + [r for r in specs if r != "student"]
     for role in order:

@@ -110,6 +110,7 @@ class Trainer:
                                    roles=r.roles)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        self._set_attention_backend()
         self._check_grids()
         unknown = set(r.train.update_every) - set(self.method.phases)
         if unknown:
@@ -162,6 +163,21 @@ class Trainer:
             if not readonly and acc.is_main_process:
                 (self.dir / "config.yaml").write_text(dump_recipe(self.recipe))
         return self
+
+    def _set_attention_backend(self) -> None:
+        """``train.attention_backend``: diffusers' default SDPA, or xformers when installed (CUDA only)."""
+        if self.recipe.train.attention_backend != "xformers":
+            return
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ConfigError("train.attention_backend: xformers is not installed (it needs CUDA: pip install "
+                              "xformers); use sdpa, torch's fused attention, which is the default")
+        backbones = {id(n.backbone): n.backbone for n in self.nets.roles().values() if n.backbone is not None}
+        for backbone in backbones.values():
+            if not hasattr(backbone, "enable_xformers_memory_efficient_attention"):
+                raise ConfigError(f"train.attention_backend: {type(backbone).__name__} has no xformers switch")
+            backbone.enable_xformers_memory_efficient_attention()
 
     def _check_grids(self) -> None:
         """The final student grid must be expressible by the teacher's schedule (DESIGN.md §6)."""

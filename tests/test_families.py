@@ -18,7 +18,7 @@ from stepdistill.sampling import StudentGrid, sample_student
 from stepdistill.teachers import TeacherError, load_pretrained, load_tiny
 from stepdistill.train import Trainer
 
-from ._recipes import FAMILIES, SMOKE_PROMPTS, family_recipe
+from ._recipes import FAMILIES, SMOKE_PROMPTS, family_dmd_recipe, family_recipe
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,3 +211,55 @@ def test_pretrained_directory_missing_a_component_names_it(tmp_path):
     shutil.rmtree(tmp_path / "sd" / "vae")
     with pytest.raises(TeacherError, match="missing component 'vae'"):
         load_pretrained(str(tmp_path / "sd"))
+
+
+def test_xformers_asked_for_but_absent_is_one_line(tmp_path, capsys):
+    from diffusers.utils import is_xformers_available
+
+    if is_xformers_available():
+        pytest.skip("xformers is installed here")
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(family_recipe("sd15", **{"train.attention_backend": "xformers"})))
+    code, err = _cli(["distill", str(recipe), "--output-dir", str(tmp_path / "run")], capsys)
+    assert code != 0 and "train.attention_backend: xformers is not installed" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_bf16_teacher_trains_a_float32_student(tmp_path, mode):
+    overrides = {"roles.teacher_dtype": "bfloat16"}
+    recipe = family_recipe("sd15", **overrides) if mode == "full" else family_dmd_recipe("sd15", **overrides)
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    teacher_dtypes = {p.dtype for n, p in trainer.teacher.backbone.named_parameters() if ".lora_" not in n}
+    assert teacher_dtypes == {torch.bfloat16}
+    assert {p.dtype for p in trainer.nets.student.trainable_parameters()} == {torch.float32}
+    before = [p.detach().clone() for p in trainer.nets.student.trainable_parameters()]
+    trainer.train()
+    after = list(trainer.nets.student.trainable_parameters())
+    assert all(torch.isfinite(p).all() for p in after) and any((a - b).abs().max() > 0 for a, b in zip(after, before))
+
+
+def test_image_folder_latents_are_cached(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from stepdistill.data import latent_table
+
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png")
+    teacher = load_tiny("sd15")
+    latents = latent_table(str(tmp_path), teacher, tmp_path / "c")
+    assert latents.shape == (3, *teacher.sample_shape)
+    monkeypatch.setattr(teacher.vae, "encode", lambda *a, **k: pytest.fail("VAE used despite the cache"))
+    torch.testing.assert_close(latent_table(str(tmp_path), teacher, tmp_path / "c"), latents, rtol=0, atol=0)
+    # the same folder as a run's data: latents of the teacher's shape, paired with prompt-table rows per batch
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for p in tmp_path.glob("*.png"):
+        p.rename(imgs / p.name)
+    recipe = family_recipe("sd15", **{"data.source": "image_folder", "data.path": str(imgs)})
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    batch = trainer.data.next(torch.Generator().manual_seed(0))
+    assert batch.x0.shape == (2, *teacher.sample_shape) and batch.cond["encoder_hidden_states"].shape[0] == 2
