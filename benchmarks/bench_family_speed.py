@@ -1,0 +1,160 @@
+"""Speed of exported SD-family students against their teacher's default call, side by side in one run.
+
+    python benchmarks/bench_family_speed.py [--families sd15 sdxl sd3 flux] [--sizes tiny mid] [--repeats 3]
+
+For each family and size: the teacher is saved as its stock pipeline; stepdistill distils a 1-step and a 4-step
+student from it (progressive distillation, a few training steps: the weights do not matter for speed) and exports
+them; then the teacher's *default* call (SD1.5/SDXL 50 steps with CFG, SD3 28 with CFG, FLUX 28 with its embedded
+guidance) and each student's exported call (``stepdistill.json`` ``call``) are timed end to end (prompt encoding,
+denoising, VAE decoding), interleaved, on CPU. Reports the measured speedup, the ideal speedup (ratio of network
+evaluations, a CFG step counting 2) and their ratio; the bar is >= 0.8.
+
+``tiny`` are the test models of ``stepdistill/tiny.py``; ``mid`` are wider random models of the same families (about
+10-20M backbone parameters at 32x32 latents) where the backbone, not the text encoders or the VAE, dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "recipes" / "prompts" / "smoke.txt"
+
+#: the teacher's default call: steps and whether each step is a CFG pair (ECOSYSTEM.md §1.3)
+DEFAULTS = {"sd15": (50, True), "sdxl": (50, True), "sd3": (28, True), "flux": (28, False)}
+
+
+def mid_pipeline(family: str):
+    """A wider random model of ``family`` (same components as the tiny one, bigger backbone)."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+
+    from stepdistill.tiny import TINY_PIPELINES
+
+    pipe = TINY_PIPELINES[family]()
+    torch.manual_seed(0)
+    if family == "sd15":
+        backbone = UNet2DConditionModel(
+            block_out_channels=(128, 256, 256), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            norm_num_groups=32, attention_head_dim=8)
+    elif family == "sdxl":
+        backbone = UNet2DConditionModel(
+            block_out_channels=(128, 256, 256), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 8),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2, 2), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=32)
+    elif family == "sd3":
+        backbone = SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=4, num_layers=8, attention_head_dim=64, num_attention_heads=6,
+            caption_projection_dim=384, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    else:
+        backbone = FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=4, num_single_layers=8, attention_head_dim=64,
+            num_attention_heads=6, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[16, 24, 24],
+            guidance_embeds=False)
+    pipe.register_modules(**{"unet" if family in ("sd15", "sdxl") else "transformer": backbone.eval()})
+    return pipe
+
+
+def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path, resolution: int) -> Path:
+    """A real stepdistill run (PD, 2 training steps) on the saved teacher, exported as the stock pipeline."""
+    from stepdistill.config import build_recipe
+    from stepdistill.train import Trainer
+
+    flow = family in ("sd3", "flux")
+    recipe = {
+        "teacher": {"pretrained": str(teacher_dir), "family": family, "resolution": resolution,
+                    **({"max_sequence_length": 16} if flow else {})},
+        "method": {"name": "progressive", "teacher_steps": 2 * steps, "final_steps": steps, "steps_per_stage": 2,
+                   "student_prediction": "flow_match" if flow else "v"},
+        "data": {"source": "gaussian", "prompts": str(PROMPTS), "batch_size": 1},
+        "train": {"max_steps": 2, "num_sample_images": 1, "log_every": 1},
+    }
+    trainer = Trainer(build_recipe(recipe), run_dir, show_progress=False).setup()
+    trainer.train()
+    return trainer.export()
+
+
+def timed(pipe, kwargs: dict) -> float:
+    start = time.perf_counter()
+    pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+    return time.perf_counter() - start
+
+
+def bench(family: str, size: str, repeats: int, work: Path) -> list[dict]:
+    from diffusers import DiffusionPipeline
+
+    teacher_pipe = mid_pipeline(family) if size == "mid" else __import__("stepdistill.tiny").tiny.TINY_PIPELINES[
+        family]()
+    teacher_dir = work / f"{family}-{size}-teacher"
+    teacher_pipe.save_pretrained(teacher_dir)
+    resolution = 64 if size == "mid" else (16 if family == "flux" else 32)
+    teacher = DiffusionPipeline.from_pretrained(teacher_dir)
+    teacher.set_progress_bar_config(disable=True)
+    steps, cfg = DEFAULTS[family]
+    teacher_call = {"height": resolution, "width": resolution}
+    if family in ("sd3", "flux"):
+        teacher_call["max_sequence_length"] = 16
+    teacher_nfe = steps * (2 if cfg else 1)
+    rows = []
+    for student_steps in (1, 4):
+        folder = distil_and_export(teacher_dir, family, student_steps, work / f"{family}-{size}-{student_steps}",
+                                   resolution)
+        student = DiffusionPipeline.from_pretrained(folder)
+        student.set_progress_bar_config(disable=True)
+        call = json.loads((folder / "stepdistill.json").read_text())["call"]
+        timed(student, call), timed(teacher, teacher_call)  # warm-up
+        t_student, t_teacher = [], []
+        for _ in range(repeats):  # interleaved: machine load hits both alike
+            t_student.append(timed(student, call))
+            t_teacher.append(timed(teacher, teacher_call))
+        measured = statistics.median(t_teacher) / statistics.median(t_student)
+        ideal = teacher_nfe / student_steps
+        params = sum(p.numel() for p in getattr(teacher, "unet", None).parameters()) if family in (
+            "sd15", "sdxl") else sum(p.numel() for p in teacher.transformer.parameters())
+        rows.append({"family": family, "size": size, "backbone_params_M": round(params / 1e6, 2),
+                     "teacher_call": f"{steps} steps" + (" x CFG" if cfg else ""), "student_steps": student_steps,
+                     "teacher_s": round(statistics.median(t_teacher), 4),
+                     "student_s": round(statistics.median(t_student), 4), "speedup": round(measured, 2),
+                     "ideal": ideal, "ratio_to_ideal": round(measured / ideal, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--families", nargs="+", default=["sd15", "sdxl", "sd3", "flux"])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "mid"])
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="sd-bench-cache-"))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            for family in args.families:
+                rows += bench(family, size, args.repeats, Path(tmp))
+    print("\nfamily size   params  student  teacher_s  student_s  speedup  ideal  ratio")
+    for r in rows:
+        print(f"{r['family']:6} {r['size']:5} {r['backbone_params_M']:6.2f}M  {r['student_steps']:>5}    "
+              f"{r['teacher_s']:8.3f}  {r['student_s']:8.4f}  {r['speedup']:7.1f}  {r['ideal']:5.0f}  "
+              f"{r['ratio_to_ideal']:.3f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
