@@ -99,6 +99,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     #: ``sdpa`` (torch's scaled_dot_product_attention, diffusers' default) or ``xformers`` (CUDA, when installed)
     attention_backend: str = "sdpa"
+    #: shard every trainable role with FSDP2 across the launched processes (``sharding.py``); an accelerate FSDP
+    #: config (recipes/accelerate/fsdp.yaml) turns it on too
+    fsdp: bool = False
 
 
 @dataclass

@@ -50,7 +50,9 @@ class RoleModule(nn.Module):
         return self.backbone.state_dict()
 
     def load_role_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.backbone.load_state_dict(state)
+        from .sharding import full
+
+        self.backbone.load_state_dict({k: full(v) for k, v in state.items()})  # from a sharded role: all-gather
 
     def plain_backbone(self) -> nn.Module:
         """The role as a stock backbone with no wrappers or adapters (what export saves)."""

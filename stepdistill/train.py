@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -34,6 +34,16 @@ from .methods.base import PrepareContext
 from .roles import build_nets
 from .sampling import sample_student
 from .schedules import VPDiscrete
+from .sharding import (
+    consolidate,
+    full,
+    is_sharded,
+    load_local,
+    local,
+    optimizer_state_local,
+    reshard_optimizer_state,
+    shard_backbone,
+)
 from .teachers import TeacherError, cache_root, load_teacher
 from .visualize import save_sample_grid
 
@@ -93,6 +103,17 @@ class Trainer:
             tqdm.write(f"note: trackers {missing} are not installed; logging to log.jsonl only")
         acc = self.accelerator
         set_seed(r.seed)  # identical initialisation on every rank
+        self.readonly = readonly
+        # FSDP2 sharding of the trainable roles (sharding.py): asked for by the recipe or by an accelerate FSDP config.
+        # A read-only setup (export, sample) consolidates a sharded checkpoint instead, in any number of processes.
+        self.sharded = (r.train.fsdp or acc.distributed_type == DistributedType.FSDP) and not readonly
+        if self.sharded:
+            if not torch.distributed.is_initialized():
+                raise ConfigError("train.fsdp: sharding needs a multi-process launch (accelerate launch "
+                                  "--num_processes N, or --config_file recipes/accelerate/fsdp.yaml)")
+            if r.roles.mode == "lora" or r.train.ema_decay > 0:
+                raise ConfigError("train.fsdp: not with roles.mode: lora (adapters already make the extra roles "
+                                  "small) or a student EMA (train.ema_decay) yet")
 
         # Teacher and method: all bad input surfaces here, before the run directory is touched.
         try:
@@ -137,7 +158,8 @@ class Trainer:
                 if id(net.backbone) not in wrapped:
                     if r.train.gradient_checkpointing:
                         net.enable_gradient_checkpointing()
-                    wrapped[id(net.backbone)] = acc.prepare_model(net.backbone)
+                    wrapped[id(net.backbone)] = (shard_backbone(net.backbone) if self.sharded
+                                                 else acc.prepare_model(net.backbone))
                 net.wrap_backbone(wrapped[id(net.backbone)])
                 ocfg = r.optim.get(role, OptimizerConfig())
                 opt = torch.optim.AdamW(net.trainable_parameters(), lr=ocfg.lr, betas=tuple(ocfg.betas),
@@ -352,7 +374,7 @@ class Trainer:
         norms = {}
         for role in roles:
             params = [p for p in self.nets[role].trainable_parameters() if p.grad is not None]
-            norms[role] = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norms[role] = full(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: the global norm
         if not self._all_true(all(bool(torch.isfinite(n)) for n in norms.values())):
             return self._skip(phase, roles, "gradient")
         for role in roles:
@@ -396,7 +418,8 @@ class Trainer:
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
-        if not self.accelerator.is_main_process:
+        # A sharded student's forward is collective: every rank samples, the main process writes.
+        if not (self.accelerator.is_main_process or self.sharded):
             return None
         student = self.sampling_student()
         was_training = student.training
@@ -405,6 +428,8 @@ class Trainer:
                            cond=self.sample_cond,
                            generator=torch.Generator().manual_seed(self.recipe.eval.seed + 1))  # re-noising grids
         student.train(was_training)
+        if not self.accelerator.is_main_process:
+            return None
         if self.teacher.vae is not None:  # latent teachers: show decoded images
             x = latents_to_images(self.teacher.vae.to(x.device), x)
         path = self.dir / "samples" / f"step-{self.step}.png"
@@ -417,8 +442,19 @@ class Trainer:
 
         if not self.accelerator.is_main_process:
             return None
-        return export_pipeline(self.sampling_student(), self.teacher, self.method.student_grid(), self.recipe,
+        return export_pipeline(self.exportable_student(), self.teacher, self.method.student_grid(), self.recipe,
                                Path(output_dir) if output_dir else self.dir / "pipeline")
+
+    def exportable_student(self):
+        """The sampling student with whole weights: under sharding, rebuilt from the latest (sharded) checkpoint,
+        which ``train()`` always writes last, so export needs no collective and runs on the main process alone."""
+        student = self.sampling_student()
+        if not self.sharded:
+            return student
+        weights = self._read_role(self.latest_checkpoint(), "student")
+        backbone = type(student.backbone).from_config(student.backbone.config)
+        backbone.load_state_dict(weights)
+        return student.with_backbone(backbone.to(self.accelerator.device).eval(), student.prediction)
 
     def writes_lora(self) -> bool:
         """Whether the run's student is a LoRA that stock pipelines can load (``roles.mode: lora`` on a family)."""
@@ -451,21 +487,47 @@ class Trainer:
         # Every rank saves its own RNG streams.
         save_file({"data": self.generator.get_state(), "torch": torch.get_rng_state()},
                   str(tmp / f"rng-rank{acc.process_index}.safetensors"))
+        rank = acc.process_index
+        for role in self._checkpointed_roles():
+            sharded = role in self._sharded_roles()
+            if sharded or acc.is_main_process:  # sharded roles: every rank writes its own shard
+                weights = self.nets[role].role_state_dict()
+                keys = sorted(k for k, v in weights.items() if is_sharded(v))
+                state = {k: local(v).detach().cpu().contiguous() for k, v in weights.items()}
+                name = f"{role}-rank{rank}.safetensors" if sharded else f"{role}.safetensors"
+                save_file(state, str(tmp / name), metadata={"sharded": json.dumps(keys)} if sharded else None)
+        for role, opt in self.optimizers.items():
+            sharded = role in self._sharded_roles()
+            if sharded or acc.is_main_process:
+                blob = {"optimizer": optimizer_state_local(opt.state_dict()),
+                        "lr_scheduler": self.lr_schedulers[role].state_dict()}
+                torch.save(blob, tmp / (f"optim-{role}-rank{rank}.pt" if sharded else f"optim-{role}.pt"))
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            for role in self._checkpointed_roles():
-                state = {k: v.detach().cpu().contiguous() for k, v in self.nets[role].role_state_dict().items()}
-                save_file(state, str(tmp / f"{role}.safetensors"))
-            for role, opt in self.optimizers.items():
-                torch.save({"optimizer": opt.state_dict(), "lr_scheduler": self.lr_schedulers[role].state_dict()},
-                           tmp / f"optim-{role}.pt")
             state = {"step": self.step, "nonfinite_streak": self.nonfinite_streak,
-                     "world_size": acc.num_processes, "fingerprint": config_fingerprint(self.recipe)}
+                     "world_size": acc.num_processes, "fingerprint": config_fingerprint(self.recipe),
+                     "sharded_roles": self._sharded_roles()}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             self._prune_checkpoints()
         acc.wait_for_everyone()
         return final
+
+    def _sharded_roles(self) -> list[str]:
+        return sorted(self.trainable) if self.sharded else []
+
+    def _read_role(self, path: Path, role: str) -> dict[str, torch.Tensor]:
+        """A role's whole weights from a checkpoint, consolidating per-rank shards when it was written sharded."""
+        if (path / f"{role}.safetensors").exists():
+            return load_file(str(path / f"{role}.safetensors"))
+        from safetensors import safe_open
+
+        world = json.loads((path / "state.json").read_text())["world_size"]
+        files = [path / f"{role}-rank{r}.safetensors" for r in range(world)]
+        with safe_open(str(files[0]), "pt") as f:
+            keys = json.loads(f.metadata()["sharded"])
+        return consolidate([load_file(str(f)) for f in files], keys)
 
     def _prune_checkpoints(self) -> None:
         keep = self.recipe.train.keep_checkpoints
@@ -489,16 +551,34 @@ class Trainer:
         if state.get("fingerprint") != config_fingerprint(self.recipe):
             raise RunError(f"--resume: checkpoint {path} was written by a different method/teacher "
                            f"({state.get('fingerprint')}); it cannot be resumed by this recipe")
+        if self.readonly:  # export / sample: the weights only, consolidated from shards if need be
+            try:
+                for role in self._checkpointed_roles():
+                    self.nets[role].load_role_state_dict(self._read_role(path, role))
+            except Exception as err:  # noqa: BLE001 - any unreadable/mismatched file is the same problem
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise RunError(f"corrupt or incompatible checkpoint {path}: {first}") from None
+            self.step = int(state["step"])
+            return
         if state.get("world_size") != acc.num_processes:
             raise RunError(f"--resume: checkpoint {path} was written by {state.get('world_size')} process(es); "
                            f"exact resume needs the same number, got {acc.num_processes}")
+        if state.get("sharded_roles", []) != self._sharded_roles():
+            raise RunError(f"--resume: checkpoint {path} has sharded roles {state.get('sharded_roles', [])}, this "
+                           f"run shards {self._sharded_roles()}; resume with the same train.fsdp / launch config")
+        rank, sharded = acc.process_index, self._sharded_roles()
         try:
             for role in self._checkpointed_roles():
-                weights = load_file(str(path / f"{role}.safetensors"))
-                self.nets[role].load_role_state_dict(weights)
+                if role in sharded:
+                    load_local(self.nets[role].role_state_dict(),
+                               load_file(str(path / f"{role}-rank{rank}.safetensors")))
+                else:
+                    self.nets[role].load_role_state_dict(load_file(str(path / f"{role}.safetensors")))
             for role, opt in self.optimizers.items():
-                blob = torch.load(path / f"optim-{role}.pt", weights_only=True, map_location="cpu")
+                name = f"optim-{role}-rank{rank}.pt" if role in sharded else f"optim-{role}.pt"
+                blob = torch.load(path / name, weights_only=True, map_location="cpu")
                 opt.load_state_dict(blob["optimizer"])
+                reshard_optimizer_state(opt)
                 self.lr_schedulers[role].load_state_dict(blob["lr_scheduler"])
             rng = load_file(str(path / f"rng-rank{acc.process_index}.safetensors"))
         except Exception as err:  # noqa: BLE001 - any unreadable/mismatched file is the same user-facing problem

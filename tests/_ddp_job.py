@@ -1,16 +1,20 @@
-"""Run under `accelerate launch` with 2 processes: distil a small GMM recipe and record each rank's view.
+"""Run under `accelerate launch` with 2 processes: distil a small recipe and record each rank's view.
 
-    python tests/_ddp_job.py OUT [pd|dmd2|dmd2-lora|sd15|sd15-dmd2-lora]
+    python tests/_ddp_job.py OUT KIND [resume]
 
+KIND: pd | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | pd-fsdp | dmd2-fsdp | sd15-fsdp.
 dmd2: three networks, two optimizers, and the GAN term through the fake score; dmd2-lora: the same with student
 and fake score as adapters of one DDP-wrapped base. sd15*: a tiny Stable Diffusion teacher with a prompt file (the
-main process encodes the prompts into the cache while the other rank waits for it).
+main process encodes the prompts into the cache while the other rank waits for it). *-fsdp: the trainable roles
+sharded with FSDP2 (``train.fsdp``), sharded checkpoints, and the export rebuilt from them. ``resume`` continues
+from the latest checkpoint in OUT.
 """
 
 import hashlib
 import json
 import sys
 
+import numpy as np
 import torch
 
 from stepdistill.config import build_recipe
@@ -19,19 +23,27 @@ from tests._recipes import dmd_recipe, family_dmd_recipe, family_recipe, gmm_rec
 
 
 out, kind = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "pd")
+resume = len(sys.argv) > 3 and sys.argv[3] == "resume"
+fsdp = kind.endswith("-fsdp")
+base = kind.removesuffix("-fsdp")
 make = {"pd": gmm_recipe, "dmd2": dmd_recipe,
         "dmd2-lora": lambda **o: dmd_recipe(**{"roles.mode": "lora", "roles.rank": 4, **o}),
         "sd15": lambda **o: family_recipe("sd15", **o),
-        "sd15-dmd2-lora": lambda **o: family_dmd_recipe("sd15", **o)}[kind]
-trainer = Trainer(build_recipe(make(**{"train.max_steps": 4, "train.checkpoint_every": 2})), out,
-                  show_progress=False).setup()
+        "sd15-dmd2-lora": lambda **o: family_dmd_recipe("sd15", **o)}[base]
+overrides = {"train.max_steps": 4, "train.checkpoint_every": 2, **({"train.fsdp": True} if fsdp else {})}
+trainer = Trainer(build_recipe(make(**overrides)), out, show_progress=False, resume=resume).setup()
 acc = trainer.accelerator
 first = trainer.data.next(torch.Generator().manual_seed(trainer.generator.initial_seed())).x0
 trainer.train()
-trainable = [trainer.nets[role] for role in sorted(trainer.optimizers)]  # every optimised role
-weights = torch.cat([p.detach().flatten() for m in trainable for p in m.trainable_parameters()])
-weights = weights.double().numpy().tobytes()
+# every optimised role, read back from the last checkpoint (consolidated from shards under FSDP; train() has ended
+# the process group, so no collective is possible here)
+ckpt = trainer.latest_checkpoint()
+states = [trainer._read_role(ckpt, role) for role in sorted(trainer.optimizers)]
+weights = torch.cat([s[k].flatten() for s in states for k in sorted(s)]).double().numpy()
+np.save(f"{out}/weights-rank{acc.process_index}.npy", weights)
+if fsdp:
+    trainer.export()
 with open(f"{out}/rank{acc.process_index}.json", "w") as f:
     json.dump({"world": acc.num_processes, "distributed": str(acc.distributed_type),
-               "weights": hashlib.sha256(weights).hexdigest(), "first_batch_sum": float(first.sum()),
-               "roles": sorted(trainer.optimizers)}, f)
+               "weights": hashlib.sha256(weights.tobytes()).hexdigest(), "first_batch_sum": float(first.sum()),
+               "roles": sorted(trainer.optimizers), "sharded": trainer._sharded_roles()}, f)
