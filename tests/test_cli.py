@@ -77,7 +77,7 @@ def test_distill_sample_eval_export_and_protection(tmp_path, capsys):
     assert main(["sample", str(run), "--num-samples", "16", "--output", str(tmp_path / "grid.png")]) == 0
     assert main(["export", str(run), "--output-dir", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "model_index.json").exists()
-    assert "LoRA export needs roles.mode: lora" in _error(capsys, ["export", str(run), "--lora"])
+    assert "DDPMPipeline has no load_lora_weights" in _error(capsys, ["export", str(run), "--lora"])
 
 
 def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
