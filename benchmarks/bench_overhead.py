@@ -45,9 +45,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def bare_time(backbone, args, kwargs, grad: bool, repeats: int = 3) -> float:
+def bare_time(backbone, args, kwargs, grad: bool, repeats: int = 1) -> float:
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         _sync()
         start = time.perf_counter()
         if grad:
@@ -60,7 +60,7 @@ def bare_time(backbone, args, kwargs, grad: bool, repeats: int = 3) -> float:
                 backbone(*args, **kwargs)
         _sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return statistics.median(times)
 
 
 def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int) -> dict:
@@ -90,20 +90,22 @@ def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int) 
             if step % trainer.recipe.train.update_every.get(phase, 1) == 0:
                 trainer._run_phase(phase)
 
-    iteration(0)  # warm-up (allocations, first-call costs)
-    calls.clear()
-    times = []
+    iteration(0)  # warm-up (allocations, first-call costs); records the passes and their inputs
+    for h in handles:
+        h.remove()
+    per_iter = dict(calls)
+    by_role = {role: bb for role, bb in backbones.values()}
+    # Interleave: one iteration, then one bare run of every recorded pass, repeated; machine drift hits both alike.
+    times, bare_runs = [], {k: [] for k in per_iter}
     for step in range(1, iters + 1):
         _sync()
         start = time.perf_counter()
         iteration(step)
         _sync()
         times.append(time.perf_counter() - start)
-    for h in handles:
-        h.remove()
-    per_iter = {k: v / iters for k, v in calls.items()}
-    by_role = {role: bb for role, bb in backbones.values()}
-    bare = {k: bare_time(by_role[k[0]], *inputs[k], grad=k[1]) for k in per_iter}
+        for k in per_iter:
+            bare_runs[k].append(bare_time(by_role[k[0]], *inputs[k], grad=k[1], repeats=1))
+    bare = {k: statistics.median(v) for k, v in bare_runs.items()}
     passes = sum(per_iter[k] * bare[k] for k in per_iter)
     iteration_s = statistics.median(times)
     return {"method": method, "batch": batch, "iteration_s": round(iteration_s, 4), "passes_s": round(passes, 4),
