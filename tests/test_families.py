@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +264,47 @@ def test_image_folder_latents_are_cached(tmp_path, monkeypatch):
     trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
     batch = trainer.data.next(torch.Generator().manual_seed(0))
     assert batch.x0.shape == (2, *teacher.sample_shape) and batch.cond["encoder_hidden_states"].shape[0] == 2
+
+
+FAMILY_RECIPES = sorted(p for folder in ("progressive", "dmd2")
+                        for p in (Path(__file__).resolve().parents[1] / "recipes" / folder).glob("*.yaml")
+                        if p.stem in FAMILIES)
+
+
+@pytest.mark.parametrize("path", FAMILY_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_family_recipes_run_offline_on_their_tiny_model(tmp_path, path):
+    """Each SD-family recipe (written for the real weights) runs for real on its tiny model: the recipe's own method,
+    roles, guidance and schedule settings, with only the teacher, data and budget swapped, then exports."""
+    from PIL import Image
+
+    from stepdistill.config import load_recipe
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    real = load_recipe(path).data.source == "image_folder"
+    overrides = ["teacher.pretrained=null", f"teacher.tiny={path.stem}", "teacher.resolution=null",
+                 "teacher.max_sequence_length=null", f"data.prompts={SMOKE_PROMPTS}", "data.batch_size=2",
+                 f"data.path={images}" if real else "data.path=null",
+                 *([] if real else ["data.source=gaussian"]),
+                 "train.max_steps=2", "train.mixed_precision='no'", "train.sample_every=0", "train.checkpoint_every=0",
+                 "train.num_sample_images=2"]
+    if load_recipe(path).method.name == "progressive":
+        overrides += ["method.teacher_steps=8", "method.final_steps=4", "method.steps_per_stage=1"]
+    recipe = load_recipe(path, overrides)
+    trainer = Trainer(recipe, tmp_path / "run", show_progress=False).setup()
+    trainer.train()
+    meta = json.loads((trainer.export() / "stepdistill.json").read_text())
+    assert meta["pipeline_class"] == trainer.teacher.family.pipeline
+    if trainer.writes_lora():
+        assert (trainer.export_lora(kohya=recipe.export.kohya) / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_gan_head_on_a_transformer_is_one_line(tmp_path):
+    from stepdistill.config import ConfigError
+
+    recipe = family_dmd_recipe("sd3", **{"method.gan_weight": 1e-3, "data.source": None})
+    with pytest.raises(ConfigError, match="the GAN head reads a UNet bottleneck, which SD3Transformer2DModel"):
+        Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()

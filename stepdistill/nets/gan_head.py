@@ -63,5 +63,6 @@ def bottleneck_channels(denoiser) -> int:
     cfg = getattr(denoiser.backbone, "config", None)
     channels = getattr(cfg, "block_out_channels", None)
     if not channels:
-        raise TypeError(f"{type(denoiser.backbone).__name__}: cannot size a GAN head for this backbone")
+        raise ValueError(f"method: the GAN head reads a UNet bottleneck, which {type(denoiser.backbone).__name__} "
+                         "does not have; set method.gan_weight: 0 (and keep divergence: reverse_kl)")
     return int(channels[-1])
