@@ -41,7 +41,11 @@ def add_adapters(base: nn.Module, names: list[str], *, rank: int, alpha: float, 
         cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True)
         with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            inject_adapter_in_model(cfg, base, adapter_name=name)
+            try:
+                inject_adapter_in_model(cfg, base, adapter_name=name)
+            except ValueError as err:  # peft: no layer matches, or a layer type it cannot adapt
+                raise ValueError(f"roles.mode: lora: no layer of {type(base).__name__} can take a LoRA adapter "
+                                 f"({type(err).__name__}); use roles.mode: full") from None
     for name in names:
         for p in adapter_parameters(base, name):
             p.requires_grad_(True)

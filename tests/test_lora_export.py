@@ -162,3 +162,10 @@ def test_lora_roles_on_family_backbones(tmp_path, tiny):
     base.zero_grad(set_to_none=True)
     method("fake_score", nets, batch).loss.mean().backward()
     assert touched() == {"student": False, "fake_score": True, "base": False}
+
+
+def test_a_model_that_cannot_take_adapters_is_one_line():
+    from stepdistill.lora import add_adapters
+
+    with pytest.raises(ValueError, match=r"roles.mode: lora: no layer of Sequential can take a LoRA adapter"):
+        add_adapters(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Identity()), ["student"], rank=4, alpha=4)
