@@ -159,11 +159,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    from .families import FAMILIES
     from .methods import METHODS
+    from .tiny import TINY_PIPELINES
 
     print("methods:  " + ", ".join(sorted(METHODS)))
-    print("teachers: pretrained: <dir or hub id> | tiny: unet2d | gmm: {means, std|stds, weights} | "
-          "embedded: digits")
+    pipelines = " | ".join(f.pipeline for f in FAMILIES.values())
+    print(f"teachers: pretrained: <dir or hub id> (a UNet2DModel folder, or {pipelines})")
+    print(f"          tiny: {' | '.join(['unet2d', *TINY_PIPELINES])}")
+    print("          gmm: {means, std|stds, weights} | embedded: digits")
     if REPO_RECIPES.is_dir():
         print("recipes:")
         for p in sorted(REPO_RECIPES.rglob("*.yaml")):
