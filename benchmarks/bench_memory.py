@@ -1,6 +1,6 @@
 """Peak memory of a DMD2 step with LoRA roles vs a plain LoRA fine-tune step vs full copies, measured in one run.
 
-    python benchmarks/bench_memory.py [--width 128] [--batch 8] [--rank 16] [--gradient-checkpointing]
+    python benchmarks/bench_memory.py [--width 128] [--batch 8] [--rank 16] [--gradient-checkpointing] [--family sd15]
 
 A mid-size UNet2DModel teacher (32x32x3, attention in the middle blocks) is saved as a DDPM pipeline; each mode runs in
 its own fresh process, which reports ``peak RSS - RSS after imports`` (weights, optimizer states, gradients and
@@ -10,6 +10,10 @@ activations; on CPU the process peak is what a GPU's ``max_memory_allocated`` me
   reference the DMD/DMD2 issue's bar compares against;
 * ``dmd2_lora``: a DMD2 iteration (student phase and fake-score phase, GAN head on) with ``roles.mode: lora``;
 * ``dmd2_full``: the same with ``roles.mode: full`` (a copy of the network per role).
+
+``--family sd15`` uses the mid-size random SD1.5-type pipeline of ``bench_family_speed.py`` instead (34M-parameter
+UNet2DConditionModel, 32x32x4 latents, prompt-conditioned, the LoRA targets of ``families.py``); prompts and image
+latents are encoded once by the parent process, so no child holds the text encoders.
 
 Prints one JSON object with the figures in MiB and the ratios to ``lora_finetune``.
 """
@@ -37,7 +41,10 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def build_teacher(folder: Path, width: int) -> None:
+PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "smoke.txt"
+
+
+def build_teacher(folder: Path, width: int, family: str | None) -> None:
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
     from PIL import Image
@@ -45,24 +52,54 @@ def build_teacher(folder: Path, width: int) -> None:
     from stepdistill.teachers import DEFAULT_SCHEDULER
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                       block_out_channels=(width, 2 * width, 2 * width, 2 * width),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(DEFAULT_SCHEDULER)).save_pretrained(folder / "teacher")
+    size = 64 if family else 32
+    if family:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_family_speed import mid_pipeline
+
+        mid_pipeline(family).save_pretrained(folder / "teacher")
+    else:
+        unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                           block_out_channels=(width, 2 * width, 2 * width, 2 * width),
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(DEFAULT_SCHEDULER)).save_pretrained(
+            folder / "teacher")
     images = folder / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     for i in range(16):  # the GAN's "real data": any images of the right size
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    if family:  # fill the prompt and latent caches here, so that no measured child loads text encoders
+        _family_data(folder, batch=1)
+
+
+def _family_data(folder: Path, batch: int):
+    """The SD-family teacher with its null condition set, and a data source of cached latents and prompts."""
+    from stepdistill.conditioning import load_or_encode, read_prompts
+    from stepdistill.data import DataSource, latent_table
+    from stepdistill.teachers import cache_root, load_pretrained
+
+    teacher = load_pretrained(str(folder / "teacher"), resolution=64)
+    table, null = load_or_encode(lambda: teacher.load_pipeline(unet=teacher.backbone, vae=teacher.vae),
+                                 teacher.family.name, read_prompts(str(PROMPTS)), teacher_id=teacher.source,
+                                 cache_dir=cache_root(), settings=teacher.encode_settings)
+    teacher.denoiser.set_null_condition(null)
+    latents = latent_table(str(folder / "images"), teacher, cache_root())
+    data = DataSource("image_folder", batch_size=batch, sample_shape=teacher.sample_shape, path=str(folder / "images"),
+                      conditions=table, latents=latents)
+    return teacher, data
 
 
 def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool) -> dict:
+    family = (folder / "teacher" / "model_index.json").exists() and "StableDiffusion" in (
+        folder / "teacher" / "model_index.json").read_text()
     return {
-        "teacher": {"pretrained": str(folder / "teacher")},
+        "teacher": {"pretrained": str(folder / "teacher"), **({"resolution": 64} if family else {})},
         "method": {"name": "dmd2", "student_steps": 1, "gan_weight": 3e-3},
         "roles": {"mode": mode, "rank": rank, "alpha": rank},
-        "data": {"source": "image_folder", "path": str(folder / "images"), "batch_size": batch},
+        "data": {"source": "image_folder", "path": str(folder / "images"), "batch_size": batch,
+                 **({"prompts": str(PROMPTS)} if family else {})},
         "train": {"max_steps": 10, "num_sample_images": 4, "gradient_checkpointing": ckpt},
         "export": {"pipeline": False},
     }
@@ -75,23 +112,29 @@ def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool) -> dict
     torch.manual_seed(0)
     if mode == "lora_finetune":
         from stepdistill.data import DataSource
-        from stepdistill.lora import AdapterDenoiser, add_adapters
+        from stepdistill.lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
         from stepdistill.teachers import load_pretrained
 
-        teacher = load_pretrained(str(folder / "teacher"))
-        add_adapters(teacher.backbone, ["student"], rank=rank, alpha=rank)
+        if "StableDiffusion" in (folder / "teacher" / "model_index.json").read_text():
+            teacher, data = _family_data(folder, batch)
+            targets = teacher.family.lora_targets
+        else:
+            teacher = load_pretrained(str(folder / "teacher"))
+            data = DataSource("image_folder", batch_size=batch, sample_shape=teacher.sample_shape,
+                              path=str(folder / "images"))
+            targets = UNET2D_TARGETS
+        add_adapters(teacher.backbone, ["student"], rank=rank, alpha=rank, target_modules=targets)
         if ckpt:
-            teacher.backbone.enable_gradient_checkpointing()
+            teacher.denoiser.enable_gradient_checkpointing()
         net = AdapterDenoiser(teacher.denoiser, "student")
         opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
-        data = DataSource("image_folder", batch_size=batch, sample_shape=teacher.sample_shape,
-                          path=str(folder / "images"))
         g = torch.Generator().manual_seed(0)
         for _ in range(3):
-            x0 = data.next(g).x0
+            batch_ = data.next(g)
+            x0 = batch_.x0
             t = torch.rand(batch, generator=g, dtype=torch.float64)
             eps = torch.randn(x0.shape, generator=g)
-            pred = net(net.schedule.add_noise(x0, eps, t), t)
+            pred = net(net.schedule.add_noise(x0, eps, t), t, batch_.cond)
             loss = ((pred.get("v", exact=True) - pred.coeffs.a * eps.double() + pred.coeffs.s * x0.double()) ** 2)
             loss.mean().backward()
             opt.step()
@@ -115,6 +158,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true", help="in every mode")
+    p.add_argument("--family", choices=["sd15"], help="a mid-size SD1.5-type teacher instead of the UNet2DModel")
     p.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -123,18 +167,21 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        build_teacher(folder, args.width)
+        os.environ["STEPDISTILL_CACHE"] = str(folder / "cache")  # the children inherit it
+        build_teacher(folder, args.width, args.family)
         out = {}
         for mode in ("lora_finetune", "dmd2_lora", "dmd2_full"):
             flags = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             proc = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--rank", str(args.rank),
                                    *flags, "--child", mode, str(folder)], capture_output=True, text=True, check=True)
             out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
-        from diffusers import UNet2DModel
+        from diffusers import UNet2DConditionModel, UNet2DModel
 
-        params = sum(p.numel() for p in UNet2DModel.from_pretrained(folder / "teacher" / "unet").parameters())
+        cls = UNet2DConditionModel if args.family else UNet2DModel
+        params = sum(p.numel() for p in cls.from_pretrained(folder / "teacher" / "unet").parameters())
     ref = out["lora_finetune"]
-    print(json.dumps({"teacher_params_M": round(params / 1e6, 1), "batch": args.batch, "rank": args.rank,
+    print(json.dumps({"family": args.family or "unet2d", "teacher_params_M": round(params / 1e6, 1),
+                      "batch": args.batch, "rank": args.rank,
                       "gradient_checkpointing": args.gradient_checkpointing,
                       "peak_mib": out, "ratio_to_lora_finetune": {k: round(v / ref, 2) for k, v in out.items()}},
                      indent=2))
