@@ -91,12 +91,12 @@ def _family_data(folder: Path, batch: int):
     return teacher, data
 
 
-def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool) -> dict:
+def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: float = 3e-3) -> dict:
     family = (folder / "teacher" / "model_index.json").exists() and "StableDiffusion" in (
         folder / "teacher" / "model_index.json").read_text()
     return {
         "teacher": {"pretrained": str(folder / "teacher"), **({"resolution": 64} if family else {})},
-        "method": {"name": "dmd2", "student_steps": 1, "gan_weight": 3e-3},
+        "method": {"name": "dmd2", "student_steps": 1, "gan_weight": gan},
         "roles": {"mode": mode, "rank": rank, "alpha": rank},
         "data": {"source": "image_folder", "path": str(folder / "images"), "batch_size": batch,
                  **({"prompts": str(PROMPTS)} if family else {})},
@@ -105,7 +105,7 @@ def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool) -> dict:
     }
 
 
-def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool) -> dict:
+def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: float = 3e-3) -> dict:
     base = rss_mib()
     import torch
 
@@ -143,8 +143,8 @@ def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool) -> dict
         from stepdistill.config import build_recipe
         from stepdistill.train import Trainer
 
-        trainer = Trainer(build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt)), folder / f"run-{mode}",
-                          overwrite=True, show_progress=False).setup()
+        cfg = build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt, gan))
+        trainer = Trainer(cfg, folder / f"run-{mode}", overwrite=True, show_progress=False).setup()
         setup = peak_mib() - base
         for _ in range(3):
             trainer._run_phase("student")
@@ -158,12 +158,13 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true", help="in every mode")
+    p.add_argument("--gan-weight", type=float, default=3e-3, help="DMD2's GAN term (0: distribution matching only)")
     p.add_argument("--family", choices=["sd15"], help="a mid-size SD1.5-type teacher instead of the UNet2DModel")
     p.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_mode(args.child[0], Path(args.child[1]), args.batch, args.rank,
-                                  args.gradient_checkpointing)))
+                                  args.gradient_checkpointing, args.gan_weight)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -172,8 +173,9 @@ def main() -> int:
         out = {}
         for mode in ("lora_finetune", "dmd2_lora", "dmd2_full"):
             flags = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-            proc = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--rank", str(args.rank),
-                                   *flags, "--child", mode, str(folder)], capture_output=True, text=True, check=True)
+            argv = [sys.executable, __file__, "--batch", str(args.batch), "--rank", str(args.rank),
+                    "--gan-weight", str(args.gan_weight), *flags, "--child", mode, str(folder)]
+            proc = subprocess.run(argv, capture_output=True, text=True, check=True)
             out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
         from diffusers import UNet2DConditionModel, UNet2DModel
 
@@ -181,7 +183,7 @@ def main() -> int:
         params = sum(p.numel() for p in cls.from_pretrained(folder / "teacher" / "unet").parameters())
     ref = out["lora_finetune"]
     print(json.dumps({"family": args.family or "unet2d", "teacher_params_M": round(params / 1e6, 1),
-                      "batch": args.batch, "rank": args.rank,
+                      "batch": args.batch, "rank": args.rank, "gan_weight": args.gan_weight,
                       "gradient_checkpointing": args.gradient_checkpointing,
                       "peak_mib": out, "ratio_to_lora_finetune": {k: round(v / ref, 2) for k, v in out.items()}},
                      indent=2))
