@@ -55,7 +55,8 @@ def cmd_distill(args) -> int:
 
 
 def _load_student(path: Path):
-    """``(student, grid, teacher)`` from a run directory (latest checkpoint) or an exported pipeline folder."""
+    """``(student, grid, teacher, prompt table or None)`` from a run directory (latest checkpoint) or an exported
+    pipeline folder."""
     from .config import ConfigError, build_recipe, load_recipe
     from .export import load_exported_student
     from .teachers import load_teacher
@@ -63,13 +64,16 @@ def _load_student(path: Path):
 
     if (path / "stepdistill.json").exists():
         meta = json.loads((path / "stepdistill.json").read_text())
+        if meta.get("family"):
+            raise ConfigError(f"{path}: an exported {meta['pipeline_class']}; sample it with diffusers as its "
+                              "README.md shows, or pass the run directory instead")
         teacher = load_teacher(build_recipe({"teacher": meta["teacher"]}).teacher)
         student, grid, _ = load_exported_student(path, teacher)
-        return student, grid, teacher
+        return student, grid, teacher, None
     if (path / "config.yaml").exists():
         trainer = Trainer(load_recipe(path / "config.yaml"), path, resume=True, show_progress=False)
         trainer.setup(readonly=True)
-        return trainer.sampling_student(), trainer.method.student_grid(), trainer.teacher
+        return trainer.sampling_student(), trainer.method.student_grid(), trainer.teacher, trainer.conditions
     raise ConfigError(f"{path}: neither a run directory (config.yaml) nor an exported pipeline (stepdistill.json)")
 
 
@@ -78,11 +82,16 @@ def cmd_sample(args) -> int:
     from .sampling import StudentGrid
     from .visualize import save_sample_grid
 
-    student, grid, teacher = _load_student(Path(args.path))
+    student, grid, teacher, prompts = _load_student(Path(args.path))
     if args.steps and args.steps != grid.steps:
         grid = StudentGrid(times=tuple(float(t) for t in student.schedule.grid(args.steps)[:-1]),
                            transition=grid.transition)
-    x = student_samples(student, grid, shape=teacher.sample_shape, num=args.num_samples, seed=args.seed)
+    x = student_samples(student, grid, shape=teacher.sample_shape, num=args.num_samples, seed=args.seed,
+                        conditions=prompts)
+    if teacher.vae is not None and Path(args.output).suffix not in (".npy", ".pt"):
+        from .families import latents_to_images
+
+        x = latents_to_images(teacher.vae, x)  # a grid shows images; .npy / .pt keep the latents
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
@@ -115,11 +124,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .config import load_recipe
+    from .config import ConfigError, load_recipe
     from .evaluate import evaluate
 
     path = Path(args.path)
-    student, grid, teacher = _load_student(path)
+    student, grid, teacher, _ = _load_student(path)
+    if teacher.family is not None:
+        raise ConfigError(f"eval: no metric for {teacher.family.name} students yet (a CLIP score is planned); "
+                          "`stepdistill sample` draws them")
     settings = load_recipe(path / "config.yaml").eval if (path / "config.yaml").exists() else None
     metrics = evaluate(student, grid, teacher, num_samples=args.num_samples or (settings.num_samples if settings
                                                                                  else 1000),

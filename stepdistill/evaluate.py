@@ -128,9 +128,19 @@ def teacher_samples(teacher, steps: int, *, sampler: str, num: int, seed: int) -
 
 
 @torch.no_grad()
-def student_samples(student, grid: StudentGrid, *, shape, num: int, seed: int) -> torch.Tensor:
+def student_samples(student, grid: StudentGrid, *, shape, num: int, seed: int,
+                    conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``num`` student samples from seeded noise; with a prompt table, sample i uses prompt i (cycled)."""
     g = torch.Generator().manual_seed(seed + 1)  # the fresh noise of re-noising grids, reproducible too
-    return torch.cat([sample_student(student, z, grid, generator=g) for z in noise_batches(num, shape, seed)])
+    out, start = [], 0
+    for z in noise_batches(num, shape, seed):
+        cond = None
+        if conditions is not None:
+            rows = torch.arange(start, start + z.shape[0]) % next(iter(conditions.values())).shape[0]
+            cond = {k: v[rows] for k, v in conditions.items()}
+        out.append(sample_student(student, z, grid, cond=cond, generator=g))
+        start += z.shape[0]
+    return torch.cat(out)
 
 
 def evaluate(student, grid: StudentGrid, teacher, *, num_samples: int = 1000, seed: int = 1234,
