@@ -77,7 +77,7 @@ def null_condition(pipe, family: str, **settings) -> dict[str, torch.Tensor]:
     conditional sample's own (``TextConditioned.null_cond``)."""
     null = encode_prompts(pipe, family, [""], **settings)
     null.pop("time_ids", None)
-    if family == "sdxl" and pipe.config.get("force_zeros_for_empty_prompt", True):
+    if pipe.config.get("force_zeros_for_empty_prompt", False):  # SDXL pipelines zero the empty prompt
         null = {k: torch.zeros_like(v) for k, v in null.items()}
     return null
 

@@ -17,6 +17,7 @@ The grid is checked against what the scheduler actually produces before anything
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -146,7 +147,7 @@ def _family_sampling(student: Denoiser, teacher, grid: StudentGrid):
         grid_meta = {"timesteps": timesteps}
     # The student carries any guidance it was distilled with: no CFG at sampling time (guidance_scale <= 1 turns
     # it off). FLUX-dev's guidance is an input of the network, so it keeps the value the student was trained with.
-    if family.name != "flux":
+    if not family.guidance_input:
         call["guidance_scale"] = 0.0
     elif student.backbone.config.guidance_embeds:
         call["guidance_scale"] = teacher.meta["guidance"]
@@ -201,25 +202,37 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
     layers = {k: v.detach().float().cpu().contiguous()
               for k, v in get_peft_model_state_dict(base, adapter_name=adapter).items()}
     config = base.peft_config[adapter]
+    with _atomic_dir(out_dir) as tmp:
+        name = family.backbone  # the keyword prefix of save_lora_weights: unet_lora_layers / transformer_lora_layers
+        getattr(diffusers, family.pipeline).save_lora_weights(
+            tmp, **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config.to_dict()})
+        scheduler.save_pretrained(tmp / "scheduler")
+        if kohya:
+            write_kohya(layers, float(config.lora_alpha), tmp / "student_kohya.safetensors")
+        meta = {**_meta(recipe, teacher, grid, scheduler, fields),
+                "lora": {"rank": config.r, "alpha": config.lora_alpha, "layers": len(layers) // 2,
+                         "kohya": "student_kohya.safetensors" if kohya else None}}
+        (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "README.md").write_text(lora_card(meta))
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path):
+    """Write into ``<out_dir>.tmp`` and rename it to ``out_dir`` only when everything is there."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    name = family.backbone  # the keyword prefix of save_lora_weights: unet_lora_layers / transformer_lora_layers
-    getattr(diffusers, family.pipeline).save_lora_weights(
-        tmp, **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config.to_dict()})
-    scheduler.save_pretrained(tmp / "scheduler")
-    if kohya:
-        write_kohya(layers, float(config.lora_alpha), tmp / "student_kohya.safetensors")
-    meta = {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "teacher_source": teacher.source,
-            **fields, "transition": grid.transition, "scheduler": type(scheduler).__name__,
-            "lora": {"rank": config.r, "alpha": config.lora_alpha, "layers": len(layers) // 2,
-                     "kohya": "student_kohya.safetensors" if kohya else None}}
-    (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "README.md").write_text(lora_card(meta))
+    yield tmp
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return out_dir
+
+
+def _meta(recipe, teacher, grid: StudentGrid, scheduler, fields: dict) -> dict:
+    """``stepdistill.json``: what was distilled from what, and how to call it."""
+    return {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "teacher_source": teacher.source,
+            **fields, "transition": grid.transition, "scheduler": type(scheduler).__name__}
 
 
 def write_kohya(layers: dict[str, torch.Tensor], alpha: float, path: Path) -> None:
@@ -264,17 +277,12 @@ def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_d
     """Write ``out_dir`` (atomically): the stock pipeline, ``stepdistill.json`` and a model card ``README.md``."""
     build = _family_pipeline if teacher.family is not None else _ddpm_pipeline
     pipe, fields = build(student, teacher, grid)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    meta = {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "teacher_source": teacher.source,
-            **fields, "transition": grid.transition, "scheduler": type(pipe.scheduler).__name__}
-    (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "README.md").write_text(model_card(meta))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    with _atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp)
+        meta = _meta(recipe, teacher, grid, pipe.scheduler, fields)
+        (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "README.md").write_text(model_card(meta))
+    return Path(out_dir)
 
 
 def model_card(meta: dict, metrics: dict | None = None) -> str:
@@ -298,7 +306,7 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         + ("denoise, then re-noise with fresh noise" if meta.get("transition") == "renoise" else
            "deterministic jumps, no added noise") + ")",
         ("- SD3/FLUX pipelines re-noise with torch's global RNG (they do not pass `generator` to the scheduler): "
-         "call `torch.manual_seed(...)` first for a reproducible result" if meta.get("family") in ("sd3", "flux") else
+         "call `torch.manual_seed(...)` first for a reproducible result" if "sigmas" in meta else
          "- the pipeline's `generator` also drives the re-noising, so a seeded call is reproducible")
         if meta.get("transition") == "renoise" else "- deterministic given the initial noise",
         f"- prediction type: `{meta['prediction_type']}`",

@@ -39,6 +39,8 @@ class Family:
         lora_targets: regex of the layers LoRA roles and LoRA export adapt.
         flow: rectified-flow family (``sigmas=`` call, FlowMatchEuler scheduler) rather than discrete VP.
         max_sequence_length: the pipeline's default T5 length (``None``: CLIP only, 77 tokens).
+        packed_latents: the pipeline packs 2x2 latent patches into tokens (FLUX), so latent sides are even.
+        guidance_input: guidance-distilled teachers take the guidance scale as a network input (FLUX.1-dev), not CFG.
     """
 
     name: str
@@ -48,6 +50,8 @@ class Family:
     lora_targets: str
     flow: bool = False
     max_sequence_length: int | None = None
+    packed_latents: bool = False
+    guidance_input: bool = False
 
     def schedule(self, scheduler_config: dict, latent_hw: tuple[int, int]) -> NoiseSchedule:
         """The teacher's noise schedule, from its scheduler config and the latent size (dynamic shifting)."""
@@ -71,7 +75,7 @@ class Family:
 
     def latent_shape(self, backbone_config, vae_scale: int, resolution: int) -> tuple[int, int, int]:
         """``[C, h, w]`` of the latents the backbone denoises at ``resolution`` pixels (square images)."""
-        if self.name == "flux":  # FluxPipeline.prepare_latents: packed 2x2 patches, so an even latent size
+        if self.packed_latents:  # FluxPipeline.prepare_latents: packed 2x2 patches, so an even latent size
             side = 2 * (resolution // (vae_scale * 2))
             return backbone_config.in_channels // 4, side, side
         return backbone_config.in_channels, resolution // vae_scale, resolution // vae_scale
@@ -107,7 +111,7 @@ FAMILIES: dict[str, Family] = {
         Family("sd3", "StableDiffusion3Pipeline", "transformer", SD3Denoiser, TRANSFORMER_TARGETS, flow=True,
                max_sequence_length=256),
         Family("flux", "FluxPipeline", "transformer", FluxDenoiser, TRANSFORMER_TARGETS, flow=True,
-               max_sequence_length=512),
+               max_sequence_length=512, packed_latents=True, guidance_input=True),
     )
 }
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}

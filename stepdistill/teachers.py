@@ -133,14 +133,14 @@ def _family_teacher(family: Family, backbone: nn.Module, vae: nn.Module, schedul
     scale = vae_scale(vae.config)
     resolution = resolution or family.default_resolution(backbone.config, scale)
     shape = family.latent_shape(backbone.config, scale, resolution)
-    settings = {"guidance": guidance} if (family.name == "flux" and guidance is not None) else {}
+    settings = {"guidance": guidance} if (family.guidance_input and guidance is not None) else {}
     try:
         den = family_denoiser(family, backbone, dict(scheduler_config), shape[1:], **settings)
     except ValueError as err:
         raise TeacherError(f"teacher: {err}") from None
     encode = {"image_size": [resolution, resolution],
               "max_sequence_length": max_sequence_length or family.max_sequence_length}
-    meta = {"resolution": resolution, **({"guidance": den.guidance} if family.name == "flux" else {})}
+    meta = {"resolution": resolution, **({"guidance": den.guidance} if family.guidance_input else {})}
     return Teacher(den, dict(scheduler_config), shape, source, family=family, load_pipeline=load_pipeline, vae=vae,
                    encode_settings=encode, meta=meta)
 
