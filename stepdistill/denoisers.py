@@ -68,6 +68,14 @@ class RoleModule(nn.Module):
             self.backbone.enable_gradient_checkpointing(consistent_checkpoint(self.backbone))
 
 
+class _Stop(Exception):
+    """Carries the bottleneck features out of a forward cut short (``Denoiser.features``)."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features = features
+
+
 class Denoiser(RoleModule):
     """Base adapter. Subclasses implement ``raw(x_t, model_time, cond)`` returning the backbone's output."""
 
@@ -100,6 +108,35 @@ class Denoiser(RoleModule):
             handle.remove()
         feats = caught[-1][0] if isinstance(caught[-1], tuple) else caught[-1]
         return pred, feats
+
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        """Only the bottleneck features: the forward stops at ``feature_module()``, so the decoder half never runs.
+
+        This is DMD2's ``classify_mode`` forward (``guidance_model.compute_cls_logits``): the GAN passes cost neither
+        the decoder's compute nor its activations. The pass calls the plain backbone, not its DDP wrapper: DDP's
+        reducer then only sees whole forwards, and gradients from this pass are summed into the same parameters
+        in the same backward before DDP's hooks fire. FSDP2 shards need their own forward hooks to run to the end,
+        so a sharded backbone takes the whole pass instead.
+        """
+        from .sharding import is_sharded
+
+        if any(is_sharded(p) for p in self.backbone.parameters()):
+            return self.with_features(x_t, t, cond)[1]
+
+        def stop(_module, _inputs, out):
+            raise _Stop(out[0] if isinstance(out, tuple) else out)
+
+        handle = self.feature_module().register_forward_hook(stop)
+        wrapped = self.__dict__.pop("_wrapped_backbone", None)
+        try:
+            self(x_t, t, cond)
+        except _Stop as caught:
+            return caught.features
+        finally:
+            handle.remove()
+            if wrapped is not None:
+                self.wrap_backbone(wrapped)
+        raise RuntimeError(f"{type(self).__name__}: the forward never reached its feature module")
 
     def null_cond(self, cond: Cond) -> Cond:
         """The condition that means "no condition" for CFG. Unconditional models have none."""

@@ -234,3 +234,41 @@ def test_fake_score_target_changes_the_critic_weighting_only(tmp_path):
         out = trainer.method("fake_score", trainer.nets, _batch(trainer))
         losses[target] = out.loss
     assert not torch.allclose(losses["v"], losses["eps"]) and (losses["eps"] <= losses["v"] + 1e-6).all()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gan_features_stop_at_the_bottleneck_with_the_same_values_and_gradients(checkpointing):
+    """``Denoiser.features`` (DMD2's classify-mode forward) never runs the decoder half, yet gives the features and
+    gradients of the whole pass (tiny SD1.5 UNet, with and without activation checkpointing)."""
+    from stepdistill.conditioning import encode_prompts
+    from stepdistill.teachers import load_tiny
+
+    teacher = load_tiny("sd15")
+    den = teacher.denoiser
+    den.unet.requires_grad_(True)  # the teacher comes frozen; here it stands in for a trainable fake score
+    cond = encode_prompts(teacher.load_pipeline(), "sd15", ["a", "b"], **teacher.encode_settings)
+    if checkpointing:
+        den.enable_gradient_checkpointing()
+    decoder_calls = []
+    den.unet.up_blocks[0].register_forward_hook(lambda *_: decoder_calls.append(1))
+    x = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    weights = None
+    grads = []
+    for cut_short in (False, True):
+        den.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        feats = den.features(xi, t, cond) if cut_short else den.with_features(xi, t, cond)[1]
+        if weights is None:
+            weights = torch.randn(feats.shape, generator=torch.Generator().manual_seed(1))
+        (feats * weights).sum().backward()
+        grads.append((feats.detach(), xi.grad, {n: p.grad.clone() for n, p in den.unet.named_parameters()
+                                                 if p.grad is not None}))
+        assert len(decoder_calls) == (0 if cut_short else 1)
+        decoder_calls.clear()
+    (f_full, gx_full, gp_full), (f_cut, gx_cut, gp_cut) = grads
+    torch.testing.assert_close(f_cut, f_full)
+    torch.testing.assert_close(gx_cut, gx_full)
+    assert gp_cut.keys() == gp_full.keys() and gp_cut
+    for name in gp_full:
+        torch.testing.assert_close(gp_cut[name], gp_full[name])

@@ -335,7 +335,7 @@ class DMD:
             heads = [nets["fake_score"], nets["discriminator"]]
             with frozen(*heads):
                 x_gan, t_gan = self._gan_inputs(x, nets.teacher.schedule, gen)
-                _, feats = nets["fake_score"].with_features(x_gan, t_gan, cond)
+                feats = nets["fake_score"].features(x_gan, t_gan, cond)
                 gan = F.softplus(-nets["discriminator"](feats))
             loss = loss + self.gan_weight * gan
             logs["loss_gan"] = float(gan.detach().mean())
@@ -358,17 +358,14 @@ class DMD:
         t = self._times(sch, b, 0.0, 1.0, gen)
         eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
         x_t = sch.add_noise(x, eps, t.to(device))
-        if not self.uses_head:
-            pred = fake_net(x_t, t, cond)
-        else:
-            # One forward over [denoising inputs, noised fakes, noised reals]: DDP sees every parameter used once.
+        pred = fake_net(x_t, t, cond)
+        if self.uses_head:
+            # The GAN inputs [noised fakes, noised reals] only go as far as the bottleneck (``Denoiser.features``).
             x_fake, t_fake = self._gan_inputs(x, sch, gen)
             x_real, t_real = self._gan_inputs(batch.x0, sch, gen)
-            cond3 = None if cond is None else {k: torch.cat([v, v, v]) for k, v in cond.items()}
-            pred_all, feats = fake_net.with_features(torch.cat([x_t, x_fake, x_real]), torch.cat([t, t_fake, t_real]),
-                                                     cond3)
-            pred = pred_all.chunk(3)[0]
-            logits_fake, logits_real = nets["discriminator"](feats[b:]).chunk(2)
+            cond2 = None if cond is None else {k: torch.cat([v, v]) for k, v in cond.items()}
+            feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), cond2)
+            logits_fake, logits_real = nets["discriminator"](feats).chunk(2)
         kind = self.fake_score_target or fake_net.prediction
         target = from_x0_eps(kind, x.double(), eps.double(), pred.coeffs)
         dims = tuple(range(1, x.ndim))
