@@ -3,8 +3,8 @@
     python benchmarks/bench_memory.py [--width 128] [--batch 8] [--rank 16] [--gradient-checkpointing] [--family sd15]
 
 A mid-size UNet2DModel teacher (32x32x3, attention in the middle blocks) is saved as a DDPM pipeline; each mode runs in
-its own fresh process, which reports ``peak RSS - RSS after imports`` (weights, optimizer states, gradients and
-activations; on CPU the process peak is what a GPU's ``max_memory_allocated`` measures). Modes:
+its own fresh process, which reports its peak memory: ``peak RSS - RSS after imports`` on CPU, the allocator's
+``torch.cuda.max_memory_allocated`` on CUDA (weights, optimizer states, gradients and activations either way). Modes:
 
 * ``lora_finetune``: the base frozen plus one LoRA adapter, one denoising step (forward, backward, AdamW): the
   reference the DMD/DMD2 issue's bar compares against;
@@ -38,7 +38,12 @@ def rss_mib() -> float:
 
 
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """CUDA: the allocator's peak; CPU: the process's peak RSS (Linux reports KiB)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "smoke.txt"
@@ -106,8 +111,11 @@ def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: floa
 
 
 def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: float = 3e-3) -> dict:
-    base = rss_mib()
     import torch
+
+    cuda = torch.cuda.is_available()
+    base = 0.0 if cuda else rss_mib()  # CUDA: nothing is allocated on the device yet
+    device = torch.device("cuda" if cuda else "cpu")
 
     torch.manual_seed(0)
     if mode == "lora_finetune":
@@ -123,6 +131,7 @@ def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: fl
             data = DataSource("image_folder", batch_size=batch, sample_shape=teacher.sample_shape,
                               path=str(folder / "images"))
             targets = UNET2D_TARGETS
+        teacher.backbone.to(device)
         add_adapters(teacher.backbone, ["student"], rank=rank, alpha=rank, target_modules=targets)
         if ckpt:
             teacher.denoiser.enable_gradient_checkpointing()
@@ -131,10 +140,11 @@ def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: fl
         g = torch.Generator().manual_seed(0)
         for _ in range(3):
             batch_ = data.next(g)
-            x0 = batch_.x0
+            x0 = batch_.x0.to(device)
             t = torch.rand(batch, generator=g, dtype=torch.float64)
-            eps = torch.randn(x0.shape, generator=g)
-            pred = net(net.schedule.add_noise(x0, eps, t), t, batch_.cond)
+            eps = torch.randn(x0.shape, generator=g).to(device)
+            cond = None if batch_.cond is None else {k: v.to(device) for k, v in batch_.cond.items()}
+            pred = net(net.schedule.add_noise(x0, eps, t.to(device)), t, cond)
             loss = ((pred.get("v", exact=True) - pred.coeffs.a * eps.double() + pred.coeffs.s * x0.double()) ** 2)
             loss.mean().backward()
             opt.step()
