@@ -71,22 +71,30 @@ def train_denoiser(unet, sample_batch, scheduler_config: dict, *, steps: int, lr
     return ema.eval()
 
 
-def _save_teacher(unet, scheduler_config: dict, folder: Path, record: dict) -> None:
+def _save_teacher(unet, scheduler_config: dict, folder: Path, record: dict, *, replace: bool = False) -> None:
+    """Write the teacher folder whole or not at all: built under a per-process name, then renamed into place.
+
+    Several ranks may fit the same (fingerprinted) teacher at once when the cache is empty; the first rename wins
+    and the others drop their copy, so no process ever sees a half-written folder. ``replace`` (rebuilding the
+    shipped assets) removes an existing folder first.
+    """
+    import os
+    import shutil
+
     from diffusers import DDPMScheduler
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + ".tmp")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp / "unet")
     DDPMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
     (tmp / "training.json").write_text(json.dumps(record, indent=2))
-    for sub in ("unet", "scheduler", "training.json"):
-        target = folder / sub
-        if target.exists():
-            import shutil
-
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        (tmp / sub).rename(target)
-    tmp.rmdir()
+    if folder.exists() and (replace or not (folder / "unet" / "config.json").exists()):
+        shutil.rmtree(folder, ignore_errors=True)  # a rebuild, or an incomplete folder left by an older write
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process published it first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fit_vector_teacher(mixture: GaussianMixture, fit: TeacherFit, scheduler_config: dict, folder: Path):
@@ -98,7 +106,9 @@ def fit_vector_teacher(mixture: GaussianMixture, fit: TeacherFit, scheduler_conf
     ema = train_denoiser(unet, lambda g: mixture.sample(fit.batch_size, g)[0], scheduler_config, steps=fit.steps,
                          lr=fit.lr, ema_decay=fit.ema_decay, seed=fit.seed, desc="fit gmm teacher")
     _save_teacher(ema, scheduler_config, Path(folder), {"mixture": mixture.config(), "fit": asdict(fit)})
-    return ema
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_pretrained(Path(folder) / "unet")  # the published copy: every rank uses the same one
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,7 +131,7 @@ def build_digits_teacher(folder: Path, fit: TeacherFit = DIGITS_TEACHER):
                          desc="digits teacher")
     _save_teacher(ema, DEFAULT_SCHEDULER, Path(folder),
                   {"data": "sklearn.datasets.load_digits (1797 images, 8x8, scaled to [-1, 1])", "fit": asdict(fit),
-                   "command": "stepdistill build-assets"})
+                   "command": "stepdistill build-assets"}, replace=True)
     return ema
 
 

@@ -31,7 +31,9 @@ def _launch(args, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_port()), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # every rank's error line first: the tail alone often shows only the survivor's "connection closed by peer"
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line and "]:" in line]
+    assert proc.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + proc.stderr[-3000:]
     return proc
 
 

@@ -89,6 +89,32 @@ def test_gmm_mlp_teacher_is_fitted_once_and_cached(tmp_path):
     assert first.sample_shape == (2,) and first.mixture.num_modes == 2
 
 
+def test_a_teacher_folder_is_published_whole_and_the_first_writer_wins(tmp_path):
+    """Ranks that fit the same GMM teacher at once (an empty cache) must not write into each other's files: each
+    builds under its own name and renames; a later writer drops its copy unless it rebuilds (``replace``)."""
+    from stepdistill.teacher_training import _save_teacher
+    from stepdistill.teachers import DEFAULT_SCHEDULER
+
+    def unet(seed):
+        torch.manual_seed(seed)
+        return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                           norm_num_groups=4, layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "UpBlock2D"))
+
+    def weights(folder):
+        return next(UNet2DModel.from_pretrained(folder / "unet").parameters())
+
+    folder = tmp_path / "teacher"
+    first, second = unet(0), unet(1)
+    _save_teacher(first, DEFAULT_SCHEDULER, folder, {"n": 1})
+    _save_teacher(second, DEFAULT_SCHEDULER, folder, {"n": 2})
+    assert torch.equal(weights(folder), next(first.parameters()))
+    assert json.loads((folder / "training.json").read_text()) == {"n": 1}
+    _save_teacher(second, DEFAULT_SCHEDULER, folder, {"n": 2}, replace=True)
+    assert torch.equal(weights(folder), next(second.parameters()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]  # no per-process leftovers
+
+
 def test_class_conditional_unet_and_cfg():
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
