@@ -146,6 +146,20 @@ class Denoiser(RoleModule):
         """The same adapter (schedule, conditioning settings) around another backbone: how roles are built."""
         raise TypeError(f"{type(self).__name__} has no backbone to replace")
 
+    @property
+    def sampling_guidance(self) -> float | None:
+        """The guidance scale the network takes as an input when ``cond`` names none (the scale a w-conditioned
+        student samples and exports with); ``None`` when the network takes no guidance input."""
+        return None
+
+    def guidance_conditioned(self, default: float) -> Denoiser:
+        """This adapter around a backbone that takes a per-sample guidance scale ``cond["guidance"]`` (guided
+        distillation, Meng et al. 2023, §3.1), sampling at ``default`` when none is given. Backbones without such an
+        input get a new one whose output layer starts at zero, so the network is unchanged until it trains."""
+        raise ValueError(f"a guidance-scale input (method.guidance as a range) is not available for "
+                         f"{type(self).__name__}: diffusers has no w-embedding for its backbone; distil one fixed "
+                         f"scale instead (guidance: [w, w])")
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Prediction:
         t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
         out = self.raw(x_t, self.schedule.model_time(t), cond)
@@ -220,6 +234,26 @@ class UNet2DDenoiser(Denoiser):
         return out[:, :, 0, 0] if vector else out
 
 
+def _grown(backbone: nn.Module, changes: dict, zero: tuple[str, ...]) -> nn.Module:
+    """A backbone of the same class whose config has ``changes``, carrying every weight of ``backbone``. The
+    parameters the change adds must be exactly ``zero`` plus what feeds them; ``zero`` (the new module's output layer)
+    starts at zero, so the new input has no effect until it trains while gradients still reach it. (The LCM script
+    adds its w-embedding to SD the same way, with ``strict=False``, but keeps the default initialisation.)"""
+    # Without the private keys: ``_use_default_values`` would reset the very keys being changed to their defaults.
+    config = {k: v for k, v in backbone.config.items() if not k.startswith("_")}
+    new = type(backbone).from_config({**config, **changes})
+    missing, unexpected = new.load_state_dict(backbone.state_dict(), strict=False)
+    if unexpected or not set(zero) <= set(missing):
+        raise ValueError(f"{type(backbone).__name__}: config change {changes} did not add {list(zero)} "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    params = dict(new.named_parameters())
+    with torch.no_grad():
+        for name in zero:
+            params[name].zero_()
+    ref = next(backbone.parameters())
+    return new.to(ref.device, ref.dtype).train(backbone.training)
+
+
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """The sinusoidal embedding of a guidance scale that w-conditioned UNets take as ``timestep_cond``.
 
@@ -282,12 +316,34 @@ class UNetCondDenoiser(TextConditioned):
     ``text_embeds`` and ``time_ids``, passed as ``added_cond_kwargs``), on the teacher's discrete VP schedule.
 
     ``cond["guidance"]`` (a per-sample guidance scale) feeds the w-embedding of LCM-style students
-    (``time_cond_proj_dim``), as ``LatentConsistencyModelPipeline`` does.
+    (``time_cond_proj_dim``), as ``LatentConsistencyModelPipeline`` does; without it such a UNet gets ``guidance``
+    (stock ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` embed their ``guidance_scale`` the same way and
+    then skip CFG).
     """
 
-    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction: str):
+    #: width of the w-embedding given to students that lack one (the LCM scripts' ``unet_time_cond_proj_dim``)
+    W_EMBEDDING_DIM = 256
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction: str, *, guidance: float | None = None):
         super().__init__(schedule, prediction)
         self.unet = unet
+        self.guidance = guidance
+
+    def settings(self) -> dict:
+        return {"guidance": self.guidance}
+
+    @property
+    def sampling_guidance(self) -> float | None:
+        return self.guidance if self.unet.config.time_cond_proj_dim is not None else None
+
+    def guidance_conditioned(self, default: float) -> Denoiser:
+        unet = self.unet
+        if unet.config.time_cond_proj_dim is None:
+            unet = _grown(unet, {"time_cond_proj_dim": self.W_EMBEDDING_DIM},
+                          zero=("time_embedding.cond_proj.weight",))
+        new = self.with_backbone(unet, self.prediction)
+        new.guidance = float(default)
+        return new
 
     def feature_module(self) -> nn.Module:
         return self.unet.mid_block
@@ -298,11 +354,14 @@ class UNetCondDenoiser(TextConditioned):
         added = {k: c.pop(k) for k in ("text_embeds", "time_ids") if k in c}
         if added:
             kwargs["added_cond_kwargs"] = added
-        if "guidance" in c:
-            dim = self.unet.config.time_cond_proj_dim
+        dim = self.unet.config.time_cond_proj_dim
+        w = c.pop("guidance", None)
+        if w is None and dim is not None and self.guidance is not None:
+            w = torch.full((x_t.shape[0],), self.guidance, device=x_t.device)
+        if w is not None:
             if dim is None:
                 raise ValueError("a guidance-conditioned UNet needs time_cond_proj_dim (the LCM w-embedding)")
-            kwargs["timestep_cond"] = guidance_embedding(c.pop("guidance") - 1.0, dim).to(x_t.device)
+            kwargs["timestep_cond"] = guidance_embedding(w - 1.0, dim).to(x_t.device)
         if c:
             raise ValueError(f"UNetCondDenoiser: unexpected condition keys {sorted(c)}")
         dtype = next(self.unet.parameters()).dtype
@@ -353,6 +412,19 @@ class FluxDenoiser(TextConditioned):
 
     def settings(self) -> dict:
         return {"guidance": self.guidance}
+
+    @property
+    def sampling_guidance(self) -> float | None:
+        return self.guidance if self.transformer.config.guidance_embeds else None
+
+    def guidance_conditioned(self, default: float) -> Denoiser:
+        transformer = self.transformer
+        if not transformer.config.guidance_embeds:  # schnell-like: add FLUX.1-dev's guidance embedder
+            out = "time_text_embed.guidance_embedder.linear_2"
+            transformer = _grown(transformer, {"guidance_embeds": True}, zero=(f"{out}.weight", f"{out}.bias"))
+        new = self.with_backbone(transformer, self.prediction)
+        new.guidance = float(default)
+        return new
 
     def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
         c = self._inputs(cond)

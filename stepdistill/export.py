@@ -146,11 +146,12 @@ def _family_sampling(student: Denoiser, teacher, grid: StudentGrid):
         scheduler = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps)
         grid_meta = {"timesteps": timesteps}
     # The student carries any guidance it was distilled with: no CFG at sampling time (guidance_scale <= 1 turns
-    # it off). FLUX-dev's guidance is an input of the network, so it keeps the value the student was trained with.
-    if not family.guidance_input:
+    # it off). A student that takes the scale as an input (FLUX-dev's embedder, a w-conditioned SD UNet, for which
+    # stock SD pipelines embed guidance_scale and skip CFG) gets the scale it samples with in training.
+    if student.sampling_guidance is not None:
+        call["guidance_scale"] = student.sampling_guidance
+    elif not family.guidance_input:
         call["guidance_scale"] = 0.0
-    elif student.backbone.config.guidance_embeds:
-        call["guidance_scale"] = teacher.meta["guidance"]
     res = teacher.meta["resolution"]
     call.update(height=res, width=res)
     fields = {"family": family.name, "pipeline_class": family.pipeline,

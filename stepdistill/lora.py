@@ -169,6 +169,10 @@ class AdapterDenoiser(Denoiser):
     def null_cond(self, cond: Cond) -> Cond:
         return self.inner.null_cond(cond)
 
+    @property
+    def sampling_guidance(self) -> float | None:
+        return self.inner.sampling_guidance
+
     def feature_module(self) -> nn.Module:
         return self.inner.feature_module()
 

@@ -73,13 +73,14 @@ def _build_full_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
         if init == "head":
             made[role] = GANHead.for_denoiser(made[spec.head_of]).requires_grad_(spec.trainable).train(spec.trainable)
             continue
-        if init == "student":
-            backbone = copy.deepcopy(made["student"].backbone)
+        if init == "student":  # the student's adapter too (its guidance input and default scale)
+            den = made["student"].with_backbone(copy.deepcopy(made["student"].backbone),
+                                                spec.prediction or made["student"].prediction)
         else:
-            backbone = _backbone_copy(teacher, init, role)
-        prediction = spec.prediction or (made["student"].prediction if init == "student" else
-                                         teacher.denoiser.prediction)
-        den = make_denoiser(backbone, teacher, prediction)
+            den = make_denoiser(_backbone_copy(teacher, init, role), teacher,
+                                spec.prediction or teacher.denoiser.prediction)
+        if spec.guidance is not None:
+            den = den.guidance_conditioned(spec.guidance)
         den.requires_grad_(spec.trainable)
         den.train(spec.trainable)
         made[role] = den
@@ -104,6 +105,9 @@ def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
     pred = teacher.denoiser.prediction
     adapters = [r for r, s in specs.items() if s.init != "head"]
     for role in adapters:
+        if specs[role].guidance is not None and teacher.denoiser.sampling_guidance is None:
+            raise ValueError(f"roles.mode: lora: role {role!r} needs a guidance-scale input (a w range) that the "
+                             f"shared base lacks; use roles.mode: full, which gives the student its own w-embedding")
         init = student_init if role == "student" else specs[role].init
         if init == "new":
             raise ValueError(f"roles.mode: lora: role {role!r} starts from scratch (init: new); use roles.mode: full")

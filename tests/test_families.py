@@ -137,21 +137,32 @@ CONSUMER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_distill_then_the_stock_pipeline_reproduces_the_student(tmp_path, family):
+W_RANGE = {"method.guidance": [2.0, 4.0], "method.sample_guidance": 3.5}
+
+
+@pytest.mark.parametrize("family, overrides", [(f, {}) for f in FAMILIES] + [("sd15", W_RANGE), ("flux", W_RANGE)],
+                         ids=[*FAMILIES, "sd15-w-range", "flux-w-range"])
+def test_distill_then_the_stock_pipeline_reproduces_the_student(tmp_path, family, overrides):
     """Three PD steps on a tiny teacher, export, and ``DiffusionPipeline.from_pretrained(dir)(prompts, **call)`` in
-    a process that never imports stepdistill lands on the training-time student's latents."""
-    trainer = Trainer(build_recipe(family_recipe(family)), tmp_path / "run", show_progress=False).setup()
+    a process that never imports stepdistill lands on the training-time student's latents. With a guidance range
+    (guided PD) the student is w-conditioned and the stock pipeline feeds it ``guidance_scale`` itself."""
+    trainer = Trainer(build_recipe(family_recipe(family, **overrides)), tmp_path / "run", show_progress=False).setup()
     trainer.train()
     folder = trainer.export()
     meta = json.loads((folder / "stepdistill.json").read_text())
     assert meta["pipeline_class"] == trainer.teacher.family.pipeline and meta["num_inference_steps"] == 2
+    if overrides:
+        assert meta["call"]["guidance_scale"] == 3.5 and trainer.nets.student.sampling_guidance == 3.5
     assert (tmp_path / "run" / "samples" / "step-3.png").exists()
 
     prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
     noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
     cond = {k: v[:2] for k, v in trainer.conditions.items()}  # rows 0, 1 = the first two prompts
     expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond)
+    if overrides:  # the trained w-embedding matters: another scale gives another sample
+        other = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(),
+                               cond={**cond, "guidance": torch.full((2,), 2.0)})
+        assert (other - expected).abs().max() > 1e-5
     fed = pack_latents(noise) if family == "flux" else noise
     np.save(tmp_path / "noise.npy", fed.numpy())
     argv = [sys.executable, "-c", CONSUMER, str(folder), str(tmp_path / "noise.npy"), str(tmp_path / "out.npy"),
@@ -182,6 +193,41 @@ def test_empty_prompt_file_is_one_line_and_writes_nothing(tmp_path, capsys):
     recipe.write_text(yaml.safe_dump(family_recipe("sd15", **{"data.prompts": str(empty)})))
     code, err = _cli(["distill", str(recipe), "--output-dir", str(tmp_path / "run")], capsys)
     assert code != 0 and "data.prompts" in err and "no prompts" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind, key", [("sd15", "time_embedding.cond_proj.weight"),
+                                       ("flux", "time_text_embed.guidance_embedder.linear_2.weight")])
+def test_a_new_w_embedding_starts_silent_and_trains(kind, key):
+    """Guided PD's w-conditioned student from a teacher without a w input: at initialisation it equals the teacher
+    whatever w is, and the new embedding gets gradients (its output layer starts at zero, not its input)."""
+    teacher = load_tiny(kind)
+    cond = encode_prompts(teacher.load_pipeline(), teacher.family.name, PROMPTS, **teacher.encode_settings)
+    student = teacher.denoiser.guidance_conditioned(3.0)
+    assert student.sampling_guidance == 3.0 and teacher.denoiser.sampling_guidance is None
+    x = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    with torch.no_grad():
+        ref = teacher.denoiser(x, t, cond).x0_64
+        for w in (1.0, 7.5):
+            torch.testing.assert_close(student(x, t, {**cond, "guidance": torch.full((2,), w)}).x0_64, ref)
+    student(x, t, {**cond, "guidance": torch.tensor([2.0, 6.0])}).x0_64.square().sum().backward()
+    grad = dict(student.backbone.named_parameters())[key].grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind, recipe, match", [
+    ("sd3", {}, "guidance-scale input .* not available for SD3Denoiser"),
+    ("sd15", {"roles": {"mode": "lora"}}, "roles.mode: lora: role 'student' needs a guidance-scale input"),
+])
+def test_a_w_range_without_a_w_input_is_one_line(tmp_path, capsys, kind, recipe, match):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**family_recipe(kind, **W_RANGE), **recipe}))
+    code, err = _cli(["distill", str(path), "--output-dir", str(tmp_path / "run")], capsys)
+    assert code != 0 and len(err.splitlines()) == 1
+    assert __import__("re").search(match, err), err
     assert not (tmp_path / "run").exists()
 
 

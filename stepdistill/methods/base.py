@@ -30,6 +30,9 @@ class RoleSpec:
         checkpointed: saved and restored with checkpoints (trainable roles always are).
         prediction: the role's output parameterisation (``x0 | eps | v | flow``); ``None`` keeps the source's.
         head_of: for ``init="head"``: the denoiser role whose features the head reads.
+        guidance: the role takes a per-sample guidance scale ``cond["guidance"]`` and samples at this one when none
+            is given (the w-conditioned student of guided distillation); a backbone without such an input gets one
+            (``Denoiser.guidance_conditioned``). ``None``: no guidance input.
     """
 
     init: str = "teacher"
@@ -37,6 +40,7 @@ class RoleSpec:
     checkpointed: bool = True
     prediction: str | None = None
     head_of: str | None = None
+    guidance: float | None = None
 
 
 @dataclass

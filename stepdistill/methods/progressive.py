@@ -42,14 +42,19 @@ class ProgressiveDistillation:
         student_prediction: the student's output, ``x0``, ``v`` or, for flow teachers, ``flow_match`` (eps-prediction
             fails, METHODS.md §2 pitfalls).
         guidance: ``(w_min, w_max)`` for guided PD, or ``None``. With ``w_min == w_max`` the student distils the
-            CFG teacher at that one scale and takes no w input (stock backbones have none).
+            CFG teacher at that one scale and takes no w input. With a range the student takes ``w`` as an input:
+            SD1.5/SDXL UNets through the LCM w-embedding (``time_cond_proj_dim``, which stock SD pipelines feed from
+            ``guidance_scale``), FLUX through FLUX.1-dev's guidance embedder; a teacher without one gives the
+            student a new, zero-initialised one (``roles.mode: full``).
+        sample_guidance: the scale a w-conditioned student samples and exports with (its pipeline's default
+            ``guidance_scale``); default: the middle of the range.
     """
 
     phases = ("student",)
 
     def __init__(self, *, teacher_steps: int = 64, final_steps: int = 4, steps_per_stage: int = 1000,
                  weighting: str = "snr_trunc", student_prediction: str = "v",
-                 guidance: tuple[float, float] | None = None):
+                 guidance: tuple[float, float] | None = None, sample_guidance: float | None = None):
         ratio = teacher_steps / final_steps
         if final_steps < 1 or ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
             raise ValueError(f"method.teacher_steps / method.final_steps must be a power of two >= 2, got "
@@ -66,6 +71,12 @@ class ProgressiveDistillation:
         self.num_stages = round(math.log2(ratio))
         self.weighting, self.student_prediction = weighting, student_prediction
         self.guidance = None if guidance is None else tuple(guidance)
+        if sample_guidance is not None and (self.guidance is None or self.guidance[0] == self.guidance[1]):
+            raise ValueError("method.sample_guidance needs method.guidance as a range [w_min, w_max] (a fixed "
+                             "scale is baked into the student)")
+        if sample_guidance is None and self.guidance is not None:
+            sample_guidance = sum(self.guidance) / 2
+        self.sample_guidance = sample_guidance
         self.stage = 0
 
     @property
@@ -78,10 +89,16 @@ class ProgressiveDistillation:
 
     def roles(self) -> dict[str, RoleSpec]:
         return {
-            "student": RoleSpec(init="teacher", prediction=self.student_prediction),
+            "student": RoleSpec(init="teacher", prediction=self.student_prediction,
+                                guidance=self.sample_guidance if self._takes_w else None),
             # The previous stage's student, frozen: the teacher of every stage after the first.
             "stage_teacher": RoleSpec(init="student", trainable=False, checkpointed=True),
         }
+
+    @property
+    def _takes_w(self) -> bool:
+        """A guidance range: the student takes w as an input (a fixed scale is baked in instead)."""
+        return self.guidance is not None and self.guidance[1] > self.guidance[0]
 
     def owner(self, phase: str) -> str:
         return "student"
@@ -116,7 +133,7 @@ class ProgressiveDistillation:
         if self.guidance is not None:
             w = self.guidance[0] + (self.guidance[1] - self.guidance[0]) * torch.rand(b, generator=gen,
                                                                                     dtype=torch.float64)
-            if self.guidance[1] > self.guidance[0]:  # a fixed w is baked in; only a range needs a w-input
+            if self._takes_w:
                 student_cond = {**(cond or {}), "guidance": w.to(x0.device, torch.float32)}
         if self.stage == 0:
             teacher, teacher_cond, teacher_w = nets.teacher, cond, w
