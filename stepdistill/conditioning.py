@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_file
+
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per non-empty line of a UTF-8 text file."""
@@ -105,11 +107,9 @@ def load_or_encode(load_pipeline, family: str, prompts: list[str], *, teacher_id
         table = encode_prompts(pipe, family, prompts, **settings)
         null = null_condition(pipe, family, **settings)
         del pipe
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({**{f"prompt.{k}": v for k, v in table.items()}, **{f"null.{k}": v for k, v in null.items()}},
-                  str(tmp), metadata={"num_prompts": str(len(prompts)), "family": family})
-        tmp.rename(path)
+        with atomic_file(path) as tmp:
+            save_file({**{f"prompt.{k}": v for k, v in table.items()}, **{f"null.{k}": v for k, v in null.items()}},
+                      str(tmp), metadata={"num_prompts": str(len(prompts)), "family": family})
     wait_for_everyone()
     blob = load_file(str(path))
     table = {k.removeprefix("prompt."): v for k, v in blob.items() if k.startswith("prompt.")}

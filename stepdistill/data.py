@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_file
 from .methods.base import Batch
 from .mixture import GaussianMixture
 
@@ -71,9 +72,8 @@ def latent_table(path: str, teacher, cache_dir: Path) -> torch.Tensor:
     images = _image_folder(path, (3, res, res))
     gen = torch.Generator().manual_seed(0)
     latents = torch.cat([images_to_latents(teacher.vae, images[i:i + 16], gen) for i in range(0, len(images), 16)])
-    file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents.contiguous()}, str(file.with_suffix(".tmp")))
-    file.with_suffix(".tmp").rename(file)
+    with atomic_file(file) as tmp:
+        save_file({"latents": latents.contiguous()}, str(tmp))
     return latents
 
 

@@ -17,15 +17,14 @@ The grid is checked against what the scheduler actually produces before anything
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_dir
 from .denoisers import Denoiser
 from .parameterization import OURS_TO_DIFFUSERS
 from .sampling import StudentGrid
@@ -203,7 +202,7 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
     layers = {k: v.detach().float().cpu().contiguous()
               for k, v in get_peft_model_state_dict(base, adapter_name=adapter).items()}
     config = base.peft_config[adapter]
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         name = family.backbone  # the keyword prefix of save_lora_weights: unet_lora_layers / transformer_lora_layers
         getattr(diffusers, family.pipeline).save_lora_weights(
             tmp, **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config.to_dict()})
@@ -216,18 +215,6 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
         (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
         (tmp / "README.md").write_text(lora_card(meta))
     return Path(out_dir)
-
-
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path):
-    """Write into ``<out_dir>.tmp`` and rename it to ``out_dir`` only when everything is there."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
 
 
 def _meta(recipe, teacher, grid: StudentGrid, scheduler, fields: dict) -> dict:
@@ -278,7 +265,7 @@ def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_d
     """Write ``out_dir`` (atomically): the stock pipeline, ``stepdistill.json`` and a model card ``README.md``."""
     build = _family_pipeline if teacher.family is not None else _ddpm_pipeline
     pipe, fields = build(student, teacher, grid)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp)
         meta = _meta(recipe, teacher, grid, pipe.scheduler, fields)
         (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))

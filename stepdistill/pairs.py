@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_file
 from .denoisers import Denoiser
 from .sampling import TEACHER_SAMPLERS, prior_noise
 
@@ -67,11 +67,9 @@ def load_or_make_pairs(teacher: Denoiser, spec: dict, path: Path, *, device, is_
     path = Path(path)
     if is_main_process and not path.exists():
         noise, target = make_pairs(teacher, spec, device=device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"noise": noise.contiguous(), "target": target.contiguous()}, str(tmp),
-                  metadata={"spec": json.dumps(spec, sort_keys=True)})
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file({"noise": noise.contiguous(), "target": target.contiguous()}, str(tmp),
+                      metadata={"spec": json.dumps(spec, sort_keys=True)})
     wait_for_everyone()
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .atomic import atomic_dir
 from .denoisers import UNet2DDenoiser
 from .mixture import GaussianMixture
 from .parameterization import Coefficients, from_x0_eps
@@ -72,29 +73,19 @@ def train_denoiser(unet, sample_batch, scheduler_config: dict, *, steps: int, lr
 
 
 def _save_teacher(unet, scheduler_config: dict, folder: Path, record: dict, *, replace: bool = False) -> None:
-    """Write the teacher folder whole or not at all: built under a per-process name, then renamed into place.
+    """Write the teacher folder whole or not at all (``atomic.py``).
 
-    Several ranks may fit the same (fingerprinted) teacher at once when the cache is empty; the first rename wins
-    and the others drop their copy, so no process ever sees a half-written folder. ``replace`` (rebuilding the
-    shipped assets) removes an existing folder first.
+    Several ranks may fit the same (fingerprinted) teacher at once when the cache is empty; the first folder
+    published wins and the others drop their copy. ``replace`` (rebuilding the shipped assets) swaps an existing
+    folder out, as does an incomplete folder that an older version left behind.
     """
-    import os
-    import shutil
-
     from diffusers import DDPMScheduler
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet")
-    DDPMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
-    (tmp / "training.json").write_text(json.dumps(record, indent=2))
-    if folder.exists() and (replace or not (folder / "unet" / "config.json").exists()):
-        shutil.rmtree(folder, ignore_errors=True)  # a rebuild, or an incomplete folder left by an older write
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process published it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    incomplete = folder.exists() and not (folder / "unet" / "config.json").exists()
+    with atomic_dir(folder, replace=replace or incomplete) as tmp:
+        unet.save_pretrained(tmp / "unet")
+        DDPMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
+        (tmp / "training.json").write_text(json.dumps(record, indent=2))
 
 
 def fit_vector_teacher(mixture: GaussianMixture, fit: TeacherFit, scheduler_config: dict, folder: Path):
