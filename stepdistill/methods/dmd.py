@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from ..denoisers import guided
+from ..nets.lpips import LPIPS, load_lpips
+from ..nets.lpips import NETS as LPIPS_NETS
 from ..pairs import load_or_make_pairs, pair_spec
 from ..parameterization import from_x0_eps
 from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise
@@ -60,7 +62,7 @@ from .base import Batch, LossOutput, Nets, PrepareContext, RoleSpec
 
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js")
-REGRESSION_LOSSES = ("pseudo_huber", "mse")
+REGRESSION_LOSSES = ("pseudo_huber", "mse", "lpips")
 
 
 def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,11 @@ class DMD:
             (DMD2 ``guidance_cls_loss_weight``).
         gan_t_max: largest time of the diffusion-noised GAN inputs (DMD2 ``diffusion_gan_max_timestep``/N).
         regression_weight: weight of DMD (v1)'s regression loss on teacher ODE pairs (paper: 0.25; 0 disables).
-        regression_loss: ``pseudo_huber`` or ``mse``.
+        regression_loss: ``pseudo_huber`` (iCT's metric), ``mse`` or ``lpips`` (the paper's; pixel images only,
+            from local weights: ``nets/lpips.py``).
+        lpips_net: ``vgg`` or ``alex``, the LPIPS backbone.
+        lpips_weights: a folder holding the backbone checkpoint and the LPIPS heads; ``None`` looks in torchvision's
+            hub cache and the installed ``lpips`` package.
         num_pairs, pair_sampler, pair_steps: the pair set: how many, the teacher sampler and its steps.
         pair_cache: where the pairs are cached; ``None`` keys a file under ``$STEPDISTILL_CACHE/ode_pairs`` by the
             teacher's weights and these settings.
@@ -135,6 +141,7 @@ class DMD:
                  gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_t_max: float = 1.0,
                  regression_weight: float = 0.0, regression_loss: str = "pseudo_huber", num_pairs: int = 2048,
                  pair_sampler: str = "ddim", pair_steps: int = 64, pair_cache: str | None = None,
+                 lpips_net: str = "vgg", lpips_weights: str | None = None,
                  student_prediction: str | None = None, fake_score_target: str | None = None):
         if student_steps < 1:
             raise ValueError(f"method.student_steps must be >= 1, got {student_steps}")
@@ -146,8 +153,9 @@ class DMD:
         if divergence not in DIVERGENCES:
             raise ValueError(f"method.divergence must be one of {DIVERGENCES}, got {divergence!r}")
         if regression_loss not in REGRESSION_LOSSES:
-            raise ValueError(f"method.regression_loss must be one of {REGRESSION_LOSSES} (LPIPS needs pretrained "
-                             f"weights that are not shipped), got {regression_loss!r}")
+            raise ValueError(f"method.regression_loss must be one of {REGRESSION_LOSSES}, got {regression_loss!r}")
+        if lpips_net not in LPIPS_NETS:
+            raise ValueError(f"method.lpips_net must be one of {sorted(LPIPS_NETS)}, got {lpips_net!r}")
         if regression_weight > 0 and student_steps != 1:
             raise ValueError("method.regression_weight: the ODE-pair regression is defined for one-step students "
                              f"(DMD v1); got student_steps {student_steps}")
@@ -165,6 +173,8 @@ class DMD:
         self.t_min, self.t_max, self.dm_weight, self.divergence = t_min, t_max, dm_weight, divergence
         self.gan_weight, self.gan_critic_weight, self.gan_t_max = gan_weight, gan_critic_weight, gan_t_max
         self.regression_weight, self.regression_loss = regression_weight, regression_loss
+        self.lpips_net, self.lpips_weights = lpips_net, lpips_weights
+        self.lpips: LPIPS | None = None  # frozen, loaded in prepare(); not a role (never trained or checkpointed)
         self.num_pairs, self.pair_sampler, self.pair_steps = num_pairs, pair_sampler, pair_steps
         self.pair_cache, self.student_prediction = pair_cache, student_prediction
         self.fake_score_target = fake_score_target
@@ -237,6 +247,15 @@ class DMD:
             f"{self.pair_sampler}{self.pair_steps}-n{self.num_pairs}.safetensors"
         self.pairs = load_or_make_pairs(teacher, spec, path, device=ctx.device, is_main_process=ctx.is_main_process,
                                         wait_for_everyone=ctx.wait_for_everyone)
+        if self.regression_loss == "lpips":
+            shape = ctx.sample_shape
+            if len(shape) != 3 or shape[0] not in (1, 3):
+                raise ValueError(f"regression_loss: lpips compares pixel images with 1 or 3 channels; this teacher's "
+                                 f"samples have shape {list(shape)} (use pseudo_huber)")
+            try:
+                self.lpips = load_lpips(self.lpips_net, self.lpips_weights).to(ctx.device)
+            except FileNotFoundError as err:
+                raise ValueError(f"regression_loss: {err}") from None
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _times(self, schedule, n: int, lo: float, hi: float, gen) -> torch.Tensor:
@@ -312,6 +331,8 @@ class DMD:
         z, y = noise[idx].to(device), target[idx].to(device)
         sch, t0 = nets.student.schedule, self.student_grid().times[0]
         x = nets.student(prior_noise(sch, z, t0), torch.full((b,), t0, dtype=torch.float64), None).x0
+        if self.regression_loss == "lpips":
+            return self.lpips(x.float(), y.float())
         sq = ((x - y) ** 2).flatten(1).sum(1)
         if self.regression_loss == "mse":
             return sq / x[0].numel()
