@@ -105,9 +105,10 @@ def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
     pred = teacher.denoiser.prediction
     adapters = [r for r, s in specs.items() if s.init != "head"]
     for role in adapters:
-        if specs[role].guidance is not None and teacher.denoiser.sampling_guidance is None:
-            raise ValueError(f"roles.mode: lora: role {role!r} needs a guidance-scale input (a w range) that the "
-                             f"shared base lacks; use roles.mode: full, which gives the student its own w-embedding")
+        if specs[role].guidance is not None:  # its w-embedding would be a new, trained part of the shared base
+            raise ValueError(f"roles.mode: lora: role {role!r} takes a guidance-scale input (method.guidance as a "
+                             f"range); use roles.mode: full, which gives the student its own w-embedding, or a "
+                             f"fixed scale (guidance: [w, w])")
         init = student_init if role == "student" else specs[role].init
         if init == "new":
             raise ValueError(f"roles.mode: lora: role {role!r} starts from scratch (init: new); use roles.mode: full")
