@@ -74,6 +74,14 @@ def grid_timesteps(schedule: VPDiscrete, grid: StudentGrid) -> list[int]:
     return [int(round(float(v))) for v in schedule.model_time(torch.tensor(grid.times, dtype=torch.float64))]
 
 
+def check_exportable(student: Denoiser, teacher) -> None:
+    """Refuse, before training, a student that no stock pipeline can run."""
+    backbone = student.backbone
+    if teacher.family is None and getattr(getattr(backbone, "config", None), "num_class_embeds", None) is not None:
+        raise ExportError("export: DDPMPipeline cannot pass class labels, so a class-conditional UNet2DModel student "
+                          "has no stock pipeline; set export.pipeline: false (the checkpoints hold the student)")
+
+
 def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     """UNet2DModel students: ``DDPMPipeline`` on the teacher's betas, the grid in the scheduler config."""
     from diffusers import DDPMPipeline
@@ -81,6 +89,7 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     schedule = student.schedule
     if not isinstance(schedule, VPDiscrete) or student.backbone is None:
         raise ExportError("export: only UNet2DModel students on a discrete VP schedule export to DDPMPipeline")
+    check_exportable(student, teacher)
     _check_renoise_prediction(student, grid)
     timesteps = grid_timesteps(schedule, grid)
     scheduler = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .conditioning import load_or_encode, read_prompts
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
 from .data import DataSource, latent_table
-from .export import grid_timesteps, student_scheduler
+from .export import check_exportable, grid_timesteps, student_scheduler
 from .families import latents_to_images
 from .methods import METHODS
 from .methods.base import PrepareContext
@@ -212,6 +212,8 @@ class Trainer:
             if isinstance(schedule, VPDiscrete) and self.recipe.export.pipeline:  # export must replay it too
                 student_scheduler(self.teacher.scheduler_config, self.nets.student.prediction, grid,
                                   grid_timesteps(schedule, grid))
+            if self.recipe.export.pipeline:
+                check_exportable(self.nets.student, self.teacher)
         except ValueError as err:  # ExportError is a ValueError
             raise ConfigError(f"method: {err}") from None
 

@@ -101,3 +101,23 @@ def test_stock_pipeline_reproduces_dmd_students(tmp_path, overrides, scheduler):
     images, stdout = _consume(folder, tmp_path)
     assert stdout.startswith(f"DDPMPipeline {scheduler} {meta['timesteps']}")
     np.testing.assert_allclose(images, _expected(trainer), atol=2e-5, rtol=0)
+
+
+def test_a_class_conditional_unet2d_student_is_refused_before_training(tmp_path):
+    """DDPMPipeline cannot pass class labels: the run says so up front unless export.pipeline is off."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from stepdistill.config import ConfigError
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=11)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1024)).save_pretrained(tmp_path / "teacher")
+    recipe = gmm_recipe(teacher={"pretrained": str(tmp_path / "teacher")}, student={"init": "teacher"},
+                        **{"data.source": "digits", "data.labels": True, "data.batch_size": 4, "train.max_steps": 2})
+    with pytest.raises(ConfigError, match="DDPMPipeline cannot pass class labels"):
+        Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    assert not (tmp_path / "run").exists()
+    recipe["export"] = {"pipeline": False}
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    assert trainer.nets.student.num_classes == 10
