@@ -371,12 +371,19 @@ class LogitNormal:
 
 @dataclass(frozen=True)
 class KarrasGrid:
-    """A uniform draw from the N-point Karras rho-grid between ``sigma_min`` and ``sigma_max`` (CM, Song 2023)."""
+    """A uniform draw from the N-point Karras rho-grid between ``sigma_min`` and ``sigma_max`` (CM, Song 2023).
+
+    ``lo``/``hi`` restrict the draw to a part of the grid, as fractions of it counted from the clean end: positions
+    ``[int(lo N), int(hi N)]`` in increasing noise, as DMD2's EDM code reads ``min/max_step_percent`` on its
+    1000-point grid (``main/edm/edm_guidance.py``).
+    """
 
     num_points: int = 40
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    lo: float = 0.0
+    hi: float = 1.0
 
     def sigmas(self) -> torch.Tensor:
         r = 1.0 / self.rho
@@ -384,6 +391,8 @@ class KarrasGrid:
         return (self.sigma_max**r + i * (self.sigma_min**r - self.sigma_max**r)) ** self.rho
 
     def sample(self, n: int, schedule: NoiseSchedule, generator: torch.Generator | None = None) -> torch.Tensor:
-        idx = torch.randint(0, self.num_points, (n,), generator=generator)
+        # sigmas() runs from sigma_max down, so positions [first, last) from the clean end are these indices
+        first, last = int(self.lo * self.num_points), min(int(self.hi * self.num_points) + 1, self.num_points)
+        idx = torch.randint(self.num_points - last, self.num_points - first, (n,), generator=generator)
         t = schedule.t_from_logsnr(-2.0 * torch.log(self.sigmas()[idx]))
         return t.clamp(min=schedule.t_min, max=1.0)

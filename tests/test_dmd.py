@@ -11,6 +11,7 @@ from stepdistill.config import ConfigError, build_recipe
 from stepdistill.denoisers import guided
 from stepdistill.methods.base import Batch
 from stepdistill.methods.dmd import DMD, f_weight
+from stepdistill.schedules import KarrasGrid
 from stepdistill.train import Trainer
 
 from ._recipes import dmd_recipe
@@ -57,6 +58,20 @@ def test_dm_loss_gradient_is_grad_over_numel(tmp_path):
         grad = (fake - real) / (x.detach().double() - real).abs().mean(1, keepdim=True)
     assert grad.abs().max() > 1e-3
     torch.testing.assert_close(x.grad.double(), grad / x.numel(), rtol=1e-5, atol=1e-9)
+
+
+def test_karras_time_density_draws_dmd2_edm_times_for_every_term(tmp_path):
+    # DM loss in [0.02, 0.98] of the 1000-point Karras grid, fake score and GAN over the whole of it (gan_t_max 1)
+    trainer = _trainer(tmp_path, **{"method.time_density": "karras"})
+    method, sch = trainer.method, trainer.nets.teacher.schedule
+    for lo, hi in ((0.02, 0.98), (0.0, 1.0)):
+        t = method._times(sch, 64, lo, hi, torch.Generator().manual_seed(5))
+        expected = KarrasGrid(num_points=1000, lo=lo, hi=hi).sample(64, sch, torch.Generator().manual_seed(5))
+        torch.testing.assert_close(t, expected, rtol=0, atol=0)
+    sigma = sch.sigma(t) / sch.alpha(t)
+    assert (sigma < 0.35).double().mean() > 0.2  # uniform timesteps put ~8% there on this schedule
+    out = trainer.method("student", trainer.nets, _batch(trainer))
+    assert torch.isfinite(out.loss).all()
 
 
 def test_dm_gradient_vanishes_when_the_fake_score_is_the_teacher(tmp_path):
@@ -191,6 +206,7 @@ def test_regression_pairs_are_cached_and_a_mismatched_cache_is_refused(tmp_path)
     ({"method.conditioning_time": 0.4, "method.student_steps": 4}, "one-step students"),
     ({"method.regression_weight": 0.25, "method.student_steps": 2}, "one-step students"),
     ({"method.divergence": "kl"}, "divergence must be one of"),
+    ({"method.time_density": "lognormal"}, "time_density must be one of"),
     ({"data.source": "gaussian"}, "the GAN term .* needs a real-data source"),
 ])
 def test_bad_input_is_named(tmp_path, overrides, match):

@@ -376,6 +376,20 @@ def test_karras_grid_density_samples_grid_points():
     assert (counts > 50).all()  # uniform over the 40 points: 100 expected each
 
 
+def test_karras_grid_part_is_counted_from_the_clean_end():
+    # DMD2's EDM code: positions [int(0.02 N), int(0.98 N)] of its grid sorted from small to large sigma
+    sch, n = EDM(), 1000
+    part = KarrasGrid(num_points=n, lo=0.02, hi=0.98)
+    ascending = part.sigmas().flip(0)
+    sigma = sch.sigma(part.sample(20000, sch, torch.Generator().manual_seed(0)))
+    pos = (torch.log(sigma)[:, None] - torch.log(ascending)[None]).abs().argmin(dim=1)
+    assert pos.min().item() == 20 and pos.max().item() == 980
+    # the whole grid is the draw it always was
+    whole = KarrasGrid(num_points=n).sample(64, sch, torch.Generator().manual_seed(1))
+    idx = torch.randint(0, n, (64,), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sch.sigma(whole), KarrasGrid(num_points=n).sigmas()[idx], rtol=1e-9, atol=0)
+
+
 def test_uniform_index_draws_integer_indices():
     sch = VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER)
     t = UniformIndex(20, 1000).sample(8000, sch, torch.Generator().manual_seed(0))

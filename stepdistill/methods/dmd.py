@@ -57,12 +57,13 @@ from ..nets.lpips import NETS as LPIPS_NETS
 from ..pairs import load_or_make_pairs, pair_spec
 from ..parameterization import from_x0_eps
 from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise
-from ..schedules import UniformIndex, UniformTime, VPDiscrete
+from ..schedules import KarrasGrid, UniformIndex, UniformTime, VPDiscrete
 from .base import Batch, LossOutput, Nets, PrepareContext, RoleSpec
 
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js")
 REGRESSION_LOSSES = ("pseudo_huber", "mse", "lpips")
+TIME_DENSITIES = ("uniform", "karras")
 
 
 def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
@@ -89,8 +90,12 @@ def frozen(*modules):
             p.requires_grad_(flag)
 
 
-def _time_density(schedule, lo: float, hi: float):
-    """DMD2 draws integer timesteps in ``[int(lo N), int(hi N)]``; continuous schedules draw ``t ~ U[lo, hi]``."""
+def _time_density(schedule, lo: float, hi: float, kind: str = "uniform"):
+    """The part ``[lo, hi]`` of DMD2's time axis: its SD code draws integer timesteps in ``[int(lo N), int(hi N)]``
+    (continuous schedules: ``t ~ U[lo, hi]``); its EDM code (``kind="karras"``) draws positions of a 1000-point
+    Karras grid (sigma 0.002..80, rho 7) the same way, mapped to this schedule's time by SNR."""
+    if kind == "karras":
+        return KarrasGrid(num_points=1000, lo=lo, hi=hi)
     if isinstance(schedule, VPDiscrete):
         n = schedule.num_train_timesteps
         return UniformIndex(int(lo * n), min(int(hi * n) + 1, n))
@@ -119,6 +124,10 @@ class DMD:
         gan_critic_weight: weight of the head's classification loss in the fake-score phase
             (DMD2 ``guidance_cls_loss_weight``).
         gan_t_max: largest time of the diffusion-noised GAN inputs (DMD2 ``diffusion_gan_max_timestep``/N).
+        time_density: how the DM, fake-score and GAN times are drawn within their ranges: ``uniform`` over the
+            teacher's timesteps (DMD2's SD code) or ``karras``, uniform over a 1000-point Karras grid (DMD2's
+            ImageNet/EDM code), which puts far more draws at low noise (on the 8x8 digits teacher 30% of them
+            below sigma 0.35, against 8.5% for uniform timesteps).
         regression_weight: weight of DMD (v1)'s regression loss on teacher ODE pairs (paper: 0.25; 0 disables).
         regression_loss: ``pseudo_huber`` (iCT's metric), ``mse`` or ``lpips`` (the paper's; pixel images only,
             from local weights: ``nets/lpips.py``).
@@ -139,7 +148,8 @@ class DMD:
                  backward_simulation: bool = True, guidance_scale: float = 1.0, t_min: float = 0.02,
                  t_max: float = 0.98, dm_weight: float = 1.0, divergence: str = "reverse_kl",
                  gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_t_max: float = 1.0,
-                 regression_weight: float = 0.0, regression_loss: str = "pseudo_huber", num_pairs: int = 2048,
+                 time_density: str = "uniform", regression_weight: float = 0.0,
+                 regression_loss: str = "pseudo_huber", num_pairs: int = 2048,
                  pair_sampler: str = "ddim", pair_steps: int = 64, pair_cache: str | None = None,
                  lpips_net: str = "vgg", lpips_weights: str | None = None,
                  student_prediction: str | None = None, fake_score_target: str | None = None):
@@ -168,6 +178,8 @@ class DMD:
                              f"got {fake_score_target!r}")
         if not 0.0 < gan_t_max <= 1.0:
             raise ValueError(f"method.gan_t_max must be in (0, 1], got {gan_t_max}")
+        if time_density not in TIME_DENSITIES:
+            raise ValueError(f"method.time_density must be one of {TIME_DENSITIES}, got {time_density!r}")
         self.student_steps, self.conditioning_time = student_steps, conditioning_time
         self.backward_simulation, self.guidance_scale = backward_simulation, guidance_scale
         self.t_min, self.t_max, self.dm_weight, self.divergence = t_min, t_max, dm_weight, divergence
@@ -177,7 +189,7 @@ class DMD:
         self.lpips: LPIPS | None = None  # frozen, loaded in prepare(); not a role (never trained or checkpointed)
         self.num_pairs, self.pair_sampler, self.pair_steps = num_pairs, pair_sampler, pair_steps
         self.pair_cache, self.student_prediction = pair_cache, student_prediction
-        self.fake_score_target = fake_score_target
+        self.fake_score_target, self.time_density = fake_score_target, time_density
         self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._grid: StudentGrid | None = None
 
@@ -259,7 +271,7 @@ class DMD:
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _times(self, schedule, n: int, lo: float, hi: float, gen) -> torch.Tensor:
-        return _time_density(schedule, lo, hi).sample(n, schedule, gen)
+        return _time_density(schedule, lo, hi, self.time_density).sample(n, schedule, gen)
 
     def generate(self, student, noise: torch.Tensor, cond, gen, *, data: torch.Tensor | None = None) -> torch.Tensor:
         """A generator sample ``x`` whose graph reaches the student through one step only (backward simulation).
