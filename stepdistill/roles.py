@@ -90,6 +90,25 @@ def _build_full_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
     return Nets(student=student, teacher=teacher.denoiser, extra=made)
 
 
+def lora_targets(teacher: Teacher) -> str:
+    """The module-name regex LoRA adapters go on: the family's (families.py), else UNet2DModel's."""
+    return teacher.family.lora_targets if teacher.family is not None else UNET2D_TARGETS
+
+
+def rebuilt_lora_student(teacher: Teacher, like: AdapterDenoiser, weights: dict[str, torch.Tensor], *, rank: int,
+                         alpha: float) -> AdapterDenoiser:
+    """The student adapter ``weights`` on a freshly loaded ``teacher``'s base, wrapped like ``like``.
+
+    Used where the training base cannot be read whole: under FSDP it was sharded in place, and the process group
+    that could gather it is gone by export time.
+    """
+    base = teacher.backbone
+    add_adapters(base, [like.adapter], rank=rank, alpha=alpha, target_modules=lora_targets(teacher))
+    student = AdapterDenoiser(like.inner.with_backbone(base, like.prediction), like.adapter)
+    student.load_role_state_dict(weights)
+    return student.eval()
+
+
 def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str, ema: bool, rank: int,
                      alpha: float) -> Nets:
     """``roles.mode: lora``: denoiser roles become adapters of the teacher's own backbone, which stays frozen.
@@ -115,8 +134,7 @@ def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
         if (specs[role].prediction or pred) != pred:
             raise ValueError(f"roles.mode: lora: role {role!r} predicts {specs[role].prediction!r} but the shared "
                              f"base predicts {pred!r}; use roles.mode: full or the teacher's parameterisation")
-    targets = teacher.family.lora_targets if teacher.family is not None else UNET2D_TARGETS
-    add_adapters(base, adapters, rank=rank, alpha=alpha, target_modules=targets)
+    add_adapters(base, adapters, rank=rank, alpha=alpha, target_modules=lora_targets(teacher))
     inner = teacher.denoiser  # one adapter-free view of the base, shared by every role
     made: dict[str, RoleModule] = {}
     for role in adapters:

@@ -29,9 +29,10 @@ from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
 from .data import DataSource, latent_table
 from .export import check_exportable, grid_timesteps, student_scheduler
 from .families import latents_to_images
+from .lora import AdapterDenoiser
 from .methods import METHODS
 from .methods.base import PrepareContext
-from .roles import build_nets
+from .roles import build_nets, rebuilt_lora_student
 from .sampling import sample_student
 from .schedules import VPDiscrete
 from .sharding import (
@@ -111,9 +112,8 @@ class Trainer:
             if not torch.distributed.is_initialized():
                 raise ConfigError("train.fsdp: sharding needs a multi-process launch (accelerate launch "
                                   "--num_processes N, or --config_file recipes/accelerate/fsdp.yaml)")
-            if r.roles.mode == "lora" or r.train.ema_decay > 0:
-                raise ConfigError("train.fsdp: not with roles.mode: lora (adapters already make the extra roles "
-                                  "small) or a student EMA (train.ema_decay) yet")
+            if r.train.ema_decay > 0:
+                raise ConfigError("train.fsdp: not with a student EMA (train.ema_decay) yet")
 
         # Teacher and method: all bad input surfaces here, before the run directory is touched.
         try:
@@ -170,6 +170,7 @@ class Trainer:
 
         # Per-rank data/noise generator (ranks draw different batches), and fixed noise for sample grids.
         self.generator = torch.Generator().manual_seed(r.seed * 1000 + 17 + acc.process_index)
+        self.shared_generator = torch.Generator().manual_seed(r.seed * 1000 + 29)  # alike on every rank (Batch.shared)
         n_show = r.train.num_sample_images
         self.sample_noise = torch.randn(n_show, *self.teacher.sample_shape,
                                         generator=torch.Generator().manual_seed(r.eval.seed))
@@ -357,6 +358,7 @@ class Trainer:
         logs, k = {}, r.train.grad_accum
         for micro in range(k):
             batch = self.data.next(self.generator)
+            batch.shared = self.shared_generator
             batch.x0 = None if batch.x0 is None else batch.x0.to(acc.device)
             if batch.cond is not None:
                 batch.cond = {c: v.to(acc.device) for c, v in batch.cond.items()}
@@ -454,6 +456,11 @@ class Trainer:
         if not self.sharded:
             return student
         weights = self._read_role(self.latest_checkpoint(), "student")
+        if isinstance(student, AdapterDenoiser):  # the shared base was sharded in place: reload it, then the adapter
+            r = self.recipe
+            rebuilt = rebuilt_lora_student(load_teacher(r.teacher), student, weights, rank=r.roles.rank,
+                                           alpha=r.roles.alpha)
+            return rebuilt.to(self.accelerator.device)
         backbone = type(student.backbone).from_config(student.backbone.config)
         backbone.load_state_dict(weights)
         return student.with_backbone(backbone.to(self.accelerator.device).eval(), student.prediction)
@@ -468,7 +475,7 @@ class Trainer:
 
         if not self.accelerator.is_main_process:
             return None
-        return export_lora(self.sampling_student(), self.teacher, self.method.student_grid(), self.recipe,
+        return export_lora(self.exportable_student(), self.teacher, self.method.student_grid(), self.recipe,
                            Path(output_dir) if output_dir else self.dir / "lora", kohya=kohya)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
@@ -487,7 +494,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         # Every rank saves its own RNG streams.
-        save_file({"data": self.generator.get_state(), "torch": torch.get_rng_state()},
+        save_file({"data": self.generator.get_state(), "shared": self.shared_generator.get_state(),
+                   "torch": torch.get_rng_state()},
                   str(tmp / f"rng-rank{acc.process_index}.safetensors"))
         rank = acc.process_index
         for role in self._checkpointed_roles():
@@ -587,6 +595,8 @@ class Trainer:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise RunError(f"--resume: corrupt or incompatible checkpoint {path}: {first}") from None
         self.generator.set_state(rng["data"])
+        if "shared" in rng:  # checkpoints written before Batch.shared existed lack it
+            self.shared_generator.set_state(rng["shared"])
         torch.set_rng_state(rng["torch"])
         self.step = int(state["step"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))

@@ -2,7 +2,7 @@
 
     python tests/_ddp_job.py OUT KIND [resume]
 
-KIND: pd | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | pd-fsdp | dmd2-fsdp | sd15-fsdp.
+KIND: pd | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora, each also as KIND-fsdp.
 dmd2: three networks, two optimizers, and the GAN term through the fake score; dmd2-lora: the same with student
 and fake score as adapters of one DDP-wrapped base. sd15*: a tiny Stable Diffusion teacher with a prompt file (the
 main process encodes the prompts into the cache while the other rank waits for it). *-fsdp: the trainable roles
@@ -43,6 +43,8 @@ weights = torch.cat([s[k].flatten() for s in states for k in sorted(s)]).double(
 np.save(f"{out}/weights-rank{acc.process_index}.npy", weights)
 if fsdp:
     trainer.export()
+    if trainer.writes_lora():
+        trainer.export_lora()
 with open(f"{out}/rank{acc.process_index}.json", "w") as f:
     json.dump({"world": acc.num_processes, "distributed": str(acc.distributed_type),
                "weights": hashlib.sha256(weights.tobytes()).hexdigest(), "first_batch_sum": float(first.sum()),

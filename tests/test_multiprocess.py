@@ -55,12 +55,12 @@ def test_two_ranks_end_with_identical_weights(tmp_path, kind):
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4  # one writer
 
 
-@pytest.mark.parametrize("kind", ["pd", "dmd2", "sd15"])
+@pytest.mark.parametrize("kind", ["dmd2", "sd15", "sd15-dmd2-lora"])
 def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path, kind):
     """``train.fsdp``: every trainable role sharded with FSDP2 over 2 real gloo ranks. The result equals the DDP run
     of the same recipe (same batches, same averaged gradients), a resume from the sharded step-2 checkpoint lands
-    on the same weights (DMD2: student, fake score and GAN head), and a single process exports from the sharded
-    checkpoint."""
+    on the same weights (DMD2: student, fake score and GAN head; with LoRA roles, the student and fake-score adapters
+    on a sharded frozen base), and a single process exports from the sharded checkpoint."""
     import numpy as np
 
     from stepdistill.cli import main
@@ -75,12 +75,16 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path,
     w_ddp, w_fsdp = np.load(ddp / "weights-rank0.npy"), np.load(fsdp / "weights-rank0.npy")
     diff = np.abs(w_fsdp - w_ddp)
     # Reduce-scatter and all-reduce sum in different orders. Adam turns a rounding-level change of a near-zero
-    # gradient into an update of up to lr (1e-3 here) in either direction, so a few elements of the DMD2 roles may
-    # move by a few lr; everything else agrees to 1e-5.
-    assert (diff > 1e-5).mean() < 1e-3 and diff.max() < 4e-3, (diff.max(), (diff > 1e-5).sum())
+    # gradient into an update of up to lr in either direction, so a few elements of the DMD2 roles may move by a few
+    # lr; everything else agrees to 1% of lr. The LoRA run (lr 1e-2) has ~0.5% such elements, scattered a few per
+    # tensor over every layer (a sharding mistake would move whole tensors).
+    lr, share = (1e-2, 1e-2) if kind.endswith("lora") else (1e-3, 1e-3)
+    assert (diff > 0.01 * lr).mean() < share and diff.max() < 4 * lr, (diff.max(), (diff > 0.01 * lr).sum())
     assert (fsdp / "pipeline" / "model_index.json").exists()
 
-    if kind == "dmd2":  # three sharded roles and their optimizers: the sharded resume is exact
+    if kind.endswith("lora"):  # the export reloaded the base and put the consolidated student adapter on it
+        assert (fsdp / "lora" / "pytorch_lora_weights.safetensors").exists()
+    if kind.startswith("dmd2") or kind.endswith("lora"):  # three sharded roles and their optimizers: exact resume
         shutil.rmtree(step4)
         (fsdp / "weights-rank0.npy").unlink()
         _launch([str(ROOT / "tests" / "_ddp_job.py"), str(fsdp), f"{kind}-fsdp", "resume"], fsdp)

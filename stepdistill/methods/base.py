@@ -67,6 +67,9 @@ class Batch:
     x0: torch.Tensor | None
     cond: dict | None
     generator: torch.Generator | None = None
+    #: seeded alike on every rank, for draws that decide which network calls run (e.g. DMD2's backward-simulation
+    #: step): under FSDP every call is a collective, so all ranks must make the same ones
+    shared: torch.Generator | None = None
 
     @property
     def size(self) -> int:

@@ -273,17 +273,19 @@ class DMD:
     def _times(self, schedule, n: int, lo: float, hi: float, gen) -> torch.Tensor:
         return _time_density(schedule, lo, hi, self.time_density).sample(n, schedule, gen)
 
-    def generate(self, student, noise: torch.Tensor, cond, gen, *, data: torch.Tensor | None = None) -> torch.Tensor:
+    def generate(self, student, noise: torch.Tensor, cond, gen, *, data: torch.Tensor | None = None,
+                 shared: torch.Generator | None = None) -> torch.Tensor:
         """A generator sample ``x`` whose graph reaches the student through one step only (backward simulation).
 
-        Step ``k ~ U{0..K-1}`` is drawn per batch. Steps before ``k`` run without gradient from pure noise (or, with
+        Step ``k ~ U{0..K-1}`` is drawn per batch, from ``shared`` (the same on every rank, so sharded ranks make the
+        same number of student calls) when given. Steps before ``k`` run without gradient from pure noise (or, with
         ``backward_simulation=False``, ``data`` noised to step ``k``); the student's x0 at step ``k`` is returned.
         """
         sch, grid = student.schedule, self.student_grid()
         times = torch.tensor(grid.times, dtype=torch.float64, device=noise.device)
         b = noise.shape[0]
         x = prior_noise(sch, noise, grid.times[0])
-        k = int(torch.randint(0, grid.steps, (1,), generator=gen)) if grid.steps > 1 else 0
+        k = int(torch.randint(0, grid.steps, (1,), generator=shared or gen)) if grid.steps > 1 else 0
 
         def fresh_noise():
             return torch.randn(noise.shape, generator=gen, dtype=noise.dtype).to(noise.device)
@@ -360,7 +362,7 @@ class DMD:
         gen, cond, b = batch.generator, batch.cond, batch.size
         shape, device = self._shape_device(nets, batch)
         noise = torch.randn((b, *shape), generator=gen).to(device)
-        x = self.generate(nets.student, noise, cond, gen, data=batch.x0)
+        x = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
         dm, logs = self.dm_loss(x, nets, cond, gen)
         loss = self.dm_weight * dm
         logs["loss_dm"] = float(dm.detach().mean())
@@ -385,7 +387,7 @@ class DMD:
         shape, device = self._shape_device(nets, batch)
         with torch.no_grad():
             noise = torch.randn((b, *shape), generator=gen).to(device)
-            x = self.generate(nets.student, noise, cond, gen, data=batch.x0)
+            x = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
         fake_net = nets["fake_score"]
         sch = fake_net.schedule
         t = self._times(sch, b, 0.0, 1.0, gen)
