@@ -124,6 +124,16 @@ def test_backward_simulation_keeps_gradient_at_the_sampled_step_only(tmp_path):
         assert torch.allclose(first_t, torch.ones(8, dtype=torch.float64))
         if k:  # the input at step k is the re-noised x0 of step k-1, at time t_k
             assert torch.allclose(calls[-1][1][1], torch.full((8,), (4 - k) / 4, dtype=torch.float64))
+    # with a rank-shared generator, ranks whose own generators differ still make the same student calls (FSDP)
+    def n_calls(rank_seed, shared):
+        calls.clear()
+        method.generate(student, noise, None, torch.Generator().manual_seed(rank_seed), shared=shared)
+        return len(calls)
+
+    pairs = [(2 * i, 2 * i + 1) for i in range(8)]
+    assert any(n_calls(a, None) != n_calls(b, None) for a, b in pairs)  # per-rank draws alone would differ
+    for i, (a, b) in enumerate(pairs):
+        assert n_calls(a, torch.Generator().manual_seed(i)) == n_calls(b, torch.Generator().manual_seed(i))
     hook.remove()
     assert seen_k == {0, 1, 2, 3}
 
