@@ -69,8 +69,9 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW and a learning-rate schedule (``constant | linear | cosine``) with warmup; ``period`` restarts the
-    schedule every ``period`` steps (progressive distillation anneals within each stage)."""
+    """AdamW and a learning-rate schedule (``constant | linear | cosine``) with warmup. ``linear``/``cosine`` anneal
+    to 0 over the role's optimizer steps in the run (``train.max_steps`` / its update ratio), or restart every
+    ``period`` optimizer steps when that is set (progressive distillation anneals within each stage)."""
 
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

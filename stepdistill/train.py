@@ -53,15 +53,17 @@ class RunError(RuntimeError):
     """A run that cannot start or continue; the message says what and how to fix it."""
 
 
-def lr_factor(step: int, cfg: OptimizerConfig) -> float:
-    """Multiplier of the base LR at ``step``: warmup, then constant / linear-to-0 / cosine-to-0 within a period."""
+def lr_factor(step: int, cfg: OptimizerConfig, total: int | None = None) -> float:
+    """Multiplier of the base LR at optimizer step ``step``: warmup, then constant / linear-to-0 / cosine-to-0
+    within a period: ``cfg.period`` (restarting), else the ``total`` optimizer steps the role gets in the run."""
     if cfg.period:
         step = step % cfg.period
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    if cfg.schedule == "constant" or not cfg.period:
+    period = cfg.period or total
+    if cfg.schedule == "constant" or not period:
         return 1.0
-    frac = (step - cfg.warmup) / max(1, cfg.period - cfg.warmup)
+    frac = min(1.0, (step - cfg.warmup) / max(1, period - cfg.warmup))
     return 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
@@ -166,7 +168,7 @@ class Trainer:
                                         weight_decay=ocfg.weight_decay, eps=ocfg.eps)
                 self.optimizers[role] = opt
                 self.lr_schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda i, c=ocfg: lr_factor(i, c))
+                    opt, lambda i, c=ocfg, n=self._optimizer_steps(role): lr_factor(i, c, n))
 
         # Per-rank data/noise generator (ranks draw different batches), and fixed noise for sample grids.
         self.generator = torch.Generator().manual_seed(r.seed * 1000 + 17 + acc.process_index)
@@ -186,6 +188,16 @@ class Trainer:
             if not readonly and acc.is_main_process:
                 (self.dir / "config.yaml").write_text(dump_recipe(self.recipe))
         return self
+
+    def _optimizer_steps(self, role: str) -> int:
+        """How many optimizer steps ``role`` takes in the whole run: one per run of each phase it owns, a phase
+        running on the steps that are multiples of its ``train.update_every`` ratio."""
+        r, total = self.recipe, 0
+        for phase in self.method.phases:
+            owner = self.method.owner(phase)
+            if role in ((owner,) if isinstance(owner, str) else tuple(owner)):
+                total += math.ceil(r.train.max_steps / r.train.update_every.get(phase, 1))
+        return total
 
     def _set_attention_backend(self) -> None:
         """``train.attention_backend``: diffusers' default SDPA, or xformers when installed (CUDA only)."""

@@ -298,3 +298,15 @@ def test_gan_features_stop_at_the_bottleneck_with_the_same_values_and_gradients(
     assert gp_cut.keys() == gp_full.keys() and gp_cut
     for name in gp_full:
         torch.testing.assert_close(gp_cut[name], gp_full[name])
+
+
+def test_an_unperiodic_lr_schedule_anneals_over_each_roles_own_updates(tmp_path):
+    # the student updates every 2nd step (dmd_recipe), the fake score and head every step
+    trainer = _trainer(tmp_path, **{"train.max_steps": 7, "optim.student.schedule": "cosine",
+                                    "optim.fake_score.schedule": "linear"})
+    assert {r: trainer._optimizer_steps(r) for r in trainer.optimizers} == {
+        "student": 4, "fake_score": 7, "discriminator": 7}
+    trainer.train()
+    lr = {r: trainer.optimizers[r].param_groups[0]["lr"] for r in ("student", "fake_score", "discriminator")}
+    assert lr["student"] < 1e-3 * 0.2 and lr["fake_score"] < 1e-3 * 0.2 and lr["discriminator"] == 1e-3
+

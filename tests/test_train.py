@@ -116,6 +116,10 @@ def test_lr_schedules():
     assert lr_factor(10, cfg) == 1.0  # restarts every period (each PD stage)
     cos = OptimizerConfig(schedule="cosine", warmup=2, period=12)
     assert lr_factor(0, cos) == pytest.approx(0.5) and lr_factor(7, cos) == pytest.approx(0.5)
+    # without a period, a schedule anneals over the role's optimizer steps in the run (not a silent constant)
+    run = OptimizerConfig(schedule="cosine", warmup=2)
+    assert lr_factor(7, run, 12) == pytest.approx(0.5) and lr_factor(12, run, 12) == pytest.approx(0.0)
+    assert lr_factor(7, run) == 1.0  # no total known: constant after warmup
 
 
 def test_logs_and_sample_grids_are_written(tmp_path):
