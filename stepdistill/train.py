@@ -192,12 +192,14 @@ class Trainer:
     def _optimizer_steps(self, role: str) -> int:
         """How many optimizer steps ``role`` takes in the whole run: one per run of each phase it owns, a phase
         running on the steps that are multiples of its ``train.update_every`` ratio."""
-        r, total = self.recipe, 0
-        for phase in self.method.phases:
-            owner = self.method.owner(phase)
-            if role in ((owner,) if isinstance(owner, str) else tuple(owner)):
-                total += math.ceil(r.train.max_steps / r.train.update_every.get(phase, 1))
-        return total
+        r = self.recipe
+        return sum(math.ceil(r.train.max_steps / r.train.update_every.get(phase, 1))
+                   for phase in self.method.phases if role in self._owners(phase))
+
+    def _owners(self, phase: str) -> tuple[str, ...]:
+        """The roles a phase optimises (a method's ``owner`` may name one or several)."""
+        owner = self.method.owner(phase)
+        return (owner,) if isinstance(owner, str) else tuple(owner)
 
     def _set_attention_backend(self) -> None:
         """``train.attention_backend``: diffusers' default SDPA, or xformers when installed (CUDA only)."""
@@ -365,8 +367,7 @@ class Trainer:
 
     def _run_phase(self, phase: str) -> dict[str, float]:
         r, acc = self.recipe, self.accelerator
-        owner = self.method.owner(phase)
-        roles = (owner,) if isinstance(owner, str) else tuple(owner)
+        roles = self._owners(phase)
         logs, k = {}, r.train.grad_accum
         for micro in range(k):
             batch = self.data.next(self.generator)
