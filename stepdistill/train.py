@@ -219,10 +219,10 @@ class Trainer:
     def _check_grids(self) -> None:
         """The final student grid must be expressible by the teacher's schedule (DESIGN.md §6)."""
         probe = copy.deepcopy(self.method)
-        probe.update_schedule(self.recipe.train.max_steps - 1, self.nets)
-        grid = probe.student_grid()
         schedule = self.teacher.denoiser.schedule
         try:
+            probe.update_schedule(self.recipe.train.max_steps - 1, self.nets)
+            grid = probe.student_grid()
             schedule.check_grid(grid.with_end())
             if isinstance(schedule, VPDiscrete) and self.recipe.export.pipeline:  # export must replay it too
                 student_scheduler(self.teacher.scheduler_config, self.nets.student.prediction, grid,

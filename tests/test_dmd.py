@@ -114,8 +114,9 @@ def test_backward_simulation_keeps_gradient_at_the_sampled_step_only(tmp_path):
     seen_k = set()
     for seed in range(12):
         calls.clear()
-        x = method.generate(student, noise, None, torch.Generator().manual_seed(seed))
+        x, k_out = method.generate(student, noise, None, torch.Generator().manual_seed(seed))
         k = len(calls) - 1
+        assert k_out == k
         seen_k.add(k)
         assert [grad for grad, _ in calls] == [False] * k + [True]
         assert x.requires_grad
@@ -136,6 +137,46 @@ def test_backward_simulation_keeps_gradient_at_the_sampled_step_only(tmp_path):
         assert n_calls(a, torch.Generator().manual_seed(i)) == n_calls(b, torch.Generator().manual_seed(i))
     hook.remove()
     assert seen_k == {0, 1, 2, 3}
+
+
+def test_phased_matching_judges_each_step_only_in_its_own_band(tmp_path):
+    trainer = _trainer(tmp_path, **{"method.student_steps": 4, "method.multistep_matching": "phased"})
+    nets, method, sch = trainer.nets, trainer.method, trainer.nets.teacher.schedule
+    edges, n = (1.0, 0.75, 0.5, 0.25, 0.0), sch.num_train_timesteps
+    gen = torch.Generator().manual_seed(0)
+    fake_bands = []
+    for k in range(4):
+        idx = sch.model_time(method._times(sch, 20000, 0.0, 1.0, gen, k)).round().long()
+        fake_bands.append(set(idx.tolist()))
+        lo, hi = edges[k + 1], edges[k]
+        assert fake_bands[-1] == {i for i in range(n) if lo < (i + 1) / n <= hi}
+        dm = method._times(sch, 4000, method.t_min, method.t_max, gen, k)
+        assert dm.min() > max(lo, method.t_min) - 1 / n and dm.max() <= min(hi, method.t_max)
+        gan = method._times(sch, 4000, 0.0, method.gan_t_max, gen, k)
+        assert gan.min() > lo and gan.max() <= hi
+    assert set().union(*fake_bands) == set(range(n))  # the fake score still learns every time, once
+
+    # Through the phases: every time the fake score is asked about (DM loss, denoising) lies in the band of the step
+    # whose output it judges.
+    seen, ks = [], []
+    generate = method.generate
+
+    def recording_generate(*args, **kwargs):
+        x, k = generate(*args, **kwargs)
+        ks.append(k)
+        return x, k
+
+    method.generate = recording_generate
+    hook = nets["fake_score"].register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    for seed in range(12):
+        for phase in ("student", "fake_score"):
+            seen.clear()
+            assert torch.isfinite(method(phase, nets, _batch(trainer, seed)).loss).all()
+            k = ks[-1]
+            t = torch.cat([s.to(torch.float64) for s in seen])
+            assert t.min() > edges[k + 1] and t.max() <= edges[k], (phase, k)
+    hook.remove()
+    assert set(ks) == {0, 1, 2, 3}
 
 
 def test_f_divergence_weights():
@@ -218,6 +259,10 @@ def test_regression_pairs_are_cached_and_a_mismatched_cache_is_refused(tmp_path)
     ({"method.divergence": "kl"}, "divergence must be one of"),
     ({"method.time_density": "lognormal"}, "time_density must be one of"),
     ({"data.source": "gaussian"}, "the GAN term .* needs a real-data source"),
+    ({"method.multistep_matching": "bands"}, "multistep_matching must be one of"),
+    ({"method.multistep_matching": "phased", "method.time_density": "karras"}, "not supported with it"),
+    ({"method.multistep_matching": "phased", "method.student_steps": 4, "method.gan_t_max": 0.5},
+     "leaves no time in step 0's band"),
 ])
 def test_bad_input_is_named(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -241,7 +286,7 @@ def test_one_step_conditioning_time_snaps_to_a_teacher_timestep(tmp_path):
     trainer = _trainer(tmp_path, **{"method.conditioning_time": 0.4})
     (t,) = trainer.method.student_grid().times
     assert t == 410 / 1024  # index 409 of the 1024-step teacher
-    x = trainer.method.generate(trainer.nets.student, torch.randn(4, 2), None, torch.Generator())
+    x, _ = trainer.method.generate(trainer.nets.student, torch.randn(4, 2), None, torch.Generator())
     assert x.shape == (4, 2)
 
 
