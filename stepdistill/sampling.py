@@ -153,11 +153,12 @@ class StudentGrid:
 
 @torch.no_grad()
 def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *, cond: Cond = None, w=1.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
     """Sample a few-step student on its declared grid from standard normal ``noise`` (scaled by ``prior_noise``).
 
     For VP schedules with non-zero terminal SNR the first input is plain noise, which is how diffusers pipelines
-    start and what the student was trained on.
+    start and what the student was trained on. ``callback(i, x, pred)`` runs after each step, as in the
+    teacher samplers (``pred.x0`` is that step's clean estimate).
     """
     sch = student.schedule
     times = grid.with_end()
@@ -171,4 +172,6 @@ def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *,
         else:
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x = (sch.alpha(times[i + 1]) * pred.x0_64 + sch.sigma(times[i + 1]) * z.double()).to(x.dtype)
+        if callback is not None:
+            callback(i, x, pred)
     return x

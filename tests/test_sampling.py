@@ -186,6 +186,14 @@ def test_student_renoise_grid_draws_fresh_noise():
     x = (sch.alpha(0.5) * x0 + sch.sigma(0.5) * z).float()
     torch.testing.assert_close(out, den(x, torch.tensor(0.5, dtype=F64)).x0, rtol=0, atol=1e-6)
     assert (out - sample_student(den, noise, StudentGrid((1.0, 0.5)))).abs().max() > 1e-3
+    # the callback sees each step's state and clean estimate (what benchmarks/multistep_probe.py scores)
+    seen = []
+    sample_student(den, noise, grid, generator=torch.Generator().manual_seed(5),
+                   callback=lambda i, x_i, pred: seen.append((i, x_i, pred.x0)))
+    assert [i for i, _, _ in seen] == [0, 1]
+    torch.testing.assert_close(seen[0][2], x0.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen[0][1], x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen[1][1], out, rtol=0, atol=0)
 
 
 def test_student_grid_validation():
