@@ -23,7 +23,7 @@ import torch
 from stepdistill.config import load_recipe
 from stepdistill.evaluate import noise_batches, sample_metrics, teacher_samples
 from stepdistill.sampling import sample_student
-from stepdistill.train import Trainer
+from stepdistill.train import RunError, Trainer
 
 
 def row(name: str, x: torch.Tensor, teacher) -> str:
@@ -47,7 +47,11 @@ def main() -> int:
               file=sys.stderr)
         return 2
     if args.checkpoint:
-        trainer.load_checkpoint(args.run_dir / "checkpoints" / args.checkpoint)
+        try:
+            trainer.load_checkpoint(args.run_dir / "checkpoints" / args.checkpoint)
+        except RunError as err:
+            print(f"multistep_probe: error: {err}", file=sys.stderr)
+            return 2
     student, grid = trainer.sampling_student(), trainer.method.student_grid()
     noise = torch.cat(list(noise_batches(args.num, teacher.sample_shape, args.seed)))
     estimates = []
