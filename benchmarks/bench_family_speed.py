@@ -1,16 +1,20 @@
 """Speed of exported SD-family students against their teacher's default call, side by side in one run.
 
-    python benchmarks/bench_family_speed.py [--families sd15 sdxl sd3 flux] [--sizes tiny mid] [--repeats 3]
+    python benchmarks/bench_family_speed.py [--families sd15 sdxl sd3 flux] [--sizes tiny mid full] [--repeats 3]
+                                            [--device cuda] [--dtype float16]
 
 For each family and size: the teacher is saved as its stock pipeline; stepdistill distils a 1-step and a 4-step
 student from it (progressive distillation, a few training steps: the weights do not matter for speed) and exports
 them; then the teacher's *default* call (SD1.5/SDXL 50 steps with CFG, SD3 28 with CFG, FLUX 28 with its embedded
 guidance) and each student's exported call (``stepdistill.json`` ``call``) are timed end to end (prompt encoding,
-denoising, VAE decoding), interleaved, on CPU. Reports the measured speedup, the ideal speedup (ratio of network
-evaluations, a CFG step counting 2) and their ratio; the bar is >= 0.8.
+denoising, VAE decoding), interleaved, on ``--device`` (CUDA when there is one) in ``--dtype``. Reports the measured
+speedup, the ideal speedup (ratio of network evaluations, a CFG step counting 2) and their ratio; the bar is >= 0.8.
 
 ``tiny`` are the test models of ``stepdistill/tiny.py``; ``mid`` are wider random models of the same families (about
-10-20M backbone parameters at 32x32 latents) where the backbone, not the text encoders or the VAE, dominates.
+10-20M backbone parameters at 32x32 latents) where the backbone, not the text encoders or the VAE, dominates;
+``full`` (SD1.5 only) has SD1.5's own shapes with random weights: the 860M-parameter UNet, the 123M-parameter CLIP
+ViT-L text encoder and the 84M-parameter VAE, at 512x512 pixels (64x64 latents), for GPU figures that carry over to
+the real checkpoint.
 """
 
 from __future__ import annotations
@@ -70,6 +74,29 @@ def mid_pipeline(family: str):
     return pipe
 
 
+def full_pipeline(family: str):
+    """SD1.5's architecture (runwayml/stable-diffusion-v1-5 configs) with random weights: the real costs per call."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from stepdistill.tiny import _clip_config, _sd_scheduler, clip_tokenizer
+
+    if family != "sd15":
+        raise SystemExit(f"size 'full' is built for sd15 only, not {family}")
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of ~1B parameters
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        text = CLIPTextModel(_clip_config(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                          num_hidden_layers=12, vocab_size=49408, projection_dim=768,
+                                          hidden_act="quick_gelu"))
+        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                            up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
+                            sample_size=512)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).to("cpu")
+
+
 def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path, resolution: int) -> Path:
     """A real stepdistill run (PD, 2 training steps) on the saved teacher, exported as the stock pipeline."""
     from stepdistill.config import build_recipe
@@ -92,18 +119,25 @@ def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path,
 def timed(pipe, kwargs: dict) -> float:
     start = time.perf_counter()
     pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # "np" output already waits for the GPU; this makes it explicit
     return time.perf_counter() - start
 
 
-def bench(family: str, size: str, repeats: int, work: Path) -> list[dict]:
+def build(family: str, size: str):
+    from stepdistill.tiny import TINY_PIPELINES
+
+    return {"tiny": TINY_PIPELINES[family], "mid": mid_pipeline, "full": full_pipeline}[size](
+        *([] if size == "tiny" else [family]))
+
+
+def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: torch.dtype) -> list[dict]:
     from diffusers import DiffusionPipeline
 
-    teacher_pipe = mid_pipeline(family) if size == "mid" else __import__("stepdistill.tiny").tiny.TINY_PIPELINES[
-        family]()
     teacher_dir = work / f"{family}-{size}-teacher"
-    teacher_pipe.save_pretrained(teacher_dir)
-    resolution = 64 if size == "mid" else (16 if family == "flux" else 32)
-    teacher = DiffusionPipeline.from_pretrained(teacher_dir)
+    build(family, size).save_pretrained(teacher_dir)
+    resolution = {"full": 512, "mid": 64}.get(size, 16 if family == "flux" else 32)
+    teacher = DiffusionPipeline.from_pretrained(teacher_dir, torch_dtype=dtype).to(device)
     teacher.set_progress_bar_config(disable=True)
     steps, cfg = DEFAULTS[family]
     teacher_call = {"height": resolution, "width": resolution}
@@ -114,7 +148,7 @@ def bench(family: str, size: str, repeats: int, work: Path) -> list[dict]:
     for student_steps in (1, 4):
         folder = distil_and_export(teacher_dir, family, student_steps, work / f"{family}-{size}-{student_steps}",
                                    resolution)
-        student = DiffusionPipeline.from_pretrained(folder)
+        student = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
         student.set_progress_bar_config(disable=True)
         call = json.loads((folder / "stepdistill.json").read_text())["call"]
         timed(student, call), timed(teacher, teacher_call)  # warm-up
@@ -126,7 +160,8 @@ def bench(family: str, size: str, repeats: int, work: Path) -> list[dict]:
         ideal = teacher_nfe / student_steps
         params = sum(p.numel() for p in getattr(teacher, "unet", None).parameters()) if family in (
             "sd15", "sdxl") else sum(p.numel() for p in teacher.transformer.parameters())
-        rows.append({"family": family, "size": size, "backbone_params_M": round(params / 1e6, 2),
+        rows.append({"family": family, "size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
+                     "backbone_params_M": round(params / 1e6, 2),
                      "teacher_call": f"{steps} steps" + (" x CFG" if cfg else ""), "student_steps": student_steps,
                      "teacher_s": round(statistics.median(t_teacher), 4),
                      "student_s": round(statistics.median(t_student), 4), "speedup": round(measured, 2),
@@ -138,8 +173,11 @@ def bench(family: str, size: str, repeats: int, work: Path) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--families", nargs="+", default=["sd15", "sdxl", "sd3", "flux"])
-    p.add_argument("--sizes", nargs="+", default=["tiny", "mid"])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid", "full"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="of the timed pipelines (training always runs in the recipe's precision)")
     args = p.parse_args()
     os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="sd-bench-cache-"))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -147,7 +185,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             for family in args.families:
-                rows += bench(family, size, args.repeats, Path(tmp))
+                rows += bench(family, size, args.repeats, Path(tmp), args.device, getattr(torch, args.dtype))
     print("\nfamily size   params  student  teacher_s  student_s  speedup  ideal  ratio")
     for r in rows:
         print(f"{r['family']:6} {r['size']:5} {r['backbone_params_M']:6.2f}M  {r['student_steps']:>5}    "
