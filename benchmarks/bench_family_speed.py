@@ -116,11 +116,11 @@ def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path,
     return trainer.export()
 
 
-def timed(pipe, kwargs: dict) -> float:
+def timed(pipe, kwargs: dict, output: str) -> float:
     start = time.perf_counter()
-    pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+    pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type=output, **kwargs)
     if torch.cuda.is_available():
-        torch.cuda.synchronize()  # "np" output already waits for the GPU; this makes it explicit
+        torch.cuda.synchronize()  # "latent" output does not wait for the GPU by itself
     return time.perf_counter() - start
 
 
@@ -131,7 +131,8 @@ def build(family: str, size: str):
         *([] if size == "tiny" else [family]))
 
 
-def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: torch.dtype) -> list[dict]:
+def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: torch.dtype,
+          outputs: list[str]) -> list[dict]:
     from diffusers import DiffusionPipeline
 
     teacher_dir = work / f"{family}-{size}-teacher"
@@ -151,22 +152,23 @@ def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: 
         student = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
         student.set_progress_bar_config(disable=True)
         call = json.loads((folder / "stepdistill.json").read_text())["call"]
-        timed(student, call), timed(teacher, teacher_call)  # warm-up
-        t_student, t_teacher = [], []
-        for _ in range(repeats):  # interleaved: machine load hits both alike
-            t_student.append(timed(student, call))
-            t_teacher.append(timed(teacher, teacher_call))
-        measured = statistics.median(t_teacher) / statistics.median(t_student)
-        ideal = teacher_nfe / student_steps
-        params = sum(p.numel() for p in getattr(teacher, "unet", None).parameters()) if family in (
-            "sd15", "sdxl") else sum(p.numel() for p in teacher.transformer.parameters())
-        rows.append({"family": family, "size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
-                     "backbone_params_M": round(params / 1e6, 2),
-                     "teacher_call": f"{steps} steps" + (" x CFG" if cfg else ""), "student_steps": student_steps,
-                     "teacher_s": round(statistics.median(t_teacher), 4),
-                     "student_s": round(statistics.median(t_student), 4), "speedup": round(measured, 2),
-                     "ideal": ideal, "ratio_to_ideal": round(measured / ideal, 3)})
-        print(json.dumps(rows[-1]), flush=True)
+        for output in outputs:  # "np": end to end; "latent": without the VAE decode, which no step count changes
+            timed(student, call, output), timed(teacher, teacher_call, output)  # warm-up
+            t_student, t_teacher = [], []
+            for _ in range(repeats):  # interleaved: machine load hits both alike
+                t_student.append(timed(student, call, output))
+                t_teacher.append(timed(teacher, teacher_call, output))
+            measured = statistics.median(t_teacher) / statistics.median(t_student)
+            ideal = teacher_nfe / student_steps
+            params = sum(p.numel() for p in getattr(teacher, "unet", None).parameters()) if family in (
+                "sd15", "sdxl") else sum(p.numel() for p in teacher.transformer.parameters())
+            rows.append({"family": family, "size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
+                         "output": output, "backbone_params_M": round(params / 1e6, 2),
+                         "teacher_call": f"{steps} steps" + (" x CFG" if cfg else ""), "student_steps": student_steps,
+                         "teacher_s": round(statistics.median(t_teacher), 4),
+                         "student_s": round(statistics.median(t_student), 4), "speedup": round(measured, 2),
+                         "ideal": ideal, "ratio_to_ideal": round(measured / ideal, 3)})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -178,6 +180,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="of the timed pipelines (training always runs in the recipe's precision)")
+    p.add_argument("--outputs", nargs="+", default=["np"], choices=["np", "latent"],
+                   help="output_type of the timed calls: np (end to end) and/or latent (no VAE decode)")
     args = p.parse_args()
     os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="sd-bench-cache-"))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -185,10 +189,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             for family in args.families:
-                rows += bench(family, size, args.repeats, Path(tmp), args.device, getattr(torch, args.dtype))
-    print("\nfamily size   params  student  teacher_s  student_s  speedup  ideal  ratio")
+                rows += bench(family, size, args.repeats, Path(tmp), args.device, getattr(torch, args.dtype),
+                              args.outputs)
+    print("\nfamily size  output   params  student  teacher_s  student_s  speedup  ideal  ratio")
     for r in rows:
-        print(f"{r['family']:6} {r['size']:5} {r['backbone_params_M']:6.2f}M  {r['student_steps']:>5}    "
+        print(f"{r['family']:6} {r['size']:5} {r['output']:6} {r['backbone_params_M']:6.2f}M  "
+              f"{r['student_steps']:>5}    "
               f"{r['teacher_s']:8.3f}  {r['student_s']:8.4f}  {r['speedup']:7.1f}  {r['ideal']:5.0f}  "
               f"{r['ratio_to_ideal']:.3f}")
     sys.stdout.flush()

@@ -1,6 +1,7 @@
 """Peak memory of a DMD2 step with LoRA roles vs a plain LoRA fine-tune step vs full copies, measured in one run.
 
-    python benchmarks/bench_memory.py [--width 128] [--batch 8] [--rank 16] [--gradient-checkpointing] [--family sd15]
+    python benchmarks/bench_memory.py [--width 128] [--batch 8] [--rank 16] [--gradient-checkpointing]
+                                      [--family sd15 | sd15-full]
 
 A mid-size UNet2DModel teacher (32x32x3, attention in the middle blocks) is saved as a DDPM pipeline; each mode runs in
 its own fresh process, which reports its peak memory: ``peak RSS - RSS after imports`` on CPU, the allocator's
@@ -13,7 +14,9 @@ its own fresh process, which reports its peak memory: ``peak RSS - RSS after imp
 
 ``--family sd15`` uses the mid-size random SD1.5-type pipeline of ``bench_family_speed.py`` instead (34M-parameter
 UNet2DConditionModel, 32x32x4 latents, prompt-conditioned, the LoRA targets of ``families.py``); prompts and image
-latents are encoded once by the parent process, so no child holds the text encoders.
+latents are encoded once by the parent process, so no child holds the text encoders. ``--family sd15-full`` is SD1.5's
+own architecture with random weights (``bench_family_speed.full_pipeline``: 860M-parameter UNet, 512x512 pixels,
+64x64 latents), for GPU figures that carry over to the real checkpoint.
 
 Prints one JSON object with the figures in MiB and the ratios to ``lora_finetune``.
 """
@@ -47,6 +50,8 @@ def peak_mib() -> float:
 
 
 PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "smoke.txt"
+#: pixel resolution of each teacher (None: the UNet2DModel)
+RESOLUTION = {None: 32, "sd15": 64, "sd15-full": 512}
 
 
 def build_teacher(folder: Path, width: int, family: str | None) -> None:
@@ -57,12 +62,12 @@ def build_teacher(folder: Path, width: int, family: str | None) -> None:
     from stepdistill.teachers import DEFAULT_SCHEDULER
 
     torch.manual_seed(0)
-    size = 64 if family else 32
+    size = RESOLUTION[family]
     if family:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_family_speed import mid_pipeline
+        from bench_family_speed import full_pipeline, mid_pipeline
 
-        mid_pipeline(family).save_pretrained(folder / "teacher")
+        (full_pipeline("sd15") if family == "sd15-full" else mid_pipeline(family)).save_pretrained(folder / "teacher")
     else:
         unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
                            block_out_channels=(width, 2 * width, 2 * width, 2 * width),
@@ -76,16 +81,16 @@ def build_teacher(folder: Path, width: int, family: str | None) -> None:
     for i in range(16):  # the GAN's "real data": any images of the right size
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(images / f"{i}.png")
     if family:  # fill the prompt and latent caches here, so that no measured child loads text encoders
-        _family_data(folder, batch=1)
+        _family_data(folder, batch=1, resolution=size)
 
 
-def _family_data(folder: Path, batch: int):
+def _family_data(folder: Path, batch: int, resolution: int):
     """The SD-family teacher with its null condition set, and a data source of cached latents and prompts."""
     from stepdistill.conditioning import load_or_encode, read_prompts
     from stepdistill.data import DataSource, latent_table
     from stepdistill.teachers import cache_root, load_pretrained
 
-    teacher = load_pretrained(str(folder / "teacher"), resolution=64)
+    teacher = load_pretrained(str(folder / "teacher"), resolution=resolution)
     table, null = load_or_encode(lambda: teacher.load_pipeline(unet=teacher.backbone, vae=teacher.vae),
                                  teacher.family.name, read_prompts(str(PROMPTS)), teacher_id=teacher.source,
                                  cache_dir=cache_root(), settings=teacher.encode_settings)
@@ -96,11 +101,10 @@ def _family_data(folder: Path, batch: int):
     return teacher, data
 
 
-def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: float = 3e-3) -> dict:
-    family = (folder / "teacher" / "model_index.json").exists() and "StableDiffusion" in (
-        folder / "teacher" / "model_index.json").read_text()
+def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
+           family: str | None = None) -> dict:
     return {
-        "teacher": {"pretrained": str(folder / "teacher"), **({"resolution": 64} if family else {})},
+        "teacher": {"pretrained": str(folder / "teacher"), **({"resolution": RESOLUTION[family]} if family else {})},
         "method": {"name": "dmd2", "student_steps": 1, "gan_weight": gan},
         "roles": {"mode": mode, "rank": rank, "alpha": rank},
         "data": {"source": "image_folder", "path": str(folder / "images"), "batch_size": batch,
@@ -110,7 +114,8 @@ def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: floa
     }
 
 
-def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: float = 3e-3) -> dict:
+def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
+             family: str | None = None) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -123,8 +128,8 @@ def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: fl
         from stepdistill.lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
         from stepdistill.teachers import load_pretrained
 
-        if "StableDiffusion" in (folder / "teacher" / "model_index.json").read_text():
-            teacher, data = _family_data(folder, batch)
+        if family:
+            teacher, data = _family_data(folder, batch, RESOLUTION[family])
             targets = teacher.family.lora_targets
         else:
             teacher = load_pretrained(str(folder / "teacher"))
@@ -153,7 +158,7 @@ def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: fl
         from stepdistill.config import build_recipe
         from stepdistill.train import Trainer
 
-        cfg = build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt, gan))
+        cfg = build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt, gan, family))
         trainer = Trainer(cfg, folder / f"run-{mode}", overwrite=True, show_progress=False).setup()
         setup = peak_mib() - base
         for _ in range(3):
@@ -169,12 +174,13 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true", help="in every mode")
     p.add_argument("--gan-weight", type=float, default=3e-3, help="DMD2's GAN term (0: distribution matching only)")
-    p.add_argument("--family", choices=["sd15"], help="a mid-size SD1.5-type teacher instead of the UNet2DModel")
+    p.add_argument("--family", choices=["sd15", "sd15-full"],
+                   help="a mid-size (sd15) or SD1.5-sized (sd15-full) SD1.5-type teacher instead of the UNet2DModel")
     p.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_mode(args.child[0], Path(args.child[1]), args.batch, args.rank,
-                                  args.gradient_checkpointing, args.gan_weight)))
+                                  args.gradient_checkpointing, args.gan_weight, args.family)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -184,7 +190,8 @@ def main() -> int:
         for mode in ("lora_finetune", "dmd2_lora", "dmd2_full"):
             flags = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             argv = [sys.executable, __file__, "--batch", str(args.batch), "--rank", str(args.rank),
-                    "--gan-weight", str(args.gan_weight), *flags, "--child", mode, str(folder)]
+                    "--gan-weight", str(args.gan_weight), *flags, *(["--family", args.family] if args.family else []),
+                    "--child", mode, str(folder)]
             proc = subprocess.run(argv, capture_output=True, text=True, check=True)
             out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
         from diffusers import UNet2DConditionModel, UNet2DModel

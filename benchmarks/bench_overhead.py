@@ -1,6 +1,6 @@
 """Training-loop overhead: one iteration against the sum of the network passes it needs, measured in one run.
 
-    python benchmarks/bench_overhead.py [--methods progressive dmd2] [--iters 6] [--batch 2]
+    python benchmarks/bench_overhead.py [--methods progressive dmd2] [--iters 6] [--batch 2] [--size mid|full]
 
 On a mid-size random SD1.5-type teacher (``bench_family_speed.mid_pipeline``, 34M-parameter UNet, 32x32 latents) a
 real ``Trainer`` runs a few iterations of each method while forward hooks on every backbone count the passes an
@@ -8,6 +8,9 @@ iteration makes and record their inputs (grad-enabled passes are trained through
 backward). Each recorded pass is then timed bare: the same backbone on the same inputs, outside the loop. The ratio
 ``iteration time / sum of bare passes`` is the loop's overhead (the bar is <= 1.15): time spent in prompt-table
 lookups, noise sampling, float64 conversions, CFG batching, clipping, optimizer steps, logging and bookkeeping.
+``--size full`` runs SD1.5's own architecture with random weights (``bench_family_speed.full_pipeline``, 860M-parameter
+UNet at 512x512 pixels) instead: on a GPU the mid-size model is bound by kernel launches, where any host-side work
+shows at full cost; at full size the GPU is busy and host work overlaps it, as in real training.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_family_speed import PROMPTS, mid_pipeline  # noqa: E402
+from bench_family_speed import PROMPTS, full_pipeline, mid_pipeline  # noqa: E402
 
 
-def recipe(method: str, teacher_dir: Path, batch: int) -> dict:
-    common = {"teacher": {"pretrained": str(teacher_dir), "resolution": 64},
+RESOLUTION = {"mid": 64, "full": 512}
+
+
+def recipe(method: str, teacher_dir: Path, batch: int, resolution: int) -> dict:
+    common = {"teacher": {"pretrained": str(teacher_dir), "resolution": resolution},
               "data": {"source": "gaussian", "prompts": str(PROMPTS), "batch_size": batch},
               "train": {"max_steps": 1000, "log_every": 1000, "num_sample_images": 1, "max_grad_norm": 1.0}}
     if method == "progressive":
@@ -63,11 +69,12 @@ def bare_time(backbone, args, kwargs, grad: bool, repeats: int = 1) -> float:
     return statistics.median(times)
 
 
-def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int) -> dict:
+def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, resolution: int) -> dict:
     from stepdistill.config import build_recipe
     from stepdistill.train import Trainer
 
-    trainer = Trainer(build_recipe(recipe(method, teacher_dir, batch)), work / method, show_progress=False).setup()
+    trainer = Trainer(build_recipe(recipe(method, teacher_dir, batch, resolution)), work / method,
+                      show_progress=False).setup()
     backbones = {}
     for role, net in trainer.nets.roles().items():
         if net.backbone is not None:
@@ -120,13 +127,15 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["progressive", "dmd2"])
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--size", choices=list(RESOLUTION), default="mid")
     args = p.parse_args()
     os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="sd-bench-cache-"))
     with tempfile.TemporaryDirectory() as tmp:
         teacher_dir = Path(tmp) / "teacher"
-        mid_pipeline("sd15").save_pretrained(teacher_dir)
+        (full_pipeline if args.size == "full" else mid_pipeline)("sd15").save_pretrained(teacher_dir)
         for method in args.methods:
-            print(json.dumps(measure(method, teacher_dir, Path(tmp), args.iters, args.batch)), flush=True)
+            row = measure(method, teacher_dir, Path(tmp), args.iters, args.batch, RESOLUTION[args.size])
+            print(json.dumps({"size": args.size, **row}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The CUDA checks in one prepared run: `pytest -m gpu`, then the memory, speed and overhead benchmarks on the GPU.
 #
-#     OUT=gpu-out BUDGET=560 bash benchmarks/gpu_checks.sh      # from the repository root, on a CUDA machine
+#     OUT=gpu-out BUDGET=560 bash benchmarks/gpu_checks.sh [JOB ...]     # from the repository root, on a CUDA machine
 #
-# Phase A (correctness, memory) runs its jobs side by side: each reports its own process's allocator peak, which
-# other processes do not touch, and nothing in it is timed. Phase B (timings) runs one job at a time, alone on the
-# GPU. Every job has its own log under $OUT and its own time limit; a job that would start with too little of the
-# BUDGET (seconds) left is skipped and says so, so the logs of the jobs before it always come back.
+# JOBs (default: all but the *-full ones, which build SD1.5-sized models): pytest-gpu, memory, memory-full (phase A),
+# speed-mid, speed-full-sd15, overhead, overhead-full, speed-tiny (phase B). Phase A (correctness, memory) runs its
+# jobs side by side: each reports its own process's allocator peak, which other processes do not touch, and nothing
+# in it is timed. Phase B (timings) runs one job at a time, alone on the GPU, in the order given. Every job has its
+# own log under $OUT and its own time limit; a job that would start with too little of the BUDGET (seconds) left is
+# skipped and says so, so the logs of the jobs before it always come back.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 deadline=$((SECONDS + ${BUDGET:-560}))
+JOBS=" ${*:-pytest-gpu memory speed-mid overhead speed-tiny} "
 
 run() {  # run NAME NEED LIMIT CMD...: CMD > $OUT/NAME.log, if NEED seconds are left; at most LIMIT seconds
     local name=$1 need=$2 limit=$3
@@ -27,6 +30,18 @@ run() {  # run NAME NEED LIMIT CMD...: CMD > $OUT/NAME.log, if NEED seconds are 
     echo "[$name] exit $? after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/$name.log" >>"$OUT/summary.log"
 }
 
+memory() {  # memory SETTING...: bench_memory.py once per setting, side by side, each into its own part file
+    local i=0
+    for args in "$@"; do
+        # shellcheck disable=SC2086  # $args is a list of flags
+        (echo "== $args"; python3 benchmarks/bench_memory.py $args 2>&1 | grep -v Warning) >"$PARTS/$i.part" &
+        i=$((i + 1))
+    done
+    wait
+}
+
+wanted() { [[ $JOBS == *" $1 "* ]]; }
+
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import sys, torch, diffusers, peft, accelerate, transformers as t
@@ -35,25 +50,31 @@ print(sys.version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers
 } >"$OUT/summary.log" 2>&1
 
 # Phase A: the gpu-marked tests and the memory settings of the README table, side by side.
-run pytest-gpu 60 300 python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_gpu.py &
-memory() {
-    local i=0
-    for args in "--family sd15 --batch 1 --gradient-checkpointing" "--family sd15 --batch 1" \
-        "--family sd15 --batch 4 --gradient-checkpointing" "--batch 1 --gradient-checkpointing" \
-        "--batch 8 --gradient-checkpointing" "--batch 1" "--batch 8"; do
-        # shellcheck disable=SC2086  # $args is a list of flags
-        (echo "== $args"; python3 benchmarks/bench_memory.py $args 2>&1 | grep -v Warning) >"$PARTS/$i.part" &
-        i=$((i + 1))
-    done
-    wait
-}
-PARTS=$(mktemp -d)
-(run memory 60 240 bash -c "$(declare -f memory); PARTS=$PARTS; memory"; cat "$PARTS"/*.part >>"$OUT/memory.log") &
+wanted pytest-gpu && run pytest-gpu 60 300 python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_gpu.py &
+if wanted memory; then
+    PARTS=$(mktemp -d)
+    (run memory 60 240 bash -c "$(declare -f memory); PARTS=$PARTS; memory '--family sd15 --batch 1 --gradient-checkpointing' \
+        '--family sd15 --batch 1' '--family sd15 --batch 4 --gradient-checkpointing' '--batch 1 --gradient-checkpointing' \
+        '--batch 8 --gradient-checkpointing' '--batch 1' '--batch 8'"
+     cat "$PARTS"/*.part >>"$OUT/memory.log") &
+fi
+if wanted memory-full; then
+    FULL_PARTS=$(mktemp -d)
+    (run memory-full 100 280 bash -c "$(declare -f memory); PARTS=$FULL_PARTS; memory \
+        '--family sd15-full --batch 1 --gradient-checkpointing' '--family sd15-full --batch 1'"
+     cat "$FULL_PARTS"/*.part >>"$OUT/memory-full.log") &
+fi
 wait
 
-# Phase B: timings, one at a time.
-run speed-mid 120 240 python3 benchmarks/bench_family_speed.py --sizes mid
-run speed-full-sd15 100 200 python3 benchmarks/bench_family_speed.py --families sd15 --sizes full --dtype float16
-run overhead 45 120 python3 benchmarks/bench_overhead.py --iters 8
-run speed-tiny 60 200 python3 benchmarks/bench_family_speed.py --sizes tiny
+# Phase B: timings, one at a time, in the order asked for.
+for job in $JOBS; do
+    case $job in
+    speed-mid) run speed-mid 120 240 python3 benchmarks/bench_family_speed.py --sizes mid --outputs np latent ;;
+    speed-full-sd15) run speed-full-sd15 100 220 python3 benchmarks/bench_family_speed.py --families sd15 \
+        --sizes full --dtype float16 --outputs np latent ;;
+    overhead) run overhead 45 120 python3 benchmarks/bench_overhead.py --iters 8 ;;
+    overhead-full) run overhead-full 60 150 python3 benchmarks/bench_overhead.py --iters 8 --size full ;;
+    speed-tiny) run speed-tiny 60 200 python3 benchmarks/bench_family_speed.py --sizes tiny --outputs np latent ;;
+    esac
+done
 cat "$OUT/summary.log"

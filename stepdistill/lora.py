@@ -124,8 +124,12 @@ def consistent_checkpoint(base: nn.Module):
 
 
 def merged_copy(base: nn.Module, name: str) -> nn.Module:
-    """A plain backbone (same class, no peft layers) whose weights are ``base`` with adapter ``name`` merged."""
-    tmp = copy.deepcopy(base)
+    """A plain float32 backbone (same class, no peft layers) whose weights are ``base`` with adapter ``name`` merged.
+
+    The merge runs in float32 whatever the base is stored in: merging into a bf16 base (``roles.teacher_dtype``)
+    would round ``W + scale * B @ A`` to bf16 and lose most of the trained delta, which is small next to ``W``.
+    """
+    tmp = copy.deepcopy(base).float()
     for m in lora_layers(tmp):
         if name in m.lora_A:
             m.merge(adapter_names=[name])

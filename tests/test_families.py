@@ -130,7 +130,8 @@ CONSUMER = textwrap.dedent("""
     call = json.load(open(folder + "/stepdistill.json"))["call"]
     pipe = DiffusionPipeline.from_pretrained(folder)
     x = torch.from_numpy(np.load(latents))
-    images = pipe(prompts, latents=x, output_type="latent", **call).images
+    # the generator draws any re-noising noise (multi-step DMD2 students), as sample_student's does
+    images = pipe(prompts, latents=x, output_type="latent", generator=torch.Generator().manual_seed(0), **call).images
     np.save(out, images.numpy())
     print(type(pipe).__name__, type(pipe.scheduler).__name__, pipe.scheduler.timesteps.tolist())
     assert not any(m.startswith("stepdistill") for m in sys.modules), "consumer imported stepdistill"
@@ -172,6 +173,40 @@ def test_distill_then_the_stock_pipeline_reproduces_the_student(tmp_path, family
     got = torch.from_numpy(np.load(tmp_path / "out.npy"))
     got = unpack_latents(got, *noise.shape[2:]) if family == "flux" else got
     assert meta["pipeline_class"] in proc.stdout
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_a_dmd2_lora_student_exports_to_the_stock_pipeline(tmp_path, base_dtype):
+    """DMD2's re-noising two-step student, trained as a LoRA adapter on one frozen base (``roles.mode: lora``), is
+    merged into the stock pipeline, whose generator draws the re-noising noise as ``sample_student``'s does. The bf16
+    case trains on a bf16 base under bf16 autocast (the CPU counterpart of the ``gpu`` test); afterwards the base is
+    upcast and accelerate's autocast wrapper removed, so the student runs in float32 on the very weights it trained
+    on: the merged export must then agree to float32 precision (merging into the bf16 weights would round most of
+    the trained delta away)."""
+    bf16 = {"roles.teacher_dtype": "bfloat16", "train.mixed_precision": "bf16"} if base_dtype == "bfloat16" else {}
+    recipe = family_dmd_recipe("sd15", **bf16)
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    base = trainer.teacher.backbone
+    assert {p.dtype for n, p in base.named_parameters() if ".lora_" not in n} == {getattr(torch, base_dtype)}
+    trainer.train()
+    folder = trainer.export()
+    trainer.accelerator.unwrap_model(base, keep_fp32_wrapper=False).float()  # in place: plain float32 forward
+    prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
+    noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    cond = {k: v[:2] for k, v in trainer.conditions.items()}
+    with torch.no_grad():
+        expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond,
+                                  generator=torch.Generator().manual_seed(0))
+        other = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond,
+                               generator=torch.Generator().manual_seed(1))
+    assert (other - expected).abs().max() > 1e-2  # the re-noising draws matter, so the shared generator is tested
+    np.save(tmp_path / "noise.npy", noise.numpy())
+    argv = [sys.executable, "-c", CONSUMER, str(folder), str(tmp_path / "noise.npy"), str(tmp_path / "out.npy"),
+            json.dumps(prompts)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
 
 

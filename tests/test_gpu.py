@@ -35,21 +35,28 @@ folder, latents, out, prompts = sys.argv[1], sys.argv[2], sys.argv[3], json.load
 call = json.load(open(folder + "/stepdistill.json"))["call"]
 pipe = DiffusionPipeline.from_pretrained(folder).to("cuda")
 x = torch.from_numpy(np.load(latents)).to("cuda")
-np.save(out, pipe(prompts, latents=x, output_type="latent", **call).images.float().cpu().numpy())
+g = torch.Generator().manual_seed(0)  # draws a re-noising student's noise, as sample_student's generator does
+np.save(out, pipe(prompts, latents=x, output_type="latent", generator=g, **call).images.float().cpu().numpy())
 assert not any(m.startswith("stepdistill") for m in sys.modules)
 """
 
 
 def _round_trip(trainer, tmp_path) -> None:
-    """The exported pipeline, run by stock diffusers on CUDA in a fresh process, lands on the student's latents."""
+    """The exported pipeline, run by stock diffusers on CUDA in a fresh process, lands on the student's latents.
+
+    The exported pipeline runs in float32. So does the student here: its base is upcast and accelerate's bf16
+    autocast wrapper removed (both in place, after export), so the two evaluate the same weights in the same
+    precision. Both draw a re-noising student's noise from a generator seeded alike."""
     folder = trainer.export()
     prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
     student = trainer.sampling_student()
+    trainer.accelerator.unwrap_model(student.backbone, keep_fp32_wrapper=False).float()
     device = next(student.parameters()).device
     noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
     cond = {k: v[:2].to(device) for k, v in trainer.conditions.items()}
     with torch.no_grad():
-        expected = sample_student(student, noise.to(device), trainer.method.student_grid(), cond=cond).float().cpu()
+        expected = sample_student(student, noise.to(device), trainer.method.student_grid(), cond=cond,
+                                  generator=torch.Generator().manual_seed(0)).float().cpu()
     np.save(tmp_path / "noise.npy", noise.numpy())
     argv = [sys.executable, "-c", CONSUMER, str(folder), str(tmp_path / "noise.npy"), str(tmp_path / "out.npy"),
             json.dumps(prompts)]
