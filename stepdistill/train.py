@@ -164,8 +164,9 @@ class Trainer:
                                                  else acc.prepare_model(net.backbone))
                 net.wrap_backbone(wrapped[id(net.backbone)])
                 ocfg = r.optim.get(role, OptimizerConfig())
-                opt = torch.optim.AdamW(net.trainable_parameters(), lr=ocfg.lr, betas=tuple(ocfg.betas),
-                                        weight_decay=ocfg.weight_decay, eps=ocfg.eps)
+                params = list(net.trainable_parameters())
+                opt = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
+                                        eps=ocfg.eps, fused=_fusable(params) or None)
                 self.optimizers[role] = opt
                 self.lr_schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
                     opt, lambda i, c=ocfg, n=self._optimizer_steps(role): lr_factor(i, c, n))
@@ -337,6 +338,7 @@ class Trainer:
             self._update_ema()
             self.step = step + 1
             if self.step % r.train.log_every == 0 or self.step == r.train.max_steps:
+                logs = {k: float(v) for k, v in logs.items()}  # device scalars: the one wait of a logging step
                 now = time.perf_counter()
                 logs["it_per_s"] = (self.step - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, self.step
@@ -360,15 +362,19 @@ class Trainer:
         if self.trackers:  # tensorboard / wandb, when installed; log.jsonl is always written by the loop itself
             self.accelerator.init_trackers("stepdistill", config=_flat(self.recipe.to_dict()))
 
-    def _all_true(self, flag: bool) -> bool:
-        """Agree on a flag across ranks (so every rank skips or steps together)."""
-        t = torch.tensor([0.0 if flag else 1.0], device=self.accelerator.device)
-        return self.accelerator.reduce(t, reduction="sum").item() == 0
+    def _all_finite(self, bad_loss: torch.Tensor, norms) -> tuple[bool, bool]:
+        """Whether the losses and the gradient norms were finite on every rank (so every rank skips or steps
+        together). One reduce and one wait for the GPU per phase: the flags stay on the device until here."""
+        bad_grad = sum((~torch.isfinite(n)).float().to(bad_loss.device) for n in norms)
+        flags = torch.stack([bad_loss, torch.as_tensor(bad_grad, dtype=torch.float32, device=bad_loss.device)])
+        loss_bad, grad_bad = self.accelerator.reduce(flags, reduction="sum").tolist()
+        return loss_bad == 0, grad_bad == 0
 
     def _run_phase(self, phase: str) -> dict[str, float]:
         r, acc = self.recipe, self.accelerator
         roles = self._owners(phase)
         logs, k = {}, r.train.grad_accum
+        bad_loss = torch.zeros((), device=acc.device)  # non-finite micro-batch losses, counted without a GPU wait
         for micro in range(k):
             batch = self.data.next(self.generator)
             batch.shared = self.shared_generator
@@ -382,9 +388,8 @@ class Trainer:
                 stack.enter_context(acc.autocast())
                 out = self.method(phase, self.nets, batch)
                 loss = out.loss.float().mean() / k
-            if not self._all_true(bool(torch.isfinite(loss))):
-                return self._skip(phase, roles, "loss")
-            acc.backward(loss)
+            bad_loss += (~torch.isfinite(loss)).float()
+            acc.backward(loss)  # even when not finite: every rank then runs the same collectives, and the update skips
             for name, value in out.logs.items():
                 logs[f"{name}/{phase}"] = logs.get(f"{name}/{phase}", 0.0) + value / k
         max_norm = r.train.max_grad_norm if r.train.max_grad_norm is not None else float("inf")
@@ -392,14 +397,15 @@ class Trainer:
         for role in roles:
             params = [p for p in self.nets[role].trainable_parameters() if p.grad is not None]
             norms[role] = full(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: the global norm
-        if not self._all_true(all(bool(torch.isfinite(n)) for n in norms.values())):
-            return self._skip(phase, roles, "gradient")
+        loss_ok, grad_ok = self._all_finite(bad_loss, norms.values())
+        if not (loss_ok and grad_ok):
+            return self._skip(phase, roles, "gradient" if loss_ok else "loss")
         for role in roles:
             opt = self.optimizers[role]
             opt.step()
             self.lr_schedulers[role].step()
             opt.zero_grad(set_to_none=True)
-            logs[f"grad_norm/{role}"] = float(norms[role])
+            logs[f"grad_norm/{role}"] = norms[role].detach()
             logs[f"lr/{role}"] = self.lr_schedulers[role].get_last_lr()[0]
         self.nonfinite_streak = 0
         return logs
@@ -424,8 +430,8 @@ class Trainer:
         if "student_ema" not in self.nets.extra:
             return
         d = self.recipe.train.ema_decay
-        for pe, p in zip(self.nets["student_ema"].trainable_parameters(), self.nets.student.trainable_parameters()):
-            pe.lerp_(p.detach(), 1.0 - d)
+        ema = list(self.nets["student_ema"].trainable_parameters())
+        torch._foreach_lerp_(ema, [p.detach() for p in self.nets.student.trainable_parameters()], 1.0 - d)
 
     # ------------------------------------------------------------------------------------------------ outputs
     def sampling_student(self):
@@ -641,6 +647,17 @@ def _complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Whether AdamW can take its fused CUDA kernel: one pass over weights, gradients and moments per step, where the
+    default multi-tensor kernel makes several (tens of milliseconds a step on an SD1.5-sized student). Plain CUDA
+    tensors only: sharded (DTensor) parameters keep the default."""
+    if not params or not all(p.is_cuda for p in params):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return not any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in params)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -77,10 +77,13 @@ class Batch:
 
 
 class LossOutput(NamedTuple):
-    """Per-sample loss ``[B]`` (the loop reduces it) and detached scalars for the log."""
+    """Per-sample loss ``[B]`` (the loop reduces it) and detached scalars for the log.
+
+    Log values may stay 0-d tensors (and should, on a GPU): the loop turns them into floats only on logging steps,
+    since each ``float()`` of a device tensor makes the host wait for the GPU."""
 
     loss: torch.Tensor
-    logs: dict[str, float]
+    logs: dict[str, float | torch.Tensor]
 
 
 class Method(Protocol):

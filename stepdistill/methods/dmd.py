@@ -393,7 +393,7 @@ class DMD:
                 grad = grad * _expand(h, grad)
             grad = torch.nan_to_num(grad).to(x.dtype)
         loss = 0.5 * ((x - (x - grad).detach()) ** 2).mean(dims)
-        logs = {"dm_grad_norm": float(grad.flatten(1).norm(dim=1).mean())}
+        logs = {"dm_grad_norm": grad.detach().flatten(1).norm(dim=1).mean()}
         return loss, logs
 
     def _gan_inputs(self, x: torch.Tensor, schedule, gen, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,7 +428,7 @@ class DMD:
         x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
         dm, logs = self.dm_loss(x, nets, cond, gen, k)
         loss = self.dm_weight * dm
-        logs["loss_dm"] = float(dm.detach().mean())
+        logs["loss_dm"] = dm.detach().mean()
         if self.gan_weight > 0:
             heads = [nets["fake_score"], nets["discriminator"]]
             with frozen(*heads):
@@ -436,12 +436,12 @@ class DMD:
                 feats = nets["fake_score"].features(x_gan, t_gan, cond)
                 gan = F.softplus(-nets["discriminator"](feats))
             loss = loss + self.gan_weight * gan
-            logs["loss_gan"] = float(gan.detach().mean())
+            logs["loss_gan"] = gan.detach().mean()
         if self.regression_weight > 0:
             reg = self.regression(nets, b, device, gen)
             loss = loss + self.regression_weight * reg
-            logs["loss_reg"] = float(reg.detach().mean())
-        logs["loss"] = float(loss.detach().mean())
+            logs["loss_reg"] = reg.detach().mean()
+        logs["loss"] = loss.detach().mean()
         return LossOutput(loss, logs)
 
     def fake_score_loss(self, nets: Nets, batch: Batch) -> LossOutput:
@@ -468,13 +468,13 @@ class DMD:
         target = from_x0_eps(kind, x.double(), eps.double(), pred.coeffs)
         dims = tuple(range(1, x.ndim))
         loss = ((pred.get(kind, exact=True) - target) ** 2).mean(dims).float()
-        logs = {"loss_denoise": float(loss.detach().mean())}
+        logs = {"loss_denoise": loss.detach().mean()}
         if self.uses_head:
             cls = F.softplus(logits_fake) + F.softplus(-logits_real)
             loss = loss + self.gan_critic_weight * cls
-            logs.update(loss_cls=float(cls.detach().mean()), d_real=float(logits_real.detach().mean()),
-                        d_fake=float(logits_fake.detach().mean()))
-        logs["loss"] = float(loss.detach().mean())
+            logs.update(loss_cls=cls.detach().mean(), d_real=logits_real.detach().mean(),
+                        d_fake=logits_fake.detach().mean())
+        logs["loss"] = loss.detach().mean()
         return LossOutput(loss, logs)
 
     @staticmethod

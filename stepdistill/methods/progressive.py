@@ -165,4 +165,4 @@ class ProgressiveDistillation:
             v_target = a_t * eps_target - s_t * x_target
             loss = ((pred.get("v", exact=True) - v_target) ** 2).mean(dims)
         loss = loss.float()
-        return LossOutput(loss, {"loss": loss.mean().item(), "x_mse": x_err.mean().item()})
+        return LossOutput(loss, {"loss": loss.detach().mean(), "x_mse": x_err.detach().mean()})
