@@ -1,7 +1,7 @@
 """Speed of exported SD-family students against their teacher's default call, side by side in one run.
 
     python benchmarks/bench_family_speed.py [--families sd15 sdxl sd3 flux] [--sizes tiny mid full] [--repeats 3]
-                                            [--device cuda] [--dtype float16]
+                                            [--device cuda] [--dtype float16] [--outputs np latent] [--images 8]
 
 For each family and size: the teacher is saved as its stock pipeline; stepdistill distils a 1-step and a 4-step
 student from it (progressive distillation, a few training steps: the weights do not matter for speed) and exports
@@ -116,9 +116,10 @@ def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path,
     return trainer.export()
 
 
-def timed(pipe, kwargs: dict, output: str) -> float:
+def timed(pipe, kwargs: dict, output: str, images: int = 1) -> float:
     start = time.perf_counter()
-    pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type=output, **kwargs)
+    pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type=output,
+         num_images_per_prompt=images, **kwargs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # "latent" output does not wait for the GPU by itself
     return time.perf_counter() - start
@@ -132,7 +133,7 @@ def build(family: str, size: str):
 
 
 def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: torch.dtype,
-          outputs: list[str]) -> list[dict]:
+          outputs: list[str], images: int = 1) -> list[dict]:
     from diffusers import DiffusionPipeline
 
     teacher_dir = work / f"{family}-{size}-teacher"
@@ -153,17 +154,17 @@ def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: 
         student.set_progress_bar_config(disable=True)
         call = json.loads((folder / "stepdistill.json").read_text())["call"]
         for output in outputs:  # "np": end to end; "latent": without the VAE decode, which no step count changes
-            timed(student, call, output), timed(teacher, teacher_call, output)  # warm-up
+            timed(student, call, output, images), timed(teacher, teacher_call, output, images)  # warm-up
             t_student, t_teacher = [], []
             for _ in range(repeats):  # interleaved: machine load hits both alike
-                t_student.append(timed(student, call, output))
-                t_teacher.append(timed(teacher, teacher_call, output))
+                t_student.append(timed(student, call, output, images))
+                t_teacher.append(timed(teacher, teacher_call, output, images))
             measured = statistics.median(t_teacher) / statistics.median(t_student)
             ideal = teacher_nfe / student_steps
             params = sum(p.numel() for p in getattr(teacher, "unet", None).parameters()) if family in (
                 "sd15", "sdxl") else sum(p.numel() for p in teacher.transformer.parameters())
             rows.append({"family": family, "size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
-                         "output": output, "backbone_params_M": round(params / 1e6, 2),
+                         "output": output, "images": images, "backbone_params_M": round(params / 1e6, 2),
                          "teacher_call": f"{steps} steps" + (" x CFG" if cfg else ""), "student_steps": student_steps,
                          "teacher_s": round(statistics.median(t_teacher), 4),
                          "student_s": round(statistics.median(t_student), 4), "speedup": round(measured, 2),
@@ -182,6 +183,8 @@ def main() -> None:
                    help="of the timed pipelines (training always runs in the recipe's precision)")
     p.add_argument("--outputs", nargs="+", default=["np"], choices=["np", "latent"],
                    help="output_type of the timed calls: np (end to end) and/or latent (no VAE decode)")
+    p.add_argument("--images", type=int, default=1,
+                   help="num_images_per_prompt: on a GPU, batch 1 is bound by kernel launches; a batch fills the GPU")
     args = p.parse_args()
     os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="sd-bench-cache-"))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -190,7 +193,7 @@ def main() -> None:
         for size in args.sizes:
             for family in args.families:
                 rows += bench(family, size, args.repeats, Path(tmp), args.device, getattr(torch, args.dtype),
-                              args.outputs)
+                              args.outputs, args.images)
     print("\nfamily size  output   params  student  teacher_s  student_s  speedup  ideal  ratio")
     for r in rows:
         print(f"{r['family']:6} {r['size']:5} {r['output']:6} {r['backbone_params_M']:6.2f}M  "

@@ -3,18 +3,21 @@
 #
 #     OUT=gpu-out BUDGET=560 bash benchmarks/gpu_checks.sh [JOB ...]     # from the repository root, on a CUDA machine
 #
-# JOBs (default: all but the *-full ones, which build SD1.5-sized models): pytest-gpu, memory, memory-full (phase A),
-# speed-mid, speed-full-sd15, overhead, overhead-full, speed-tiny (phase B). Phase A (correctness, memory) runs its
-# jobs side by side: each reports its own process's allocator peak, which other processes do not touch, and nothing
-# in it is timed. Phase B (timings) runs one job at a time, alone on the GPU, in the order given. Every job has its
-# own log under $OUT and its own time limit; a job that would start with too little of the BUDGET (seconds) left is
-# skipped and says so, so the logs of the jobs before it always come back.
+# JOBs: pytest-gpu, memory, memory-full (phase A); overhead-full, speed-full-sd15-batch, speed-full-sd15, speed-mid,
+# overhead, speed-tiny (phase B). The default is all of them, in that order, which fits 15 minutes of device time
+# with BUDGET=560 (*-full build SD1.5-sized random models; speed-tiny comes last and is skipped if time runs out).
+# Phase A (correctness, memory) runs its jobs side by side: each reports its own process's allocator peak, which
+# other processes do not touch, and nothing in it is timed. Phase B (timings) runs one job at a time, alone on the
+# GPU, in the order given. Every job has its own log under $OUT and its own time limit; a job that would start with
+# too little of the BUDGET (seconds) left is skipped and says so, so the logs of the jobs before it always come back.
+# PACK=1 packs the logs into $OUT/logs.tgz at the end (a remote runner may bring back only a few files).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 deadline=$((SECONDS + ${BUDGET:-560}))
-JOBS=" ${*:-pytest-gpu memory speed-mid overhead speed-tiny} "
+DEFAULT_JOBS="pytest-gpu memory memory-full overhead-full speed-full-sd15-batch speed-full-sd15 speed-mid overhead"
+JOBS=" ${*:-$DEFAULT_JOBS speed-tiny} "
 
 run() {  # run NAME NEED LIMIT CMD...: CMD > $OUT/NAME.log, if NEED seconds are left; at most LIMIT seconds
     local name=$1 need=$2 limit=$3
@@ -53,8 +56,9 @@ print(sys.version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers
 wanted pytest-gpu && run pytest-gpu 60 300 python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_gpu.py &
 if wanted memory; then
     PARTS=$(mktemp -d)
-    (run memory 60 240 bash -c "$(declare -f memory); PARTS=$PARTS; memory '--family sd15 --batch 1 --gradient-checkpointing' \
-        '--family sd15 --batch 1' '--family sd15 --batch 4 --gradient-checkpointing' '--batch 1 --gradient-checkpointing' \
+    (run memory 60 240 bash -c "$(declare -f memory); PARTS=$PARTS; memory \
+        '--family sd15 --batch 1 --gradient-checkpointing' '--family sd15 --batch 1' \
+        '--family sd15 --batch 4 --gradient-checkpointing' '--batch 1 --gradient-checkpointing' \
         '--batch 8 --gradient-checkpointing' '--batch 1' '--batch 8'"
      cat "$PARTS"/*.part >>"$OUT/memory.log") &
 fi
@@ -69,6 +73,8 @@ wait
 # Phase B: timings, one at a time, in the order asked for.
 for job in $JOBS; do
     case $job in
+    speed-full-sd15-batch) run speed-full-sd15-batch 100 220 python3 benchmarks/bench_family_speed.py --families sd15 \
+        --sizes full --dtype float16 --outputs np latent --images 8 ;;
     speed-mid) run speed-mid 120 240 python3 benchmarks/bench_family_speed.py --sizes mid --outputs np latent ;;
     speed-full-sd15) run speed-full-sd15 100 220 python3 benchmarks/bench_family_speed.py --families sd15 \
         --sizes full --dtype float16 --outputs np latent ;;
@@ -78,3 +84,7 @@ for job in $JOBS; do
     esac
 done
 cat "$OUT/summary.log"
+if [[ ${PACK:-0} == 1 ]]; then
+    tar -czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz --exclude summary.log . && find "$OUT" -name '*.log' \
+        ! -name summary.log -delete
+fi
