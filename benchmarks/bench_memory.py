@@ -4,8 +4,9 @@
                                       [--family sd15 | sd15-full]
 
 A mid-size UNet2DModel teacher (32x32x3, attention in the middle blocks) is saved as a DDPM pipeline; each mode runs in
-its own fresh process, which reports its peak memory: ``peak RSS - RSS after imports`` on CPU, the allocator's
-``torch.cuda.max_memory_allocated`` on CUDA (weights, optimizer states, gradients and activations either way). Modes:
+its own fresh process, which reports the peak of its live tensors (weights, optimizer states, gradients and
+activations): ``torch.cuda.max_memory_allocated`` on CUDA, the same count from the profiler's memory events on CPU
+(``--cpu-measure rss`` takes ``peak RSS - RSS after imports`` instead, which also counts cached pages). Modes:
 
 * ``lora_finetune``: the base frozen plus one LoRA adapter, one denoising step (forward, backward, AdamW): the
   reference the DMD/DMD2 issue's bar compares against;
@@ -24,6 +25,7 @@ Prints one JSON object with the figures in MiB and the ratios to ``lora_finetune
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -35,18 +37,48 @@ from pathlib import Path
 import numpy as np
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def peak_mib() -> float:
-    """CUDA: the allocator's peak; CPU: the process's peak RSS (Linux reports KiB)."""
+@contextlib.contextmanager
+def measured(how: str):
+    """Yields a dict that holds the block's peak memory in MiB (``peak_mib``) once the block is done.
+
+    CUDA: the allocator's peak of live tensors (``max_memory_allocated``; nothing is on the device before the block).
+    CPU, ``tensors``: the same quantity, from the CPU allocator's allocation and free events as ``torch.profiler``
+    records them (``profile_memory=True``), summed in time order. CPU, ``rss``: the process's peak resident set
+    minus its size before the block, which also counts the allocator's cached and fragmented pages.
+    """
     import torch
 
+    out = {}
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        yield out
+        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    elif how == "rss":
+        base = rss_mib()
+        yield out
+        out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # Linux reports KiB
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            yield out
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        live = peak = 0
+        for e in events:
+            live += e.nbytes()
+            peak = max(peak, live)
+        out["peak_mib"] = peak / 2**20
 
 
 PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "smoke.txt"
@@ -115,56 +147,63 @@ def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: floa
 
 
 def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
-             family: str | None = None) -> dict:
+             family: str | None = None, how: str = "tensors") -> dict:
+    with measured(how) as out:
+        (_lora_finetune if mode == "lora_finetune" else _dmd2)(mode, folder, batch, rank, ckpt, gan, family)
+    return {"mode": mode, "peak_mib": round(out["peak_mib"], 1)}
+
+
+def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family) -> None:
+    """The reference: the base frozen plus one LoRA adapter, three denoising steps (forward, backward, AdamW)."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    base = 0.0 if cuda else rss_mib()  # CUDA: nothing is allocated on the device yet
-    device = torch.device("cuda" if cuda else "cpu")
+    from stepdistill.data import DataSource
+    from stepdistill.lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
+    from stepdistill.teachers import load_pretrained
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    if family:
+        teacher, data = _family_data(folder, batch, RESOLUTION[family])
+        targets = teacher.family.lora_targets
+    else:
+        teacher = load_pretrained(str(folder / "teacher"))
+        data = DataSource("image_folder", batch_size=batch, sample_shape=teacher.sample_shape,
+                          path=str(folder / "images"))
+        targets = UNET2D_TARGETS
+    teacher.backbone.to(device)
+    add_adapters(teacher.backbone, ["student"], rank=rank, alpha=rank, target_modules=targets)
+    if ckpt:
+        teacher.denoiser.enable_gradient_checkpointing()
+    net = AdapterDenoiser(teacher.denoiser, "student")
+    opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch_ = data.next(g)
+        x0 = batch_.x0.to(device)
+        t = torch.rand(batch, generator=g, dtype=torch.float64)
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        cond = None if batch_.cond is None else {k: v.to(device) for k, v in batch_.cond.items()}
+        pred = net(net.schedule.add_noise(x0, eps, t.to(device)), t, cond)
+        loss = ((pred.get("v", exact=True) - pred.coeffs.a * eps.double() + pred.coeffs.s * x0.double()) ** 2)
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _dmd2(mode, folder, batch, rank, ckpt, gan, family) -> None:
+    """Three DMD2 iterations (student phase, fake-score phase) of a real Trainer, roles as in ``mode``."""
+    import torch
+
+    from stepdistill.config import build_recipe
+    from stepdistill.train import Trainer
 
     torch.manual_seed(0)
-    if mode == "lora_finetune":
-        from stepdistill.data import DataSource
-        from stepdistill.lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
-        from stepdistill.teachers import load_pretrained
-
-        if family:
-            teacher, data = _family_data(folder, batch, RESOLUTION[family])
-            targets = teacher.family.lora_targets
-        else:
-            teacher = load_pretrained(str(folder / "teacher"))
-            data = DataSource("image_folder", batch_size=batch, sample_shape=teacher.sample_shape,
-                              path=str(folder / "images"))
-            targets = UNET2D_TARGETS
-        teacher.backbone.to(device)
-        add_adapters(teacher.backbone, ["student"], rank=rank, alpha=rank, target_modules=targets)
-        if ckpt:
-            teacher.denoiser.enable_gradient_checkpointing()
-        net = AdapterDenoiser(teacher.denoiser, "student")
-        opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(3):
-            batch_ = data.next(g)
-            x0 = batch_.x0.to(device)
-            t = torch.rand(batch, generator=g, dtype=torch.float64)
-            eps = torch.randn(x0.shape, generator=g).to(device)
-            cond = None if batch_.cond is None else {k: v.to(device) for k, v in batch_.cond.items()}
-            pred = net(net.schedule.add_noise(x0, eps, t.to(device)), t, cond)
-            loss = ((pred.get("v", exact=True) - pred.coeffs.a * eps.double() + pred.coeffs.s * x0.double()) ** 2)
-            loss.mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
-        from stepdistill.config import build_recipe
-        from stepdistill.train import Trainer
-
-        cfg = build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt, gan, family))
-        trainer = Trainer(cfg, folder / f"run-{mode}", overwrite=True, show_progress=False).setup()
-        setup = peak_mib() - base
-        for _ in range(3):
-            trainer._run_phase("student")
-            trainer._run_phase("fake_score")
-    return {"mode": mode, "peak_mib": round(peak_mib() - base, 1), "setup_mib": round(locals().get("setup", 0.0), 1)}
+    cfg = build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt, gan, family))
+    trainer = Trainer(cfg, folder / f"run-{mode}", overwrite=True, show_progress=False).setup()
+    for _ in range(3):
+        trainer._run_phase("student")
+        trainer._run_phase("fake_score")
 
 
 def main() -> int:
@@ -176,11 +215,13 @@ def main() -> int:
     p.add_argument("--gan-weight", type=float, default=3e-3, help="DMD2's GAN term (0: distribution matching only)")
     p.add_argument("--family", choices=["sd15", "sd15-full"],
                    help="a mid-size (sd15) or SD1.5-sized (sd15-full) SD1.5-type teacher instead of the UNet2DModel")
+    p.add_argument("--cpu-measure", choices=["tensors", "rss"], default="tensors",
+                   help="on CPU: peak of live tensors (profiler memory events, as CUDA's allocator counts) or RSS")
     p.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_mode(args.child[0], Path(args.child[1]), args.batch, args.rank,
-                                  args.gradient_checkpointing, args.gan_weight, args.family)))
+                                  args.gradient_checkpointing, args.gan_weight, args.family, args.cpu_measure)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -190,7 +231,8 @@ def main() -> int:
         for mode in ("lora_finetune", "dmd2_lora", "dmd2_full"):
             flags = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             argv = [sys.executable, __file__, "--batch", str(args.batch), "--rank", str(args.rank),
-                    "--gan-weight", str(args.gan_weight), *flags, *(["--family", args.family] if args.family else []),
+                    "--gan-weight", str(args.gan_weight), "--cpu-measure", args.cpu_measure, *flags,
+                    *(["--family", args.family] if args.family else []),
                     "--child", mode, str(folder)]
             proc = subprocess.run(argv, capture_output=True, text=True, check=True)
             out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
@@ -202,6 +244,7 @@ def main() -> int:
     print(json.dumps({"family": args.family or "unet2d", "teacher_params_M": round(params / 1e6, 1),
                       "batch": args.batch, "rank": args.rank, "gan_weight": args.gan_weight,
                       "gradient_checkpointing": args.gradient_checkpointing,
+                      "measure": "cuda max_memory_allocated" if _cuda() else f"cpu {args.cpu_measure}",
                       "peak_mib": out, "ratio_to_lora_finetune": {k: round(v / ref, 2) for k, v in out.items()}},
                      indent=2))
     return 0
