@@ -370,7 +370,7 @@ class Trainer:
         loss_bad, grad_bad = self.accelerator.reduce(flags, reduction="sum").tolist()
         return loss_bad == 0, grad_bad == 0
 
-    def _run_phase(self, phase: str) -> dict[str, float]:
+    def _run_phase(self, phase: str) -> dict[str, float | torch.Tensor]:
         r, acc = self.recipe, self.accelerator
         roles = self._owners(phase)
         logs, k = {}, r.train.grad_accum
