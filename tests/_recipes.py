@@ -84,3 +84,21 @@ def family_dmd_recipe(tiny: str, **overrides) -> dict:
     recipe["optim"] = {"student": {"lr": 1e-2}, "fake_score": {"lr": 1e-2}}
     recipe["roles"] = {"mode": "lora", "rank": 4, "alpha": 8.0}
     return _apply(recipe, overrides)
+
+
+def stock_pipeline_latents(consumer: str, folder, noise, prompts: list[str], tmp_path):
+    """Run ``consumer`` (a script that loads the exported pipeline with stock diffusers and never imports
+    stepdistill) in a fresh process on ``noise``; returns its output latents and its stdout."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    np.save(tmp_path / "noise.npy", noise.numpy())
+    argv = [sys.executable, "-c", consumer, str(folder), str(tmp_path / "noise.npy"), str(tmp_path / "out.npy"),
+            json.dumps(prompts)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.from_numpy(np.load(tmp_path / "out.npy")), proc.stdout

@@ -2,8 +2,6 @@
 encoding and its cache, distillation runs and the export round trip through stock diffusers, bad input."""
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from stepdistill.sampling import StudentGrid, sample_student
 from stepdistill.teachers import TeacherError, load_pretrained, load_tiny
 from stepdistill.train import Trainer
 
-from ._recipes import FAMILIES, SMOKE_PROMPTS, family_dmd_recipe, family_recipe
+from ._recipes import FAMILIES, SMOKE_PROMPTS, family_dmd_recipe, family_recipe, stock_pipeline_latents
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,14 +163,9 @@ def test_distill_then_the_stock_pipeline_reproduces_the_student(tmp_path, family
                                cond={**cond, "guidance": torch.full((2,), 2.0)})
         assert (other - expected).abs().max() > 1e-5
     fed = pack_latents(noise) if family == "flux" else noise
-    np.save(tmp_path / "noise.npy", fed.numpy())
-    argv = [sys.executable, "-c", CONSUMER, str(folder), str(tmp_path / "noise.npy"), str(tmp_path / "out.npy"),
-            json.dumps(prompts)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    got, stdout = stock_pipeline_latents(CONSUMER, folder, fed, prompts, tmp_path)
     got = unpack_latents(got, *noise.shape[2:]) if family == "flux" else got
-    assert meta["pipeline_class"] in proc.stdout
+    assert meta["pipeline_class"] in stdout
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
 
 
@@ -201,12 +194,7 @@ def test_a_dmd2_lora_student_exports_to_the_stock_pipeline(tmp_path, base_dtype)
         other = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond,
                                generator=torch.Generator().manual_seed(1))
     assert (other - expected).abs().max() > 1e-2  # the re-noising draws matter, so the shared generator is tested
-    np.save(tmp_path / "noise.npy", noise.numpy())
-    argv = [sys.executable, "-c", CONSUMER, str(folder), str(tmp_path / "noise.npy"), str(tmp_path / "out.npy"),
-            json.dumps(prompts)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    got, _ = stock_pipeline_latents(CONSUMER, folder, noise, prompts, tmp_path)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
 
 

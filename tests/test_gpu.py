@@ -19,7 +19,7 @@ from stepdistill.config import build_recipe
 from stepdistill.sampling import sample_student
 from stepdistill.train import Trainer
 
-from ._recipes import SMOKE_PROMPTS, family_dmd_recipe, family_recipe
+from ._recipes import SMOKE_PROMPTS, family_dmd_recipe, family_recipe, stock_pipeline_latents
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -57,12 +57,7 @@ def _round_trip(trainer, tmp_path) -> None:
     with torch.no_grad():
         expected = sample_student(student, noise.to(device), trainer.method.student_grid(), cond=cond,
                                   generator=torch.Generator().manual_seed(0)).float().cpu()
-    np.save(tmp_path / "noise.npy", noise.numpy())
-    argv = [sys.executable, "-c", CONSUMER, str(folder), str(tmp_path / "noise.npy"), str(tmp_path / "out.npy"),
-            json.dumps(prompts)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    got, _ = stock_pipeline_latents(CONSUMER, folder, noise, prompts, tmp_path)
     # TF32/cuDNN kernels differ between the two processes' calls; the weights and the grid are the same
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2 * max(1.0, float(expected.abs().mean())))
 
