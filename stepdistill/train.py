@@ -31,7 +31,7 @@ from .export import check_exportable, grid_timesteps, student_scheduler
 from .families import latents_to_images
 from .lora import AdapterDenoiser
 from .methods import METHODS
-from .methods.base import PrepareContext
+from .methods.base import PrepareContext, loss_terms
 from .roles import build_nets, rebuilt_lora_student
 from .sampling import sample_student
 from .schedules import VPDiscrete
@@ -370,6 +370,17 @@ class Trainer:
         loss_bad, grad_bad = self.accelerator.reduce(flags, reduction="sum").tolist()
         return loss_bad == 0, grad_bad == 0
 
+    def _loss_terms(self, phase: str, batch):
+        """The phase's loss as the method gives it, a ``LossOutput`` or a generator of them (``Method.__call__``),
+        each computed under autocast; backward runs outside it, between terms."""
+        terms = loss_terms(self.method(phase, self.nets, batch))
+        while True:
+            with self.accelerator.autocast():
+                out = next(terms, None)
+            if out is None:
+                return
+            yield out
+
     def _run_phase(self, phase: str) -> dict[str, float | torch.Tensor]:
         r, acc = self.recipe, self.accelerator
         roles = self._owners(phase)
@@ -385,13 +396,12 @@ class Trainer:
                 if micro < k - 1:  # accumulate locally; gradients are all-reduced on the last micro-batch only
                     for role in roles:
                         stack.enter_context(acc.no_sync(self.nets[role]._call_backbone()))
-                stack.enter_context(acc.autocast())
-                out = self.method(phase, self.nets, batch)
-                loss = out.loss.float().mean() / k
-            bad_loss += (~torch.isfinite(loss)).float()
-            acc.backward(loss)  # even when not finite: every rank then runs the same collectives, and the update skips
-            for name, value in out.logs.items():
-                logs[f"{name}/{phase}"] = logs.get(f"{name}/{phase}", 0.0) + value / k
+                for out in self._loss_terms(phase, batch):
+                    loss = out.loss.float().mean() / k
+                    bad_loss += (~torch.isfinite(loss)).float()
+                    acc.backward(loss)  # even when not finite: every rank runs the same collectives; the update skips
+                    for name, value in out.logs.items():
+                        logs[f"{name}/{phase}"] = logs.get(f"{name}/{phase}", 0.0) + value / k
         max_norm = r.train.max_grad_norm if r.train.max_grad_norm is not None else float("inf")
         norms = {}
         for role in roles:

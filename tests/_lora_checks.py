@@ -2,6 +2,8 @@
 
 import torch
 
+from stepdistill.methods.base import loss_terms
+
 
 def check_gradients_reach_only_the_owning_adapter(nets, method, batch) -> None:
     """The student phase's loss reaches the student adapter only, the critic phase's the fake score only; the shared
@@ -18,5 +20,6 @@ def check_gradients_reach_only_the_owning_adapter(nets, method, batch) -> None:
     method("student", nets, batch).loss.mean().backward()
     assert touched() == {"student": True, "fake_score": False, "base": False}
     base.zero_grad(set_to_none=True)
-    method("fake_score", nets, batch).loss.mean().backward()
+    for term in loss_terms(method("fake_score", nets, batch)):
+        term.loss.mean().backward()
     assert touched() == {"student": False, "fake_score": True, "base": False}

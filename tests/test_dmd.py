@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from stepdistill.config import ConfigError, build_recipe
 from stepdistill.denoisers import guided
-from stepdistill.methods.base import Batch
+from stepdistill.methods.base import Batch, loss_terms
 from stepdistill.methods.dmd import DMD, f_weight
 from stepdistill.schedules import KarrasGrid
 from stepdistill.train import Trainer
@@ -99,8 +99,35 @@ def test_student_phase_reaches_only_the_student_and_critic_phase_only_the_critic
     assert all(p.requires_grad for p in nets["discriminator"].parameters())
     for m in groups.values():
         m.zero_grad(set_to_none=True)
-    method("fake_score", nets, _batch(trainer)).loss.mean().backward()
+    for term in loss_terms(method("fake_score", nets, _batch(trainer))):  # GAN classification, then denoising
+        term.loss.mean().backward()
     assert touched() == {"student": False, "fake_score": True, "discriminator": True, "teacher": False}
+
+
+def test_the_critic_terms_backpropagated_in_turn_give_the_summed_loss_gradient(tmp_path):
+    """The critic phase hands its GAN and denoising terms to backward one at a time (so one graph lives at a time);
+    the gradients equal those of DMD2's single summed loss on the same draws."""
+    trainer = _trainer(tmp_path)
+    method, nets = trainer.method, trainer.nets
+    _perturb(nets["fake_score"], seed=1)
+    params = [p for role in ("fake_score", "discriminator") for p in nets[role].parameters()]
+
+    def grads(in_turn: bool):
+        for p in params:
+            p.grad = None
+        terms = loss_terms(method("fake_score", nets, _batch(trainer, seed=3)))
+        if in_turn:
+            for term in terms:
+                term.loss.mean().backward()
+        else:
+            sum(term.loss.mean() for term in list(terms)).backward()
+        return [p.grad.clone() for p in params]
+
+    in_turn, summed = grads(True), grads(False)
+    assert len(list(loss_terms(method("fake_score", nets, _batch(trainer))))) == 2 and method.uses_head
+    assert any(g.abs().max() > 0 for g in in_turn)
+    for a, b in zip(in_turn, summed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_backward_simulation_keeps_gradient_at_the_sampled_step_only(tmp_path):
@@ -171,7 +198,8 @@ def test_phased_matching_judges_each_step_only_in_its_own_band(tmp_path):
     for seed in range(12):
         for phase in ("student", "fake_score"):
             seen.clear()
-            assert torch.isfinite(method(phase, nets, _batch(trainer, seed)).loss).all()
+            terms = loss_terms(method(phase, nets, _batch(trainer, seed)))
+            assert all(torch.isfinite(term.loss).all() for term in terms)
             k = ks[-1]
             t = torch.cat([s.to(torch.float64) for s in seen])
             assert t.min() > edges[k + 1] and t.max() <= edges[k], (phase, k)
@@ -302,7 +330,7 @@ def test_fake_score_target_changes_the_critic_weighting_only(tmp_path):
     for target in ("v", "eps"):
         trainer = _trainer(tmp_path, f"run-{target}", **{"method.fake_score_target": target,
                                                            "method.gan_weight": 0.0})
-        out = trainer.method("fake_score", trainer.nets, _batch(trainer))
+        [out] = loss_terms(trainer.method("fake_score", trainer.nets, _batch(trainer)))  # no head: one term
         losses[target] = out.loss
     assert not torch.allclose(losses["v"], losses["eps"]) and (losses["eps"] <= losses["v"] + 1e-6).all()
 

@@ -6,7 +6,7 @@ optimizer steps in each phase, and for a per-sample loss; it never learns the me
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -86,6 +86,11 @@ class LossOutput(NamedTuple):
     logs: dict[str, float | torch.Tensor]
 
 
+def loss_terms(out: LossOutput | Iterator[LossOutput]) -> Iterator[LossOutput]:
+    """A method's answer for one phase as an iterator of terms (``Method.__call__``)."""
+    return iter([out]) if isinstance(out, LossOutput) else out
+
+
 class Method(Protocol):
     """What the training loop needs of a method."""
 
@@ -101,8 +106,12 @@ class Method(Protocol):
         ``phase``."""
         ...
 
-    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
-        """The per-sample loss of ``phase``."""
+    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput | Iterator[LossOutput]:
+        """The per-sample loss of ``phase``; or its terms one at a time (a generator), when building them all
+        before one backward would keep several graphs alive. The loop backpropagates each term before asking for
+        the next, so only one term's graph lives at a time; gradients add up to those of the summed loss and the
+        optimizers step once. Under DDP the last term must run the role's whole (DDP-wrapped) forward, because
+        that backward is the one that all-reduces the gradients accumulated by the terms before it."""
         ...
 
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:

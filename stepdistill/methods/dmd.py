@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -417,7 +418,7 @@ class DMD:
         return (sq + c * c).sqrt() - c
 
     # ------------------------------------------------------------------------------------------------ phases
-    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
+    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput | Iterator[LossOutput]:
         return self.student_loss(nets, batch) if phase == "student" else self.fake_score_loss(nets, batch)
 
     def student_loss(self, nets: Nets, batch: Batch) -> LossOutput:
@@ -444,8 +445,14 @@ class DMD:
         logs["loss"] = loss.detach().mean()
         return LossOutput(loss, logs)
 
-    def fake_score_loss(self, nets: Nets, batch: Batch) -> LossOutput:
-        """Critic update: denoising on detached generator samples (+ the GAN head's classification loss)."""
+    def fake_score_loss(self, nets: Nets, batch: Batch) -> Iterator[LossOutput]:
+        """Critic update: denoising on detached generator samples (+ the GAN head's classification loss).
+
+        With the head, the two terms go to backward one after the other (``Method.__call__``): first the GAN
+        classification on bottleneck features of noised fakes and reals, then the denoising loss, whose whole
+        forward through the fake score's (DDP) wrapper has to come last. Only one term's graph is alive at a time,
+        which sets the critic step's peak memory (docs/experiments/gpu-h200.md); DMD2's own code sums them into one
+        loss, and the gradients are the same. Every draw happens before either term, in the order of that sum."""
         gen, cond, b = batch.generator, batch.cond, batch.size
         shape, device = self._shape_device(nets, batch)
         with torch.no_grad():
@@ -456,7 +463,6 @@ class DMD:
         t = self._times(sch, b, 0.0, 1.0, gen, k)
         eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
         x_t = sch.add_noise(x, eps, t.to(device))
-        pred = fake_net(x_t, t, cond)
         if self.uses_head:
             # The GAN inputs [noised fakes, noised reals] only go as far as the bottleneck (``Denoiser.features``).
             x_fake, t_fake = self._gan_inputs(x, sch, gen, k)
@@ -464,18 +470,16 @@ class DMD:
             cond2 = None if cond is None else {k: torch.cat([v, v]) for k, v in cond.items()}
             feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), cond2)
             logits_fake, logits_real = nets["discriminator"](feats).chunk(2)
+            cls = F.softplus(logits_fake) + F.softplus(-logits_real)
+            gan = self.gan_critic_weight * cls
+            yield LossOutput(gan, {"loss_cls": cls.detach().mean(), "d_real": logits_real.detach().mean(),
+                                   "d_fake": logits_fake.detach().mean(), "loss": gan.detach().mean()})
+        pred = fake_net(x_t, t, cond)
         kind = self.fake_score_target or fake_net.prediction
         target = from_x0_eps(kind, x.double(), eps.double(), pred.coeffs)
         dims = tuple(range(1, x.ndim))
         loss = ((pred.get(kind, exact=True) - target) ** 2).mean(dims).float()
-        logs = {"loss_denoise": loss.detach().mean()}
-        if self.uses_head:
-            cls = F.softplus(logits_fake) + F.softplus(-logits_real)
-            loss = loss + self.gan_critic_weight * cls
-            logs.update(loss_cls=cls.detach().mean(), d_real=logits_real.detach().mean(),
-                        d_fake=logits_fake.detach().mean())
-        logs["loss"] = loss.detach().mean()
-        return LossOutput(loss, logs)
+        yield LossOutput(loss, {"loss_denoise": loss.detach().mean(), "loss": loss.detach().mean()})
 
     @staticmethod
     def _shape_device(nets: Nets, batch: Batch):
