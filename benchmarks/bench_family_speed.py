@@ -97,14 +97,14 @@ def full_pipeline(family: str):
                                    requires_safety_checker=False).to("cpu")
 
 
-def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path, resolution: int) -> Path:
+def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path, px: int) -> Path:
     """A real stepdistill run (PD, 2 training steps) on the saved teacher, exported as the stock pipeline."""
     from stepdistill.config import build_recipe
     from stepdistill.train import Trainer
 
     flow = family in ("sd3", "flux")
     recipe = {
-        "teacher": {"pretrained": str(teacher_dir), "family": family, "resolution": resolution,
+        "teacher": {"pretrained": str(teacher_dir), "family": family, "resolution": px,
                     **({"max_sequence_length": 16} if flow else {})},
         "method": {"name": "progressive", "teacher_steps": 2 * steps, "final_steps": steps, "steps_per_stage": 2,
                    "student_prediction": "flow_match" if flow else "v"},
@@ -125,6 +125,11 @@ def timed(pipe, kwargs: dict, output: str, images: int = 1) -> float:
     return time.perf_counter() - start
 
 
+def resolution(family: str, size: str) -> int:
+    """Pixel height and width of the timed calls (and of the distillation runs) for each model size."""
+    return {"full": 512, "mid": 64}.get(size, 16 if family == "flux" else 32)
+
+
 def build(family: str, size: str):
     from stepdistill.tiny import TINY_PIPELINES
 
@@ -138,18 +143,18 @@ def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: 
 
     teacher_dir = work / f"{family}-{size}-teacher"
     build(family, size).save_pretrained(teacher_dir)
-    resolution = {"full": 512, "mid": 64}.get(size, 16 if family == "flux" else 32)
+    px = resolution(family, size)
     teacher = DiffusionPipeline.from_pretrained(teacher_dir, torch_dtype=dtype).to(device)
     teacher.set_progress_bar_config(disable=True)
     steps, cfg = DEFAULTS[family]
-    teacher_call = {"height": resolution, "width": resolution}
+    teacher_call = {"height": px, "width": px}
     if family in ("sd3", "flux"):
         teacher_call["max_sequence_length"] = 16
     teacher_nfe = steps * (2 if cfg else 1)
     rows = []
     for student_steps in (1, 4):
         folder = distil_and_export(teacher_dir, family, student_steps, work / f"{family}-{size}-{student_steps}",
-                                   resolution)
+                                   px)
         student = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
         student.set_progress_bar_config(disable=True)
         call = json.loads((folder / "stepdistill.json").read_text())["call"]

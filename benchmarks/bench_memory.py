@@ -97,9 +97,9 @@ def build_teacher(folder: Path, width: int, family: str | None) -> None:
     size = RESOLUTION[family]
     if family:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_family_speed import full_pipeline, mid_pipeline
+        from bench_family_speed import build
 
-        (full_pipeline("sd15") if family == "sd15-full" else mid_pipeline(family)).save_pretrained(folder / "teacher")
+        build("sd15", "full" if family == "sd15-full" else "mid").save_pretrained(folder / "teacher")
     else:
         unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
                            block_out_channels=(width, 2 * width, 2 * width, 2 * width),

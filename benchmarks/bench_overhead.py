@@ -30,14 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_family_speed import PROMPTS, full_pipeline, mid_pipeline  # noqa: E402
+from bench_family_speed import PROMPTS, build, resolution  # noqa: E402
 
 
-RESOLUTION = {"mid": 64, "full": 512}
-
-
-def recipe(method: str, teacher_dir: Path, batch: int, resolution: int) -> dict:
-    common = {"teacher": {"pretrained": str(teacher_dir), "resolution": resolution},
+def recipe(method: str, teacher_dir: Path, batch: int, px: int) -> dict:
+    common = {"teacher": {"pretrained": str(teacher_dir), "resolution": px},
               "data": {"source": "gaussian", "prompts": str(PROMPTS), "batch_size": batch},
               "train": {"max_steps": 1000, "log_every": 1000, "num_sample_images": 1, "max_grad_norm": 1.0}}
     if method == "progressive":
@@ -69,11 +66,11 @@ def bare_time(backbone, args, kwargs, grad: bool, repeats: int = 1) -> float:
     return statistics.median(times)
 
 
-def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, resolution: int) -> dict:
+def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, px: int) -> dict:
     from stepdistill.config import build_recipe
     from stepdistill.train import Trainer
 
-    trainer = Trainer(build_recipe(recipe(method, teacher_dir, batch, resolution)), work / method,
+    trainer = Trainer(build_recipe(recipe(method, teacher_dir, batch, px)), work / method,
                       show_progress=False).setup()
     backbones = {}
     for role, net in trainer.nets.roles().items():
@@ -127,14 +124,14 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["progressive", "dmd2"])
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--size", choices=list(RESOLUTION), default="mid")
+    p.add_argument("--size", choices=["mid", "full"], default="mid")
     args = p.parse_args()
     os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="sd-bench-cache-"))
     with tempfile.TemporaryDirectory() as tmp:
         teacher_dir = Path(tmp) / "teacher"
-        (full_pipeline if args.size == "full" else mid_pipeline)("sd15").save_pretrained(teacher_dir)
+        build("sd15", args.size).save_pretrained(teacher_dir)
         for method in args.methods:
-            row = measure(method, teacher_dir, Path(tmp), args.iters, args.batch, RESOLUTION[args.size])
+            row = measure(method, teacher_dir, Path(tmp), args.iters, args.batch, resolution("sd15", args.size))
             print(json.dumps({"size": args.size, **row}), flush=True)
 
 
