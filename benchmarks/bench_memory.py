@@ -1,7 +1,7 @@
 """Peak memory of a DMD2 step with LoRA roles vs a plain LoRA fine-tune step vs full copies, measured in one run.
 
     python benchmarks/bench_memory.py [--width 128] [--batch 8] [--rank 16] [--gradient-checkpointing]
-                                      [--family sd15 | sd15-full]
+                                      [--family sd15 | sd15-full] [--modes lora_finetune dmd2_lora] [--iters 3]
 
 A mid-size UNet2DModel teacher (32x32x3, attention in the middle blocks) is saved as a DDPM pipeline; each mode runs in
 its own fresh process, which reports the peak of its live tensors (weights, optimizer states, gradients and
@@ -81,6 +81,7 @@ def measured(how: str):
         out["peak_mib"] = peak / 2**20
 
 
+MODES = ("lora_finetune", "dmd2_lora", "dmd2_full")
 PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "smoke.txt"
 #: pixel resolution of each teacher (None: the UNet2DModel)
 RESOLUTION = {None: 32, "sd15": 64, "sd15-full": 512}
@@ -147,14 +148,14 @@ def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: floa
 
 
 def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
-             family: str | None = None, how: str = "tensors") -> dict:
+             family: str | None = None, how: str = "tensors", iters: int = 3) -> dict:
     with measured(how) as out:
-        (_lora_finetune if mode == "lora_finetune" else _dmd2)(mode, folder, batch, rank, ckpt, gan, family)
+        (_lora_finetune if mode == "lora_finetune" else _dmd2)(mode, folder, batch, rank, ckpt, gan, family, iters)
     return {"mode": mode, "peak_mib": round(out["peak_mib"], 1)}
 
 
-def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family) -> None:
-    """The reference: the base frozen plus one LoRA adapter, three denoising steps (forward, backward, AdamW)."""
+def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family, iters) -> None:
+    """The reference: the base frozen plus one LoRA adapter, ``iters`` denoising steps (forward, backward, AdamW)."""
     import torch
 
     from stepdistill.data import DataSource
@@ -178,7 +179,7 @@ def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family) -> None:
     net = AdapterDenoiser(teacher.denoiser, "student")
     opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    for _ in range(3):
+    for _ in range(iters):
         batch_ = data.next(g)
         x0 = batch_.x0.to(device)
         t = torch.rand(batch, generator=g, dtype=torch.float64)
@@ -191,8 +192,8 @@ def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def _dmd2(mode, folder, batch, rank, ckpt, gan, family) -> None:
-    """Three DMD2 iterations (student phase, fake-score phase) of a real Trainer, roles as in ``mode``."""
+def _dmd2(mode, folder, batch, rank, ckpt, gan, family, iters) -> None:
+    """``iters`` DMD2 iterations (student phase, fake-score phase) of a real Trainer, roles as in ``mode``."""
     import torch
 
     from stepdistill.config import build_recipe
@@ -201,7 +202,7 @@ def _dmd2(mode, folder, batch, rank, ckpt, gan, family) -> None:
     torch.manual_seed(0)
     cfg = build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt, gan, family))
     trainer = Trainer(cfg, folder / f"run-{mode}", overwrite=True, show_progress=False).setup()
-    for _ in range(3):
+    for _ in range(iters):
         trainer._run_phase("student")
         trainer._run_phase("fake_score")
 
@@ -217,21 +218,27 @@ def main() -> int:
                    help="a mid-size (sd15) or SD1.5-sized (sd15-full) SD1.5-type teacher instead of the UNet2DModel")
     p.add_argument("--cpu-measure", choices=["tensors", "rss"], default="tensors",
                    help="on CPU: peak of live tensors (profiler memory events, as CUDA's allocator counts) or RSS")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="which to measure (lora_finetune, the reference, always runs)")
+    p.add_argument("--iters", type=int, default=3,
+                   help="steps per mode (AdamW's states exist from the first; 2 is enough for the peak)")
     p.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_mode(args.child[0], Path(args.child[1]), args.batch, args.rank,
-                                  args.gradient_checkpointing, args.gan_weight, args.family, args.cpu_measure)))
+                                  args.gradient_checkpointing, args.gan_weight, args.family, args.cpu_measure,
+                                  args.iters)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         os.environ["STEPDISTILL_CACHE"] = str(folder / "cache")  # the children inherit it
         build_teacher(folder, args.width, args.family)
         out = {}
-        for mode in ("lora_finetune", "dmd2_lora", "dmd2_full"):
+        for mode in ("lora_finetune", *(m for m in args.modes if m != "lora_finetune")):
             flags = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             argv = [sys.executable, __file__, "--batch", str(args.batch), "--rank", str(args.rank),
                     "--gan-weight", str(args.gan_weight), "--cpu-measure", args.cpu_measure, *flags,
+                    "--iters", str(args.iters),
                     *(["--family", args.family] if args.family else []),
                     "--child", mode, str(folder)]
             proc = subprocess.run(argv, capture_output=True, text=True, check=True)
@@ -242,7 +249,7 @@ def main() -> int:
         params = sum(p.numel() for p in cls.from_pretrained(folder / "teacher" / "unet").parameters())
     ref = out["lora_finetune"]
     print(json.dumps({"family": args.family or "unet2d", "teacher_params_M": round(params / 1e6, 1),
-                      "batch": args.batch, "rank": args.rank, "gan_weight": args.gan_weight,
+                      "batch": args.batch, "iters": args.iters, "rank": args.rank, "gan_weight": args.gan_weight,
                       "gradient_checkpointing": args.gradient_checkpointing,
                       "measure": "cuda max_memory_allocated" if _cuda() else f"cpu {args.cpu_measure}",
                       "peak_mib": out, "ratio_to_lora_finetune": {k: round(v / ref, 2) for k, v in out.items()}},

@@ -1,6 +1,7 @@
 """Training-loop overhead: one iteration against the sum of the network passes it needs, measured in one run.
 
     python benchmarks/bench_overhead.py [--methods progressive dmd2] [--iters 6] [--batch 2] [--size mid|full]
+                                        [--roles full|lora] [--gan-weight 0.003]
 
 On a mid-size random SD1.5-type teacher (``bench_family_speed.mid_pipeline``, 34M-parameter UNet, 32x32 latents) a
 real ``Trainer`` runs a few iterations of each method while forward hooks on every backbone count the passes an
@@ -11,11 +12,17 @@ lookups, noise sampling, float64 conversions, CFG batching, clipping, optimizer 
 ``--size full`` runs SD1.5's own architecture with random weights (``bench_family_speed.full_pipeline``, 860M-parameter
 UNet at 512x512 pixels) instead: on a GPU the mid-size model is bound by kernel launches, where any host-side work
 shows at full cost; at full size the GPU is busy and host work overlaps it, as in real training.
+
+Each pass is re-run in the state it was recorded in: the active LoRA adapter (``--roles lora``: every role is an
+adapter on one base, the teacher that base with adapters off), the parameters' ``requires_grad`` flags (a GAN pass
+through a frozen fake score computes input gradients only) and the inputs' (the student's sample carries its graph),
+and, for DMD2's GAN passes (``--gan-weight``), the stop at the bottleneck (``Denoiser.features``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,14 +40,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_family_speed import PROMPTS, build, resolution  # noqa: E402
 
 
-def recipe(method: str, teacher_dir: Path, batch: int, px: int) -> dict:
+def recipe(method: str, teacher_dir: Path, batch: int, px: int, roles: str = "full", gan: float = 0.0,
+           images: Path | None = None) -> dict:
+    data = {"source": "image_folder", "path": str(images)} if gan > 0 else {"source": "gaussian"}
     common = {"teacher": {"pretrained": str(teacher_dir), "resolution": px},
-              "data": {"source": "gaussian", "prompts": str(PROMPTS), "batch_size": batch},
+              "data": {**data, "prompts": str(PROMPTS), "batch_size": batch},
+              "roles": {"mode": roles, **({"rank": 16, "alpha": 16} if roles == "lora" else {})},
               "train": {"max_steps": 1000, "log_every": 1000, "num_sample_images": 1, "max_grad_norm": 1.0}}
     if method == "progressive":
         return {**common, "method": {"name": "progressive", "teacher_steps": 8, "final_steps": 4,
                                      "steps_per_stage": 1000, "guidance": [3.0, 3.0]}}
-    return {**common, "method": {"name": "dmd2", "student_steps": 1, "guidance_scale": 3.0}}
+    return {**common, "method": {"name": "dmd2", "student_steps": 1, "guidance_scale": 3.0, "gan_weight": gan}}
+
+
+def random_images(folder: Path, px: int, n: int = 8) -> Path:
+    """Any images of the right size: the GAN's "real data" (only their cost matters here)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (px, px, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
 
 
 def _sync():
@@ -48,45 +70,107 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def bare_time(backbone, args, kwargs, grad: bool, repeats: int = 1) -> float:
+class _Stop(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def as_recorded(backbone, adapter, flags, whole: bool):
+    """Re-enter a recorded pass's state: its adapter, its parameters' ``requires_grad`` and, for a GAN feature pass
+    (``Denoiser.features``), the stop at the bottleneck (``mid_block``)."""
+    from stepdistill.lora import active
+
+    params = list(backbone.parameters())
+    before = [p.requires_grad for p in params]
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+
+    def stop(_module, _inputs, out):
+        raise _Stop(out[0] if isinstance(out, tuple) else out)
+
+    handle = None if whole else backbone.mid_block.register_forward_hook(stop)
+    try:
+        with active(backbone, adapter) if adapter is not _PLAIN else contextlib.nullcontext():
+            yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+
+
+def bare_time(backbone, key, args, kwargs, repeats: int = 1) -> float:
+    _role, adapter, grad, whole, _trains, flags = key
     times = []
     for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        if grad:
-            out = backbone(*args, **kwargs)
-            out = out.sample if hasattr(out, "sample") else out[0]
-            out.float().square().mean().backward()
+        args_ = [a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args]
+        kwargs_ = {k: (v.detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+                   for k, v in kwargs.items()}
+        with as_recorded(backbone, adapter, flags, whole), torch.set_grad_enabled(grad):
+            _sync()
+            start = time.perf_counter()
+            try:
+                out = backbone(*args_, **kwargs_)
+                out = out.sample if hasattr(out, "sample") else out[0]
+            except _Stop as caught:
+                out = caught.args[0]
+            if grad:
+                out.float().square().mean().backward()
+            _sync()
+            times.append(time.perf_counter() - start)
             backbone.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad():
-                backbone(*args, **kwargs)
-        _sync()
-        times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, px: int) -> dict:
+_PLAIN = "-"  # a backbone without LoRA roles
+
+
+def _label(key) -> str:
+    role, adapter, grad, whole, trains, _flags = key
+    who = role if adapter is _PLAIN else f"base[{adapter or 'adapters off'}]"
+    part = "" if whole else " to bottleneck"
+    if not grad:
+        return f"{who}{part} fwd"
+    return f"{who}{part} fwd+bwd" + ("" if trains else " (input grad only)")
+
+
+def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, px: int, roles: str = "full",
+            gan: float = 0.0) -> dict:
     from stepdistill.config import build_recipe
     from stepdistill.train import Trainer
 
-    trainer = Trainer(build_recipe(recipe(method, teacher_dir, batch, px)), work / method,
-                      show_progress=False).setup()
+    images = random_images(work / "images", px) if gan > 0 else None
+    trainer = Trainer(build_recipe(recipe(method, teacher_dir, batch, px, roles, gan, images)),
+                      work / f"{method}-{roles}", show_progress=False).setup()
     backbones = {}
     for role, net in trainer.nets.roles().items():
-        if net.backbone is not None:
+        if getattr(net, "backbone", None) is not None and hasattr(net.backbone, "mid_block"):
             backbones.setdefault(id(net.backbone), (role, net.backbone))
-    calls, inputs = Counter(), {}
+    # Every backbone call of the warm-up iteration, in order; a post-hook marks the calls that ran to the end (a
+    # GAN feature pass stops at the bottleneck by raising, so its post-hook never fires).
+    calls = []
 
-    def hook(name):
+    def pre(name):
         def record(module, args, kwargs):
-            key = (name, torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
-            calls[key] += 1
-            inputs.setdefault(key, ([a.detach() if torch.is_tensor(a) else a for a in args],
-                                    {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kwargs.items()}))
+            flags = tuple(p.requires_grad for p in module.parameters())
+            tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+            grad = torch.is_grad_enabled() and (any(flags) or any(a.requires_grad for a in tensors))
+            adapter = module.__dict__.get("_stepdistill_adapter", _PLAIN)
+            trains = any(p.requires_grad for n, p in module.named_parameters()
+                         if adapter is _PLAIN or f".{adapter}." in n)  # does this pass train the weights it uses?
+            calls.append({"key": [name, adapter, grad, False, trains, flags],
+                          "inputs": ([a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                                      for a in args],
+                                     {k: (v.detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+                                      for k, v in kwargs.items()})})
         return record
 
-    handles = [bb.register_forward_pre_hook(hook(role), with_kwargs=True) for role, bb in backbones.values()]
+    def post(_module, _args, _kwargs, _out):
+        calls[-1]["key"][3] = True
+
+    handles = [h for role, bb in backbones.values()
+               for h in (bb.register_forward_pre_hook(pre(role), with_kwargs=True),
+                         bb.register_forward_hook(post, with_kwargs=True))]
 
     def iteration(step):
         trainer.method.update_schedule(step, trainer.nets)
@@ -97,7 +181,11 @@ def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, 
     iteration(0)  # warm-up (allocations, first-call costs); records the passes and their inputs
     for h in handles:
         h.remove()
-    per_iter = dict(calls)
+    per_iter, inputs = Counter(), {}
+    for c in calls:
+        key = tuple(c["key"])
+        per_iter[key] += 1
+        inputs.setdefault(key, c["inputs"])
     by_role = {role: bb for role, bb in backbones.values()}
     # Interleave: one iteration, then one bare run of every recorded pass, repeated; machine drift hits both alike.
     times, bare_runs = [], {k: [] for k in per_iter}
@@ -108,15 +196,13 @@ def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, 
         _sync()
         times.append(time.perf_counter() - start)
         for k in per_iter:
-            bare_runs[k].append(bare_time(by_role[k[0]], *inputs[k], grad=k[1], repeats=1))
+            bare_runs[k].append(bare_time(by_role[k[0]], k, *inputs[k]))
     bare = {k: statistics.median(v) for k, v in bare_runs.items()}
     passes = sum(per_iter[k] * bare[k] for k in per_iter)
     iteration_s = statistics.median(times)
-    return {"method": method, "batch": batch, "iteration_s": round(iteration_s, 4), "passes_s": round(passes, 4),
-            "ratio": round(iteration_s / passes, 3),
-            "passes": {f"{role}{' fwd+bwd' if grad else ' fwd'}": {"per_iter": per_iter[(role, grad)],
-                                                                 "bare_s": round(bare[(role, grad)], 4)}
-                       for role, grad in per_iter}}
+    return {"method": method, "roles": roles, "gan_weight": gan, "batch": batch, "iteration_s": round(iteration_s, 4),
+            "passes_s": round(passes, 4), "ratio": round(iteration_s / passes, 3),
+            "passes": [{"pass": _label(k), "per_iter": per_iter[k], "bare_s": round(bare[k], 4)} for k in per_iter]}
 
 
 def main() -> None:
@@ -125,13 +211,20 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", choices=["mid", "full"], default="mid")
+    p.add_argument("--roles", choices=["full", "lora"], default="full", help="roles.mode of every method")
+    p.add_argument("--gan-weight", type=float, default=0.0,
+                   help="DMD2's GAN term (> 0 adds the head, its bottleneck passes and an image folder)")
     args = p.parse_args()
     os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="sd-bench-cache-"))
     with tempfile.TemporaryDirectory() as tmp:
         teacher_dir = Path(tmp) / "teacher"
-        build("sd15", args.size).save_pretrained(teacher_dir)
+        pipe = build("sd15", args.size)
+        if args.roles == "lora":  # LoRA roles share the base's output; PD's students predict v (eps fails for PD)
+            pipe.scheduler.register_to_config(prediction_type="v_prediction")
+        pipe.save_pretrained(teacher_dir)
         for method in args.methods:
-            row = measure(method, teacher_dir, Path(tmp), args.iters, args.batch, resolution("sd15", args.size))
+            row = measure(method, teacher_dir, Path(tmp), args.iters, args.batch, resolution("sd15", args.size),
+                          args.roles, args.gan_weight)
             print(json.dumps({"size": args.size, **row}), flush=True)
 
 
