@@ -4,8 +4,8 @@
 #     OUT=gpu-out BUDGET=560 bash benchmarks/gpu_checks.sh [JOB ...]     # from the repository root, on a CUDA machine
 #
 # JOBs: pytest-gpu, memory, memory-full (phase A); overhead-full, speed-full-sd15-batch, speed-full-sd15, speed-mid,
-# overhead, speed-tiny (phase B). The default is all of them, in that order, which fits 15 minutes of device time
-# with BUDGET=560 (*-full build SD1.5-sized random models; speed-tiny comes last and is skipped if time runs out).
+# overhead, overhead-lora, speed-tiny (phase B). The default is all of them, in that order, which fits 15 minutes of
+# device time with BUDGET=560 (*-full build SD1.5-sized random models; speed-tiny comes last and is skipped if time runs out).
 # Phase A (correctness, memory) runs its jobs side by side: each reports its own process's allocator peak, which
 # other processes do not touch, and nothing in it is timed. Phase B (timings) runs one job at a time, alone on the
 # GPU, in the order given. Every job has its own log under $OUT and its own time limit; a job that would start with
@@ -16,7 +16,8 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 deadline=$((SECONDS + ${BUDGET:-560}))
-DEFAULT_JOBS="pytest-gpu memory memory-full overhead-full speed-full-sd15-batch speed-full-sd15 speed-mid overhead"
+DEFAULT_JOBS="pytest-gpu memory memory-full overhead-full speed-full-sd15-batch speed-full-sd15 speed-mid overhead \
+overhead-lora"
 JOBS=" ${*:-$DEFAULT_JOBS speed-tiny} "
 
 run() {  # run NAME NEED LIMIT CMD...: CMD > $OUT/NAME.log, if NEED seconds are left; at most LIMIT seconds
@@ -58,7 +59,8 @@ if wanted memory; then
     PARTS=$(mktemp -d)
     (run memory 60 240 bash -c "$(declare -f memory); PARTS=$PARTS; memory \
         '--family sd15 --batch 1 --gradient-checkpointing' '--family sd15 --batch 1' \
-        '--family sd15 --batch 4 --gradient-checkpointing' '--batch 1 --gradient-checkpointing' \
+        '--family sd15 --batch 4 --gradient-checkpointing' '--family sd15 --batch 4' \
+        '--batch 1 --gradient-checkpointing' \
         '--batch 8 --gradient-checkpointing' '--batch 1' '--batch 8'"
      cat "$PARTS"/*.part >>"$OUT/memory.log") &
 fi
@@ -79,6 +81,8 @@ for job in $JOBS; do
     speed-full-sd15) run speed-full-sd15 100 220 python3 benchmarks/bench_family_speed.py --families sd15 \
         --sizes full --dtype float16 --outputs np latent ;;
     overhead) run overhead 45 120 python3 benchmarks/bench_overhead.py --iters 8 ;;
+    overhead-lora) run overhead-lora 60 150 python3 benchmarks/bench_overhead.py --iters 8 --methods dmd2 \
+        --roles lora --gan-weight 0.003 ;;
     overhead-full) run overhead-full 60 150 python3 benchmarks/bench_overhead.py --iters 8 --size full ;;
     speed-tiny) run speed-tiny 60 200 python3 benchmarks/bench_family_speed.py --sizes tiny --outputs np latent ;;
     esac
