@@ -2,11 +2,13 @@
 
     python benchmarks/bench_memory.py [--width 128] [--batch 8] [--rank 16] [--gradient-checkpointing]
                                       [--family sd15 | sd15-full] [--modes lora_finetune dmd2_lora] [--iters 3]
+                                      [--base-dtype bfloat16]
 
 A mid-size UNet2DModel teacher (32x32x3, attention in the middle blocks) is saved as a DDPM pipeline; each mode runs in
 its own fresh process, which reports the peak of its live tensors (weights, optimizer states, gradients and
-activations): ``torch.cuda.max_memory_allocated`` on CUDA, the same count from the profiler's memory events on CPU
-(``--cpu-measure rss`` takes ``peak RSS - RSS after imports`` instead, which also counts cached pages). Modes:
+activations) while its training steps run (``peak_of_steps``; loading the models is not a training step):
+``torch.cuda.max_memory_allocated`` on CUDA, the same count from the profiler's memory events on CPU
+(``--cpu-measure rss`` takes the peak resident set instead, which also counts cached pages). Modes:
 
 * ``lora_finetune``: the base frozen plus one LoRA adapter, one denoising step (forward, backward, AdamW): the
   reference the DMD/DMD2 issue's bar compares against;
@@ -19,16 +21,18 @@ latents are encoded once by the parent process, so no child holds the text encod
 own architecture with random weights (``bench_family_speed.full_pipeline``: 860M-parameter UNet, 512x512 pixels,
 64x64 latents), for GPU figures that carry over to the real checkpoint.
 
+``--base-dtype bfloat16`` stores the frozen base in bf16 in every mode (float32 adapters, bf16 autocast): what one runs
+on a GPU (``roles.teacher_dtype: bfloat16``, ``train.mixed_precision: bf16``; full copies keep their trained roles in
+float32).
+
 Prints one JSON object with the figures in MiB and the ratios to ``lora_finetune``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,37 +52,60 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-@contextlib.contextmanager
-def measured(how: str):
-    """Yields a dict that holds the block's peak memory in MiB (``peak_mib``) once the block is done.
+def vm_hwm_mib() -> float:
+    """The process's peak resident set since the last reset (``/proc/self/clear_refs``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
-    CUDA: the allocator's peak of live tensors (``max_memory_allocated``; nothing is on the device before the block).
-    CPU, ``tensors``: the same quantity, from the CPU allocator's allocation and free events as ``torch.profiler``
-    records them (``profile_memory=True``), summed in time order. CPU, ``rss``: the process's peak resident set
-    minus its size before the block, which also counts the allocator's cached and fragmented pages.
+
+def _memory_events(prof) -> list:
+    return sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                  key=lambda e: e.start_ns())
+
+
+def peak_of_steps(setup, iters: int, how: str) -> float:
+    """Peak memory in MiB while ``iters`` training steps run: the tensors already resident (weights, caches) plus
+    the most the steps add on top. ``setup()`` builds everything and returns the step function; its own transient
+    peak (loading weights, casting them) is not the training step's and is left out.
+
+    CUDA: the allocator's peak of live tensors (``max_memory_allocated``, reset after setup). CPU, ``tensors``: the
+    same quantity from the CPU allocator's allocation and free events as ``torch.profiler`` records them
+    (``profile_memory=True``): the net bytes the setup left allocated, plus the peak of the steps' running sum.
+    CPU, ``rss``: the peak resident set during the steps minus the size before setup, which also counts the
+    allocator's cached and fragmented pages.
     """
     import torch
 
-    out = {}
     if torch.cuda.is_available():
-        yield out
-        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    elif how == "rss":
+        step = setup()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    if how == "rss":
         base = rss_mib()
-        yield out
-        out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # Linux reports KiB
-    else:
-        from torch.profiler import ProfilerActivity, profile
+        step = setup()
+        Path("/proc/self/clear_refs").write_text("5")  # the peak resident set restarts from the current one
+        for _ in range(iters):
+            step()
+        return vm_hwm_mib() - base
+    from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            yield out
-        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns())
-        live = peak = 0
-        for e in events:
-            live += e.nbytes()
-            peak = max(peak, live)
-        out["peak_mib"] = peak / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step = setup()
+    resident = sum(e.nbytes() for e in _memory_events(prof))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(iters):
+            step()
+    live = peak = 0
+    for e in _memory_events(prof):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return (resident + peak) / 2**20
 
 
 MODES = ("lora_finetune", "dmd2_lora", "dmd2_full")
@@ -135,32 +162,37 @@ def _family_data(folder: Path, batch: int, resolution: int):
 
 
 def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
-           family: str | None = None) -> dict:
+           family: str | None = None, base_dtype: str = "float32") -> dict:
+    bf16 = base_dtype == "bfloat16"
     return {
         "teacher": {"pretrained": str(folder / "teacher"), **({"resolution": RESOLUTION[family]} if family else {})},
         "method": {"name": "dmd2", "student_steps": 1, "gan_weight": gan},
-        "roles": {"mode": mode, "rank": rank, "alpha": rank},
+        "roles": {"mode": mode, "rank": rank, "alpha": rank, "teacher_dtype": base_dtype},
         "data": {"source": "image_folder", "path": str(folder / "images"), "batch_size": batch,
                  **({"prompts": str(PROMPTS)} if family else {})},
-        "train": {"max_steps": 10, "num_sample_images": 4, "gradient_checkpointing": ckpt},
+        "train": {"max_steps": 10, "num_sample_images": 4, "gradient_checkpointing": ckpt,
+                  "mixed_precision": "bf16" if bf16 else "no"},
         "export": {"pipeline": False},
     }
 
 
 def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
-             family: str | None = None, how: str = "tensors", iters: int = 3) -> dict:
-    with measured(how) as out:
-        (_lora_finetune if mode == "lora_finetune" else _dmd2)(mode, folder, batch, rank, ckpt, gan, family, iters)
-    return {"mode": mode, "peak_mib": round(out["peak_mib"], 1)}
+             family: str | None = None, how: str = "tensors", iters: int = 3, base_dtype: str = "float32") -> dict:
+    setup = _lora_finetune if mode == "lora_finetune" else _dmd2
+    peak = peak_of_steps(lambda: setup(mode, folder, batch, rank, ckpt, gan, family, base_dtype), iters, how)
+    return {"mode": mode, "peak_mib": round(peak, 1)}
 
 
-def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family, iters) -> None:
-    """The reference: the base frozen plus one LoRA adapter, ``iters`` denoising steps (forward, backward, AdamW)."""
+def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family, base_dtype):
+    """The reference: the base frozen plus one LoRA adapter; a step is one denoising step (forward, backward, AdamW
+    as the loop builds it)."""
     import torch
 
     from stepdistill.data import DataSource
     from stepdistill.lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
+    from stepdistill.roles import cast_frozen
     from stepdistill.teachers import load_pretrained
+    from stepdistill.train import _fusable
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -174,37 +206,47 @@ def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family, iters) -> None:
         targets = UNET2D_TARGETS
     teacher.backbone.to(device)
     add_adapters(teacher.backbone, ["student"], rank=rank, alpha=rank, target_modules=targets)
+    cast_frozen(teacher.backbone, getattr(torch, base_dtype))  # float32 adapters on the (bf16) base, as the loop does
     if ckpt:
         teacher.denoiser.enable_gradient_checkpointing()
     net = AdapterDenoiser(teacher.denoiser, "student")
-    opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
+    params = net.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=_fusable(params) or None)
     g = torch.Generator().manual_seed(0)
-    for _ in range(iters):
+
+    def step():
         batch_ = data.next(g)
         x0 = batch_.x0.to(device)
         t = torch.rand(batch, generator=g, dtype=torch.float64)
         eps = torch.randn(x0.shape, generator=g).to(device)
         cond = None if batch_.cond is None else {k: v.to(device) for k, v in batch_.cond.items()}
-        pred = net(net.schedule.add_noise(x0, eps, t.to(device)), t, cond)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=base_dtype == "bfloat16"):
+            pred = net(net.schedule.add_noise(x0, eps, t.to(device)), t, cond)
         loss = ((pred.get("v", exact=True) - pred.coeffs.a * eps.double() + pred.coeffs.s * x0.double()) ** 2)
         loss.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.keep = teacher  # the VAE stays resident, as in the DMD2 Trainer (sample grids) and diffusers' LoRA scripts
+    return step
 
-def _dmd2(mode, folder, batch, rank, ckpt, gan, family, iters) -> None:
-    """``iters`` DMD2 iterations (student phase, fake-score phase) of a real Trainer, roles as in ``mode``."""
+
+def _dmd2(mode, folder, batch, rank, ckpt, gan, family, base_dtype):
+    """A real Trainer with roles as in ``mode``; a step is one DMD2 iteration (student phase, fake-score phase)."""
     import torch
 
     from stepdistill.config import build_recipe
     from stepdistill.train import Trainer
 
     torch.manual_seed(0)
-    cfg = build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt, gan, family))
+    cfg = build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt, gan, family, base_dtype))
     trainer = Trainer(cfg, folder / f"run-{mode}", overwrite=True, show_progress=False).setup()
-    for _ in range(iters):
+
+    def step():
         trainer._run_phase("student")
         trainer._run_phase("fake_score")
+
+    return step
 
 
 def main() -> int:
@@ -222,12 +264,14 @@ def main() -> int:
                    help="which to measure (lora_finetune, the reference, always runs)")
     p.add_argument("--iters", type=int, default=3,
                    help="steps per mode (AdamW's states exist from the first; 2 is enough for the peak)")
+    p.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the frozen base's storage (bfloat16: with bf16 autocast, float32 adapters)")
     p.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_mode(args.child[0], Path(args.child[1]), args.batch, args.rank,
                                   args.gradient_checkpointing, args.gan_weight, args.family, args.cpu_measure,
-                                  args.iters)))
+                                  args.iters, args.base_dtype)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -238,7 +282,7 @@ def main() -> int:
             flags = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             argv = [sys.executable, __file__, "--batch", str(args.batch), "--rank", str(args.rank),
                     "--gan-weight", str(args.gan_weight), "--cpu-measure", args.cpu_measure, *flags,
-                    "--iters", str(args.iters),
+                    "--iters", str(args.iters), "--base-dtype", args.base_dtype,
                     *(["--family", args.family] if args.family else []),
                     "--child", mode, str(folder)]
             proc = subprocess.run(argv, capture_output=True, text=True, check=True)
@@ -249,7 +293,8 @@ def main() -> int:
         params = sum(p.numel() for p in cls.from_pretrained(folder / "teacher" / "unet").parameters())
     ref = out["lora_finetune"]
     print(json.dumps({"family": args.family or "unet2d", "teacher_params_M": round(params / 1e6, 1),
-                      "batch": args.batch, "iters": args.iters, "rank": args.rank, "gan_weight": args.gan_weight,
+                      "batch": args.batch, "iters": args.iters, "base_dtype": args.base_dtype,
+                      "rank": args.rank, "gan_weight": args.gan_weight,
                       "gradient_checkpointing": args.gradient_checkpointing,
                       "measure": "cuda max_memory_allocated" if _cuda() else f"cpu {args.cpu_measure}",
                       "peak_mib": out, "ratio_to_lora_finetune": {k: round(v / ref, 2) for k, v in out.items()}},
