@@ -139,6 +139,7 @@ def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, 
     from stepdistill.config import build_recipe
     from stepdistill.train import Trainer
 
+    gan = gan if method == "dmd2" else 0.0  # only DMD2 has a GAN term (and only then needs an image folder)
     images = random_images(work / "images", px) if gan > 0 else None
     trainer = Trainer(build_recipe(recipe(method, teacher_dir, batch, px, roles, gan, images)),
                       work / f"{method}-{roles}", show_progress=False).setup()
