@@ -90,7 +90,7 @@ def as_recorded(backbone, adapter, flags, whole: bool):
 
     handle = None if whole else backbone.mid_block.register_forward_hook(stop)
     try:
-        with active(backbone, adapter) if adapter is not _PLAIN else contextlib.nullcontext():
+        with active(backbone, adapter) if adapter != _PLAIN else contextlib.nullcontext():
             yield
     finally:
         if handle is not None:
@@ -127,7 +127,7 @@ _PLAIN = "-"  # a backbone without LoRA roles
 
 def _label(key) -> str:
     role, adapter, grad, whole, trains, _flags = key
-    who = role if adapter is _PLAIN else f"base[{adapter or 'adapters off'}]"
+    who = role if adapter == _PLAIN else f"base[{adapter or 'adapters off'}]"
     part = "" if whole else " to bottleneck"
     if not grad:
         return f"{who}{part} fwd"
@@ -158,7 +158,7 @@ def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, 
             grad = torch.is_grad_enabled() and (any(flags) or any(a.requires_grad for a in tensors))
             adapter = module.__dict__.get("_stepdistill_adapter", _PLAIN)
             trains = any(p.requires_grad for n, p in module.named_parameters()
-                         if adapter is _PLAIN or f".{adapter}." in n)  # does this pass train the weights it uses?
+                         if adapter == _PLAIN or f".{adapter}." in n)  # does this pass train the weights it uses?
             calls.append({"key": [name, adapter, grad, False, trains, flags],
                           "inputs": ([a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
                                       for a in args],
