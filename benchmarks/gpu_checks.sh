@@ -5,7 +5,8 @@
 #
 # JOBs: pytest-gpu, memory, memory-full (phase A); overhead-full, speed-full-sd15-batch, speed-full-sd15, speed-mid,
 # overhead, overhead-lora, speed-tiny (phase B). The default is all of them, in that order, which fits 15 minutes of
-# device time with BUDGET=560 (*-full build SD1.5-sized random models; speed-tiny comes last and is skipped if time runs out).
+# device time with BUDGET=560 (*-full build SD1.5-sized random models; speed-tiny comes last and is skipped if time
+# runs out).
 # Phase A (correctness, memory) runs its jobs side by side: each reports its own process's allocator peak, which
 # other processes do not touch, and nothing in it is timed. Phase B (timings) runs one job at a time, alone on the
 # GPU, in the order given. Every job has its own log under $OUT and its own time limit; a job that would start with
@@ -61,13 +62,15 @@ if wanted memory; then
         '--family sd15 --batch 1 --gradient-checkpointing' '--family sd15 --batch 1' \
         '--family sd15 --batch 4 --gradient-checkpointing' '--family sd15 --batch 4' \
         '--batch 1 --gradient-checkpointing' \
-        '--batch 8 --gradient-checkpointing' '--batch 1' '--batch 8'"
+        '--batch 8 --gradient-checkpointing' '--batch 1' '--batch 8' \
+        '--family sd15 --batch 1 --gradient-checkpointing --base-dtype bfloat16'"
      cat "$PARTS"/*.part >>"$OUT/memory.log") &
 fi
 if wanted memory-full; then
     FULL_PARTS=$(mktemp -d)
     (run memory-full 100 280 bash -c "$(declare -f memory); PARTS=$FULL_PARTS; memory \
-        '--family sd15-full --batch 1 --gradient-checkpointing' '--family sd15-full --batch 1'"
+        '--family sd15-full --batch 1 --gradient-checkpointing' '--family sd15-full --batch 1' \
+        '--family sd15-full --batch 1 --gradient-checkpointing --base-dtype bfloat16'"
      cat "$FULL_PARTS"/*.part >>"$OUT/memory-full.log") &
 fi
 wait
