@@ -137,6 +137,19 @@ def build(family: str, size: str):
         *([] if size == "tiny" else [family]))
 
 
+def random_images(folder: Path, px: int, n: int) -> Path:
+    """``n`` random RGB images of ``px`` x ``px`` pixels: "real data" for DMD2's GAN term in the memory and overhead
+    benches, where only their cost matters."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (px, px, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
 def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: torch.dtype,
           outputs: list[str], images: int = 1) -> list[dict]:
     from diffusers import DiffusionPipeline

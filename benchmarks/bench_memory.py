@@ -38,8 +38,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 
 def _cuda() -> bool:
     import torch
@@ -117,16 +115,15 @@ RESOLUTION = {None: 32, "sd15": 64, "sd15-full": 512}
 def build_teacher(folder: Path, width: int, family: str | None) -> None:
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-    from PIL import Image
 
     from stepdistill.teachers import DEFAULT_SCHEDULER
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_family_speed import build, random_images
 
     torch.manual_seed(0)
     size = RESOLUTION[family]
     if family:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_family_speed import build
-
         build("sd15", "full" if family == "sd15-full" else "mid").save_pretrained(folder / "teacher")
     else:
         unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -135,11 +132,7 @@ def build_teacher(folder: Path, width: int, family: str | None) -> None:
                            up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
         DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(DEFAULT_SCHEDULER)).save_pretrained(
             folder / "teacher")
-    images = folder / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(16):  # the GAN's "real data": any images of the right size
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    random_images(folder / "images", size, 16)  # the GAN's "real data": any images of the right size
     if family:  # fill the prompt and latent caches here, so that no measured child loads text encoders
         _family_data(folder, batch=1, resolution=size)
 

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_family_speed import PROMPTS, build, resolution  # noqa: E402
+from bench_family_speed import PROMPTS, build, random_images, resolution  # noqa: E402
 
 
 def recipe(method: str, teacher_dir: Path, batch: int, px: int, roles: str = "full", gan: float = 0.0,
@@ -51,18 +51,6 @@ def recipe(method: str, teacher_dir: Path, batch: int, px: int, roles: str = "fu
         return {**common, "method": {"name": "progressive", "teacher_steps": 8, "final_steps": 4,
                                      "steps_per_stage": 1000, "guidance": [3.0, 3.0]}}
     return {**common, "method": {"name": "dmd2", "student_steps": 1, "guidance_scale": 3.0, "gan_weight": gan}}
-
-
-def random_images(folder: Path, px: int, n: int = 8) -> Path:
-    """Any images of the right size: the GAN's "real data" (only their cost matters here)."""
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (px, px, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def _sync():
@@ -140,7 +128,7 @@ def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, 
     from stepdistill.train import Trainer
 
     gan = gan if method == "dmd2" else 0.0  # only DMD2 has a GAN term (and only then needs an image folder)
-    images = random_images(work / "images", px) if gan > 0 else None
+    images = random_images(work / "images", px, 8) if gan > 0 else None
     trainer = Trainer(build_recipe(recipe(method, teacher_dir, batch, px, roles, gan, images)),
                       work / f"{method}-{roles}", show_progress=False).setup()
     backbones = {}
