@@ -104,6 +104,35 @@ def test_student_phase_reaches_only_the_student_and_critic_phase_only_the_critic
     assert touched() == {"student": False, "fake_score": True, "discriminator": True, "teacher": False}
 
 
+def test_gan_head_reads_1x1_maps_and_keeps_dmd2s_32_groups_on_larger_maps():
+    """32 GroupNorm groups of one value each normalise a 1x1 map to 0: the head then outputs its bias whatever the
+    input. The head shrinks the grouping on small maps and keeps DMD2's 32 groups where a group holds enough values."""
+    from torch import nn
+
+    from stepdistill.nets.gan_head import BottleneckHead
+
+    torch.manual_seed(0)
+    head = BottleneckHead(32)
+    x = torch.randn(4, 32, 1, 1, requires_grad=True)
+    head(x).sum().backward()
+    assert (head(x) - head(torch.randn(4, 32, 1, 1))).abs().max() > 1e-3
+    assert x.grad.abs().max() > 1e-4
+    norm, ref = head.body[1], nn.GroupNorm(32, 32)
+    ref.load_state_dict(norm.state_dict())
+    maps = torch.randn(2, 32, 4, 4)
+    torch.testing.assert_close(norm(maps), ref(maps))
+
+
+def test_gan_term_alone_trains_the_student_on_a_vector_backbone(tmp_path):
+    """With the DM and regression terms off, the generator's GAN term must still reach the student (the GMM teachers
+    are vector backbones: their bottleneck is a 1x1 map)."""
+    trainer = _trainer(tmp_path, **{"method.dm_weight": 0.0, "method.regression_weight": 0.0,
+                                    "method.gan_weight": 1.0})
+    trainer.method("student", trainer.nets, _batch(trainer)).loss.mean().backward()
+    grad = torch.cat([p.grad.flatten() for p in trainer.nets.student.parameters() if p.grad is not None])
+    assert grad.norm() > 1e-4
+
+
 def test_the_critic_terms_backpropagated_in_turn_give_the_summed_loss_gradient(tmp_path):
     """The critic phase hands its GAN and denoising terms to backward one at a time (so one graph lives at a time);
     the gradients equal those of DMD2's single summed loss on the same draws."""

@@ -9,13 +9,30 @@ space and a linear layer), so it also fits the 1x1 "maps" of vector backbones an
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..denoisers import RoleModule
 
 
-def _groups(channels: int) -> int:
-    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+#: the fewest values one normalisation group may hold
+MIN_GROUP_VALUES = 16
+
+
+class _GroupNorm(nn.GroupNorm):
+    """GroupNorm with up to 32 groups (DMD2's head uses 32), fewer where a group would hold under ``MIN_GROUP_VALUES``
+    values: on a 1x1 map, 32 groups of one channel each normalise every value to 0, and the head would output its
+    bias whatever the input. The groups are chosen per call from the map's size, so one head fits every resolution
+    (the weights are per channel and do not depend on the grouping)."""
+
+    def __init__(self, channels: int):
+        super().__init__(1, channels)  # the grouping is chosen per call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, pixels = self.num_channels, x.shape[2] * x.shape[3]
+        fits = [g for g in (32, 16, 8, 4, 2) if c % g == 0 and c // g * pixels >= MIN_GROUP_VALUES]
+        groups = fits[0] if fits else 1
+        return F.group_norm(x, groups, self.weight, self.bias, self.eps)
 
 
 class BottleneckHead(nn.Module):
@@ -25,8 +42,8 @@ class BottleneckHead(nn.Module):
         super().__init__()
         hidden = hidden or channels
         self.body = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1), _GroupNorm(hidden), nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1), _GroupNorm(hidden), nn.SiLU(),
         )
         self.out = nn.Linear(hidden, 1)
 
