@@ -8,7 +8,9 @@ UNet2DModel students are saved as ``DDPMPipeline(unet, scheduler)`` on the teach
 * deterministic grids (progressive distillation, one-step students): ``DDIMScheduler`` with
   ``timestep_spacing="trailing"`` and ``set_alpha_to_one=True`` (ECOSYSTEM.md §0.2: the default spacings put a
   1-step grid at t=0); ``DDPMPipeline`` calls ``scheduler.step(out, t, x, generator=...)`` with DDIM's ``eta=0``.
-  A one-step student conditioned on another time (DMD2) uses ``"leading"`` spacing with ``steps_offset`` = that step;
+  A one-step student conditioned on another time (DMD2's t = 399) is called as DMD2 ships it in SD pipelines,
+  ``LCMScheduler`` with ``timesteps=[t]`` in ``call``; ``DDPMPipeline`` has no ``timesteps`` argument, so there DDIM's
+  ``"leading"`` spacing puts the step at ``steps_offset`` (which ``StableDiffusionPipeline`` would reset to 1);
 * re-noising grids (DMD2 multi-step): ``LCMScheduler(original_inference_steps=K)``, whose step denoises and then
   re-noises with fresh noise from the pipeline's generator.
 
@@ -36,35 +38,52 @@ class ExportError(ValueError):
 
 
 def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid: StudentGrid, timesteps: list[int]):
-    """Stock schedulers that may replay ``grid`` on the teacher's betas, most natural first."""
+    """Stock schedulers that may replay ``grid`` on the teacher's betas, most natural first, each with the pipeline
+    call arguments it needs (``{}``: the scheduler config alone encodes the grid)."""
     from diffusers import DDIMScheduler, LCMScheduler
 
     cfg = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
     cfg.update(set_alpha_to_one=True, clip_sample=False, thresholding=False,
                prediction_type=OURS_TO_DIFFUSERS[prediction])
+    accepted = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys would only draw a warning
+    lcm = {k: v for k, v in cfg.items() if k in accepted}
     if grid.transition == "renoise":
         # LCMScheduler's multistep sampling is "denoise, then re-noise with fresh noise" (DMD2's 4-step sampler);
         # original_inference_steps = K puts its grid at DMD2's 999/749/499/249 (ECOSYSTEM.md §1). Its boundary
         # scalings (timestep_scaling 10) leave c_skip < 2e-7 at every grid step >= N/8.
-        accepted = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys would only draw a warning
-        yield LCMScheduler.from_config({**{k: v for k, v in cfg.items() if k in accepted},
-                                        "original_inference_steps": grid.steps})
+        yield LCMScheduler.from_config({**lcm, "original_inference_steps": grid.steps}), {}
         return
-    yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "steps_offset": 0})
+    yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "steps_offset": 0}), {}
     if grid.steps == 1:
-        # A one-step student told another time than the start (DMD2's conditioning timestep): DDIM's "leading"
-        # spacing puts its single step at steps_offset, and that step lands on x0 (set_alpha_to_one).
-        yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "leading", "steps_offset": timesteps[0]})
+        # A one-step student told another time than the start (DMD2's conditioning timestep). SD pipelines take it
+        # as timesteps=[t]; DMD2's own call uses LCMScheduler, whose one step returns its x0 estimate (c_skip < 2e-7).
+        yield LCMScheduler.from_config(lcm), {"timesteps": timesteps}
+        # DDPMPipeline has no timesteps argument: DDIM's "leading" spacing puts its single step at steps_offset, and
+        # that step lands on x0 (set_alpha_to_one). StableDiffusionPipeline resets steps_offset to 1, so not there.
+        yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "leading", "steps_offset": timesteps[0]}), {}
 
 
-def student_scheduler(teacher_scheduler_config: dict, prediction: str, grid: StudentGrid, timesteps: list[int]):
-    """The stock scheduler whose ``set_timesteps(K)`` reproduces the student grid exactly (checked, not assumed)."""
+def replay(scheduler, steps: int, call: dict) -> list[int]:
+    """The timesteps ``scheduler`` runs when a pipeline is called with ``num_inference_steps=steps`` and ``call``."""
+    if "timesteps" in call:
+        scheduler.set_timesteps(timesteps=call["timesteps"])
+    else:
+        scheduler.set_timesteps(steps)
+    return scheduler.timesteps.tolist()
+
+
+def student_scheduler(teacher_scheduler_config: dict, prediction: str, grid: StudentGrid, timesteps: list[int], *,
+                      call_timesteps: bool = True) -> tuple[object, dict]:
+    """The stock scheduler that reproduces the student grid exactly (checked, not assumed), and the call arguments it
+    needs. ``call_timesteps``: whether the pipeline's call takes ``timesteps=`` (SD pipelines do, DDPMPipeline not)."""
     tried = []
-    for scheduler in _scheduler_candidates(teacher_scheduler_config, prediction, grid, timesteps):
-        scheduler.set_timesteps(grid.steps)
-        if scheduler.timesteps.tolist() == timesteps:
-            return scheduler
-        tried.append(f"{type(scheduler).__name__}: {scheduler.timesteps.tolist()}")
+    for scheduler, call in _scheduler_candidates(teacher_scheduler_config, prediction, grid, timesteps):
+        if call and not call_timesteps:
+            continue
+        ran = replay(scheduler, grid.steps, call)
+        if ran == timesteps:
+            return scheduler, call
+        tried.append(f"{type(scheduler).__name__}: {ran}")
     raise ExportError(f"export: no stock scheduler reproduces the {grid.transition} student grid {timesteps} "
                       f"({'; '.join(tried)})")
 
@@ -92,7 +111,8 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     check_exportable(student, teacher)
     _check_renoise_prediction(student, grid)
     timesteps = grid_timesteps(schedule, grid)
-    scheduler = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps)
+    scheduler, _ = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps,
+                                     call_timesteps=False)
     pipe = DDPMPipeline(unet=copy.deepcopy(student.plain_backbone()).float().eval(), scheduler=scheduler)
     vector = len(teacher.sample_shape) == 1
     return pipe, {
@@ -151,7 +171,8 @@ def _family_sampling(student: Denoiser, teacher, grid: StudentGrid):
     else:
         _check_renoise_prediction(student, grid)
         timesteps = grid_timesteps(schedule, grid)
-        scheduler = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps)
+        scheduler, extra = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps)
+        call.update(extra)
         grid_meta = {"timesteps": timesteps}
     # The student carries any guidance it was distilled with: no CFG at sampling time (guidance_scale <= 1 turns
     # it off). A student that takes the scale as an input (FLUX-dev's embedder, a w-conditioned SD UNet, for which
@@ -177,10 +198,10 @@ def _family_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     backbone = copy.deepcopy(student.plain_backbone()).float().eval()
     pipe = teacher.load_pipeline(**{teacher.family.backbone: backbone, "scheduler": scheduler})
     if "timesteps" in fields:  # pipelines may rewrite scheduler settings at construction (SD's steps_offset)
-        pipe.scheduler.set_timesteps(grid.steps)
-        if pipe.scheduler.timesteps.tolist() != fields["timesteps"]:
-            raise ExportError(f"export: {type(pipe).__name__} changed the scheduler grid to "
-                              f"{pipe.scheduler.timesteps.tolist()} (expected {fields['timesteps']})")
+        ran = replay(pipe.scheduler, grid.steps, fields["call"])
+        if ran != fields["timesteps"]:
+            raise ExportError(f"export: {type(pipe).__name__} changed the scheduler grid to {ran} (expected "
+                              f"{fields['timesteps']})")
     return pipe, fields
 
 
@@ -247,6 +268,12 @@ def write_kohya(layers: dict[str, torch.Tensor], alpha: float, path: Path) -> No
     save_file({k: v.contiguous() for k, v in converted.items()}, str(path))
 
 
+def _base_id(meta: dict) -> str:
+    """What ``from_pretrained`` takes for the teacher: its hub id or folder (test teachers have none)."""
+    source = meta["teacher_source"]
+    return source.removeprefix("pretrained:") if source.startswith("pretrained:") else "THE_BASE_MODEL"
+
+
 def lora_card(meta: dict) -> str:
     call = ", ".join(f"{k}={v!r}" for k, v in meta["call"].items())
     lines = [
@@ -255,7 +282,7 @@ def lora_card(meta: dict) -> str:
         "```python",
         f"from diffusers import DiffusionPipeline, {meta['scheduler']}",
         "",
-        'pipe = DiffusionPipeline.from_pretrained("THE_BASE_MODEL")  # the teacher this LoRA was distilled from',
+        f'pipe = DiffusionPipeline.from_pretrained("{_base_id(meta)}")  # the teacher this LoRA was distilled from',
         'pipe.load_lora_weights("PATH_TO_THIS_FOLDER")',
         f'pipe.scheduler = {meta["scheduler"]}.from_pretrained("PATH_TO_THIS_FOLDER", subfolder="scheduler")',
         f'images = pipe("a photo of a cat", {call}).images',
@@ -287,8 +314,9 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
     lines = [
         f"# {meta['num_inference_steps']}-step student ({meta['method']})",
         "",
-        f"Distilled with [stepdistill](https://github.com/) from `{meta['teacher_source']}` by {meta['method']} "
-        "distillation. The scheduler config encodes the student grid, so the stock pipeline runs it as trained.",
+        f"Distilled with stepdistill from `{meta['teacher_source']}` by {meta['method']} distillation. The scheduler "
+        "config" + (", with the `call` arguments below," if set(meta["call"]) & {"sigmas", "timesteps"} else "")
+        + " encodes the student grid, so the stock pipeline runs it as trained.",
         "",
         "```python",
         "from diffusers import DiffusionPipeline",

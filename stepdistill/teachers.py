@@ -9,6 +9,7 @@ stock pipeline again (prompt encoding and export need its text encoders, which t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -246,9 +247,12 @@ def load_tiny(kind: str, *, seed: int = 0, resolution: int | None = None, max_se
     family = BY_PIPELINE[type(pipe).__name__]
 
     def load_pipeline(**components):
+        # Through the pipeline's constructor, as from_pretrained does, so what a pipeline rewrites at construction
+        # (StableDiffusionPipeline resets a scheduler's steps_offset to 1) happens with tiny teachers too.
         fresh = build()
-        fresh.register_modules(**components)
-        return fresh
+        params = inspect.signature(type(fresh).__init__).parameters
+        settings = {k: v for k, v in fresh.config.items() if k in params and k not in fresh.components}
+        return type(fresh)(**{**fresh.components, **components}, **settings)
 
     backbone = getattr(pipe, family.backbone)
     return _family_teacher(family, backbone, pipe.vae, dict(pipe.scheduler.config), f"tiny:{kind}", load_pipeline,
