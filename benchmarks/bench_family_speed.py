@@ -138,8 +138,9 @@ def build(family: str, size: str):
 
 
 def random_images(folder: Path, px: int, n: int) -> Path:
-    """``n`` random RGB images of ``px`` x ``px`` pixels: "real data" for DMD2's GAN term in the memory and overhead
-    benches, where only their cost matters."""
+    """``n`` random RGB images of ``px`` x ``px`` pixels, each with a caption file: "real data" for DMD2's GAN term
+    (which shows each real image with its caption) in the memory and overhead benches, where only their cost
+    matters."""
     import numpy as np
     from PIL import Image
 
@@ -147,6 +148,7 @@ def random_images(folder: Path, px: int, n: int) -> Path:
     rng = np.random.default_rng(0)
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (px, px, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"random picture number {i}")
     return folder
 
 

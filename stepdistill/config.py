@@ -89,7 +89,7 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = "no"
     max_grad_norm: float | None = 1.0
-    ema_decay: float = 0.0
+    ema_decay: float = 0.0  # > 0: a student EMA, updated after each student update
     log_every: int = 10
     sample_every: int = 0
     num_sample_images: int = 64

@@ -8,6 +8,8 @@ Sources (``data.source`` in a recipe):
 
 Latent teachers (SD1.5, SDXL, SD3, FLUX) take ``image_folder`` data as VAE latents, encoded once and cached on disk
 (``latent_table``), and their conditions come from a prompt table (``conditioning.py``): each batch draws rows of it.
+An image's caption, when there is one, is a text file of the same name beside it (``cat.png`` + ``cat.txt``, the
+kohya convention); it is the condition the image is seen with where a loss needs the pair (DMD2's GAN term).
 """
 
 from __future__ import annotations
@@ -34,12 +36,33 @@ def digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(d.target).long()
 
 
-def _image_folder(path: str, shape: tuple[int, ...]) -> torch.Tensor:
-    from PIL import Image
-
+def image_files(path: str) -> list[Path]:
+    """The images under ``path`` (png/jpg/webp, recursively), in a fixed order."""
     files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
         raise ValueError(f"data.path: no images (png/jpg/webp) under {path!r}")
+    return files
+
+
+def image_captions(path: str) -> list[str] | None:
+    """Each image's caption (``name.txt`` beside ``name.png``), in ``image_files`` order; ``None`` when no image has
+    one. Some captioned and some not is refused: the uncaptioned ones would be paired with nothing."""
+    files = image_files(path)
+    found = [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]
+    if not found:
+        return None
+    if len(found) < len(files):
+        missing = next(f for f in files if not f.with_suffix(".txt").is_file())
+        raise ValueError(f"data.path: {len(files) - len(found)} of {len(files)} images have no caption file (e.g. "
+                         f"{missing.with_suffix('.txt')}); caption every image or none")
+    captions = [f.read_text(encoding="utf-8").strip() for f in found]
+    return captions
+
+
+def _image_folder(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    from PIL import Image
+
+    files = image_files(path)
     c, h, w = shape
     mode = {1: "L", 3: "RGB"}.get(c)
     if mode is None:
@@ -63,7 +86,7 @@ def latent_table(path: str, teacher, cache_dir: Path) -> torch.Tensor:
     from .families import images_to_latents
 
     res = teacher.meta["resolution"]
-    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    files = image_files(path)
     stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = hashlib.sha256(json.dumps([teacher.source, res, stamp]).encode()).hexdigest()[:16]
     file = Path(cache_dir) / "latents" / f"{key}.safetensors"
@@ -82,14 +105,16 @@ class DataSource:
 
     ``conditions``: a prompt table ``{key: [N, ...]}``; each batch draws its rows independently of the images.
     ``latents``: for latent teachers, the image folder already encoded (``latent_table``).
+    ``captions``: the images' own captions encoded like the prompts, one row per image (``image_captions``).
     """
 
     def __init__(self, kind: str, *, batch_size: int, sample_shape: tuple[int, ...],
                  mixture: GaussianMixture | None = None, path: str | None = None, labels: bool = False,
-                 conditions: dict[str, torch.Tensor] | None = None, latents: torch.Tensor | None = None):
+                 conditions: dict[str, torch.Tensor] | None = None, latents: torch.Tensor | None = None,
+                 captions: dict[str, torch.Tensor] | None = None):
         self.kind, self.batch_size, self.labels = kind, batch_size, labels
         self.mixture = mixture
-        self.conditions = conditions
+        self.conditions, self.captions = conditions, captions
         self.tensor, self.targets = None, None
         if kind == "gmm":
             if mixture is None:
@@ -108,7 +133,7 @@ class DataSource:
             raise ValueError(f"data.source: unknown {kind!r}; allowed: gmm, digits, image_folder, gaussian")
 
     def next(self, generator: torch.Generator) -> Batch:
-        n = self.batch_size
+        n, idx = self.batch_size, None
         if self.kind == "gmm":
             x0, y = self.mixture.sample(n, generator)
         elif self.kind == "gaussian":
@@ -118,10 +143,12 @@ class DataSource:
             x0 = self.tensor[idx]
             y = None if self.targets is None else self.targets[idx]
         cond = {"class_labels": y} if (self.labels and y is not None) else None
+        x0_cond = cond  # labels belong to their samples
         if self.conditions is not None:
             rows = torch.randint(0, next(iter(self.conditions.values())).shape[0], (n,), generator=generator)
             cond = {k: v[rows] for k, v in self.conditions.items()}
-        return Batch(x0=x0, cond=cond, generator=generator)
+            x0_cond = None if self.captions is None or idx is None else {k: v[idx] for k, v in self.captions.items()}
+        return Batch(x0=x0, cond=cond, generator=generator, x0_cond=x0_cond)
 
     def __iter__(self) -> Iterator[Batch]:  # pragma: no cover - convenience
         gen = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .conditioning import load_or_encode, read_prompts
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
-from .data import DataSource, latent_table
+from .data import DataSource, image_captions, latent_table
 from .export import check_exportable, grid_timesteps, student_scheduler
 from .families import latents_to_images
 from .lora import AdapterDenoiser
@@ -218,7 +218,8 @@ class Trainer:
             backbone.enable_xformers_memory_efficient_attention()
 
     def _check_grids(self) -> None:
-        """The final student grid must be expressible by the teacher's schedule (DESIGN.md §6)."""
+        """The final student grid must be expressible by the teacher's schedule and the export format (DESIGN.md §6),
+        and a kohya file asked for must be writable: refused before training, not after it."""
         probe = copy.deepcopy(self.method)
         schedule = self.teacher.denoiser.schedule
         try:
@@ -227,18 +228,23 @@ class Trainer:
             schedule.check_grid(grid.with_end())
             if isinstance(schedule, VPDiscrete) and self.recipe.export.pipeline:  # export must replay it too
                 student_scheduler(self.teacher.scheduler_config, self.nets.student.prediction, grid,
-                                  grid_timesteps(schedule, grid))
+                                  grid_timesteps(schedule, grid), call_timesteps=self.teacher.family is not None)
             if self.recipe.export.pipeline:
                 check_exportable(self.nets.student, self.teacher)
         except ValueError as err:  # ExportError is a ValueError
             raise ConfigError(f"method: {err}") from None
+        family = self.teacher.family
+        if self.recipe.export.kohya and not (self.writes_lora() and not family.flow):
+            raise ConfigError("export.kohya: kohya/webui files are written for LoRA students (roles.mode: lora) of "
+                              f"SD1.5 and SDXL teachers; this run has roles.mode {self.recipe.roles.mode} and a "
+                              f"{family.name if family else 'non-diffusers-family'} teacher")
 
     def _encode_prompts(self) -> dict[str, torch.Tensor] | None:
         """Text-conditioned teachers: the prompt table (cached, ``conditioning.py``) and the teacher's null condition.
 
         The text encoders are loaded only on a cache miss, on the main process, and dropped right after encoding.
         """
-        r, t, acc = self.recipe, self.teacher, self.accelerator
+        r, t = self.recipe, self.teacher
         if t.family is None:
             if r.data.prompts:
                 raise ConfigError(f"data.prompts: the teacher ({t.source}) is not text-conditioned; remove the key")
@@ -247,11 +253,7 @@ class Trainer:
             raise ConfigError(f"data.prompts: a text-conditioned teacher ({t.family.name}) needs a prompt file, one "
                               "prompt per line")
         try:
-            prompts = read_prompts(r.data.prompts)
-            table, null = load_or_encode(
-                lambda: t.load_pipeline(**{t.family.backbone: t.backbone, "vae": t.vae}), t.family.name, prompts,
-                teacher_id=t.source, cache_dir=cache_root(), settings=t.encode_settings,
-                is_main_process=acc.is_main_process, wait_for_everyone=acc.wait_for_everyone)
+            table, null = self._encode_texts(read_prompts(r.data.prompts))
         except ValueError as err:
             raise ConfigError(str(err)) from None
         t.denoiser.set_null_condition(null)
@@ -273,15 +275,37 @@ class Trainer:
             raise ConfigError(f"data.source: {needs_real} needs a real-data source; set data.source to "
                               f"image_folder (with data.path), digits or gmm (got {source or 'none'})")
         try:
-            latents = None
+            latents = captions = None
             if source == "image_folder" and t.family is not None:
                 if not r.data.path:
                     raise ValueError("data.source image_folder needs data.path")
                 latents = latent_table(r.data.path, t, cache_root())
+                captions = self._encode_captions(r.data.path, needs_real)
             return DataSource(source, batch_size=r.data.batch_size, sample_shape=t.sample_shape, mixture=t.mixture,
-                              path=r.data.path, labels=r.data.labels, conditions=self.conditions, latents=latents)
+                              path=r.data.path, labels=r.data.labels, conditions=self.conditions, latents=latents,
+                              captions=captions)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _encode_captions(self, path: str, needs_real: str | None) -> dict[str, torch.Tensor] | None:
+        """A text teacher's image captions as a table aligned with the images (the prompt cache encodes them), or
+        ``None`` for uncaptioned images, which a loss that pairs real images with their text cannot use."""
+        captions = image_captions(path)
+        if captions is None:
+            if needs_real is not None:
+                raise ValueError(f"data.path: {needs_real} pairs each real image with its caption, and the images "
+                                 f"under {path!r} have none: put name.txt beside each name.png")
+            return None
+        table, _ = self._encode_texts(captions)
+        return table
+
+    def _encode_texts(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(table, null condition)`` of ``texts`` from the prompt cache (``conditioning.load_or_encode``)."""
+        t, acc = self.teacher, self.accelerator
+        return load_or_encode(
+            lambda: t.load_pipeline(**{t.family.backbone: t.backbone, "vae": t.vae}), t.family.name, texts,
+            teacher_id=t.source, cache_dir=cache_root(), settings=t.encode_settings,
+            is_main_process=acc.is_main_process, wait_for_everyone=acc.wait_for_everyone)
 
     def _prepare_method(self) -> None:
         """The optional ``prepare`` hook (methods/base.py ``Prepares``): derived data such as DMD's ODE pairs."""
@@ -291,7 +315,7 @@ class Trainer:
         acc = self.accelerator
         ctx = PrepareContext(cache_dir=cache_root(), sample_shape=tuple(self.teacher.sample_shape),
                              device=acc.device, is_main_process=acc.is_main_process,
-                             wait_for_everyone=acc.wait_for_everyone)
+                             wait_for_everyone=acc.wait_for_everyone, student_init=self.recipe.student.init)
         try:
             prepare(self.nets, ctx)
         except ValueError as err:
@@ -331,11 +355,14 @@ class Trainer:
             self.step = step
             # ``logs`` keeps the latest value of every key: with update_every a phase may not run on a logging step.
             logs.update({f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()})
+            stepped = set()
             for phase in self.method.phases:
                 if step % r.train.update_every.get(phase, 1):
                     continue
                 logs.update(self._run_phase(phase))
-            self._update_ema()
+                stepped.update(self._owners(phase))
+            if "student" in stepped:  # ema_decay is per student update (DMD2's student updates every 5th step)
+                self._update_ema()
             self.step = step + 1
             if self.step % r.train.log_every == 0 or self.step == r.train.max_steps:
                 logs = {k: float(v) for k, v in logs.items()}  # device scalars: the one wait of a logging step
@@ -392,6 +419,8 @@ class Trainer:
             batch.x0 = None if batch.x0 is None else batch.x0.to(acc.device)
             if batch.cond is not None:
                 batch.cond = {c: v.to(acc.device) for c, v in batch.cond.items()}
+            if batch.x0_cond is not None:
+                batch.x0_cond = {c: v.to(acc.device) for c, v in batch.x0_cond.items()}
             with contextlib.ExitStack() as stack:
                 if micro < k - 1:  # accumulate locally; gradients are all-reduced on the last micro-batch only
                     for role in roles:

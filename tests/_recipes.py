@@ -59,13 +59,14 @@ SMOKE_PROMPTS = str(__import__("pathlib").Path(__file__).parents[1] / "recipes" 
 
 
 def family_recipe(tiny: str, **overrides) -> dict:
-    """PD 4 -> 2 steps on a tiny random diffusers-family teacher (``tiny.py``) with CFG w = 3; three steps."""
+    """PD 4 -> 2 steps on a tiny random diffusers-family teacher (``tiny.py``) with CFG w = 3; three steps (for the
+    eps-predicting SD teachers the first is the regression stage in which the v-student learns its output)."""
     flow = tiny.startswith(("sd3", "flux"))
     recipe = {
         "seed": 0,
         "teacher": {"tiny": tiny},
         "method": {"name": "progressive", "teacher_steps": 4, "final_steps": 2, "steps_per_stage": 3,
-                   "student_prediction": "flow_match" if flow else "v",
+                   "student_prediction": "flow_match" if flow else "v", **({} if flow else {"regression_steps": 1}),
                    **({} if tiny.startswith("flux") else {"guidance": [3.0, 3.0]})},
         "data": {"source": "gaussian", "prompts": SMOKE_PROMPTS, "batch_size": 2},
         "optim": {"student": {"lr": 1e-3}},

@@ -412,3 +412,13 @@ def test_an_unperiodic_lr_schedule_anneals_over_each_roles_own_updates(tmp_path)
     lr = {r: trainer.optimizers[r].param_groups[0]["lr"] for r in ("student", "fake_score", "discriminator")}
     assert lr["student"] < 1e-3 * 0.2 and lr["fake_score"] < 1e-3 * 0.2 and lr["discriminator"] == 1e-3
 
+
+
+def test_the_student_ema_moves_only_when_the_student_does(tmp_path):
+    """``ema_decay`` is per student update: with the student updating every 2nd step the EMA does too (else its
+    effective decay per update would be decay ** 2)."""
+    trainer = _trainer(tmp_path, **{"train.ema_decay": 0.5, "train.max_steps": 4})
+    calls, update = [], trainer._update_ema
+    trainer._update_ema = lambda: (calls.append(trainer.step), update())
+    trainer.train()
+    assert calls == [0, 2]

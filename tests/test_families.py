@@ -13,6 +13,7 @@ from stepdistill.cli import main
 from stepdistill.conditioning import encode_prompts, load_or_encode, null_condition
 from stepdistill.config import build_recipe
 from stepdistill.denoisers import guidance_embedding, pack_latents, unpack_latents
+from stepdistill.methods.base import loss_terms
 from stepdistill.sampling import StudentGrid, sample_student
 from stepdistill.teachers import TeacherError, load_pretrained, load_tiny
 from stepdistill.train import Trainer
@@ -198,6 +199,26 @@ def test_a_dmd2_lora_student_exports_to_the_stock_pipeline(tmp_path, base_dtype)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_one_step_student_at_the_conditioning_time_exports_to_the_stock_pipeline(tmp_path, family):
+    """DMD2's one-step SD students are told t = 399 while fed pure noise. StableDiffusionPipeline resets a
+    scheduler's steps_offset to 1 when it is built, so the step cannot live in a DDIM config: it travels as
+    ``timesteps=[399]`` in ``call`` with LCMScheduler, DMD2's own call, and the reload runs t = 399."""
+    recipe = family_dmd_recipe(family, **{"method.student_steps": 1, "method.conditioning_time": 0.4})
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    trainer.train()
+    folder = trainer.export()
+    meta = json.loads((folder / "stepdistill.json").read_text())
+    assert meta["timesteps"] == [399] and meta["call"]["timesteps"] == [399] and meta["scheduler"] == "LCMScheduler"
+    prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
+    noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    cond = {k: v[:2] for k, v in trainer.conditions.items()}
+    expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond)
+    got, stdout = stock_pipeline_latents(CONSUMER, folder, noise, prompts, tmp_path)
+    assert stdout.split()[1:] == ["LCMScheduler", "[399]"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input.
 
@@ -268,6 +289,27 @@ def test_family_bad_input(tmp_path, overrides, match):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("family, mode", [("sd3", "lora"), ("sd15", "full")])
+def test_a_kohya_file_that_cannot_be_written_is_refused_before_training(tmp_path, family, mode):
+    from stepdistill.config import ConfigError
+
+    recipe = family_recipe(family, **{"export.kohya": True, "roles.mode": mode})
+    with pytest.raises(ConfigError, match=f"export.kohya: .* roles.mode {mode} and a {family} teacher"):
+        Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_ode_pair_regression_on_a_text_teacher_is_refused_before_training(tmp_path, mode):
+    from stepdistill.config import ConfigError
+
+    recipe = family_dmd_recipe("sd15", **{"method.regression_weight": 0.25, "method.student_steps": 1,
+                                          "roles.mode": mode})
+    with pytest.raises(ConfigError, match="method: regression_weight: ODE pairs of text-conditioned teachers"):
+        Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    assert not (tmp_path / "run").exists()
+
+
 def test_pretrained_directory_missing_a_component_names_it(tmp_path):
     import shutil
 
@@ -335,6 +377,65 @@ def test_image_folder_latents_are_cached(tmp_path, monkeypatch):
     assert batch.x0.shape == (2, *teacher.sample_shape) and batch.cond["encoder_hidden_states"].shape[0] == 2
 
 
+def _random_images(folder, n, captions=None):
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        if captions is not None and i < captions:
+            (folder / f"{i}.txt").write_text(f"caption number {i}\n")
+    return folder
+
+
+def test_the_gan_classifies_each_real_image_with_its_own_caption(tmp_path):
+    """DMD2 shows the GAN each real image with its caption (``name.txt`` beside ``name.png``) and each fake with
+    its prompt; prompts are drawn independently of the images."""
+    images = _random_images(tmp_path / "images", 4, captions=4)
+    recipe = family_dmd_recipe("sd15", **{"method.gan_weight": 1e-2, "data.source": "image_folder",
+                                          "data.path": str(images), "optim.discriminator.lr": 1e-3})
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    data = trainer.data
+    encoded = trainer.conditions["encoder_hidden_states"]
+    table = data.captions["encoder_hidden_states"]
+    assert table.shape[0] == 4 and not torch.equal(table[0], table[1])
+    batch = data.next(torch.Generator().manual_seed(0))
+    for x0, own in zip(batch.x0, batch.x0_cond["encoder_hidden_states"]):
+        j = next(j for j in range(4) if torch.equal(data.tensor[j], x0))
+        assert torch.equal(own, table[j])  # the drawn image's own caption
+    assert any(torch.equal(c, e) for c in batch.cond["encoder_hidden_states"] for e in encoded)
+
+    seen = {}
+    features = trainer.nets["fake_score"].features
+
+    def spy(x, t, cond):
+        seen["cond"] = cond
+        return features(x, t, cond)
+
+    trainer.nets["fake_score"].features = spy
+    batch.generator = torch.Generator().manual_seed(1)
+    next(iter(loss_terms(trainer.method("fake_score", trainer.nets, batch))))
+    fakes, reals = seen["cond"]["encoder_hidden_states"].chunk(2)
+    assert torch.equal(fakes, batch.cond["encoder_hidden_states"])
+    assert torch.equal(reals, batch.x0_cond["encoder_hidden_states"])
+
+
+@pytest.mark.parametrize("captions, match", [
+    (0, "the GAN term .* pairs each real image with its caption, and the images under .* have none"),
+    (3, "1 of 4 images have no caption file"),
+])
+def test_gan_reals_without_captions_are_refused_before_training(tmp_path, captions, match):
+    from stepdistill.config import ConfigError
+
+    images = _random_images(tmp_path / "images", 4, captions=captions)
+    recipe = family_dmd_recipe("sd15", **{"method.gan_weight": 1e-2, "data.source": "image_folder",
+                                          "data.path": str(images)})
+    with pytest.raises(ConfigError, match=match):
+        Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    assert not (tmp_path / "run").exists()
+
+
 FAMILY_RECIPES = sorted(p for folder in ("progressive", "dmd2")
                         for p in (Path(__file__).resolve().parents[1] / "recipes" / folder).glob("*.yaml")
                         if p.stem in FAMILIES)
@@ -353,6 +454,7 @@ def test_family_recipes_run_offline_on_their_tiny_model(tmp_path, path):
     for i in range(4):
         pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a random picture number {i}")  # DMD2's GAN shows reals with captions
     real = load_recipe(path).data.source == "image_folder"
     overrides = ["teacher.pretrained=null", f"teacher.tiny={path.stem}", "teacher.resolution=null",
                  "teacher.max_sequence_length=null", f"data.prompts={SMOKE_PROMPTS}", "data.batch_size=2",
@@ -362,6 +464,8 @@ def test_family_recipes_run_offline_on_their_tiny_model(tmp_path, path):
                  "train.num_sample_images=2"]
     if load_recipe(path).method.name == "progressive":
         overrides += ["method.teacher_steps=8", "method.final_steps=4", "method.steps_per_stage=1"]
+        if "regression_steps" in load_recipe(path).method.params:  # SD1.5/SDXL: one regression step, one halving
+            overrides.append("method.regression_steps=1")
     recipe = load_recipe(path, overrides)
     trainer = Trainer(recipe, tmp_path / "run", show_progress=False).setup()
     trainer.train()

@@ -140,3 +140,47 @@ def test_guided_pd_queries_the_cfg_teacher_and_conditions_the_student_on_w():
     assert torch.allclose(cfg, uncond + 3.0 * (plain - uncond), atol=1e-10)
     with pytest.raises(ValueError, match="guidance"):
         ProgressiveDistillation(guidance=(0.5, 2.0))
+
+
+def test_a_regression_stage_runs_first_at_the_teachers_steps_and_targets_its_x0():
+    """Meng et al.'s stage one: before the halvings the student takes the teacher's own step count and regresses
+    onto the teacher's x0 at (x_t, t); a student equal to the teacher has zero loss there, not in the halvings."""
+    teacher = load_gmm(MIX.means.tolist(), stds=MIX.stds.tolist(), weights=MIX.weights.tolist(), denoiser="exact")
+    pd = ProgressiveDistillation(teacher_steps=8, final_steps=2, steps_per_stage=5, regression_steps=3)
+    nets = build_nets(teacher, pd.roles(), student_init="new")
+    assert pd.total_steps == 13
+    seen = []
+    for step in range(13):
+        with torch.no_grad():
+            for p in nets.student.parameters():
+                p.add_(0.01)
+        pd.update_schedule(step, nets)
+        seen.append((pd.stage, pd.student_steps))
+        if step == 8:  # the first halving ends: its student becomes the teacher
+            assert all(torch.equal(a, b) for a, b in zip(nets["stage_teacher"].parameters(),
+                                                           nets.student.parameters()))
+    assert seen[:4] == [(-1, 8)] * 3 + [(0, 4)] and seen[8] == (1, 2) and seen[12] == (1, 2)
+    assert not torch.equal(next(nets["stage_teacher"].parameters()), next(nets.student.parameters()))
+
+    same = Nets(student=teacher.denoiser, teacher=teacher.denoiser, extra={"stage_teacher": teacher.denoiser})
+    x0, _ = MIX.sample(64, torch.Generator().manual_seed(1))
+    for step, zero in ((0, True), (3, False)):
+        pd.update_schedule(step, same)
+        loss = pd("student", same, Batch(x0=x0, cond=None, generator=torch.Generator().manual_seed(2))).loss
+        assert (loss.abs().max() == 0) == zero
+
+
+def test_a_student_reading_eps_weights_as_v_needs_the_regression_stage():
+    from pathlib import Path
+
+    from stepdistill.methods.base import PrepareContext
+
+    eps_teacher = UNet2DDenoiser(vector_unet(2, width=16), SCHEDULE, "eps")
+    nets = Nets(student=UNet2DDenoiser(vector_unet(2, width=16), SCHEDULE, "v"), teacher=eps_teacher, extra={})
+    ctx = PrepareContext(cache_dir=Path("."), sample_shape=(2,), device=torch.device("cpu"), is_main_process=True,
+                         wait_for_everyone=lambda: None)
+    with pytest.raises(ValueError, match="which predict 'eps', but predicts 'v'.*method.regression_steps"):
+        ProgressiveDistillation(teacher_steps=8, final_steps=4).prepare(nets, ctx)
+    ProgressiveDistillation(teacher_steps=8, final_steps=4, regression_steps=10).prepare(nets, ctx)
+    ctx.student_init = "new"  # a student trained from scratch has no teacher output to unlearn
+    ProgressiveDistillation(teacher_steps=8, final_steps=4).prepare(nets, ctx)

@@ -70,6 +70,10 @@ class Batch:
     #: seeded alike on every rank, for draws that decide which network calls run (e.g. DMD2's backward-simulation
     #: step): under FSDP every call is a collective, so all ranks must make the same ones
     shared: torch.Generator | None = None
+    #: ``x0``'s own condition, for losses that need the pair (DMD2's GAN reals): class labels, or text teachers'
+    #: encoded image captions; ``None`` for unconditional data and for uncaptioned images, whose ``cond`` rows are
+    #: prompts drawn independently of them
+    x0_cond: dict | None = None
 
     @property
     def size(self) -> int:
@@ -150,3 +154,5 @@ class PrepareContext:
     device: torch.device
     is_main_process: bool
     wait_for_everyone: Callable[[], None]
+    #: how the student was initialised (the recipe's ``student.init``): ``teacher`` (its weights) or ``new``
+    student_init: str = "teacher"

@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..denoisers import guided
+from ..denoisers import TextConditioned, guided
 from ..nets.lpips import LPIPS, load_lpips
 from ..nets.lpips import NETS as LPIPS_NETS
 from ..pairs import load_or_make_pairs, pair_spec
@@ -312,6 +312,9 @@ class DMD:
         teacher = nets.teacher
         if getattr(teacher, "num_classes", None):
             raise ValueError("regression_weight: ODE pairs for class-conditional teachers are not supported yet")
+        if isinstance(getattr(teacher, "inner", teacher), TextConditioned):  # a LoRA base wraps the teacher's own
+            raise ValueError("regression_weight: ODE pairs of text-conditioned teachers are not supported yet (each "
+                             "pair would need its prompt); set method.regression_weight: 0, as DMD2 does")
         spec = pair_spec(teacher, sample_shape=ctx.sample_shape, num_pairs=self.num_pairs,
                          sampler=self.pair_sampler, steps=self.pair_steps, seed=0)
         path = Path(self.pair_cache) if self.pair_cache else ctx.cache_dir / "ode_pairs" / f"{spec['teacher']}-" \
@@ -423,7 +426,7 @@ class DMD:
 
     def student_loss(self, nets: Nets, batch: Batch) -> LossOutput:
         """Generator update: DM loss (+ GAN generator loss, + regression). Fake score and head are frozen."""
-        gen, cond, b = batch.generator, batch.cond, batch.size
+        gen, cond, b = batch.generator, self._generation_cond(batch), batch.size
         shape, device = self._shape_device(nets, batch)
         noise = torch.randn((b, *shape), generator=gen).to(device)
         x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
@@ -453,7 +456,7 @@ class DMD:
         forward through the fake score's (DDP) wrapper has to come last. Only one term's graph is alive at a time,
         which sets the critic step's peak memory (docs/experiments/gpu-h200.md); DMD2's own code sums them into one
         loss, and the gradients are the same. Every draw happens before either term, in the order of that sum."""
-        gen, cond, b = batch.generator, batch.cond, batch.size
+        gen, cond, b = batch.generator, self._generation_cond(batch), batch.size
         shape, device = self._shape_device(nets, batch)
         with torch.no_grad():
             noise = torch.randn((b, *shape), generator=gen).to(device)
@@ -467,7 +470,9 @@ class DMD:
             # The GAN inputs [noised fakes, noised reals] only go as far as the bottleneck (``Denoiser.features``).
             x_fake, t_fake = self._gan_inputs(x, sch, gen, k)
             x_real, t_real = self._gan_inputs(batch.x0, sch, gen, k)  # reals noised in the same band
-            cond2 = None if cond is None else {k: torch.cat([v, v]) for k, v in cond.items()}
+            # each real is classified with its own condition (DMD2: the image's caption), each fake with its prompt
+            real_cond = batch.x0_cond
+            cond2 = None if cond is None else {k: torch.cat([v, real_cond[k]]) for k, v in cond.items()}
             feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), cond2)
             logits_fake, logits_real = nets["discriminator"](feats).chunk(2)
             cls = F.softplus(logits_fake) + F.softplus(-logits_real)
@@ -480,6 +485,13 @@ class DMD:
         dims = tuple(range(1, x.ndim))
         loss = ((pred.get(kind, exact=True) - target) ** 2).mean(dims).float()
         yield LossOutput(loss, {"loss_denoise": loss.detach().mean(), "loss": loss.detach().mean()})
+
+    def _generation_cond(self, batch: Batch):
+        """The condition the student generates with: the batch's prompts, or, when multi-step training starts from
+        noised real images instead of backward simulation, those images' own conditions (their captions)."""
+        if self.student_steps > 1 and not self.backward_simulation:
+            return batch.x0_cond
+        return batch.cond
 
     @staticmethod
     def _shape_device(nets: Nets, batch: Batch):

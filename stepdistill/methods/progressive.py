@@ -8,12 +8,19 @@ the student taking N steps on the grid ``t_i = i / N``:
     x~ = (z_s - (s_s/s_t) x_t) / (a_s - (s_s/s_t) a_t)          (Algorithm 2: one student DDIM step lands on z_s)
     loss = max(|x_theta - x~|^2, |eps_theta - eps~|^2) = max(SNR, 1) |x_theta - x~|^2   ("snr_trunc")
 
-When ``s = 0`` the formula gives the teacher's x0 from the midpoint evaluation, as the paper prescribes for the last
-step. Stages halve N; between stages the teacher becomes the student (``stage_teacher <- student``), driven by
+For the last step (``s = 0``) the target is the teacher's x0 from the midpoint evaluation, as the paper prescribes
+(``dpm.py``: ``where(i == 0, x_pred, x_target)``; the formula agrees wherever sigma(0) = 0). Stages halve N;
+between stages the teacher becomes the student (``stage_teacher <- student``), driven by
 ``update_schedule``. Guided PD: with ``guidance=(w_min, w_max)`` the teacher is queried with CFG at a per-sample
 ``w ~ U[w_min, w_max]`` and the student receives ``w`` as the input ``cond["guidance"]``; later stages distil the
 w-conditioned previous student without CFG. (Meng et al. run a separate first stage that matches the CFG teacher at
-equal steps; here that regression is folded into the first halving.)
+equal steps; here that regression is folded into the first halving unless ``regression_steps`` asks for it.)
+
+Regression stage (``regression_steps > 0``, Meng et al. 2023 §4.1 stage one): before the first halving, the student
+learns the (guided) teacher's own x0 prediction at the teacher's step count, with the same weighting. The student
+starts from the teacher's weights; when the teacher predicts eps (SD1.5, SDXL) and the student v, those weights read
+as v are far from the teacher (at t = 1 their x0 estimate is about -eps), and PD assumes a student that starts close
+to its teacher. This stage is where the student learns to output v; without it such a run is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 from ..denoisers import guided
 from ..parameterization import ddim_step, ddim_x0_target
 from ..sampling import StudentGrid
-from .base import Batch, LossOutput, Nets, RoleSpec
+from .base import Batch, LossOutput, Nets, PrepareContext, RoleSpec
 
 
 WEIGHTINGS = ("snr_trunc", "constant", "snr", "v_mse")
@@ -48,13 +55,16 @@ class ProgressiveDistillation:
             student a new, zero-initialised one (``roles.mode: full``).
         sample_guidance: the scale a w-conditioned student samples and exports with (its pipeline's default
             ``guidance_scale``); default: the middle of the range.
+        regression_steps: training steps of a first stage at the teacher's own step count (see above); needed when
+            a student initialised from the teacher predicts another quantity than the teacher.
     """
 
     phases = ("student",)
 
     def __init__(self, *, teacher_steps: int = 64, final_steps: int = 4, steps_per_stage: int = 1000,
                  weighting: str = "snr_trunc", student_prediction: str = "v",
-                 guidance: tuple[float, float] | None = None, sample_guidance: float | None = None):
+                 guidance: tuple[float, float] | None = None, sample_guidance: float | None = None,
+                 regression_steps: int = 0):
         ratio = teacher_steps / final_steps
         if final_steps < 1 or ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
             raise ValueError(f"method.teacher_steps / method.final_steps must be a power of two >= 2, got "
@@ -66,8 +76,10 @@ class ProgressiveDistillation:
                              f"{student_prediction!r}")
         if guidance is not None and not (1.0 <= guidance[0] <= guidance[1]):
             raise ValueError(f"method.guidance must be [w_min, w_max] with 1 <= w_min <= w_max, got {guidance}")
+        if regression_steps < 0:
+            raise ValueError(f"method.regression_steps must be >= 0, got {regression_steps}")
         self.teacher_steps, self.final_steps = teacher_steps, final_steps
-        self.steps_per_stage = steps_per_stage
+        self.steps_per_stage, self.regression_steps = steps_per_stage, regression_steps
         self.num_stages = round(math.log2(ratio))
         self.weighting, self.student_prediction = weighting, student_prediction
         self.guidance = None if guidance is None else tuple(guidance)
@@ -77,15 +89,25 @@ class ProgressiveDistillation:
         if sample_guidance is None and self.guidance is not None:
             sample_guidance = sum(self.guidance) / 2
         self.sample_guidance = sample_guidance
-        self.stage = 0
+        self.stage = 0  # the halving under way; -1 during the regression stage
 
     @property
     def total_steps(self) -> int:
-        return self.num_stages * self.steps_per_stage
+        return self.regression_steps + self.num_stages * self.steps_per_stage
 
     @property
     def student_steps(self) -> int:
         return self.teacher_steps // 2 ** (self.stage + 1)
+
+    def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
+        """Refuse a student that starts from the teacher's weights, reads them as another prediction and has no
+        regression stage to learn it in."""
+        teacher_pred = nets.teacher.prediction
+        if ctx.student_init == "teacher" and teacher_pred != self.student_prediction and not self.regression_steps:
+            raise ValueError(
+                f"regression_steps: the student starts from the teacher's weights, which predict {teacher_pred!r}, "
+                f"but predicts {self.student_prediction!r}; give it a first stage at the teacher's step count to "
+                "learn that (e.g. method.regression_steps: 1000)")
 
     def roles(self) -> dict[str, RoleSpec]:
         return {
@@ -104,8 +126,9 @@ class ProgressiveDistillation:
         return "student"
 
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
-        stage = min(step // self.steps_per_stage, self.num_stages - 1)
-        if stage > 0 and step == stage * self.steps_per_stage:
+        halving = step - self.regression_steps
+        stage = -1 if halving < 0 else min(halving // self.steps_per_stage, self.num_stages - 1)
+        if stage > 0 and halving == stage * self.steps_per_stage:
             # Stage boundary: the student just finished becomes the teacher (idempotent for this step).
             nets["stage_teacher"].load_role_state_dict(nets.student.role_state_dict())
         self.stage = stage
@@ -128,25 +151,33 @@ class ProgressiveDistillation:
         eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
         x_t = sch.add_noise(x0, eps, t)
 
-        # Teacher: CFG teacher (first stage) or the previous, already guided, student.
-        cond, student_cond, w = batch.cond, batch.cond, 1.0
+        # Teacher: CFG teacher (first stage) or the previous, already guided, student. The noised data is seen with
+        # its own condition where it has one (labels, captions), else with the batch's prompts.
+        cond = batch.x0_cond if batch.x0_cond is not None else batch.cond
+        student_cond, w = cond, 1.0
         if self.guidance is not None:
             w = self.guidance[0] + (self.guidance[1] - self.guidance[0]) * torch.rand(b, generator=gen,
                                                                                     dtype=torch.float64)
             if self._takes_w:
                 student_cond = {**(cond or {}), "guidance": w.to(x0.device, torch.float32)}
-        if self.stage == 0:
+        if self.stage <= 0:
             teacher, teacher_cond, teacher_w = nets.teacher, cond, w
         else:
             teacher, teacher_cond, teacher_w = nets["stage_teacher"], student_cond, 1.0
 
-        # Two teacher DDIM steps t -> t_mid -> s, then the x-target of Algorithm 2.
         with torch.no_grad():
             pred = guided(teacher, x_t, t, teacher_cond, teacher_w)
-            z_mid = ddim_step(pred, teacher.schedule, t_mid)
-            pred = guided(teacher, z_mid, t_mid, teacher_cond, teacher_w)
-            z_s = ddim_step(pred, teacher.schedule, s)
-            x_target = ddim_x0_target(x_t, z_s, sch, t, s)  # float64; equals the teacher's x0 when s = 0
+            if self.stage < 0:  # regression stage: the teacher's own x0 at t (the student takes the teacher's steps)
+                x_target = pred.x0_64
+            else:  # two teacher DDIM steps t -> t_mid -> s, then the x-target of Algorithm 2
+                z_mid = ddim_step(pred, teacher.schedule, t_mid)
+                pred = guided(teacher, z_mid, t_mid, teacher_cond, teacher_w)
+                z_s = ddim_step(pred, teacher.schedule, s)
+                x_target = ddim_x0_target(x_t, z_s, sch, t, s)
+                # the last step lands on the data: its target is the midpoint's x0 (dpm.py), which the formula
+                # gives only where sigma(0) = 0
+                last = (i == 0).view(-1, *([1] * (x0.ndim - 1))).to(x_target.device)
+                x_target = torch.where(last, pred.x0_64, x_target)
 
         # Student prediction and the weighted regression.
         pred = nets.student(x_t, t, student_cond)
