@@ -157,7 +157,8 @@ def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *,
     """Sample a few-step student on its declared grid from standard normal ``noise`` (scaled by ``prior_noise``).
 
     For VP schedules with non-zero terminal SNR the first input is plain noise, which is how diffusers pipelines
-    start and what the student was trained on. ``callback(i, x, pred)`` runs after each step, as in the
+    start; DMD2 trains on exactly that, PD on ``a_1 x0 + s_1 eps`` (``a_1`` = 0.068 for SD's betas: a small shift).
+    ``callback(i, x, pred)`` runs after each step, as in the
     teacher samplers (``pred.x0`` is that step's clean estimate).
     """
     sch = student.schedule
@@ -167,7 +168,9 @@ def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *,
     for i in range(grid.steps):
         pred = guided(student, x, times[i].expand(n), cond, w)
         t_next = times[i + 1].expand(n)
-        if grid.transition == "ddim" or times[i + 1] == 0:
+        if times[i + 1] == 0:  # the last step lands on the data: the clean estimate (sigma(0) may be > 0)
+            x = pred.x0_64.to(x.dtype)
+        elif grid.transition == "ddim":
             x = ddim_step(pred, sch, t_next)
         else:
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
