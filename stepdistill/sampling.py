@@ -158,8 +158,7 @@ def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *,
 
     For VP schedules with non-zero terminal SNR the first input is plain noise, which is how diffusers pipelines
     start; DMD2 trains on exactly that, PD on ``a_1 x0 + s_1 eps`` (``a_1`` = 0.068 for SD's betas: a small shift).
-    ``callback(i, x, pred)`` runs after each step, as in the
-    teacher samplers (``pred.x0`` is that step's clean estimate).
+    ``callback(i, x, pred)`` runs after each step, as in the teacher samplers (``pred.x0``: the step's clean estimate).
     """
     sch = student.schedule
     times = grid.with_end()
