@@ -9,6 +9,7 @@ models. Classifier-free guidance is ``guided(...)`` with one convention everywhe
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,6 +41,16 @@ class RoleModule(nn.Module):
 
     def _call_backbone(self) -> nn.Module:
         return self.__dict__.get("_wrapped_backbone") or self.backbone
+
+    @contextlib.contextmanager
+    def unwrapped(self):
+        """Forward calls inside the block skip the DDP/FSDP wrapper (``Denoiser.features``' partial forward)."""
+        wrapped = self.__dict__.pop("_wrapped_backbone", None)
+        try:
+            yield
+        finally:
+            if wrapped is not None:
+                self.wrap_backbone(wrapped)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What this role's optimizer owns (LoRA roles: their adapter only, ``lora.AdapterDenoiser``)."""
@@ -127,15 +138,13 @@ class Denoiser(RoleModule):
             raise _Stop(out[0] if isinstance(out, tuple) else out)
 
         handle = self.feature_module().register_forward_hook(stop)
-        wrapped = self.__dict__.pop("_wrapped_backbone", None)
         try:
-            self(x_t, t, cond)
+            with self.unwrapped():
+                self(x_t, t, cond)
         except _Stop as caught:
             return caught.features
         finally:
             handle.remove()
-            if wrapped is not None:
-                self.wrap_backbone(wrapped)
         raise RuntimeError(f"{type(self).__name__}: the forward never reached its feature module")
 
     def null_cond(self, cond: Cond) -> Cond:

@@ -166,6 +166,9 @@ class AdapterDenoiser(Denoiser):
     def _call_backbone(self) -> nn.Module:
         return self.inner._call_backbone()
 
+    def unwrapped(self):
+        return self.inner.unwrapped()  # the wrapper lives on the shared base's adapter
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Prediction:
         with active(self.backbone, self.adapter):
             return self.inner(x_t, t, cond)

@@ -138,3 +138,27 @@ def test_teacher_fingerprint_ignores_the_role_adapters(tmp_path):
     lora = _trainer(tmp_path)
     _perturb(lora.nets.student.trainable_parameters())
     assert weights_fingerprint(lora.nets.teacher) == weights_fingerprint(full.nets.teacher)
+
+
+def test_the_gan_feature_pass_skips_the_ddp_wrapper_of_the_shared_base(tmp_path):
+    """``features`` stops the forward at the bottleneck, which a DDP wrapper must not see (its reducer expects whole
+    forwards); with LoRA roles the wrapper sits on the shared base's adapter, not on the role."""
+    trainer = _trainer(tmp_path)
+    fake = trainer.nets["fake_score"]
+    calls = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self.inner(*args, **kwargs)
+
+    fake.wrap_backbone(Wrapper(fake.backbone))
+    x, t = torch.randn(3, 2), torch.full((3,), 0.5, dtype=torch.float64)
+    feats = fake.features(x, t)
+    assert calls == [] and feats.shape[0] == 3
+    fake(x, t)
+    assert calls == [1]  # the wrapper is back for whole forwards
