@@ -114,7 +114,8 @@ def test_a_class_conditional_unet2d_student_is_refused_before_training(tmp_path)
                        norm_num_groups=4, num_class_embeds=11)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1024)).save_pretrained(tmp_path / "teacher")
     recipe = gmm_recipe(teacher={"pretrained": str(tmp_path / "teacher")}, student={"init": "teacher"},
-                        **{"data.source": "digits", "data.labels": True, "data.batch_size": 4, "train.max_steps": 2})
+                        **{"data.source": "digits", "data.labels": True, "data.batch_size": 4, "train.max_steps": 2,
+                           "method.regression_steps": 1})  # an eps teacher: the v student first regresses
     with pytest.raises(ConfigError, match="DDPMPipeline cannot pass class labels"):
         Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
     assert not (tmp_path / "run").exists()
