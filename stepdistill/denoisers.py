@@ -10,6 +10,7 @@ models. Classifier-free guidance is ``guided(...)`` with one convention everywhe
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import torch
@@ -66,8 +67,8 @@ class RoleModule(nn.Module):
         self.backbone.load_state_dict({k: full(v) for k, v in state.items()})  # from a sharded role: all-gather
 
     def plain_backbone(self) -> nn.Module:
-        """The role as a stock backbone with no wrappers or adapters (what export saves)."""
-        return self.backbone
+        """The role as a stock backbone with no wrappers or adapters (what export saves): a copy the caller owns."""
+        return copy.deepcopy(self.backbone)
 
     def enable_gradient_checkpointing(self) -> None:
         """Activation checkpointing of the backbone (diffusers models); a no-op for backbones without it.

@@ -19,7 +19,6 @@ The grid is checked against what the scheduler actually produces before anything
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 from pathlib import Path
@@ -113,7 +112,7 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     timesteps = grid_timesteps(schedule, grid)
     scheduler, _ = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps,
                                      call_timesteps=False)
-    pipe = DDPMPipeline(unet=copy.deepcopy(student.plain_backbone()).float().eval(), scheduler=scheduler)
+    pipe = DDPMPipeline(unet=student.plain_backbone().float().eval(), scheduler=scheduler)
     vector = len(teacher.sample_shape) == 1
     return pipe, {
         "prediction_type": OURS_TO_DIFFUSERS[student.prediction],
@@ -195,7 +194,7 @@ def _family_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     """SD1.5 / SDXL / SD3 / FLUX students: the teacher's stock pipeline class with the student backbone (LoRA
     students merged) and a scheduler that replays the grid."""
     scheduler, fields = _family_sampling(student, teacher, grid)
-    backbone = copy.deepcopy(student.plain_backbone()).float().eval()
+    backbone = student.plain_backbone().float().eval()  # a copy already (LoRA: the merged one, not a second)
     pipe = teacher.load_pipeline(**{teacher.family.backbone: backbone, "scheduler": scheduler})
     if "timesteps" in fields:  # pipelines may rewrite scheduler settings at construction (SD's steps_offset)
         ran = replay(pipe.scheduler, grid.steps, fields["call"])

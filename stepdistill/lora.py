@@ -199,5 +199,5 @@ class AdapterDenoiser(Denoiser):
                 own[k].copy_(v)
 
     def plain_backbone(self) -> nn.Module:
-        """The student as a stock backbone (adapter merged), for export."""
+        """The student as a stock backbone (adapter merged, a new module), for export."""
         return merged_copy(self.backbone, self.adapter)
