@@ -24,7 +24,8 @@ def _user_errors():
     from .teachers import TeacherError
     from .train import RunError
 
-    return ConfigError, ExportError, TeacherError, RunError, FileNotFoundError
+    # OSError: a read-only or missing output location, an unreadable image file (PIL's error is an OSError)
+    return ConfigError, ExportError, TeacherError, RunError, OSError
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -39,6 +40,10 @@ def cmd_distill(args) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
+    if args.resume and args.overwrite:
+        from .config import ConfigError
+
+        raise ConfigError("--resume and --overwrite: pass one (continue the run, or replace it)")
     trainer = Trainer(recipe, out, resume=args.resume, overwrite=args.overwrite).setup()
     trainer.train()
     if recipe.export.pipeline:
@@ -78,21 +83,30 @@ def _load_student(path: Path):
 
 
 def cmd_sample(args) -> int:
+    from .config import ConfigError
     from .evaluate import student_samples
     from .sampling import StudentGrid
     from .visualize import save_sample_grid
 
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".npy", ".pt"):
+        raise ConfigError(f"--output: {out} must end in .png (a grid), .npy or .pt")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
     student, grid, teacher, prompts = _load_student(Path(args.path))
     if args.steps and args.steps != grid.steps:
-        grid = StudentGrid(times=tuple(float(t) for t in student.schedule.grid(args.steps)[:-1]),
-                           transition=grid.transition)
+        times = student.schedule.grid(args.steps)
+        if not bool((times[:-1] > times[1:]).all()):
+            raise ConfigError(f"--steps: {args.steps} steps repeat timesteps of the teacher's schedule")
+        grid = StudentGrid(times=tuple(float(t) for t in times[:-1]), transition=grid.transition)
     x = student_samples(student, grid, shape=teacher.sample_shape, num=args.num_samples, seed=args.seed,
                         conditions=prompts)
     if teacher.vae is not None and Path(args.output).suffix not in (".npy", ".pt"):
         from .families import latents_to_images
 
         x = latents_to_images(teacher.vae, x)  # a grid shows images; .npy / .pt keep the latents
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         import numpy as np
@@ -116,6 +130,8 @@ def cmd_export(args) -> int:
     trainer = Trainer(load_recipe(run / "config.yaml"), run, resume=True, show_progress=False).setup(readonly=True)
     lora = args.lora or args.kohya
     out = Path(args.output_dir) if args.output_dir else None
+    if out is not None and out.exists() and not args.overwrite:  # the run's own pipeline/ is replaced, not this
+        raise ConfigError(f"--output-dir: {out} already exists; pass --overwrite to replace it")
     if lora:
         print(f"lora: {trainer.export_lora(out / 'lora' if out else None, kohya=args.kohya)}")
     if args.fuse or not lora:  # the stock pipeline, with a LoRA student merged into the backbone
@@ -229,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora", action="store_true", help="lora/pytorch_lora_weights.safetensors (roles.mode: lora runs)")
     e.add_argument("--kohya", action="store_true", help="also a kohya/webui LoRA file (SD1.5, SDXL); implies --lora")
     e.add_argument("--fuse", action="store_true", help="with --lora: also write the merged full pipeline")
+    e.add_argument("--overwrite", action="store_true", help="replace what is at --output-dir")
     e.set_defaults(fn=cmd_export)
 
     v = sub.add_parser("eval", help="metrics of a run or pipeline beside the teacher's; prints JSON")

@@ -226,6 +226,8 @@ def _coerce(value: Any, tp, key: str):
             return float(value)
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str and value is False:
+        value = "no"  # YAML 1.1 reads an unquoted `no` as false (train.mixed_precision=no): the word was meant
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -287,11 +289,24 @@ def _check_choices(recipe: Recipe) -> None:
     for phase, every in recipe.train.update_every.items():
         if every < 1:
             raise ConfigError(f"train.update_every.{phase}: update ratio must be >= 1, got {every}")
-    positive = {"train.max_steps": recipe.train.max_steps, "train.grad_accum": recipe.train.grad_accum,
-                "data.batch_size": recipe.data.batch_size, "eval.num_samples": recipe.eval.num_samples}
+    tr = recipe.train
+    positive = {"train.max_steps": tr.max_steps, "train.grad_accum": tr.grad_accum, "train.log_every": tr.log_every,
+                "train.max_nonfinite": tr.max_nonfinite,
+                "data.batch_size": recipe.data.batch_size, "eval.num_samples": recipe.eval.num_samples,
+                "roles.rank": recipe.roles.rank}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    for key, (value, zero) in {"train.sample_every": (tr.sample_every, "never"),
+                               "train.checkpoint_every": (tr.checkpoint_every, "never"),
+                               "train.keep_checkpoints": (tr.keep_checkpoints, "keep all"),
+                               "train.num_sample_images": (tr.num_sample_images, "no grids")}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0 (0: {zero}), got {value}")
+    if not 0.0 <= tr.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0: no EMA), got {tr.ema_decay}")
+    if tr.max_grad_norm is not None and tr.max_grad_norm <= 0:
+        raise ConfigError(f"train.max_grad_norm: must be positive (or null: no clipping), got {tr.max_grad_norm}")
     recipe.teacher.source()
 
 

@@ -52,7 +52,8 @@ def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid:
         # scalings (timestep_scaling 10) leave c_skip < 2e-7 at every grid step >= N/8.
         yield LCMScheduler.from_config({**lcm, "original_inference_steps": grid.steps}), {}
         return
-    yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "steps_offset": 0}), {}
+    # steps_offset is unused by "trailing"; 1 keeps StableDiffusionPipeline from warning about (and resetting) it
+    yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "steps_offset": 1}), {}
     if grid.steps == 1:
         # A one-step student told another time than the start (DMD2's conditioning timestep). SD pipelines take it
         # as timesteps=[t]; DMD2's own call uses LCMScheduler, whose one step returns its x0 estimate (c_skip < 2e-7).

@@ -178,11 +178,12 @@ class VPDiscrete(NoiseSchedule):
     def check_grid(self, times: torch.Tensor) -> None:
         super().check_grid(times)
         idx = self.model_time(times[times > 0])
-        if (idx - idx.round()).abs().max() > 1e-6:
+        off = (idx - idx.round()).abs() > 1e-6
+        if off.any():
+            shown = ", ".join(f"{v:g}" for v in idx[off][:4].tolist()) + (", ..." if int(off.sum()) > 4 else "")
             raise ValueError(
-                f"student grid {times.tolist()} falls between the teacher's {self.num_train_timesteps} discrete "
-                f"timesteps (indices {idx.tolist()}); choose a step count that divides {self.num_train_timesteps}"
-            )
+                f"a {len(idx)}-step student grid falls between the teacher's {self.num_train_timesteps} discrete "
+                f"timesteps (indices {shown}); choose a step count that divides {self.num_train_timesteps}")
 
     def config(self) -> dict:
         return {"kind": self.kind, "num_train_timesteps": self.num_train_timesteps}

@@ -24,6 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .atomic import atomic_file
 from .conditioning import load_or_encode, read_prompts
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
 from .data import DataSource, image_captions, latent_table
@@ -188,6 +189,7 @@ class Trainer:
             self.method.update_schedule(min(self.step, r.train.max_steps - 1), self.nets)
             if not readonly and acc.is_main_process:
                 (self.dir / "config.yaml").write_text(dump_recipe(self.recipe))
+                self._trim_log()
         return self
 
     def _optimizer_steps(self, role: str) -> int:
@@ -331,6 +333,9 @@ class Trainer:
         elif earlier and not self.overwrite:
             raise RunError(f"{d} already holds files (an earlier run?); pass --resume to continue it or "
                            "--overwrite to replace it")
+        elif earlier and not (d / "config.yaml").is_file():
+            raise RunError(f"--overwrite: {d} holds files but no config.yaml, so it is not a stepdistill run; "
+                           "refusing to delete it")
         acc.wait_for_everyone()
         if acc.is_main_process and not self.resume:  # a resumed run rewrites config.yaml once its checkpoint loads
             if earlier and self.overwrite:
@@ -339,6 +344,25 @@ class Trainer:
             (d / "checkpoints").mkdir(exist_ok=True)
             (d / "config.yaml").write_text(dump_recipe(self.recipe))
         acc.wait_for_everyone()
+
+    def _trim_log(self) -> None:
+        """A resumed run logs the steps after its checkpoint again: drop their earlier rows (and a line cut short by
+        the interruption), so ``log.jsonl`` holds each step once."""
+        path = self.dir / "log.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= self.step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            with atomic_file(path) as tmp:
+                tmp.write_text("".join(f"{line}\n" for line in kept))
 
     # ------------------------------------------------------------------------------------------------ train
     def train(self) -> dict:
@@ -581,6 +605,7 @@ class Trainer:
         if acc.is_main_process:
             state = {"step": self.step, "nonfinite_streak": self.nonfinite_streak,
                      "world_size": acc.num_processes, "fingerprint": config_fingerprint(self.recipe),
+                     "method": self.recipe.to_dict()["method"],
                      "sharded_roles": self._sharded_roles()}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
@@ -610,10 +635,15 @@ class Trainer:
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
+    @property
+    def _reading(self) -> str:
+        """How checkpoint errors name what the user asked for: resuming, or reading a run (export, sample)."""
+        return "checkpoint" if self.readonly else "--resume"
+
     def latest_checkpoint(self) -> Path:
         done = _complete_checkpoints(self.dir / "checkpoints")
         if not done:
-            raise RunError(f"--resume: no complete checkpoint under {self.dir / 'checkpoints'}")
+            raise RunError(f"{self._reading}: no complete checkpoint under {self.dir / 'checkpoints'}")
         return max(done, key=lambda p: int(p.name.split("-")[1]))
 
     def load_checkpoint(self, path: Path) -> None:
@@ -622,10 +652,17 @@ class Trainer:
         try:
             state = json.loads((path / "state.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise RunError(f"--resume: corrupt checkpoint {path}: state.json unreadable ({err})") from None
+            raise RunError(f"{self._reading}: corrupt checkpoint {path}: state.json unreadable ({err})") from None
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise RunError(f"{self._reading}: corrupt checkpoint {path}: state.json holds no step")
         if state.get("fingerprint") != config_fingerprint(self.recipe):
-            raise RunError(f"--resume: checkpoint {path} was written by a different method/teacher "
+            raise RunError(f"{self._reading}: checkpoint {path} was written by a different method/teacher "
                            f"({state.get('fingerprint')}); it cannot be resumed by this recipe")
+        saved, now = state.get("method"), json.loads(json.dumps(self.recipe.to_dict()["method"]))
+        if saved is not None and saved != now:  # the stage schedule, grids and losses hang on them
+            key = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))[0]
+            raise RunError(f"{self._reading}: method.{key} is {now.get(key)!r} here but the run was trained with "
+                           f"{saved.get(key)!r}; a resumed run keeps its method settings")
         if self.readonly:  # export / sample: the weights only, consolidated from shards if need be
             try:
                 for role in self._checkpointed_roles():
@@ -636,11 +673,11 @@ class Trainer:
             self.step = int(state["step"])
             return
         if state.get("world_size") != acc.num_processes:
-            raise RunError(f"--resume: checkpoint {path} was written by {state.get('world_size')} process(es); "
+            raise RunError(f"{self._reading}: checkpoint {path} was written by {state.get('world_size')} process(es); "
                            f"exact resume needs the same number, got {acc.num_processes}")
         if state.get("sharded_roles", []) != self._sharded_roles():
-            raise RunError(f"--resume: checkpoint {path} has sharded roles {state.get('sharded_roles', [])}, this "
-                           f"run shards {self._sharded_roles()}; resume with the same train.fsdp / launch config")
+            raise RunError(f"{self._reading}: checkpoint {path} has sharded roles {state.get('sharded_roles', [])}, "
+                           f"this run shards {self._sharded_roles()}; resume with the same train.fsdp / launch config")
         rank, sharded = acc.process_index, self._sharded_roles()
         try:
             for role in self._checkpointed_roles():
@@ -658,7 +695,7 @@ class Trainer:
             rng = load_file(str(path / f"rng-rank{acc.process_index}.safetensors"))
         except Exception as err:  # noqa: BLE001 - any unreadable/mismatched file is the same user-facing problem
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise RunError(f"--resume: corrupt or incompatible checkpoint {path}: {first}") from None
+            raise RunError(f"{self._reading}: corrupt or incompatible checkpoint {path}: {first}") from None
         self.generator.set_state(rng["data"])
         if "shared" in rng:  # checkpoints written before Batch.shared existed lack it
             self.shared_generator.set_state(rng["shared"])

@@ -110,3 +110,47 @@ def test_tiny_smoke_recipe_runs_from_the_command_line(tmp_path):
     assert main(["distill", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
     meta = json.loads((tmp_path / "run" / "pipeline" / "stepdistill.json").read_text())
     assert meta["timesteps"] == [1023, 511] and (tmp_path / "run" / "samples" / "step-4.png").exists()
+
+
+def test_what_is_already_on_disk_is_kept(tmp_path, capsys):
+    """Nothing the user has is deleted or silently replaced: export targets, folders that are not runs, logs."""
+    recipe, run = _recipe_file(tmp_path), tmp_path / "run"
+    assert main(["distill", str(recipe), "--output-dir", str(run)]) == 0
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    line = _error(capsys, ["export", str(run), "--output-dir", str(mine)])
+    assert "already exists; pass --overwrite" in line and (mine / "notes.txt").read_text() == "keep me"
+    line = _error(capsys, ["distill", str(recipe), "--output-dir", str(mine), "--overwrite"])
+    assert "not a stepdistill run; refusing to delete it" in line and (mine / "notes.txt").exists()
+    assert "--resume and --overwrite" in _error(capsys, ["distill", str(recipe), "--output-dir", str(run),
+                                                         "--resume", "--overwrite"])
+    assert main(["export", str(run), "--output-dir", str(mine), "--overwrite"]) == 0
+    assert (mine / "model_index.json").exists()
+
+    # A resumed run keeps its method settings (the stage schedule and the exported grid hang on them).
+    line = _error(capsys, ["distill", str(recipe), "--output-dir", str(run), "--resume", "train.max_steps=8",
+                           "method.steps_per_stage=4"])
+    assert "method.steps_per_stage is 4 here but the run was trained with 3" in line
+
+    # Rows logged after the checkpoint by an interrupted run (and a line cut short) are dropped on resume.
+    with (run / "log.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 7, "loss/student": 1.0}) + "\n" + '{"step": 8, "lo')
+    assert main(["distill", str(recipe), "--output-dir", str(run), "--resume", "train.max_steps=8"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_sample_arguments_and_a_checkpoint_that_is_json_but_not_a_state(tmp_path, capsys):
+    recipe, run = _recipe_file(tmp_path), tmp_path / "run"
+    assert main(["distill", str(recipe), "--output-dir", str(run)]) == 0
+    assert "--output:" in _error(capsys, ["sample", str(run), "--output", str(tmp_path / "x.txt")])
+    assert "--num-samples: must be >= 1" in _error(capsys, ["sample", str(run), "--num-samples", "0",
+                                                            "--output", str(tmp_path / "x.png")])
+    assert "--steps: must be >= 1" in _error(capsys, ["sample", str(run), "--steps", "-2",
+                                                      "--output", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+    (run / "checkpoints" / "step-6" / "state.json").write_text("[1, 2]")
+    line = _error(capsys, ["export", str(run)])
+    assert line.startswith("stepdistill: error: checkpoint: corrupt checkpoint") or "no complete checkpoint" in line

@@ -63,6 +63,25 @@ def test_overrides_parse_yaml_values():
         apply_overrides({}, ["train.max_steps"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.log_every=0", "train.log_every: must be >= 1, got 0"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every: must be >= 0 (0: never)"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints: must be >= 0 (0: keep all)"),
+    ("train.ema_decay=1.5", "train.ema_decay: must be in [0, 1)"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm: must be positive"),
+    ("train.max_nonfinite=0", "train.max_nonfinite: must be >= 1"),
+    ("roles.rank=0", "roles.rank: must be >= 1"),
+])
+def test_out_of_range_settings_are_one_line(override, message):
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        build_recipe(apply_overrides(gmm_recipe(), [override]))
+
+
+def test_an_unquoted_no_is_the_word():
+    """YAML 1.1 reads `no` as false; ``train.mixed_precision=no`` on the command line means "no"."""
+    assert build_recipe(apply_overrides(gmm_recipe(), ["train.mixed_precision=no"])).train.mixed_precision == "no"
+
+
 @pytest.mark.parametrize("overrides, message", [
     # 1024 / 3 is not an integer: the 3-step grid falls between the teacher's discrete timesteps.
     ({"method.teacher_steps": 12, "method.final_steps": 3}, "falls between the teacher's 1024 discrete timesteps"),
