@@ -15,6 +15,8 @@ import copy
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +68,29 @@ def lr_factor(step: int, cfg: OptimizerConfig, total: int | None = None) -> floa
         return 1.0
     frac = min(1.0, (step - cfg.warmup) / max(1, period - cfg.warmup))
     return 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) while training: finish the step, checkpoint, stop with
+    one line. A second Ctrl-C interrupts at once. Handlers are installed in the main thread only."""
+
+    def __init__(self):
+        self.name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.name = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *_exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def config_fingerprint(recipe: Recipe) -> dict:
@@ -375,39 +400,58 @@ class Trainer:
         last, logs, tick, tick_step = {}, {}, time.perf_counter(), self.step
         if self.step >= r.train.max_steps:
             return last  # a finished run resumed without a larger budget: nothing to do, nothing rewritten
-        for step in bar:
-            self.step = step
-            # ``logs`` keeps the latest value of every key: with update_every a phase may not run on a logging step.
-            logs.update({f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()})
-            stepped = set()
-            for phase in self.method.phases:
-                if step % r.train.update_every.get(phase, 1):
-                    continue
-                logs.update(self._run_phase(phase))
-                stepped.update(self._owners(phase))
-            if "student" in stepped:  # ema_decay is per student update (DMD2's student updates every 5th step)
-                self._update_ema()
-            self.step = step + 1
-            if self.step % r.train.log_every == 0 or self.step == r.train.max_steps:
-                logs = {k: float(v) for k, v in logs.items()}  # device scalars: the one wait of a logging step
-                now = time.perf_counter()
-                logs["it_per_s"] = (self.step - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, self.step
-                last = {"step": self.step, **logs}
-                if acc.is_main_process:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(last) + "\n")
-                    acc.log(logs, step=self.step)
-                bar.set_postfix({k.split("/", 1)[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
-            if r.train.sample_every and self.step % r.train.sample_every == 0:
-                self.save_samples()
-            if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
-                self.save_checkpoint()
+        with StopRequest() as stop:
+            for step in bar:
+                self.step = step
+                # ``logs`` keeps the latest value of every key: with update_every a phase may skip a logging step.
+                logs.update({f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()})
+                stepped = set()
+                for phase in self.method.phases:
+                    if step % r.train.update_every.get(phase, 1):
+                        continue
+                    logs.update(self._run_phase(phase))
+                    stepped.update(self._owners(phase))
+                if "student" in stepped:  # ema_decay is per student update (DMD2's student updates every 5th step)
+                    self._update_ema()
+                self.step = step + 1
+                logged = self.step % r.train.log_every == 0 or self.step == r.train.max_steps
+                if logged:
+                    logs = {k: float(v) for k, v in logs.items()}  # device scalars: the one wait of a logging step
+                    now = time.perf_counter()
+                    logs["it_per_s"] = (self.step - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step = now, self.step
+                    last = {"step": self.step, **logs}
+                    if acc.is_main_process:
+                        with log_path.open("a") as f:
+                            f.write(json.dumps(last) + "\n")
+                        acc.log(logs, step=self.step)
+                    bar.set_postfix({k.split("/", 1)[-1]: f"{v:.4g}" for k, v in logs.items() if k[:5] == "loss/"})
+                if r.train.sample_every and self.step % r.train.sample_every == 0:
+                    self.save_samples()
+                checkpointed = bool(r.train.checkpoint_every) and self.step % r.train.checkpoint_every == 0
+                if checkpointed:
+                    self.save_checkpoint()
+                if self._stop_agreed(stop, logged):
+                    if not checkpointed:
+                        self.save_checkpoint()
+                    raise RunError(f"stopped by {stop.name or 'a signal'} at step {self.step}; the checkpoint is "
+                                   "saved: continue with --resume")
         if not (r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0):
             self.save_checkpoint()
         self.save_samples()
         acc.end_training()
         return last
+
+    def _stop_agreed(self, stop: StopRequest, logged: bool) -> bool:
+        """Whether a stop signal arrived, agreed by every rank so they all checkpoint the same step. Several
+        processes compare flags at logging steps only, which wait for the device anyway."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return stop.name is not None
+        if not logged:
+            return False
+        flag = torch.tensor([float(stop.name is not None)], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
     def _init_trackers(self) -> None:
         if self.trackers:  # tensorboard / wandb, when installed; log.jsonl is always written by the loop itself

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from stepdistill.cli import main
@@ -154,3 +155,36 @@ def test_sample_arguments_and_a_checkpoint_that_is_json_but_not_a_state(tmp_path
     (run / "checkpoints" / "step-6" / "state.json").write_text("[1, 2]")
     line = _error(capsys, ["export", str(run)])
     assert line.startswith("stepdistill: error: checkpoint: corrupt checkpoint") or "no complete checkpoint" in line
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, capsys, monkeypatch, sig):
+    """Ctrl-C or a scheduler's SIGTERM: the step under way completes, is checkpointed, and one line says how to go
+    on; the resumed run ends where an uninterrupted one does."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from stepdistill.train import Trainer
+
+    recipe = _recipe_file(tmp_path)
+    assert main(["distill", str(recipe), "--output-dir", str(tmp_path / "whole")]) == 0
+    update = Trainer._update_ema
+
+    def signal_during_step_2(self):
+        if self.step == 1:
+            os.kill(os.getpid(), getattr(signal, sig))
+        update(self)
+
+    monkeypatch.setattr(Trainer, "_update_ema", signal_during_step_2)
+    run = tmp_path / "run"
+    line = _error(capsys, ["distill", str(recipe), "--output-dir", str(run)])
+    assert f"stopped by {sig} at step 2" in line and "--resume" in line
+    assert (run / "checkpoints" / "step-2" / "state.json").exists()
+    monkeypatch.setattr(Trainer, "_update_ema", update)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert main(["distill", str(recipe), "--output-dir", str(run), "--resume"]) == 0
+    whole, resumed = (load_file(str(d / "checkpoints" / "step-6" / "student.safetensors"))
+                      for d in (tmp_path / "whole", run))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
