@@ -199,13 +199,18 @@ def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | N
     from diffusers import UNet2DModel
 
     local = os.path.isdir(path)
-    if not local and (os.path.sep in path.strip("/") and path.startswith((".", "/"))):
+    # a path, not a hub id: it starts like one, or its first part is a local folder ("teachers/sd15x")
+    looks_local = path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0])
+    if not local and looks_local and (os.path.sep in path.strip("/") or path.startswith((".", "~"))):
         raise TeacherError(f"teacher.pretrained: no such directory: {path}")
     index = None if subfolder else _model_index(path, revision)
     found = BY_PIPELINE.get((index or {}).get("_class_name"))
     if family is not None and family not in FAMILIES and family != "unet2d":
         raise TeacherError(f"teacher.family: unknown {family!r}; allowed: {['unet2d', *FAMILIES]}")
     if family is not None and (found.name if found else "unet2d") != family:
+        if index is None and not local:
+            raise TeacherError(f"teacher.pretrained: {path!r} is no local directory, and no hub repository of that "
+                               "name could be read (offline, or a mistyped path?)")
         what = index.get("_class_name") if index else "no model_index.json (a UNet2DModel folder?)"
         raise TeacherError(f"teacher.family: the recipe says {family!r} but {path} holds {what}")
     if found is not None:

@@ -144,3 +144,12 @@ def test_loop_options_bf16_accumulation_and_ema(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-6" / "student_ema.safetensors").exists()
     rows = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert len(rows) == 6 and all("nan" not in r.lower() for r in rows)
+
+
+def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """``teachers/sd15x`` next to a ``teachers/`` folder is a local path with a typo, not the hub id of user
+    "teachers": one line at once, no network retries."""
+    (tmp_path / "teachers").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TeacherError, match="no such directory: teachers/sd15x"):
+        load_pretrained("teachers/sd15x", family="sd15")
