@@ -144,6 +144,8 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
     path = Path(args.path)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
     student, grid, teacher, _ = _load_student(path)
     if teacher.family is not None:
         raise ConfigError(f"eval: no metric for {teacher.family.name} students yet (a CLIP score is planned); "

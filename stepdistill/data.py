@@ -62,6 +62,9 @@ def image_captions(path: str) -> list[str] | None:
 def _image_folder(path: str, shape: tuple[int, ...]) -> torch.Tensor:
     from PIL import Image
 
+    if len(shape) != 3:
+        raise ValueError(f"data.source image_folder needs an image teacher; this teacher's samples have shape "
+                         f"{list(shape)}")
     files = image_files(path)
     c, h, w = shape
     mode = {1: "L", 3: "RGB"}.get(c)

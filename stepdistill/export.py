@@ -220,7 +220,7 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
     family, adapter = teacher.family, getattr(student, "adapter", None)
     if family is None:
         raise ExportError("export --lora: LoRA files load into SD1.5/SDXL/SD3/FLUX pipelines; DDPMPipeline has no "
-                          "load_lora_weights, so export the merged pipeline instead (--fuse)")
+                          "load_lora_weights; `stepdistill export RUN` (without --lora) writes the merged pipeline")
     if adapter is None:
         raise ExportError("export --lora: this run trained full weights (roles.mode: full); a LoRA file needs a run "
                           "with roles.mode: lora")

@@ -349,4 +349,7 @@ def load_teacher(cfg) -> Teacher:
         raise TeacherError(f"teacher.gmm: {'unknown key(s) ' + str(sorted(unknown)) if unknown else 'means missing'};"
                            f" allowed: {sorted(allowed)}")
     means = gmm.pop("means")
-    return load_gmm(means, **gmm)
+    try:
+        return load_gmm(means, **gmm)
+    except (TypeError, ValueError) as err:  # e.g. std: abc, or means of unequal lengths
+        raise TeacherError(f"teacher.gmm: cannot build the mixture from these values ({err})") from None

@@ -35,6 +35,8 @@ def _error(capsys, argv):
     (["train.colour=blue"], "train.colour: unknown key"),
     (["train.max_steps=abc"], "train.max_steps: expected an integer"),
     (["teacher.gmm.stds=[0.1]"], "teacher.gmm needs exactly one of 'std'"),
+    (["teacher.gmm.std=abc"], "teacher.gmm: cannot build the mixture from these values"),
+    (["data.source=image_folder", "data.path=."], "data.source image_folder needs an image teacher"),
 ])
 def test_bad_recipe_inputs(tmp_path, capsys, overrides, message):
     recipe = _recipe_file(tmp_path)
