@@ -156,8 +156,19 @@ def cmd_eval(args) -> int:
                        teacher_sampler=settings.teacher_sampler if settings else "ddim",
                        full_steps=settings.teacher_full_steps if settings else 64)
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _card_metrics(path, metrics)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _card_metrics(path: Path, metrics: dict) -> None:
+    """Put ``metrics`` on the model card of the pipeline at ``path`` (a pipeline folder or a run's pipeline/)."""
+    from .export import card_with_metrics
+
+    for folder in (path, path / "pipeline"):
+        if (folder / "stepdistill.json").exists():
+            card_with_metrics(folder, metrics)
+            return
 
 
 def cmd_demo(args) -> int:
@@ -177,6 +188,7 @@ def cmd_demo(args) -> int:
                        num_samples=recipe.eval.num_samples, teacher_sampler=recipe.eval.teacher_sampler,
                        full_steps=recipe.eval.teacher_full_steps)
     (trainer.dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _card_metrics(trainer.dir, metrics)
     s, tn, tf = metrics["student"], metrics["teacher_same_nfe"], metrics["teacher_full"]
     print(f"\nFrechet distance (lower is better): student {s['nfe']} NFE {s['frechet_distance']:.2f} | "
           f"teacher {tn['nfe']} NFE {tn['frechet_distance']:.2f} | teacher {tf['nfe']} NFE "

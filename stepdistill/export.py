@@ -342,6 +342,15 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def card_with_metrics(pipeline_dir: Path, metrics: dict) -> None:
+    """Rewrite an exported pipeline's model card with ``metrics`` (``stepdistill eval``, the demo) added."""
+    from .atomic import atomic_file
+
+    meta = json.loads((Path(pipeline_dir) / "stepdistill.json").read_text())
+    with atomic_file(Path(pipeline_dir) / "README.md") as tmp:
+        tmp.write_text(model_card(meta, metrics))
+
+
 def load_exported_student(pipeline_dir: Path, teacher) -> tuple[Denoiser, StudentGrid, dict]:
     """Rebuild ``(student denoiser, grid, stepdistill.json)`` from an exported pipeline folder."""
     from diffusers import UNet2DModel

@@ -77,6 +77,8 @@ def test_distill_sample_eval_export_and_protection(tmp_path, capsys):
         metrics = json.loads((target / "metrics.json").read_text())
         assert {"student", "teacher_same_nfe", "teacher_full"} <= metrics.keys()
         assert metrics["teacher_full"]["nfe"] == 8 if target == run else 64
+        card = (run / "pipeline" / "README.md").read_text()  # the model card carries the latest metrics
+        assert "## Metrics" in card and json.dumps(metrics["student"]["nfe"]) in card
     assert main(["sample", str(run), "--num-samples", "16", "--output", str(tmp_path / "grid.png")]) == 0
     assert main(["export", str(run), "--output-dir", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "model_index.json").exists()
