@@ -15,8 +15,6 @@ import copy
 import json
 import math
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from .sharding import (
     reshard_optimizer_state,
     shard_backbone,
 )
+from .stop import StopRequest
 from .teachers import TeacherError, cache_root, load_teacher
 from .visualize import save_sample_grid
 
@@ -68,29 +67,6 @@ def lr_factor(step: int, cfg: OptimizerConfig, total: int | None = None) -> floa
         return 1.0
     frac = min(1.0, (step - cfg.warmup) / max(1, period - cfg.warmup))
     return 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) while training: finish the step, checkpoint, stop with
-    one line. A second Ctrl-C interrupts at once. Handlers are installed in the main thread only."""
-
-    def __init__(self):
-        self.name: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        self.name = signal.Signals(signum).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *_exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def config_fingerprint(recipe: Recipe) -> dict:
