@@ -55,8 +55,7 @@ def image_captions(path: str) -> list[str] | None:
         missing = next(f for f in files if not f.with_suffix(".txt").is_file())
         raise ValueError(f"data.path: {len(files) - len(found)} of {len(files)} images have no caption file (e.g. "
                          f"{missing.with_suffix('.txt')}); caption every image or none")
-    captions = [f.read_text(encoding="utf-8").strip() for f in found]
-    return captions
+    return [f.read_text(encoding="utf-8").strip() for f in found]
 
 
 def _image_folder(path: str, shape: tuple[int, ...]) -> torch.Tensor:
