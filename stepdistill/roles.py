@@ -96,14 +96,17 @@ def lora_targets(teacher: Teacher) -> str:
 
 
 def rebuilt_lora_student(teacher: Teacher, like: AdapterDenoiser, weights: dict[str, torch.Tensor], *, rank: int,
-                         alpha: float) -> AdapterDenoiser:
+                         alpha: float, teacher_dtype: str = "float32") -> AdapterDenoiser:
     """The student adapter ``weights`` on a freshly loaded ``teacher``'s base, wrapped like ``like``.
 
     Used where the training base cannot be read whole: under FSDP it was sharded in place, and the process group
-    that could gather it is gone by export time.
+    that could gather it is gone by export time. The base is stored in ``teacher_dtype`` as in training, so the merged
+    export is the student that was trained (the unsharded export merges into that same bf16-rounded base).
     """
     base = teacher.backbone
     add_adapters(base, [like.adapter], rank=rank, alpha=alpha, target_modules=lora_targets(teacher))
+    if teacher_dtype != "float32":
+        cast_frozen(base, getattr(torch, teacher_dtype))
     student = AdapterDenoiser(like.inner.with_backbone(base, like.prediction), like.adapter)
     student.load_role_state_dict(weights)
     return student.eval()

@@ -568,7 +568,7 @@ class Trainer:
         if isinstance(student, AdapterDenoiser):  # the shared base was sharded in place: reload it, then the adapter
             r = self.recipe
             rebuilt = rebuilt_lora_student(load_teacher(r.teacher), student, weights, rank=r.roles.rank,
-                                           alpha=r.roles.alpha)
+                                           alpha=r.roles.alpha, teacher_dtype=r.roles.teacher_dtype)
             return rebuilt.to(self.accelerator.device)
         backbone = type(student.backbone).from_config(student.backbone.config)
         backbone.load_state_dict(weights)

@@ -162,3 +162,19 @@ def test_the_gan_feature_pass_skips_the_ddp_wrapper_of_the_shared_base(tmp_path)
     assert calls == [] and feats.shape[0] == 3
     fake(x, t)
     assert calls == [1]  # the wrapper is back for whole forwards
+
+
+def test_the_rebuilt_student_of_a_sharded_run_merges_into_the_base_it_trained_on(tmp_path):
+    """Under FSDP the export reloads the teacher and puts the adapter back on it; with a bf16 teacher the reloaded
+    base is rounded as in training, so both export paths merge into the same weights."""
+    from stepdistill.roles import rebuilt_lora_student
+    from stepdistill.teachers import load_teacher
+
+    trainer = _trainer(tmp_path, **{"roles.teacher_dtype": "bfloat16"})
+    student = trainer.nets.student
+    _perturb(student.trainable_parameters(), seed=3)  # a trained-looking adapter
+    r = trainer.recipe
+    rebuilt = rebuilt_lora_student(load_teacher(r.teacher), student, student.role_state_dict(), rank=r.roles.rank,
+                                   alpha=r.roles.alpha, teacher_dtype=r.roles.teacher_dtype)
+    ours, theirs = student.plain_backbone().state_dict(), rebuilt.plain_backbone().state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
