@@ -8,7 +8,8 @@ import threading
 
 class StopRequest:
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) while training: finish the step, checkpoint, stop with
-    one line. A second Ctrl-C interrupts at once. Handlers are installed in the main thread only."""
+    one line. A second Ctrl-C interrupts at once. Handlers are installed in the main thread only, and not for
+    a signal the process was started ignoring."""
 
     def __init__(self):
         self.name: str | None = None
@@ -17,7 +18,8 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. nohup / a background job: keep ignoring it
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, _frame) -> None:

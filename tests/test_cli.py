@@ -183,12 +183,34 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, capsy
 
     monkeypatch.setattr(Trainer, "_update_ema", signal_during_step_2)
     run = tmp_path / "run"
-    line = _error(capsys, ["distill", str(recipe), "--output-dir", str(run)])
+    # as in a terminal (a background job, e.g. CI's, starts with SIGINT ignored, which the loop respects)
+    before = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                   (signal.SIGTERM, signal.SIG_DFL))}
+    try:
+        line = _error(capsys, ["distill", str(recipe), "--output-dir", str(run)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
     assert f"stopped by {sig} at step 2" in line and "--resume" in line
     assert (run / "checkpoints" / "step-2" / "state.json").exists()
     monkeypatch.setattr(Trainer, "_update_ema", update)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert main(["distill", str(recipe), "--output-dir", str(run), "--resume"]) == 0
     whole, resumed = (load_file(str(d / "checkpoints" / "step-6" / "student.safetensors"))
                       for d in (tmp_path / "whole", run))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+    """nohup and background jobs start with SIGINT ignored; training must not start catching it."""
+    import signal
+
+    from stepdistill.stop import StopRequest
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
