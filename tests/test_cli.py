@@ -214,3 +214,15 @@ def test_a_signal_the_process_was_started_ignoring_stays_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_the_demo_command_end_to_end_on_a_small_budget(tmp_path, capsys):
+    """``stepdistill demo`` (the quickstart's first command) on a 40-step budget: train, export, evaluate, and the
+    model card carries the metrics."""
+    out = tmp_path / "demo"
+    assert main(["demo", "train.max_steps=40", "method.steps_per_stage=10", "eval.num_samples=64",
+                 "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Frechet distance" in printed and "classes covered by the student" in printed
+    assert (out / "pipeline" / "model_index.json").exists() and (out / "metrics.json").exists()
+    assert "## Metrics" in (out / "pipeline" / "README.md").read_text()
