@@ -32,7 +32,7 @@ def _user_errors():
 
 
 def cmd_distill(args) -> int:
-    from .config import dump_recipe, load_recipe
+    from .config import ConfigError, dump_recipe, load_recipe
     from .train import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -41,8 +41,6 @@ def cmd_distill(args) -> int:
         print(dump_recipe(recipe), end="")
         return 0
     if args.resume and args.overwrite:
-        from .config import ConfigError
-
         raise ConfigError("--resume and --overwrite: pass one (continue the run, or replace it)")
     trainer = Trainer(recipe, out, resume=args.resume, overwrite=args.overwrite).setup()
     trainer.train()

@@ -201,7 +201,7 @@ def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | N
     local = os.path.isdir(path)
     # a path, not a hub id: it starts like one, or its first part is a local folder ("teachers/sd15x")
     looks_local = path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0])
-    if not local and looks_local and (os.path.sep in path.strip("/") or path.startswith((".", "~"))):
+    if not local and looks_local:
         raise TeacherError(f"teacher.pretrained: no such directory: {path}")
     index = None if subfolder else _model_index(path, revision)
     found = BY_PIPELINE.get((index or {}).get("_class_name"))

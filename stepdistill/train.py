@@ -412,7 +412,7 @@ class Trainer:
                         self.save_checkpoint()
                     raise RunError(f"stopped by {stop.name or 'a signal'} at step {self.step}; the checkpoint is "
                                    "saved: continue with --resume")
-        if not (r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0):
+        if not checkpointed:  # the last step's checkpoint, unless checkpoint_every just wrote it
             self.save_checkpoint()
         self.save_samples()
         acc.end_training()
