@@ -170,6 +170,11 @@ class Denoiser(RoleModule):
                          f"{type(self).__name__}: diffusers has no w-embedding for its backbone; distil one fixed "
                          f"scale instead (guidance: [w, w])")
 
+    def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal noise shaped like ``like``, drawn (on CPU) in the layout the family's stock pipeline
+        draws it, so a seeded re-noising sampler and the exported pipeline see the same numbers."""
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Prediction:
         t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
         out = self.raw(x_t, self.schedule.model_time(t), cond)
@@ -435,6 +440,12 @@ class FluxDenoiser(TextConditioned):
         new = self.with_backbone(transformer, self.prediction)
         new.guidance = float(default)
         return new
+
+    def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        # FluxPipeline's scheduler draws re-noising noise in the packed [B, H/2 * W/2, 4C] layout
+        b, c, h, w = like.shape
+        packed = torch.randn((b, (h // 2) * (w // 2), 4 * c), generator=generator, dtype=like.dtype)
+        return unpack_latents(packed, h, w).to(like.device)
 
     def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
         c = self._inputs(cond)

@@ -18,13 +18,16 @@ from .parameterization import DIFFUSERS_PREDICTION
 from .schedules import NoiseSchedule, RectifiedFlow, VPDiscrete
 
 
-#: LoRA targets of UNet2DConditionModel: attention, feed-forward, transformer projections, resnet convs and time
-#: embedding projections (the breadth of the LCM-LoRA scripts and DMD2's SDXL LoRA, ECOSYSTEM.md §2.2)
+#: LoRA targets of UNet2DConditionModel: attention, feed-forward, transformer projections, resnet convs, the down- and
+#: upsampling convs and time embedding projections (the list of the LCM-LoRA scripts, ECOSYSTEM.md §2.2/§2.4)
 UNET_COND_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2|"
-                     r"conv_shortcut|time_emb_proj)$")
-#: LoRA targets of the SD3/FLUX transformers: joint-attention projections of both streams and the MLPs
+                     r"conv_shortcut|downsamplers\.0\.conv|upsamplers\.0\.conv|time_emb_proj)$")
+#: LoRA targets of the SD3/FLUX transformers: joint-attention projections of both streams, the MLPs, and the output
+#: projection of FLUX's single-stream blocks (their attention has no to_out: its output reaches the stream only
+#: through proj_out, so leaving it out would adapt those 38 blocks' attention through q/k/v alone)
 TRANSFORMER_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|"
-                       r"ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp)$")
+                       r"ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|"
+                       r"single_transformer_blocks\.\d+\.proj_out)$")
 
 
 @dataclass(frozen=True)

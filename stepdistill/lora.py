@@ -26,9 +26,10 @@ from .denoisers import Cond, Denoiser
 from .parameterization import Prediction
 
 
-#: the layers LoRA adapts in UNet2DModel backbones: every conv and linear layer of the resnets, attention and time
-#: embedding (the same breadth as DMD2's SDXL LoRA, which targets attention, conv and projection layers)
-UNET2D_TARGETS = r".*(conv1|conv2|conv_shortcut|time_emb_proj|to_q|to_k|to_v|to_out\.0|linear_1|linear_2)$"
+#: the layers LoRA adapts in UNet2DModel backbones: every conv and linear layer of the resnets, the down- and
+#: upsampling convs, attention and time embedding (the breadth of the LCM-LoRA scripts' UNet list, ECOSYSTEM.md §2.2)
+UNET2D_TARGETS = (r".*(conv1|conv2|conv_shortcut|downsamplers\.0\.conv|upsamplers\.0\.conv|time_emb_proj|to_q|to_k|"
+                  r"to_v|to_out\.0|linear_1|linear_2)$")
 
 
 def add_adapters(base: nn.Module, names: list[str], *, rank: int, alpha: float, target_modules: str = UNET2D_TARGETS,
@@ -175,6 +176,9 @@ class AdapterDenoiser(Denoiser):
 
     def null_cond(self, cond: Cond) -> Cond:
         return self.inner.null_cond(cond)
+
+    def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.inner.fresh_noise(like, generator)
 
     @property
     def sampling_guidance(self) -> float | None:

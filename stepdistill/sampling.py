@@ -172,7 +172,7 @@ def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *,
         elif grid.transition == "ddim":
             x = ddim_step(pred, sch, t_next)
         else:
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            z = student.fresh_noise(x, generator)
             x = (sch.alpha(times[i + 1]) * pred.x0_64 + sch.sigma(times[i + 1]) * z.double()).to(x.dtype)
         if callback is not None:
             callback(i, x, pred)

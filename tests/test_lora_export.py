@@ -3,6 +3,7 @@
 output unchanged (``lora_alpha != r``), and so does the kohya/webui file; LoRA roles on family backbones."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,10 @@ import torch
 from stepdistill.cli import main
 from stepdistill.config import build_recipe
 from stepdistill.denoisers import pack_latents, unpack_latents
+from stepdistill.families import BY_PIPELINE
 from stepdistill.lora import lora_layers
 from stepdistill.sampling import sample_student
+from stepdistill.tiny import tiny_flux, tiny_sd3, tiny_sd15, tiny_sdxl
 from stepdistill.train import Trainer
 
 from ._lora_checks import check_gradients_reach_only_the_owning_adapter
@@ -91,7 +94,7 @@ def _expected(trainer, noise):
                           generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("tiny", ["sd15", "sd3"])
+@pytest.mark.parametrize("tiny", ["sd15", "sd3", "flux"])
 def test_lora_file_reloads_exactly_with_every_layer(tmp_path, tiny):
     trainer = _trained(tmp_path, tiny)
     student = trainer.nets.student
@@ -152,6 +155,24 @@ def test_lora_roles_on_family_backbones(tmp_path, tiny):
     assert (fake - before).abs().max() > 1e-4
 
     check_gradients_reach_only_the_owning_adapter(nets, method, batch)
+
+
+#: the linear/conv layers LoRA leaves frozen on purpose: input/output and embedding layers and adaLN modulations
+#: (the LCM-LoRA scripts and diffusers' FLUX LoRA scripts leave them out too)
+_NOT_ADAPTED = r"(conv_in|conv_out|x_embedder|pos_embed\.proj|context_embedder|proj_out|time_embedding\..*|"\
+               r"add_embedding\..*|time_text_embed\..*|.*norm.*\.linear)"
+
+
+@pytest.mark.parametrize("make", [tiny_sd15, tiny_sdxl, tiny_sd3, tiny_flux], ids=["sd15", "sdxl", "sd3", "flux"])
+def test_lora_targets_cover_every_layer_inside_the_blocks(make):
+    """Down/upsampling convs (UNets) and the single-stream blocks' proj_out (FLUX) included: they carry the blocks'
+    outputs, and the LCM-LoRA / FLUX LoRA scripts adapt them (ECOSYSTEM.md §2.2)."""
+    pipe = make()
+    backbone = getattr(pipe, "unet", None) or pipe.transformer
+    family = BY_PIPELINE[type(pipe).__name__]
+    left = sorted(n for n, m in backbone.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                  and not re.fullmatch(family.lora_targets, n) and not re.fullmatch(_NOT_ADAPTED, n))
+    assert left == []
 
 
 def test_a_model_that_cannot_take_adapters_is_one_line():
