@@ -98,6 +98,9 @@ class TrainConfig:
     max_nonfinite: int = 5
     trackers: list[str] = field(default_factory=lambda: ["jsonl"])
     gradient_checkpointing: bool = False
+    #: another run (its latest checkpoint) or one of its checkpoints to start from: its role weights, with fresh
+    #: optimizers and step 0, under this recipe's method settings (DMD2's SD1.5 stage 2: add the GAN, lower lr)
+    init_from: str | None = None
     #: ``sdpa`` (torch's scaled_dot_product_attention, diffusers' default) or ``xformers`` (CUDA, when installed)
     attention_backend: str = "sdpa"
     #: shard every trainable role with FSDP2 across the launched processes (``sharding.py``); an accelerate FSDP

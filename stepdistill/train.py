@@ -135,6 +135,8 @@ class Trainer:
                                    roles=r.roles)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if r.train.init_from is not None and not (self.resume or readonly):  # a resumed run has its own weights
+            self._init_from(Path(r.train.init_from))
         self._set_attention_backend()
         self._check_grids()
         unknown = set(r.train.update_every) - set(self.method.phases)
@@ -318,7 +320,8 @@ class Trainer:
         acc = self.accelerator
         ctx = PrepareContext(cache_dir=cache_root(), sample_shape=tuple(self.teacher.sample_shape),
                              device=acc.device, is_main_process=acc.is_main_process,
-                             wait_for_everyone=acc.wait_for_everyone, student_init=self.recipe.student.init)
+                             wait_for_everyone=acc.wait_for_everyone,
+                             student_init="checkpoint" if self.recipe.train.init_from else self.recipe.student.init)
         try:
             prepare(self.nets, ctx)
         except ValueError as err:
@@ -722,6 +725,55 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         self.step = int(state["step"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+    def _init_from(self, src: Path) -> None:
+        """``train.init_from``: load the trainable roles and the student EMA that ``src`` holds (a run: its latest
+        checkpoint). Roles it lacks start as usual (a GAN head added in DMD2's stage 2); roles derived from the student
+        (progressive distillation's stage teacher, an EMA the checkpoint lacks) are derived from the loaded student.
+        Method settings may differ from the source run's; method name, teacher and roles mode may not."""
+        done = _complete_checkpoints(src / "checkpoints")
+        path = src if (src / "state.json").is_file() else max(done, key=lambda p: int(p.name.split("-")[1]),
+                                                                 default=None)
+        if path is None:
+            raise RunError(f"train.init_from: {src} is neither a run with a complete checkpoint nor a checkpoint")
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise RunError(f"train.init_from: corrupt checkpoint {path}: state.json unreadable ({err})") from None
+        if not isinstance(state, dict) or state.get("fingerprint") != config_fingerprint(self.recipe):
+            got = state.get("fingerprint") if isinstance(state, dict) else None
+            raise RunError(f"train.init_from: checkpoint {path} was written for {got}; this recipe needs "
+                           f"{config_fingerprint(self.recipe)} (same method, teacher and roles.mode)")
+        specs, loaded = self.method.roles(), []
+        saved = state.get("method")
+        try:  # the source run's roles under its own method settings: a role must keep its parameterisation
+            before = METHODS[saved["name"]](**{k: v for k, v in saved.items() if k != "name"}).roles()
+        except Exception:  # noqa: BLE001 - checkpoints written before state.json recorded the method
+            before = {}
+        for role, spec in specs.items():
+            if role in before and before[role].prediction != spec.prediction:
+                raise RunError(f"train.init_from: role {role!r} predicts {before[role].prediction!r} in {path} but "
+                               f"{spec.prediction!r} under this recipe's method settings")
+        roles = [k for k, s in specs.items() if s.trainable] + (["student_ema"] if "student_ema" in self.nets.extra
+                                                                 else [])
+        try:
+            for role in roles:
+                if (path / f"{role}.safetensors").is_file() or (path / f"{role}-rank0.safetensors").is_file():
+                    self.nets[role].load_role_state_dict(self._read_role(path, role))
+                    loaded.append(role)
+        except Exception as err:  # noqa: BLE001 - any unreadable/mismatched file is the same problem
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise RunError(f"train.init_from: corrupt or incompatible checkpoint {path}: {first}") from None
+        if "student" not in loaded:
+            raise RunError(f"train.init_from: checkpoint {path} holds no student weights")
+        derived = [k for k, s in specs.items() if s.init == "student" and k not in loaded]
+        derived += [k for k in ("student_ema",) if k in roles and k not in loaded]
+        for role in derived:
+            self.nets[role].load_role_state_dict(self.nets.student.role_state_dict())
+        if self.accelerator.is_main_process:
+            fresh = sorted(set(specs) - set(loaded) - set(derived) - {"teacher"})
+            tqdm.write(f"init_from {path}: loaded {', '.join(loaded)}" + (f"; from the student: {', '.join(derived)}"
+                       if derived else "") + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
 
 
 def _release_accelerator_state(mixed_precision: str) -> None:

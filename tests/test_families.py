@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from stepdistill.cli import main
 from stepdistill.conditioning import encode_prompts, load_or_encode, null_condition
@@ -441,22 +442,21 @@ FAMILY_RECIPES = sorted(p for folder in ("progressive", "dmd2")
                         if p.stem in FAMILIES)
 
 
-@pytest.mark.parametrize("path", FAMILY_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_family_recipes_run_offline_on_their_tiny_model(tmp_path, path):
-    """Each SD-family recipe (written for the real weights) runs for real on its tiny model: the recipe's own method,
-    roles, guidance and schedule settings, with only the teacher, data and budget swapped, then exports."""
+def _tiny_overrides(path: Path, tmp_path: Path, family: str) -> list[str]:
+    """Overrides that run a recipe written for real weights on its tiny model: only the teacher, data and budget
+    change (captioned random images where the recipe reads an image folder)."""
     from PIL import Image
 
     from stepdistill.config import load_recipe
 
     images = tmp_path / "images"
-    images.mkdir()
+    images.mkdir(exist_ok=True)
     for i in range(4):
         pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"a random picture number {i}")  # DMD2's GAN shows reals with captions
     real = load_recipe(path).data.source == "image_folder"
-    overrides = ["teacher.pretrained=null", f"teacher.tiny={path.stem}", "teacher.resolution=null",
+    overrides = ["teacher.pretrained=null", f"teacher.tiny={family}", "teacher.resolution=null",
                  "teacher.max_sequence_length=null", f"data.prompts={SMOKE_PROMPTS}", "data.batch_size=2",
                  f"data.path={images}" if real else "data.path=null",
                  *([] if real else ["data.source=gaussian"]),
@@ -466,13 +466,42 @@ def test_family_recipes_run_offline_on_their_tiny_model(tmp_path, path):
         overrides += ["method.teacher_steps=8", "method.final_steps=4", "method.steps_per_stage=1"]
         if "regression_steps" in load_recipe(path).method.params:  # SD1.5/SDXL: one regression step, one halving
             overrides.append("method.regression_steps=1")
-    recipe = load_recipe(path, overrides)
+    return overrides
+
+
+@pytest.mark.parametrize("path", FAMILY_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_family_recipes_run_offline_on_their_tiny_model(tmp_path, path):
+    """Each SD-family recipe (written for the real weights) runs for real on its tiny model: the recipe's own method,
+    roles, guidance and schedule settings, with only the teacher, data and budget swapped, then exports."""
+    from stepdistill.config import load_recipe
+
+    recipe = load_recipe(path, _tiny_overrides(path, tmp_path, path.stem))
     trainer = Trainer(recipe, tmp_path / "run", show_progress=False).setup()
     trainer.train()
     meta = json.loads((trainer.export() / "stepdistill.json").read_text())
     assert meta["pipeline_class"] == trainer.teacher.family.pipeline
     if trainer.writes_lora():
         assert (trainer.export_lora(kohya=recipe.export.kohya) / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_dmd2_sd15_stage_two_recipe_continues_stage_one(tmp_path):
+    """recipes/dmd2/sd15_stage2.yaml on the tiny model: stage 1's student and fake score (its latest checkpoint), the
+    GAN head new, the GAN term on."""
+    from stepdistill.config import load_recipe
+
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "dmd2"
+    one = load_recipe(folder / "sd15.yaml", [*_tiny_overrides(folder / "sd15.yaml", tmp_path, "sd15"),
+                                              "train.checkpoint_every=2"])
+    Trainer(one, tmp_path / "stage1", show_progress=False).setup().train()
+    two = load_recipe(folder / "sd15_stage2.yaml", [*_tiny_overrides(folder / "sd15_stage2.yaml", tmp_path, "sd15"),
+                                                     f"train.init_from={tmp_path / 'stage1'}"])
+    trainer = Trainer(two, tmp_path / "stage2", show_progress=False).setup()
+    saved = load_file(str(tmp_path / "stage1" / "checkpoints" / "step-2" / "student.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.nets.student.role_state_dict().items())
+    assert trainer.step == 0
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "stage2" / "log.jsonl").read_text().splitlines()]
+    assert trainer.step == 2 and any(k.startswith("loss_gan") for row in rows for k in row)
 
 
 def test_gan_head_on_a_transformer_is_one_line(tmp_path):

@@ -154,5 +154,6 @@ class PrepareContext:
     device: torch.device
     is_main_process: bool
     wait_for_everyone: Callable[[], None]
-    #: how the student was initialised (the recipe's ``student.init``): ``teacher`` (its weights) or ``new``
+    #: how the student was initialised: ``teacher`` (its weights), ``new`` (the recipe's ``student.init``) or
+    #: ``checkpoint`` (``train.init_from``: a run of this method trained it)
     student_init: str = "teacher"
