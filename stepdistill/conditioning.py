@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_file
+from .data import read_text
 
 
 def read_prompts(path: str) -> list[str]:
@@ -27,7 +28,7 @@ def read_prompts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"data.prompts: no such file: {path}")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(p, "data.prompts").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"data.prompts: {path} holds no prompts (one per line expected)")
     return prompts

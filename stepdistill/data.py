@@ -55,16 +55,28 @@ def image_captions(path: str) -> list[str] | None:
         missing = next(f for f in files if not f.with_suffix(".txt").is_file())
         raise ValueError(f"data.path: {len(files) - len(found)} of {len(files)} images have no caption file (e.g. "
                          f"{missing.with_suffix('.txt')}); caption every image or none")
-    return [f.read_text(encoding="utf-8").strip() for f in found]
+    return [read_text(f, "data.path caption").strip() for f in found]
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file (a byte-order mark, as Windows editors write, is dropped); other encodings are one line."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _image_folder(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    return _load_images(image_files(path), shape)
+
+
+def _load_images(files: list[Path], shape: tuple[int, ...]) -> torch.Tensor:
+    """``files`` resized to ``shape`` ``[C, H, W]``, in [-1, 1]."""
     from PIL import Image
 
     if len(shape) != 3:
         raise ValueError(f"data.source image_folder needs an image teacher; this teacher's samples have shape "
                          f"{list(shape)}")
-    files = image_files(path)
     c, h, w = shape
     mode = {1: "L", 3: "RGB"}.get(c)
     if mode is None:
@@ -90,13 +102,15 @@ def latent_table(path: str, teacher, cache_dir: Path) -> torch.Tensor:
     res = teacher.meta["resolution"]
     files = image_files(path)
     stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = hashlib.sha256(json.dumps([teacher.source, res, stamp]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([teacher.cache_id, res, stamp]).encode()).hexdigest()[:16]
     file = Path(cache_dir) / "latents" / f"{key}.safetensors"
     if file.exists():
         return load_file(str(file))["latents"]
-    images = _image_folder(path, (3, res, res))
     gen = torch.Generator().manual_seed(0)
-    latents = torch.cat([images_to_latents(teacher.vae, images[i:i + 16], gen) for i in range(0, len(images), 16)])
+    # 16 images at a time: only the latents of a large folder are held, not all of its pixels (24 MiB per 1024 px
+    # image in float32)
+    latents = torch.cat([images_to_latents(teacher.vae, _load_images(files[i:i + 16], (3, res, res)), gen)
+                         for i in range(0, len(files), 16)])
     with atomic_file(file) as tmp:
         save_file({"latents": latents.contiguous()}, str(tmp))
     return latents

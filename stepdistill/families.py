@@ -56,11 +56,27 @@ class Family:
     packed_latents: bool = False
     guidance_input: bool = False
 
-    def schedule(self, scheduler_config: dict, latent_hw: tuple[int, int]) -> NoiseSchedule:
+    def schedule(self, scheduler_config: dict, latent_hw: tuple[int, int], patch_size: int = 2) -> NoiseSchedule:
         """The teacher's noise schedule, from its scheduler config and the latent size (dynamic shifting)."""
+        self.check_scheduler(scheduler_config)
         if not self.flow:
             return VPDiscrete.from_scheduler_config(scheduler_config)
-        return RectifiedFlow(shift=flow_shift(scheduler_config, self.image_seq_len(latent_hw)))
+        return RectifiedFlow(shift=flow_shift(scheduler_config, self.image_seq_len(latent_hw, patch_size)))
+
+    def check_scheduler(self, cfg: dict) -> None:
+        """Refuse a scheduler whose noise schedule this family's reading would get wrong: the SD UNets' schedule is
+        built from the config's betas, so an EDM or flow-matching scheduler there (Playground-v2.5-style SDXL) would
+        silently read as DDPM's default linear betas; flow families read FlowMatch shift settings."""
+        name = cfg.get("_class_name") or "the scheduler"
+        if self.flow:
+            if not str(cfg.get("_class_name", "FlowMatch")).startswith("FlowMatch"):
+                raise ValueError(f"{self.pipeline} teachers need a FlowMatch scheduler; the pipeline has {name}")
+            return
+        vp = ("beta_schedule" in cfg or "trained_betas" in cfg) and not cfg.get("use_flow_sigmas") \
+            and cfg.get("timestep_type", "discrete") == "discrete" and cfg.get("prediction_type") != "flow_prediction"
+        if not vp:
+            raise ValueError(f"{self.pipeline} teachers need a DDPM-family scheduler (discrete betas, epsilon / "
+                             f"v_prediction / sample); {name} with this config is an EDM or flow-matching schedule")
 
     def prediction(self, scheduler_config: dict) -> str:
         if self.flow:
@@ -70,11 +86,11 @@ class Family:
             raise ValueError(f"scheduler prediction_type {kind!r} unsupported; allowed: {list(DIFFUSERS_PREDICTION)}")
         return DIFFUSERS_PREDICTION[kind]
 
-    def image_seq_len(self, latent_hw: tuple[int, int]) -> int:
-        """Tokens the transformer sees: FLUX packs 2x2 latent patches (SD3 pipelines count latent/patch pixels;
-        the tiny and released SD3 models do not shift dynamically, so only FLUX uses this)."""
+    def image_seq_len(self, latent_hw: tuple[int, int], patch_size: int = 2) -> int:
+        """Tokens the transformer sees, which dynamic shifting depends on: FLUX packs 2x2 latent patches, SD3
+        pipelines count ``(h // patch_size) * (w // patch_size)``."""
         h, w = latent_hw
-        return (h // 2) * (w // 2)
+        return (h // patch_size) * (w // patch_size)
 
     def latent_shape(self, backbone_config, vae_scale: int, resolution: int) -> tuple[int, int, int]:
         """``[C, h, w]`` of the latents the backbone denoises at ``resolution`` pixels (square images)."""
@@ -144,6 +160,7 @@ def images_to_latents(vae, images: torch.Tensor, generator: torch.Generator | No
 
 def family_denoiser(family: Family, backbone, scheduler_config: dict, latent_hw: tuple[int, int],
                     **settings) -> TextConditioned:
-    return family.adapter(backbone, family.schedule(scheduler_config, latent_hw), family.prediction(scheduler_config),
-                          **settings)
+    patch = 2 if family.packed_latents else getattr(backbone.config, "patch_size", 2)
+    schedule = family.schedule(scheduler_config, latent_hw, patch)
+    return family.adapter(backbone, schedule, family.prediction(scheduler_config), **settings)
 

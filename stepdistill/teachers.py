@@ -57,6 +57,13 @@ class Teacher:
     vae: nn.Module | None = None
     #: what prompt encoding depends on besides the prompts (``conditioning.ENCODERS``): image size, T5 length
     encode_settings: dict = field(default_factory=dict)
+    #: what the prompt and latent caches key on: ``source`` plus, for pretrained teachers, the resolved folder,
+    #: revision, variant and the size/mtime of its files, so a replaced text encoder or VAE is not served stale
+    identity: str | None = None
+
+    @property
+    def cache_id(self) -> str:
+        return self.identity or self.source
 
     @property
     def backbone(self) -> nn.Module | None:
@@ -127,23 +134,55 @@ def _unet_teacher(unet, scheduler_config: dict, source: str, sample_shape=None, 
 
 def _family_teacher(family: Family, backbone: nn.Module, vae: nn.Module, scheduler_config: dict, source: str,
                     load_pipeline: Callable[..., object], *, resolution: int | None = None,
-                    max_sequence_length: int | None = None, guidance: float | None = None) -> Teacher:
+                    max_sequence_length: int | None = None, guidance: float | None = None,
+                    identity: str | None = None) -> Teacher:
     """A text-conditioned latent teacher of ``family``: the frozen backbone behind its adapter, and the VAE."""
     backbone.requires_grad_(False).eval()
     vae.requires_grad_(False).eval()
+    if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
+        raise TeacherError("teacher: the VAE normalises latents with latents_mean / latents_std (a Playground-style "
+                           "SDXL); stepdistill reads latents with scaling_factor and shift_factor only")
     scale = vae_scale(vae.config)
     resolution = resolution or family.default_resolution(backbone.config, scale)
+    # latents must tile into the backbone's patches (FLUX packs 2x2; SD3 patchifies), or the cached data latents
+    # and the sample shape would disagree
+    unit = scale * (2 if family.packed_latents else getattr(backbone.config, "patch_size", 1))
+    if resolution % unit:
+        raise TeacherError(f"teacher.resolution: {resolution} px is not a multiple of {unit} (the VAE's factor "
+                           f"{scale} times the backbone's patch)")
     shape = family.latent_shape(backbone.config, scale, resolution)
     settings = {"guidance": guidance} if (family.guidance_input and guidance is not None) else {}
     try:
         den = family_denoiser(family, backbone, dict(scheduler_config), shape[1:], **settings)
     except ValueError as err:
         raise TeacherError(f"teacher: {err}") from None
-    encode = {"image_size": [resolution, resolution],
-              "max_sequence_length": max_sequence_length or family.max_sequence_length}
-    meta = {"resolution": resolution, **({"guidance": den.guidance} if family.guidance_input else {})}
+    embedded = den.sampling_guidance is not None  # FLUX.1-dev: guidance is a network input
+    # FLUX.1-schnell (no guidance input) was trained with 256 T5 tokens (BFL's reference code; the diffusers docs)
+    default_length = 256 if family.guidance_input and not embedded else family.max_sequence_length
+    encode = {"image_size": [resolution, resolution], "max_sequence_length": max_sequence_length or default_length}
+    meta = {"resolution": resolution, **({"guidance": den.guidance} if embedded else {})}
     return Teacher(den, dict(scheduler_config), shape, source, family=family, load_pipeline=load_pipeline, vae=vae,
-                   encode_settings=encode, meta=meta)
+                   encode_settings=encode, meta=meta, identity=identity)
+
+
+def _weights_identity(path: str, *, revision: str | None, variant: str | None, index: dict) -> str:
+    """``Teacher.identity`` of a pipeline folder or hub id: its resolved folder (a hub id's cached snapshot, named by
+    its commit), revision, variant and each component file's size and mtime."""
+    root = Path(path)
+    if not root.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(path, "model_index.json", revision=revision)
+        root = Path(found).parent if isinstance(found, str) else None
+    stamp = []
+    if root is not None:
+        for name in sorted(k for k, v in index.items() if isinstance(v, list)):
+            for f in sorted((root / name).rglob("*")) if (root / name).is_dir() else []:
+                if f.is_file():
+                    st = f.stat()
+                    stamp.append([str(f.relative_to(root)), st.st_size, st.st_mtime_ns])
+    blob = json.dumps([str(root.resolve()) if root else path, revision, variant, stamp])
+    return f"pretrained:{path}#{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 def _model_index(path: str, revision: str | None) -> dict | None:
@@ -182,7 +221,8 @@ def _load_family_pretrained(path: str, index: dict, family: Family, *, variant, 
         return diffusers.DiffusionPipeline.from_pretrained(path, variant=variant, revision=revision, **components)
 
     return _family_teacher(family, backbone, vae, sched_cfg, f"pretrained:{path}", load_pipeline,
-                           resolution=resolution, max_sequence_length=max_sequence_length, guidance=guidance)
+                           resolution=resolution, max_sequence_length=max_sequence_length, guidance=guidance,
+                           identity=_weights_identity(path, revision=revision, variant=variant, index=index))
 
 
 def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | None = None,
@@ -213,6 +253,10 @@ def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | N
                                "name could be read (offline, or a mistyped path?)")
         what = index.get("_class_name") if index else "no model_index.json (a UNet2DModel folder?)"
         raise TeacherError(f"teacher.family: the recipe says {family!r} but {path} holds {what}")
+    name = (index or {}).get("_class_name")
+    if found is None and name and (index.get("unet") or [None, None])[1] != "UNet2DModel":
+        raise TeacherError(f"teacher.pretrained: {path} is a {name}; supported: {', '.join(BY_PIPELINE)} and "
+                           "pipelines of a UNet2DModel (DDPMPipeline)")
     if found is not None:
         return _load_family_pretrained(path, index, found, variant=variant, revision=revision, resolution=resolution,
                                        max_sequence_length=max_sequence_length, guidance=guidance)
@@ -260,7 +304,8 @@ def load_tiny(kind: str, *, seed: int = 0, resolution: int | None = None, max_se
         return type(fresh)(**{**fresh.components, **components}, **settings)
 
     backbone = getattr(pipe, family.backbone)
-    return _family_teacher(family, backbone, pipe.vae, dict(pipe.scheduler.config), f"tiny:{kind}", load_pipeline,
+    scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}  # as saved on disk
+    return _family_teacher(family, backbone, pipe.vae, scheduler_config, f"tiny:{kind}", load_pipeline,
                            resolution=resolution or TINY_RESOLUTION[kind],
                            max_sequence_length=max_sequence_length or 16, guidance=guidance)
 

@@ -309,7 +309,7 @@ class Trainer:
         t, acc = self.teacher, self.accelerator
         return load_or_encode(
             lambda: t.load_pipeline(**{t.family.backbone: t.backbone, "vae": t.vae}), t.family.name, texts,
-            teacher_id=t.source, cache_dir=cache_root(), settings=t.encode_settings,
+            teacher_id=t.cache_id, cache_dir=cache_root(), settings=t.encode_settings,
             is_main_process=acc.is_main_process, wait_for_everyone=acc.wait_for_everyone)
 
     def _prepare_method(self) -> None:

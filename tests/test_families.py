@@ -41,9 +41,9 @@ def _stock_call(teacher, pipe, noise, w, steps):
     latents = noise
     if teacher.family.flow:
         kw.update(sigmas=list(steps), max_sequence_length=teacher.encode_settings["max_sequence_length"])
-        if teacher.family.name == "flux":  # FLUX's CFG is "true CFG" with a negative prompt; "" is our null
+        if teacher.family.name == "flux":  # "true CFG" with a negative prompt ("" is our null)
             latents = pack_latents(noise)
-            kw.update(negative_prompt="", true_cfg_scale=w, guidance_scale=teacher.meta["guidance"])
+            kw.update(negative_prompt="", true_cfg_scale=w, guidance_scale=teacher.meta.get("guidance", 3.5))
     else:  # our deterministic grid is DDIM with trailing spacing
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
                                                    set_alpha_to_one=True, steps_offset=0, clip_sample=False)
@@ -241,6 +241,23 @@ def test_empty_prompt_file_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_prompt_files_with_a_bom_read_clean_and_other_encodings_are_one_line(tmp_path, capsys):
+    from stepdistill.conditioning import read_prompts
+
+    bom = tmp_path / "bom.txt"
+    bom.write_text("a red cat\nthe sea\n", encoding="utf-8-sig")  # as Windows editors save "UTF-8"
+    assert read_prompts(str(bom)) == ["a red cat", "the sea"]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    recipe = tmp_path / "r.yaml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(family_recipe("sd15", **{"data.prompts": str(latin)})))
+    code, err = _cli(["distill", str(recipe), "--output-dir", str(tmp_path / "run")], capsys)
+    assert code != 0 and f"data.prompts: {latin} is not UTF-8 text" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("kind, key", [("sd15", "time_embedding.cond_proj.weight"),
                                        ("flux", "time_text_embed.guidance_embedder.linear_2.weight")])
 def test_a_new_w_embedding_starts_silent_and_trains(kind, key):
@@ -324,6 +341,78 @@ def test_pretrained_directory_missing_a_component_names_it(tmp_path):
     shutil.rmtree(tmp_path / "sd" / "vae")
     with pytest.raises(TeacherError, match="missing component 'vae'"):
         load_pretrained(str(tmp_path / "sd"))
+
+
+def test_pretrained_teachers_that_would_be_read_wrong_are_refused(tmp_path):
+    """A scheduler of another kind (EDM / flow matching on an SD UNet would read as DDPM's default betas), a VAE with
+    latents_mean/std, a resolution the backbone's patches do not tile, and a pipeline class no family handles."""
+    import json
+
+    from diffusers import EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
+
+    from stepdistill.tiny import TINY_PIPELINES
+
+    sdxl = TINY_PIPELINES["sdxl"]()
+    sdxl.save_pretrained(tmp_path / "ok")
+    for name, scheduler in [("edm", EDMEulerScheduler()), ("flow", FlowMatchEulerDiscreteScheduler())]:
+        sdxl.scheduler = scheduler
+        sdxl.save_pretrained(tmp_path / name)
+        with pytest.raises(TeacherError, match=f"need a DDPM-family scheduler.*{type(scheduler).__name__}"):
+            load_pretrained(str(tmp_path / name))
+    config = tmp_path / "ok" / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "latents_mean": [0.0] * 4,
+                                  "latents_std": [1.0] * 4}))
+    with pytest.raises(TeacherError, match="latents_mean / latents_std"):
+        load_pretrained(str(tmp_path / "ok"))
+    TINY_PIPELINES["flux"]().save_pretrained(tmp_path / "flux")  # 1x VAE, 2x2 packing
+    with pytest.raises(TeacherError, match="teacher.resolution: 15 px is not a multiple of 2"):
+        load_pretrained(str(tmp_path / "flux"), resolution=15)
+    TINY_PIPELINES["sd3"]().save_pretrained(tmp_path / "sd3")  # 2x VAE, patch 1
+    with pytest.raises(TeacherError, match="teacher.resolution: 33 px is not a multiple of 2"):
+        load_pretrained(str(tmp_path / "sd3"), resolution=33)
+    index = tmp_path / "sd3" / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "StableDiffusion3InpaintPipeline"}))
+    with pytest.raises(TeacherError, match="is a StableDiffusion3InpaintPipeline; supported: StableDiffusionPipeline"):
+        load_pretrained(str(tmp_path / "sd3"))
+
+
+def test_the_caches_key_on_the_teacher_files_not_only_its_name(tmp_path):
+    """Replacing a local teacher's text encoder or VAE changes what the prompt and latent caches key on."""
+    import os
+
+    from stepdistill.tiny import TINY_PIPELINES
+
+    TINY_PIPELINES["sd15"]().save_pretrained(tmp_path / "sd")
+    first = load_pretrained(str(tmp_path / "sd")).cache_id
+    assert load_pretrained(str(tmp_path / "sd")).cache_id == first
+    weights = next((tmp_path / "sd" / "vae").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert load_pretrained(str(tmp_path / "sd")).cache_id != first
+
+
+def test_flux_schnell_prompts_default_to_256_t5_tokens(tmp_path):
+    """FLUX.1-schnell (no guidance input) was trained with 256 T5 tokens, FLUX.1-dev with 512."""
+    from stepdistill.tiny import TINY_PIPELINES
+
+    for kind, length in [("flux", 256), ("flux-dev", 512)]:
+        TINY_PIPELINES[kind]().save_pretrained(tmp_path / kind)
+        teacher = load_pretrained(str(tmp_path / kind))
+        assert teacher.encode_settings["max_sequence_length"] == length
+        assert ("guidance" in teacher.meta) == (kind == "flux-dev")
+
+
+def test_sd3_dynamic_shift_counts_patches_of_the_backbone():
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    from stepdistill.families import FAMILIES, flow_shift
+
+    cfg = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
+           "max_shift": 1.15}
+    for patch in (1, 2):
+        tokens = (64 // patch) * (64 // patch)  # StableDiffusion3Pipeline: (h // patch_size) * (w // patch_size)
+        mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+        shift = flow_shift(cfg, FAMILIES["sd3"].image_seq_len((64, 64), patch))
+        assert shift == pytest.approx(__import__("math").exp(mu), rel=1e-12)
 
 
 def test_xformers_asked_for_but_absent_is_one_line(tmp_path, capsys):
