@@ -106,8 +106,9 @@ def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path,
     recipe = {
         "teacher": {"pretrained": str(teacher_dir), "family": family, "resolution": px,
                     **({"max_sequence_length": 16} if flow else {})},
+        # SD's eps teachers: a v-student needs the regression stage first (PD refuses it otherwise); one step of it
         "method": {"name": "progressive", "teacher_steps": 2 * steps, "final_steps": steps, "steps_per_stage": 2,
-                   "student_prediction": "flow_match" if flow else "v"},
+                   "student_prediction": "flow_match" if flow else "v", **({} if flow else {"regression_steps": 1})},
         "data": {"source": "gaussian", "prompts": str(PROMPTS), "batch_size": 1},
         "train": {"max_steps": 2, "num_sample_images": 1, "log_every": 1},
     }

@@ -53,6 +53,16 @@ def recipe(method: str, teacher_dir: Path, batch: int, px: int, roles: str = "fu
     return {**common, "method": {"name": "dmd2", "student_steps": 1, "guidance_scale": 3.0, "gan_weight": gan}}
 
 
+def save_teacher(size: str, folder: Path) -> Path:
+    """The random SD1.5-type teacher of ``size``, saved as its stock pipeline, predicting v: PD's students predict v
+    and start from the teacher's weights (an eps teacher needs PD's regression stage, whose passes differ from a
+    halving stage's); a pass costs the same either way."""
+    pipe = build("sd15", size)
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -206,11 +216,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="sd-bench-cache-"))
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_dir = Path(tmp) / "teacher"
-        pipe = build("sd15", args.size)
-        if args.roles == "lora":  # LoRA roles share the base's output; PD's students predict v (eps fails for PD)
-            pipe.scheduler.register_to_config(prediction_type="v_prediction")
-        pipe.save_pretrained(teacher_dir)
+        teacher_dir = save_teacher(args.size, Path(tmp) / "teacher")
         for method in args.methods:
             row = measure(method, teacher_dir, Path(tmp), args.iters, args.batch, resolution("sd15", args.size),
                           args.roles, args.gan_weight)

@@ -138,7 +138,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .config import ConfigError, load_recipe
+    from .config import ConfigError, EvalConfig, load_recipe
     from .evaluate import evaluate
 
     path = Path(args.path)
@@ -148,11 +148,9 @@ def cmd_eval(args) -> int:
     if teacher.family is not None:
         raise ConfigError(f"eval: no metric for {teacher.family.name} students yet (a CLIP score is planned); "
                           "`stepdistill sample` draws them")
-    settings = load_recipe(path / "config.yaml").eval if (path / "config.yaml").exists() else None
-    metrics = evaluate(student, grid, teacher, num_samples=args.num_samples or (settings.num_samples if settings
-                                                                                 else 1000),
-                       teacher_sampler=settings.teacher_sampler if settings else "ddim",
-                       full_steps=settings.teacher_full_steps if settings else 64)
+    ev = load_recipe(path / "config.yaml").eval if (path / "config.yaml").exists() else EvalConfig()
+    metrics = evaluate(student, grid, teacher, num_samples=args.num_samples or ev.num_samples, seed=ev.seed,
+                       teacher_sampler=ev.teacher_sampler, full_steps=ev.teacher_full_steps)
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _card_metrics(path, metrics)
     print(json.dumps(metrics, indent=2))
@@ -182,9 +180,10 @@ def cmd_demo(args) -> int:
     trainer = Trainer(recipe, args.output_dir, overwrite=args.overwrite).setup()
     trainer.train()
     pipe = trainer.export()
+    ev = recipe.eval
     metrics = evaluate(trainer.sampling_student(), trainer.method.student_grid(), trainer.teacher,
-                       num_samples=recipe.eval.num_samples, teacher_sampler=recipe.eval.teacher_sampler,
-                       full_steps=recipe.eval.teacher_full_steps)
+                       num_samples=ev.num_samples, seed=ev.seed, teacher_sampler=ev.teacher_sampler,
+                       full_steps=ev.teacher_full_steps)
     (trainer.dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _card_metrics(trainer.dir, metrics)
     s, tn, tf = metrics["student"], metrics["teacher_same_nfe"], metrics["teacher_full"]

@@ -226,3 +226,21 @@ def test_the_demo_command_end_to_end_on_a_small_budget(tmp_path, capsys):
     assert "Frechet distance" in printed and "classes covered by the student" in printed
     assert (out / "pipeline" / "model_index.json").exists() and (out / "metrics.json").exists()
     assert "## Metrics" in (out / "pipeline" / "README.md").read_text()
+
+
+def test_eval_uses_the_recipes_eval_settings(tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("stepdistill.evaluate")  # the package also exports a function of that name
+    recipe, run = _recipe_file(tmp_path, **{"eval.seed": 7, "eval.teacher_full_steps": 16}), tmp_path / "run"
+    assert main(["distill", str(recipe), "--output-dir", str(run)]) == 0
+    seen = {}
+    real = module.evaluate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "evaluate", spy)
+    assert main(["eval", str(run), "--num-samples", "32"]) == 0
+    assert seen == {"num_samples": 32, "seed": 7, "teacher_sampler": "ddim", "full_steps": 16}
