@@ -289,6 +289,14 @@ def _check_choices(recipe: Recipe) -> None:
             raise ConfigError(f"optim.{role}.schedule: {opt.schedule!r}; choose one of {', '.join(_OPTIM_SCHEDULES)}")
         if opt.lr <= 0:
             raise ConfigError(f"optim.{role}.lr: must be positive, got {opt.lr}")
+        if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+            raise ConfigError(f"optim.{role}.betas: two values in [0, 1) expected, got {opt.betas}")
+        ranges = {"eps": (opt.eps > 0, "> 0"), "weight_decay": (opt.weight_decay >= 0, ">= 0"),
+                  "warmup": (opt.warmup >= 0, ">= 0"),
+                  "period": (opt.period is None or opt.period >= 1, ">= 1 or null")}
+        for key, (ok, allowed) in ranges.items():
+            if not ok:
+                raise ConfigError(f"optim.{role}.{key}: must be {allowed}, got {getattr(opt, key)}")
     for phase, every in recipe.train.update_every.items():
         if every < 1:
             raise ConfigError(f"train.update_every.{phase}: update ratio must be >= 1, got {every}")

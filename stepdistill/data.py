@@ -66,7 +66,19 @@ def read_text(path: Path, what: str) -> str:
         raise ValueError(f"{what}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+def _image_mode(shape: tuple[int, ...]) -> str:
+    """The PIL mode of a teacher's samples (before any file is read: the teacher may take no images at all)."""
+    if len(shape) != 3:
+        raise ValueError(f"data.source image_folder needs an image teacher; this teacher's samples have shape "
+                         f"{list(shape)}")
+    mode = {1: "L", 3: "RGB"}.get(shape[0])
+    if mode is None:
+        raise ValueError(f"data.source image_folder needs a 1- or 3-channel teacher, got {shape[0]} channels")
+    return mode
+
+
 def _image_folder(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    _image_mode(shape)
     return _load_images(image_files(path), shape)
 
 
@@ -74,13 +86,7 @@ def _load_images(files: list[Path], shape: tuple[int, ...]) -> torch.Tensor:
     """``files`` resized to ``shape`` ``[C, H, W]``, in [-1, 1]."""
     from PIL import Image
 
-    if len(shape) != 3:
-        raise ValueError(f"data.source image_folder needs an image teacher; this teacher's samples have shape "
-                         f"{list(shape)}")
-    c, h, w = shape
-    mode = {1: "L", 3: "RGB"}.get(c)
-    if mode is None:
-        raise ValueError(f"data.source image_folder needs a 1- or 3-channel teacher, got {c} channels")
+    mode, (c, h, w) = _image_mode(shape), shape
     arrays = [np.asarray(Image.open(f).convert(mode).resize((w, h), Image.BICUBIC), dtype=np.float32) for f in files]
     x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
     return x[:, None] if c == 1 else x.permute(0, 3, 1, 2)

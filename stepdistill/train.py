@@ -90,7 +90,9 @@ class Trainer:
         self.recipe, self.dir = recipe, Path(output_dir)
         self.resume, self.overwrite, self.show_progress = resume, overwrite, show_progress
         self.step = 0
-        self.nonfinite_streak = 0
+        self.nonfinite_streak: dict[str, int] = {}  # skipped updates in a row, per phase
+        self.nonfinite_total = 0
+        self.logs: dict[str, float] = {}  # the latest value of every logged key (restored on resume)
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, *, readonly: bool = False) -> Trainer:
@@ -376,7 +378,7 @@ class Trainer:
         self._init_trackers()
         bar = tqdm(range(self.step, r.train.max_steps), initial=self.step, total=r.train.max_steps,
                    disable=not (self.show_progress and acc.is_main_process), desc=f"distill {r.method.name}")
-        last, logs, tick, tick_step = {}, {}, time.perf_counter(), self.step
+        last, logs, tick, tick_step = {}, self.logs, time.perf_counter(), self.step
         if self.step >= r.train.max_steps:
             return last  # a finished run resumed without a larger budget: nothing to do, nothing rewritten
         with StopRequest() as stop:
@@ -388,14 +390,16 @@ class Trainer:
                 for phase in self.method.phases:
                     if step % r.train.update_every.get(phase, 1):
                         continue
-                    logs.update(self._run_phase(phase))
-                    stepped.update(self._owners(phase))
+                    phase_logs, updated = self._run_phase(phase)
+                    logs.update(phase_logs)
+                    if updated:
+                        stepped.update(self._owners(phase))
                 if "student" in stepped:  # ema_decay is per student update (DMD2's student updates every 5th step)
                     self._update_ema()
                 self.step = step + 1
                 logged = self.step % r.train.log_every == 0 or self.step == r.train.max_steps
                 if logged:
-                    logs = {k: float(v) for k, v in logs.items()}  # device scalars: the one wait of a logging step
+                    logs = self.logs = self._reduced(logs)  # device scalars: the one wait of a logging step
                     now = time.perf_counter()
                     logs["it_per_s"] = (self.step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, self.step
@@ -420,6 +424,15 @@ class Trainer:
         self.save_samples()
         acc.end_training()
         return last
+
+    def _reduced(self, logs: dict) -> dict[str, float]:
+        """``logs`` as floats, averaged over the ranks (every rank logs the same keys: they take the same branches)."""
+        keys = sorted(logs)
+        values = torch.stack([torch.as_tensor(logs[k], dtype=torch.float64).to(self.accelerator.device).reshape(())
+                              for k in keys]) if keys else torch.zeros(0)
+        if self.accelerator.num_processes > 1 and keys:
+            values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
 
     def _stop_agreed(self, stop: StopRequest, logged: bool) -> bool:
         """Whether a stop signal arrived, agreed by every rank so they all checkpoint the same step. Several
@@ -455,7 +468,9 @@ class Trainer:
                 return
             yield out
 
-    def _run_phase(self, phase: str) -> dict[str, float | torch.Tensor]:
+    def _run_phase(self, phase: str) -> tuple[dict[str, float | torch.Tensor], bool]:
+        """One phase: its loss terms over ``grad_accum`` micro-batches, clipping, and the owners' update; returns its
+        logs and whether the update was made (not skipped by the NaN/inf policy)."""
         r, acc = self.recipe, self.accelerator
         roles = self._owners(phase)
         logs, k = {}, r.train.grad_accum
@@ -485,7 +500,7 @@ class Trainer:
             norms[role] = full(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: the global norm
         loss_ok, grad_ok = self._all_finite(bad_loss, norms.values())
         if not (loss_ok and grad_ok):
-            return self._skip(phase, roles, "gradient" if loss_ok else "loss")
+            return self._skip(phase, roles, "gradient" if loss_ok else "loss"), False
         for role in roles:
             opt = self.optimizers[role]
             opt.step()
@@ -493,22 +508,23 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             logs[f"grad_norm/{role}"] = norms[role].detach()
             logs[f"lr/{role}"] = self.lr_schedulers[role].get_last_lr()[0]
-        self.nonfinite_streak = 0
-        return logs
+        self.nonfinite_streak[phase] = 0
+        return logs, True
 
     def _skip(self, phase: str, roles: tuple[str, ...], what: str) -> dict[str, float]:
-        """The NaN/inf policy (DESIGN.md §7): count, log, skip the update; abort after too many in a row."""
+        """The NaN/inf policy (DESIGN.md §7): count, log, skip the update; abort after too many in a row. Streaks are
+        per phase: a critic that keeps updating must not hide a student whose every update is skipped."""
         for role in roles:
             self.optimizers[role].zero_grad(set_to_none=True)
-        self.nonfinite_streak += 1
-        self.nonfinite_total = getattr(self, "nonfinite_total", 0) + 1
+        streak = self.nonfinite_streak[phase] = self.nonfinite_streak.get(phase, 0) + 1
+        self.nonfinite_total += 1
         limit = self.recipe.train.max_nonfinite
         if self.accelerator.is_main_process:
             tqdm.write(f"step {self.step}: non-finite {what} in phase {phase!r}; update skipped "
-                       f"({self.nonfinite_streak}/{limit} in a row)")
-        if self.nonfinite_streak >= limit:
-            raise RunError(f"non-finite {what} in {self.nonfinite_streak} consecutive updates (phase {phase!r}, "
-                           f"step {self.step}); lower the learning rate or raise train.max_nonfinite")
+                       f"({streak}/{limit} in a row)")
+        if streak >= limit:
+            raise RunError(f"non-finite {what} in {streak} consecutive updates of phase {phase!r} (step "
+                           f"{self.step}); lower the learning rate or raise train.max_nonfinite")
         return {f"nonfinite/{phase}": float(self.nonfinite_total)}
 
     @torch.no_grad()
@@ -533,9 +549,12 @@ class Trainer:
         student = self.sampling_student()
         was_training = student.training
         student.eval()
-        x = sample_student(student, self.sample_noise.to(self.accelerator.device), self.method.student_grid(),
-                           cond=self.sample_cond,
-                           generator=torch.Generator().manual_seed(self.recipe.eval.seed + 1))  # re-noising grids
+        # Only the main process samples an unsharded student: past DDP's wrapper, whose forward would broadcast
+        # buffers (SD3's positional embedding) in a collective no other rank joins.
+        with contextlib.nullcontext() if self.sharded else student.unwrapped():
+            x = sample_student(student, self.sample_noise.to(self.accelerator.device), self.method.student_grid(),
+                               cond=self.sample_cond,
+                               generator=torch.Generator().manual_seed(self.recipe.eval.seed + 1))  # re-noising grids
         student.train(was_training)
         if not self.accelerator.is_main_process:
             return None
@@ -626,7 +645,8 @@ class Trainer:
                 torch.save(blob, tmp / (f"optim-{role}-rank{rank}.pt" if sharded else f"optim-{role}.pt"))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"step": self.step, "nonfinite_streak": self.nonfinite_streak,
+            state = {"step": self.step, "nonfinite_streak": self.nonfinite_streak, "nonfinite_total":
+                     self.nonfinite_total, "logs": {k: float(v) for k, v in self.logs.items()},
                      "world_size": acc.num_processes, "fingerprint": config_fingerprint(self.recipe),
                      "method": self.recipe.to_dict()["method"],
                      "sharded_roles": self._sharded_roles()}
@@ -724,7 +744,10 @@ class Trainer:
             self.shared_generator.set_state(rng["shared"])
         torch.set_rng_state(rng["torch"])
         self.step = int(state["step"])
-        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        streak = state.get("nonfinite_streak", {})
+        self.nonfinite_streak = dict(streak) if isinstance(streak, dict) else {}  # older checkpoints: one int
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.logs = dict(state.get("logs", {}))
 
     def _init_from(self, src: Path) -> None:
         """``train.init_from``: load the trainable roles and the student EMA that ``src`` holds (a run: its latest

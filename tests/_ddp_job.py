@@ -2,10 +2,11 @@
 
     python tests/_ddp_job.py OUT KIND [resume]
 
-KIND: pd | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora, each also as KIND-fsdp.
+KIND: pd | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | sd3, each also as KIND-fsdp.
 dmd2: three networks, two optimizers, and the GAN term through the fake score; dmd2-lora: the same with student
-and fake score as adapters of one DDP-wrapped base. sd15*: a tiny Stable Diffusion teacher with a prompt file (the
-main process encodes the prompts into the cache while the other rank waits for it). *-fsdp: the trainable roles
+and fake score as adapters of one DDP-wrapped base, and two accumulated micro-batches per update. sd15*: a tiny Stable
+Diffusion teacher with a prompt file (the main process encodes the prompts into the cache while the other rank waits
+for it). sd3: a backbone with buffers (DDP broadcasts them in forward). *-fsdp: the trainable roles
 sharded with FSDP2 (``train.fsdp``), sharded checkpoints, and the export rebuilt from them. ``resume`` continues
 from the latest checkpoint in OUT.
 """
@@ -27,19 +28,21 @@ resume = len(sys.argv) > 3 and sys.argv[3] == "resume"
 fsdp = kind.endswith("-fsdp")
 base = kind.removesuffix("-fsdp")
 make = {"pd": gmm_recipe, "dmd2": dmd_recipe,
-        "dmd2-lora": lambda **o: dmd_recipe(**{"roles.mode": "lora", "roles.rank": 4, **o}),
+        "dmd2-lora": lambda **o: dmd_recipe(**{"roles.mode": "lora", "roles.rank": 4, "train.grad_accum": 2, **o}),
         "sd15": lambda **o: family_recipe("sd15", **o),
+        "sd3": lambda **o: family_recipe("sd3", **o),
         "sd15-dmd2-lora": lambda **o: family_dmd_recipe("sd15", **o)}[base]
 overrides = {"train.max_steps": 4, "train.checkpoint_every": 2, **({"train.fsdp": True} if fsdp else {})}
 trainer = Trainer(build_recipe(make(**overrides)), out, show_progress=False, resume=resume).setup()
 acc = trainer.accelerator
 first = trainer.data.next(torch.Generator().manual_seed(trainer.generator.initial_seed())).x0
-trainer.train()
-# every optimised role, read back from the last checkpoint (consolidated from shards under FSDP; train() has ended
-# the process group, so no collective is possible here)
+last = trainer.train()
+# every optimised role: each rank's own weights in memory; under FSDP (each rank holds a shard) read back from the
+# last checkpoint, consolidated from the shards (train() has ended the process group: no collective is possible here)
 ckpt = trainer.latest_checkpoint()
-states = [trainer._read_role(ckpt, role) for role in sorted(trainer.optimizers)]
-weights = torch.cat([s[k].flatten() for s in states for k in sorted(s)]).double().numpy()
+states = [trainer._read_role(ckpt, role) if fsdp else trainer.nets[role].role_state_dict()
+          for role in sorted(trainer.optimizers)]
+weights = torch.cat([s[k].detach().flatten() for s in states for k in sorted(s)]).double().numpy()
 np.save(f"{out}/weights-rank{acc.process_index}.npy", weights)
 if fsdp:
     trainer.export()
@@ -48,4 +51,5 @@ if fsdp:
 with open(f"{out}/rank{acc.process_index}.json", "w") as f:
     json.dump({"world": acc.num_processes, "distributed": str(acc.distributed_type),
                "weights": hashlib.sha256(weights.tobytes()).hexdigest(), "first_batch_sum": float(first.sum()),
-               "roles": sorted(trainer.optimizers), "sharded": trainer._sharded_roles()}, f)
+               "roles": sorted(trainer.optimizers), "sharded": trainer._sharded_roles(),
+               "losses": {k: v for k, v in last.items() if k.startswith("loss")}}, f)

@@ -71,6 +71,12 @@ def test_overrides_parse_yaml_values():
     ("train.max_grad_norm=-1", "train.max_grad_norm: must be positive"),
     ("train.max_nonfinite=0", "train.max_nonfinite: must be >= 1"),
     ("roles.rank=0", "roles.rank: must be >= 1"),
+    ("optim.student.betas=[0.9]", "optim.student.betas: two values in [0, 1) expected"),
+    ("optim.student.betas=[0.9,1.5]", "optim.student.betas: two values in [0, 1) expected"),
+    ("optim.student.eps=-1", "optim.student.eps: must be > 0, got -1"),
+    ("optim.student.weight_decay=-1", "optim.student.weight_decay: must be >= 0"),
+    ("optim.student.warmup=-3", "optim.student.warmup: must be >= 0"),
+    ("optim.student.period=-2", "optim.student.period: must be >= 1 or null"),
 ])
 def test_out_of_range_settings_are_one_line(override, message):
     with pytest.raises(ConfigError, match=__import__("re").escape(message)):

@@ -37,11 +37,13 @@ def _launch(args, tmp_path):
     return proc
 
 
-@pytest.mark.parametrize("kind", ["pd", "dmd2", "dmd2-lora", "sd15", "sd15-dmd2-lora"])
+@pytest.mark.parametrize("kind", ["pd", "dmd2", "dmd2-lora", "sd15", "sd15-dmd2-lora", "sd3"])
 def test_two_ranks_end_with_identical_weights(tmp_path, kind):
     # dmd2: student, fake score and GAN head all DDP-wrapped; the generator's GAN loss runs through the fake score
-    # (which breaks naive DDP, ECOSYSTEM.md §3.2) with the student updated every 2nd step. sd15*: a tiny Stable
-    # Diffusion teacher conditioned on a prompt file, in full and in LoRA-roles mode.
+    # (which breaks naive DDP, ECOSYSTEM.md §3.2) with the student updated every 2nd step; dmd2-lora also accumulates
+    # two micro-batches. sd15*: a tiny Stable Diffusion teacher conditioned on a prompt file, in full and in
+    # LoRA-roles mode. sd3: buffers in the backbone, which DDP broadcasts in forward (the main process's sample grid
+    # must not start that collective alone). Weights are each rank's own, in memory.
     _launch([str(ROOT / "tests" / "_ddp_job.py"), str(tmp_path), kind], tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     if kind.startswith("dmd2"):
@@ -51,6 +53,7 @@ def test_two_ranks_end_with_identical_weights(tmp_path, kind):
     assert all(r["world"] == 2 and "MULTI_CPU" in r["distributed"] for r in ranks)
     assert ranks[0]["first_batch_sum"] != ranks[1]["first_batch_sum"], "ranks must draw different batches"
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["losses"] and ranks[0]["losses"] == ranks[1]["losses"]  # logged losses: the mean over ranks
     assert (tmp_path / "checkpoints" / "step-4" / "rng-rank1.safetensors").exists()
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4  # one writer
 

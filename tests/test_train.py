@@ -11,7 +11,7 @@ from stepdistill.methods import METHODS
 from stepdistill.methods.base import LossOutput
 from stepdistill.train import RunError, Trainer, lr_factor
 
-from ._recipes import gmm_recipe
+from ._recipes import dmd_recipe, gmm_recipe
 
 
 def _run(out, resume=False, **overrides):
@@ -106,6 +106,56 @@ def test_nonfinite_losses_are_counted_skipped_and_abort(tmp_path, monkeypatch):
     trainer.method = _NaNAfter(trainer.method, bad=[2, 3, 4])
     with pytest.raises(RunError, match="non-finite loss in 3 consecutive updates"):
         trainer.train()
+
+
+class _NaNPhase(_NaNAfter):
+    """A method whose loss in ``phase`` is always NaN (the other phases stay finite)."""
+
+    def __init__(self, inner, phase):
+        super().__init__(inner, bad=[])
+        self.phase = phase
+
+    def __call__(self, phase, nets, batch):
+        out = self.inner(phase, nets, batch)
+        return LossOutput(out.loss * float("nan"), out.logs) if phase == self.phase else out
+
+
+def test_a_phase_whose_every_update_is_skipped_aborts_though_others_update(tmp_path):
+    """DMD2: the critic's finite updates must not reset the student's streak of skipped ones."""
+    recipe = build_recipe(dmd_recipe(**{"train.max_nonfinite": 3, "train.update_every": {}}))
+    trainer = Trainer(recipe, tmp_path / "run", show_progress=False).setup()
+    trainer.method = _NaNPhase(trainer.method, "student")
+    with pytest.raises(RunError, match="3 consecutive updates of phase 'student'"):
+        trainer.train()
+
+
+def test_a_skipped_student_update_leaves_the_ema_alone(tmp_path):
+    recipe = build_recipe(gmm_recipe(**{"train.max_nonfinite": 3, "train.ema_decay": 0.5, "train.max_steps": 1,
+                                        "train.checkpoint_every": 0}))
+    trainer = Trainer(recipe, tmp_path / "run", show_progress=False).setup()
+    with torch.no_grad():  # an EMA apart from the student, so that an update would move it
+        for p in trainer.nets["student_ema"].trainable_parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in trainer.nets["student_ema"].role_state_dict().items()}
+    trainer.method = _NaNPhase(trainer.method, "student")
+    trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in trainer.nets["student_ema"].role_state_dict().items())
+
+
+def test_resumed_log_rows_equal_the_uninterrupted_runs(tmp_path):
+    """With update_every a row carries the latest value of a phase that did not run at that step; a resumed run
+    carries them from the checkpoint."""
+    overrides = {"train.update_every": {"student": 2}, "train.checkpoint_every": 3}
+    Trainer(build_recipe(dmd_recipe(**overrides)), tmp_path / "full", show_progress=False).setup().train()
+    Trainer(build_recipe(dmd_recipe(**{**overrides, "train.max_steps": 3})), tmp_path / "part",
+            show_progress=False).setup().train()
+    Trainer(build_recipe(dmd_recipe(**overrides)), tmp_path / "part", resume=True, show_progress=False).setup().train()
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "it_per_s"}
+                for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    assert rows("full") == rows("part")
 
 
 def test_lr_schedules():

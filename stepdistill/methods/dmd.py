@@ -91,13 +91,18 @@ def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def frozen(*modules):
     """Switch ``requires_grad`` off for ``modules`` and restore it after: gradients may flow *through* them to
-    their inputs but never accumulate in their parameters (and DDP's reducer is not involved)."""
+    their inputs but never accumulate in their parameters. Their calls skip the DDP wrappers too: a grad-enabled
+    forward through DDP expects gradients for the wrapped parameters, and when none come the reducer is left
+    waiting, which a later accumulation micro-batch (``no_sync``) turns into "marked ready twice"."""
     params = [p for m in modules for p in m.trainable_parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            for m in modules:
+                stack.enter_context(m.unwrapped())
+            yield
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
