@@ -4,6 +4,10 @@ Every writer stages under a name of its own (``.<name>.<pid>.<random>.tmp`` besi
 rename. Two ranks that fill the same cache entry at once therefore never touch each other's staging files, which a
 shared ``<name>.tmp`` would let them do. Checkpoints (``train.py``) are the one exception: all ranks write shards into
 one staging folder that the main process renames after a barrier.
+
+A rename is atomic against a crash of the process, not against a power loss: the file system may persist the rename
+before the data. So what is published is flushed to disk first (``sync_tree``), and the folder holding the new name
+after; otherwise a checkpoint could come back empty after a power cut while pruning had already removed the older one.
 """
 
 from __future__ import annotations
@@ -14,6 +18,34 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _fsync(path: Path, *, folder: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except OSError:  # folders cannot be opened on Windows; nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    _fsync(Path(path), folder=True)
+
+
+def sync_tree(path: str | Path) -> None:
+    """Flush every file under ``path`` (or the file ``path``) and the folders holding them to disk."""
+    path = Path(path)
+    if path.is_file():
+        _fsync(path)
+        return
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root), folder=True)
 
 
 def _staging(path: Path, suffix: str = "tmp") -> Path:
@@ -31,7 +63,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = _staging(path)
     try:
         yield tmp
+        sync_tree(tmp)
         os.replace(tmp, path)
+        sync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -55,6 +89,7 @@ def atomic_dir(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        sync_tree(tmp)
         if replace and path.exists():
             old = _staging(path, "old")
             path.rename(old)
@@ -66,5 +101,6 @@ def atomic_dir(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
             except OSError:  # another process published a non-empty folder first
                 if not path.exists():
                     raise
+        sync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .atomic import atomic_file
+from .atomic import atomic_file, sync_dir, sync_tree
 from .conditioning import load_or_encode, read_prompts
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
 from .data import DataSource, image_captions, latent_table
@@ -651,8 +651,10 @@ class Trainer:
                      "method": self.recipe.to_dict()["method"],
                      "sharded_roles": self._sharded_roles()}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            sync_tree(tmp)  # on disk before the name says "complete" (pruning then deletes the older checkpoint)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            sync_dir(root)
             self._prune_checkpoints()
         acc.wait_for_everyone()
         return final

@@ -50,3 +50,34 @@ def test_folder_without_replace_keeps_the_first_published_copy(tmp_path):
     with atomic_dir(out, replace=False) as late:
         (late / "w.txt").write_text("late")
     assert (out / "w.txt").read_text() == "second" and _leftovers(tmp_path) == []
+
+
+def test_what_is_published_is_on_disk_before_its_name(tmp_path, monkeypatch):
+    """Every file of a checkpoint, an atomic file and an atomic folder is fsynced before the rename that publishes
+    it (a rename alone survives a crash of the process, not a power loss)."""
+    import os
+
+    import stepdistill.atomic
+    from stepdistill.config import build_recipe
+    from stepdistill.train import Trainer
+
+    from ._recipes import gmm_recipe
+
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(stepdistill.atomic.os, "fsync", spy)
+    with atomic_file(tmp_path / "f.txt") as tmp:
+        tmp.write_text("x")
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert any(p.endswith(".tmp") and ".f.txt." in p for p in synced)  # the staging file, before the rename
+    assert any(p.endswith("a.txt") and ".d." in p for p in synced)
+    Trainer(build_recipe(gmm_recipe(**{"train.max_steps": 3})), tmp_path / "run", show_progress=False).setup().train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-3"
+    staged = {os.path.basename(p) for p in synced if "/.step-3.tmp/" in p}
+    assert staged == {f.name for f in ckpt.iterdir()}
