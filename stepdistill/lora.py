@@ -49,6 +49,7 @@ def add_adapters(base: nn.Module, names: list[str], *, rank: int, alpha: float, 
                                  f"({type(err).__name__}); use roles.mode: full") from None
     for name in names:
         for p in adapter_parameters(base, name):
+            p.data = p.data.float()  # peft creates them in the base's dtype: trained weights stay float32
             p.requires_grad_(True)
 
 

@@ -196,7 +196,7 @@ def _model_index(path: str, revision: str | None) -> dict | None:
 
 
 def _load_family_pretrained(path: str, index: dict, family: Family, *, variant, revision, resolution,
-                            max_sequence_length, guidance) -> Teacher:
+                            max_sequence_length, guidance, dtype: str = "float32") -> Teacher:
     import diffusers
 
     if os.path.isdir(path):  # a missing component fails here with its name, not deep inside diffusers
@@ -205,15 +205,19 @@ def _load_family_pretrained(path: str, index: dict, family: Family, *, variant, 
                 raise TeacherError(f"teacher.pretrained: {path} is missing component {name!r} (model_index.json "
                                    f"lists {entry[1]}, but there is no {name}/ folder)")
 
-    def component(name: str):
+    def component(name: str, torch_dtype=None):
         cls = getattr(diffusers, index[name][1])
         try:
-            return cls.from_pretrained(path, subfolder=name, variant=variant, revision=revision)
+            return cls.from_pretrained(path, subfolder=name, variant=variant, revision=revision,
+                                       torch_dtype=torch_dtype)
         except (OSError, ValueError) as err:
             raise TeacherError(f"teacher.pretrained: cannot load {name} ({index[name][1]}) from {path!r}: "
                                f"{str(err).splitlines()[0]}") from None
 
-    backbone, vae = component(family.backbone), component("vae")
+    # A frozen bf16 base (LoRA roles) is loaded in bf16: loading FLUX's 12B-parameter transformer in float32 first
+    # would take 48 GB of host memory for weights that are rounded to bf16 right after.
+    backbone = component(family.backbone, None if dtype == "float32" else getattr(torch, dtype))
+    vae = component("vae")
     sched_cls = getattr(diffusers, index["scheduler"][1])
     sched_cfg = dict(sched_cls.load_config(path, subfolder="scheduler", revision=revision))
 
@@ -227,8 +231,9 @@ def _load_family_pretrained(path: str, index: dict, family: Family, *, variant, 
 
 def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | None = None,
                     revision: str | None = None, family: str | None = None, resolution: int | None = None,
-                    max_sequence_length: int | None = None, guidance: float | None = None) -> Teacher:
-    """A local or hub diffusers directory.
+                    max_sequence_length: int | None = None, guidance: float | None = None,
+                    dtype: str = "float32") -> Teacher:
+    """A local or hub diffusers directory (``dtype``: what a family backbone is loaded in).
 
     * A pipeline of a supported family (``model_index.json`` names StableDiffusionPipeline,
       StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline): its backbone, VAE and scheduler.
@@ -259,7 +264,7 @@ def load_pretrained(path: str, *, subfolder: str | None = None, variant: str | N
                            "pipelines of a UNet2DModel (DDPMPipeline)")
     if found is not None:
         return _load_family_pretrained(path, index, found, variant=variant, revision=revision, resolution=resolution,
-                                       max_sequence_length=max_sequence_length, guidance=guidance)
+                                       max_sequence_length=max_sequence_length, guidance=guidance, dtype=dtype)
     unet_sub = subfolder or "unet"
     try:
         unet = UNet2DModel.from_pretrained(path, subfolder=unet_sub, variant=variant, revision=revision)
@@ -371,13 +376,14 @@ def load_gmm(means, *, std=None, stds=None, weights=None, denoiser: str = "mlp",
     return _unet_teacher(unet, sched_cfg, f"gmm:mlp:{key}", sample_shape=(mixture.dim,), mixture=mixture)
 
 
-def load_teacher(cfg) -> Teacher:
-    """Dispatch on the one teacher source a recipe names (``config.TeacherConfig``)."""
+def load_teacher(cfg, *, dtype: str = "float32") -> Teacher:
+    """Dispatch on the one teacher source a recipe names (``config.TeacherConfig``). ``dtype``: what a pretrained
+    family backbone is loaded in (a frozen bf16 base: ``roles.mode: lora`` with ``roles.teacher_dtype: bfloat16``)."""
     source = cfg.source()
     family = {"resolution": cfg.resolution, "max_sequence_length": cfg.max_sequence_length, "guidance": cfg.guidance}
     if source == "pretrained":
         return load_pretrained(cfg.pretrained, subfolder=cfg.subfolder, variant=cfg.variant, revision=cfg.revision,
-                               family=cfg.family, **family)
+                               family=cfg.family, dtype=dtype, **family)
     if source == "tiny":
         teacher = load_tiny(cfg.tiny, **family)
         found = teacher.family.name if teacher.family else "unet2d"

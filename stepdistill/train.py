@@ -123,7 +123,7 @@ class Trainer:
 
         # Teacher and method: all bad input surfaces here, before the run directory is touched.
         try:
-            self.teacher = load_teacher(r.teacher)
+            self.teacher = load_teacher(r.teacher, dtype=self._load_dtype)
         except TeacherError as err:
             raise RunError(str(err)) from None
         self.conditions = self._encode_prompts()  # before the roles are built: they copy the null condition
@@ -196,6 +196,13 @@ class Trainer:
                 (self.dir / "config.yaml").write_text(dump_recipe(self.recipe))
                 self._trim_log()
         return self
+
+    @property
+    def _load_dtype(self) -> str:
+        """What a pretrained backbone is loaded in: a LoRA base stays in ``roles.teacher_dtype`` throughout, while
+        full copies start from the teacher's float32 weights."""
+        r = self.recipe
+        return r.roles.teacher_dtype if r.roles.mode == "lora" else "float32"
 
     def _optimizer_steps(self, role: str) -> int:
         """How many optimizer steps ``role`` takes in the whole run: one per run of each phase it owns, a phase
@@ -589,8 +596,8 @@ class Trainer:
         weights = self._read_role(self.latest_checkpoint(), "student")
         if isinstance(student, AdapterDenoiser):  # the shared base was sharded in place: reload it, then the adapter
             r = self.recipe
-            rebuilt = rebuilt_lora_student(load_teacher(r.teacher), student, weights, rank=r.roles.rank,
-                                           alpha=r.roles.alpha, teacher_dtype=r.roles.teacher_dtype)
+            rebuilt = rebuilt_lora_student(load_teacher(r.teacher, dtype=self._load_dtype), student, weights,
+                                           rank=r.roles.rank, alpha=r.roles.alpha, teacher_dtype=r.roles.teacher_dtype)
             return rebuilt.to(self.accelerator.device)
         backbone = type(student.backbone).from_config(student.backbone.config)
         backbone.load_state_dict(weights)

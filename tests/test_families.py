@@ -429,6 +429,27 @@ def test_xformers_asked_for_but_absent_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_pretrained_lora_base_is_loaded_in_bf16_and_its_adapters_train_in_float32(tmp_path):
+    """A frozen bf16 base is loaded as bf16 (FLUX in float32 first would take 48 GB of host memory); full copies
+    start from the float32 weights."""
+    from stepdistill.tiny import TINY_PIPELINES
+
+    TINY_PIPELINES["sd15"]().save_pretrained(tmp_path / "sd")
+    loaded = load_pretrained(str(tmp_path / "sd"), dtype="bfloat16").backbone
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    reference = load_pretrained(str(tmp_path / "sd")).backbone.to(torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
+    pretrained = {"teacher.tiny": None, "teacher.pretrained": str(tmp_path / "sd"), "roles.teacher_dtype": "bfloat16"}
+    trainer = Trainer(build_recipe(family_dmd_recipe("sd15", **pretrained)), tmp_path / "run", show_progress=False)
+    trainer.setup().train()
+    base = trainer.teacher.backbone
+    assert {p.dtype for n, p in base.named_parameters() if ".lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in base.named_parameters() if ".lora_" in n} == {torch.float32}
+    full = Trainer(build_recipe(family_recipe("sd15", **pretrained)), tmp_path / "full", show_progress=False).setup()
+    fp32 = load_pretrained(str(tmp_path / "sd")).backbone.state_dict()
+    assert all(torch.equal(v, fp32[k]) for k, v in full.nets.student.backbone.state_dict().items())  # not rounded
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_bf16_teacher_trains_a_float32_student(tmp_path, mode):
     overrides = {"roles.teacher_dtype": "bfloat16"}
