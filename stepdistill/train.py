@@ -330,7 +330,8 @@ class Trainer:
         ctx = PrepareContext(cache_dir=cache_root(), sample_shape=tuple(self.teacher.sample_shape),
                              device=acc.device, is_main_process=acc.is_main_process,
                              wait_for_everyone=acc.wait_for_everyone,
-                             student_init="checkpoint" if self.recipe.train.init_from else self.recipe.student.init)
+                             student_init="checkpoint" if self.recipe.train.init_from else self.recipe.student.init,
+                             lr_periods={role: cfg.period for role, cfg in self.recipe.optim.items()})
         try:
             prepare(self.nets, ctx)
         except ValueError as err:

@@ -184,3 +184,16 @@ def test_a_student_reading_eps_weights_as_v_needs_the_regression_stage():
     ProgressiveDistillation(teacher_steps=8, final_steps=4, regression_steps=10).prepare(nets, ctx)
     ctx.student_init = "new"  # a student trained from scratch has no teacher output to unlearn
     ProgressiveDistillation(teacher_steps=8, final_steps=4).prepare(nets, ctx)
+
+
+@pytest.mark.parametrize("period, noted", [(3, False), (5, True), (None, False)])
+def test_a_learning_rate_period_off_the_stage_boundaries_is_noted(tmp_path, capsys, period, noted):
+    from stepdistill.config import build_recipe
+    from stepdistill.train import Trainer
+
+    from ._recipes import gmm_recipe
+
+    recipe = gmm_recipe(**{"optim.student.period": period, "optim.student.schedule": "linear"})  # stages of 3 steps
+    Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    err = capsys.readouterr().err
+    assert ("optim.student.period is 5 but the stages last [3] steps" in err) == noted

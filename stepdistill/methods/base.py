@@ -157,3 +157,5 @@ class PrepareContext:
     #: how the student was initialised: ``teacher`` (its weights), ``new`` (the recipe's ``student.init``) or
     #: ``checkpoint`` (``train.init_from``: a run of this method trained it)
     student_init: str = "teacher"
+    #: each optimised role's learning-rate restart period (``optim.<role>.period``; ``None``: none)
+    lr_periods: dict[str, int | None] = field(default_factory=dict)

@@ -26,6 +26,7 @@ to its teacher. This stage is where the student learns to output v; without it s
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -101,13 +102,20 @@ class ProgressiveDistillation:
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
         """Refuse a student that starts from the teacher's weights, reads them as another prediction and has no
-        regression stage to learn it in."""
+        regression stage to learn it in; note a learning-rate period that does not restart at the stage boundaries
+        (Salimans & Ho anneal the rate to 0 within each stage)."""
         teacher_pred = nets.teacher.prediction
         if ctx.student_init == "teacher" and teacher_pred != self.student_prediction and not self.regression_steps:
             raise ValueError(
                 f"regression_steps: the student starts from the teacher's weights, which predict {teacher_pred!r}, "
                 f"but predicts {self.student_prediction!r}; give it a first stage at the teacher's step count to "
                 "learn that (e.g. method.regression_steps: 1000)")
+        period = ctx.lr_periods.get("student")
+        stages = {self.steps_per_stage, *([self.regression_steps] if self.regression_steps else [])}
+        if period is not None and stages != {period} and ctx.is_main_process:
+            print(f"note: optim.student.period is {period} but the stages last {sorted(stages)} steps "
+                  "(method.steps_per_stage, method.regression_steps): the learning rate will not restart at the "
+                  "stage boundaries", file=sys.stderr)
 
     def roles(self) -> dict[str, RoleSpec]:
         return {
