@@ -27,6 +27,10 @@ def _fsync(path: Path, *, folder: bool = False) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+        # some network and FUSE file systems cannot fsync a folder (EINVAL): the files themselves are flushed
     finally:
         os.close(fd)
 

@@ -166,22 +166,27 @@ def _family_teacher(family: Family, backbone: nn.Module, vae: nn.Module, schedul
 
 
 def _weights_identity(path: str, *, revision: str | None, variant: str | None, index: dict) -> str:
-    """``Teacher.identity`` of a pipeline folder or hub id: its resolved folder (a hub id's cached snapshot, named by
-    its commit), revision, variant and each component file's size and mtime."""
+    """``Teacher.identity`` of a pipeline folder or hub id.
+
+    A hub id: the commit its cached snapshot is named by, and the variant (a commit never changes; its files are
+    downloaded piecemeal, the text encoders only when prompts are first encoded, so they cannot be listed here). A
+    local folder: its resolved path, the variant and each component file's size and mtime.
+    """
     root = Path(path)
     if not root.is_dir():
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(path, "model_index.json", revision=revision)
-        root = Path(found).parent if isinstance(found, str) else None
-    stamp = []
-    if root is not None:
+        commit = Path(found).parent.name if isinstance(found, str) else revision
+        blob = json.dumps([path, commit, variant])
+    else:
+        stamp = []
         for name in sorted(k for k, v in index.items() if isinstance(v, list)):
             for f in sorted((root / name).rglob("*")) if (root / name).is_dir() else []:
                 if f.is_file():
                     st = f.stat()
                     stamp.append([str(f.relative_to(root)), st.st_size, st.st_mtime_ns])
-    blob = json.dumps([str(root.resolve()) if root else path, revision, variant, stamp])
+        blob = json.dumps([str(root.resolve()), variant, stamp])
     return f"pretrained:{path}#{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 

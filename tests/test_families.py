@@ -402,17 +402,21 @@ def test_flux_schnell_prompts_default_to_256_t5_tokens(tmp_path):
 
 
 def test_sd3_dynamic_shift_counts_patches_of_the_backbone():
+    """StableDiffusion3Pipeline counts ``(h // patch_size) * (w // patch_size)`` tokens; the tiny SD3 model has patch
+    size 1, so assuming FLUX's 2 would shift less."""
+    import math
+
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-    from stepdistill.families import FAMILIES, flow_shift
+    from stepdistill.families import FAMILIES, family_denoiser
 
-    cfg = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
-           "max_shift": 1.15}
-    for patch in (1, 2):
-        tokens = (64 // patch) * (64 // patch)  # StableDiffusion3Pipeline: (h // patch_size) * (w // patch_size)
-        mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
-        shift = flow_shift(cfg, FAMILIES["sd3"].image_seq_len((64, 64), patch))
-        assert shift == pytest.approx(__import__("math").exp(mu), rel=1e-12)
+    teacher = load_tiny("sd3")
+    assert teacher.backbone.config.patch_size == 1
+    cfg = {**teacher.scheduler_config, "use_dynamic_shifting": True, "base_image_seq_len": 64,
+           "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    h, w = teacher.sample_shape[1:]
+    schedule = family_denoiser(FAMILIES["sd3"], teacher.backbone, cfg, (h, w)).schedule
+    assert schedule.shift == pytest.approx(math.exp(calculate_shift(h * w, 64, 4096, 0.5, 1.15)), rel=1e-12)
 
 
 def test_xformers_asked_for_but_absent_is_one_line(tmp_path, capsys):
@@ -635,3 +639,23 @@ def test_cli_sample_and_eval_on_a_family_run(tmp_path, capsys):
     assert code != 0 and "eval: no metric for sd15 students yet" in err and len(err.splitlines()) == 1
     code, err = _cli(["sample", f"{run}/pipeline", "--output", str(tmp_path / "p.png")], capsys)
     assert code != 0 and "an exported StableDiffusionPipeline" in err and len(err.splitlines()) == 1
+
+
+def test_a_hub_teachers_cache_key_is_its_snapshot_commit(tmp_path, monkeypatch):
+    """Hub snapshots are downloaded piecemeal (the text encoders only when prompts are first encoded): the key is the
+    commit, so the first and later runs share the prompt and latent caches."""
+    import huggingface_hub
+
+    from stepdistill.teachers import _weights_identity
+
+    snapshot = tmp_path / "models--org--model" / "snapshots" / "abc123"
+    (snapshot / "unet").mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, name, revision=None: str(snapshot / name))
+    index = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}
+    first = _weights_identity("org/model", revision=None, variant=None, index=index)
+    (snapshot / "text_encoder").mkdir()
+    (snapshot / "text_encoder" / "model.safetensors").write_bytes(b"x")
+    assert _weights_identity("org/model", revision="main", variant=None, index=index) == first
+    assert _weights_identity("org/model", revision=None, variant="fp16", index=index) != first
