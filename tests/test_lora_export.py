@@ -109,8 +109,9 @@ def test_lora_file_reloads_exactly_with_every_layer(tmp_path, tiny):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
 
 
-def test_kohya_file_reloads(tmp_path):
-    trainer = _trained(tmp_path, "sd15")
+@pytest.mark.parametrize("tiny", ["sd15", "sdxl"])
+def test_kohya_file_reloads(tmp_path, tiny):
+    trainer = _trained(tmp_path, tiny)
     trained = sum(1 for m in lora_layers(trainer.nets.student.backbone) if "student" in m.lora_A)
     lora_dir = trainer.export_lora(kohya=True)
     noise, got, loaded = _reload(tmp_path, trainer, lora_dir, weight="student_kohya.safetensors")
