@@ -118,8 +118,6 @@ class Trainer:
             if not torch.distributed.is_initialized():
                 raise ConfigError("train.fsdp: sharding needs a multi-process launch (accelerate launch "
                                   "--num_processes N, or --config_file recipes/accelerate/fsdp.yaml)")
-            if r.train.ema_decay > 0:
-                raise ConfigError("train.fsdp: not with a student EMA (train.ema_decay) yet")
 
         # Teacher and method: all bad input surfaces here, before the run directory is touched.
         try:
@@ -176,6 +174,8 @@ class Trainer:
                 self.optimizers[role] = opt
                 self.lr_schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
                     opt, lambda i, c=ocfg, n=self._optimizer_steps(role): lr_factor(i, c, n))
+            elif role == "student_ema" and self.sharded:  # sharded like the student, so the EMA update is shard-local
+                shard_backbone(net.backbone)
 
         # Per-rank data/noise generator (ranks draw different batches), and fixed noise for sample grids.
         self.generator = torch.Generator().manual_seed(r.seed * 1000 + 17 + acc.process_index)
@@ -540,6 +540,9 @@ class Trainer:
         if "student_ema" not in self.nets.extra:
             return
         d = self.recipe.train.ema_decay
+        if self.sharded:  # an FSDP2 root keeps its weights gathered after a forward without backward: shard them
+            for net in (self.nets.student, self.nets["student_ema"]):
+                net.backbone.reshard()
         ema = list(self.nets["student_ema"].trainable_parameters())
         torch._foreach_lerp_(ema, [p.detach() for p in self.nets.student.trainable_parameters()], 1.0 - d)
 
@@ -594,7 +597,8 @@ class Trainer:
         student = self.sampling_student()
         if not self.sharded:
             return student
-        weights = self._read_role(self.latest_checkpoint(), "student")
+        role = "student_ema" if student is not self.nets.student else "student"
+        weights = self._read_role(self.latest_checkpoint(), role)
         if isinstance(student, AdapterDenoiser):  # the shared base was sharded in place: reload it, then the adapter
             r = self.recipe
             rebuilt = rebuilt_lora_student(load_teacher(r.teacher, dtype=self._load_dtype), student, weights,
@@ -668,7 +672,8 @@ class Trainer:
         return final
 
     def _sharded_roles(self) -> list[str]:
-        return sorted(self.trainable) if self.sharded else []
+        ema = ["student_ema"] if "student_ema" in self.nets.extra else []
+        return sorted([*self.trainable, *ema]) if self.sharded else []
 
     def _read_role(self, path: Path, role: str) -> dict[str, torch.Tensor]:
         """A role's whole weights from a checkpoint, consolidating per-rank shards when it was written sharded."""

@@ -3,12 +3,12 @@
     python tests/_ddp_job.py OUT KIND [resume]
 
 KIND: pd | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | sd3, each also as KIND-fsdp.
-dmd2: three networks, two optimizers, and the GAN term through the fake score; dmd2-lora: the same with student
-and fake score as adapters of one DDP-wrapped base, and two accumulated micro-batches per update. sd15*: a tiny Stable
-Diffusion teacher with a prompt file (the main process encodes the prompts into the cache while the other rank waits
-for it). sd3: a backbone with buffers (DDP broadcasts them in forward). *-fsdp: the trainable roles
-sharded with FSDP2 (``train.fsdp``), sharded checkpoints, and the export rebuilt from them. ``resume`` continues
-from the latest checkpoint in OUT.
+dmd2: three networks, two optimizers, the GAN term through the fake score and a student EMA; dmd2-lora: the same
+(no EMA) with student and fake score as adapters of one DDP-wrapped base, and two accumulated micro-batches per
+update. sd15*: a tiny Stable Diffusion teacher with a prompt file (the main process encodes the prompts into the
+cache while the other rank waits for it). sd3: a backbone with buffers (DDP broadcasts them in forward). *-fsdp: the
+trainable roles sharded with FSDP2 (``train.fsdp``), sharded checkpoints, and the export rebuilt from them.
+``resume`` continues from the latest checkpoint in OUT.
 """
 
 import hashlib
@@ -27,7 +27,7 @@ out, kind = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "pd")
 resume = len(sys.argv) > 3 and sys.argv[3] == "resume"
 fsdp = kind.endswith("-fsdp")
 base = kind.removesuffix("-fsdp")
-make = {"pd": gmm_recipe, "dmd2": dmd_recipe,
+make = {"pd": gmm_recipe, "dmd2": lambda **o: dmd_recipe(**{"train.ema_decay": 0.5, **o}),
         "dmd2-lora": lambda **o: dmd_recipe(**{"roles.mode": "lora", "roles.rank": 4, "train.grad_accum": 2, **o}),
         "sd15": lambda **o: family_recipe("sd15", **o),
         "sd3": lambda **o: family_recipe("sd3", **o),
@@ -40,8 +40,8 @@ last = trainer.train()
 # every optimised role: each rank's own weights in memory; under FSDP (each rank holds a shard) read back from the
 # last checkpoint, consolidated from the shards (train() has ended the process group: no collective is possible here)
 ckpt = trainer.latest_checkpoint()
-states = [trainer._read_role(ckpt, role) if fsdp else trainer.nets[role].role_state_dict()
-          for role in sorted(trainer.optimizers)]
+roles = sorted(trainer.optimizers) + (["student_ema"] if "student_ema" in trainer.nets.extra else [])
+states = [trainer._read_role(ckpt, role) if fsdp else trainer.nets[role].role_state_dict() for role in roles]
 weights = torch.cat([s[k].detach().flatten() for s in states for k in sorted(s)]).double().numpy()
 np.save(f"{out}/weights-rank{acc.process_index}.npy", weights)
 if fsdp:

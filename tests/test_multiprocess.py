@@ -62,8 +62,8 @@ def test_two_ranks_end_with_identical_weights(tmp_path, kind):
 def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path, kind):
     """``train.fsdp``: every trainable role sharded with FSDP2 over 2 real gloo ranks. The result equals the DDP run
     of the same recipe (same batches, same averaged gradients), a resume from the sharded step-2 checkpoint lands
-    on the same weights (DMD2: student, fake score and GAN head; with LoRA roles, the student and fake-score adapters
-    on a sharded frozen base), and a single process exports from the sharded checkpoint."""
+    on the same weights (DMD2: student, fake score, GAN head and the student EMA; with LoRA roles, the student and
+    fake-score adapters on a sharded frozen base), and a single process exports from the sharded checkpoint."""
     import numpy as np
 
     from stepdistill.cli import main
@@ -72,7 +72,8 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path,
     _launch([str(ROOT / "tests" / "_ddp_job.py"), str(ddp), kind], ddp)
     _launch([str(ROOT / "tests" / "_ddp_job.py"), str(fsdp), f"{kind}-fsdp"], fsdp)
     rank = json.loads((fsdp / "rank0.json").read_text())
-    assert rank["sharded"] == rank["roles"] and rank["world"] == 2
+    ema = ["student_ema"] if kind == "dmd2" else []  # the DMD2 run keeps a student EMA, sharded like the student
+    assert rank["sharded"] == sorted(rank["roles"] + ema) and rank["world"] == 2
     step4 = fsdp / "checkpoints" / "step-4"
     assert (step4 / "student-rank1.safetensors").exists() and (step4 / "optim-student-rank1.pt").exists()
     w_ddp, w_fsdp = np.load(ddp / "weights-rank0.npy"), np.load(fsdp / "weights-rank0.npy")
