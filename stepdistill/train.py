@@ -394,6 +394,8 @@ class Trainer:
                 self.step = step
                 # ``logs`` keeps the latest value of every key: with update_every a phase may skip a logging step.
                 logs.update({f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()})
+                for role in getattr(self.method, "fresh_optimizers", lambda _step: ())(step):
+                    self.optimizers[role].state.clear()  # Adam re-creates zero moments at its next step
                 stepped = set()
                 for phase in self.method.phases:
                     if step % r.train.update_every.get(phase, 1):

@@ -197,3 +197,27 @@ def test_a_learning_rate_period_off_the_stage_boundaries_is_noted(tmp_path, caps
     Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
     err = capsys.readouterr().err
     assert ("optim.student.period is 5 but the stages last [3] steps" in err) == noted
+
+
+def test_each_stage_starts_the_students_optimizer_afresh(tmp_path, monkeypatch):
+    """As the official code does between distillation iterations: Adam's moments of the last stage are dropped at
+    each boundary (regression stage -> first halving included), so the first update of a stage is Adam's first."""
+    from stepdistill.config import build_recipe
+    from stepdistill.train import Trainer
+
+    from ._recipes import gmm_recipe
+
+    pd = ProgressiveDistillation(teacher_steps=8, final_steps=2, steps_per_stage=3, regression_steps=2)
+    assert [s for s in range(12) if pd.fresh_optimizers(s)] == [2, 5]  # stages: regression 0-1, 2-4, 5-...
+    trainer = Trainer(build_recipe(gmm_recipe()), tmp_path / "run", show_progress=False).setup()  # stages of 3
+    seen = []
+    real = trainer._run_phase
+
+    def spy(phase):
+        opt = trainer.optimizers["student"]
+        seen.append(min((int(s["step"]) for s in opt.state.values()), default=0))  # Adam steps taken so far
+        return real(phase)
+
+    monkeypatch.setattr(trainer, "_run_phase", spy)
+    trainer.train()
+    assert seen == [0, 1, 2, 0, 1, 2]

@@ -137,12 +137,16 @@ class Prepares(Protocol):
     * ``prepare(nets, ctx)``: derived data needed before training (DMD's teacher ODE pairs). Called once per run
       on every rank after the roles are built and before the run directory is touched, so a bad cache fails like
       any other bad input; work that writes files happens on the main process only. ``ValueError`` -> one line.
+    * ``fresh_optimizers(step)``: roles whose optimizer state (Adam's moments) starts afresh at ``step``, e.g. at
+      a progressive-distillation stage boundary, where the student faces a new target. Default: none.
     """
 
     needs_real_data: str | None
     reads_data: bool
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None: ...
+
+    def fresh_optimizers(self, step: int) -> tuple[str, ...]: ...
 
 
 @dataclass

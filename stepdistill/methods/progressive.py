@@ -142,6 +142,16 @@ class ProgressiveDistillation:
         self.stage = stage
         return {"stage": float(stage), "student_steps": float(self.student_steps)}
 
+    def fresh_optimizers(self, step: int) -> tuple[str, ...]:
+        """Each stage starts the student's optimizer afresh, as the official code does ("reset student optimizer for
+        next distillation iteration", ``diffusion_distillation.ipynb``): the previous stage's moments belong to
+        another target."""
+        halving = step - self.regression_steps
+        if halving == 0:  # the first halving, after the regression stage if there is one
+            return ("student",) if self.regression_steps else ()
+        stage, offset = divmod(halving, self.steps_per_stage)
+        return ("student",) if halving > 0 and offset == 0 and stage < self.num_stages else ()
+
     def student_grid(self) -> StudentGrid:
         n = self.student_steps
         return StudentGrid(times=tuple((n - i) / n for i in range(n)), transition="ddim")
