@@ -221,3 +221,15 @@ def test_each_stage_starts_the_students_optimizer_afresh(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "_run_phase", spy)
     trainer.train()
     assert seen == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_stage_of_no_steps_is_one_line(tmp_path):
+    from stepdistill.config import ConfigError, build_recipe
+    from stepdistill.train import Trainer
+
+    from ._recipes import gmm_recipe
+
+    recipe = build_recipe(gmm_recipe(**{"method.steps_per_stage": 0}))
+    with pytest.raises(ConfigError, match="method: method.steps_per_stage must be >= 1, got 0"):
+        Trainer(recipe, tmp_path / "run", show_progress=False).setup()
+    assert not (tmp_path / "run").exists()

@@ -79,6 +79,8 @@ class ProgressiveDistillation:
             raise ValueError(f"method.guidance must be [w_min, w_max] with 1 <= w_min <= w_max, got {guidance}")
         if regression_steps < 0:
             raise ValueError(f"method.regression_steps must be >= 0, got {regression_steps}")
+        if steps_per_stage < 1:
+            raise ValueError(f"method.steps_per_stage must be >= 1, got {steps_per_stage}")
         self.teacher_steps, self.final_steps = teacher_steps, final_steps
         self.steps_per_stage, self.regression_steps = steps_per_stage, regression_steps
         self.num_stages = round(math.log2(ratio))
