@@ -57,8 +57,9 @@ class Teacher:
     vae: nn.Module | None = None
     #: what prompt encoding depends on besides the prompts (``conditioning.ENCODERS``): image size, T5 length
     encode_settings: dict = field(default_factory=dict)
-    #: what the prompt and latent caches key on: ``source`` plus, for pretrained teachers, the resolved folder,
-    #: revision, variant and the size/mtime of its files, so a replaced text encoder or VAE is not served stale
+    #: what the prompt and latent caches key on: ``source`` plus, for pretrained teachers, the variant and what was
+    #: loaded (a hub snapshot's commit; a local folder's path and file sizes/mtimes), so a replaced text encoder or
+    #: VAE is not served stale
     identity: str | None = None
 
     @property
@@ -156,7 +157,7 @@ def _family_teacher(family: Family, backbone: nn.Module, vae: nn.Module, schedul
         den = family_denoiser(family, backbone, dict(scheduler_config), shape[1:], **settings)
     except ValueError as err:
         raise TeacherError(f"teacher: {err}") from None
-    embedded = den.sampling_guidance is not None  # FLUX.1-dev: guidance is a network input
+    embedded = family.guidance_input and den.sampling_guidance is not None  # FLUX.1-dev: guidance is an input
     # FLUX.1-schnell (no guidance input) was trained with 256 T5 tokens (BFL's reference code; the diffusers docs)
     default_length = 256 if family.guidance_input and not embedded else family.max_sequence_length
     encode = {"image_size": [resolution, resolution], "max_sequence_length": max_sequence_length or default_length}
