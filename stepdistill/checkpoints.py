@@ -102,7 +102,7 @@ class Checkpoints:
 
     def _prune_checkpoints(self) -> None:
         keep = self.recipe.train.keep_checkpoints
-        done = sorted(_complete_checkpoints(self.dir / "checkpoints"), key=lambda p: int(p.name.split("-")[1]))
+        done = _complete_checkpoints(self.dir / "checkpoints")
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -115,7 +115,7 @@ class Checkpoints:
         done = _complete_checkpoints(self.dir / "checkpoints")
         if not done:
             raise RunError(f"{self._reading}: no complete checkpoint under {self.dir / 'checkpoints'}")
-        return max(done, key=lambda p: int(p.name.split("-")[1]))
+        return done[-1]
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore every role, optimizer, LR schedule, RNG stream and the step; refuse incompatible checkpoints."""
@@ -183,8 +183,7 @@ class Checkpoints:
         (progressive distillation's stage teacher, an EMA the checkpoint lacks) are derived from the loaded student.
         Method settings may differ from the source run's; method name, teacher and roles mode may not."""
         done = _complete_checkpoints(src / "checkpoints")
-        path = src if (src / "state.json").is_file() else max(done, key=lambda p: int(p.name.split("-")[1]),
-                                                                 default=None)
+        path = src if (src / "state.json").is_file() else (done[-1] if done else None)
         if path is None:
             raise RunError(f"train.init_from: {src} is neither a run with a complete checkpoint nor a checkpoint")
         try:
@@ -228,7 +227,9 @@ class Checkpoints:
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:
-    """The checkpoint folders under ``root`` whose ``state.json`` was written (the last file, so: complete)."""
+    """The checkpoint folders under ``root`` whose ``state.json`` was written (the last file, so: complete), oldest
+    step first."""
     if not root.is_dir():
         return []
-    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
