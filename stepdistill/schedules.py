@@ -376,7 +376,13 @@ class KarrasGrid:
 
     ``lo``/``hi`` restrict the draw to a part of the grid, as fractions of it counted from the clean end: positions
     ``[int(lo N), int(hi N)]`` in increasing noise, as DMD2's EDM code reads ``min/max_step_percent`` on its
-    1000-point grid (``main/edm/edm_guidance.py``).
+    1000-point grid (``main/edm/edm_guidance.py``, DM loss: ``randint(min, max + 1)``); ``closed=False`` leaves out
+    position ``int(hi N)``, as the same code draws its GAN noise (``randint(0, diffusion_gan_max_timestep)``).
+
+    The grid spans the schedule's own noise range where that is narrower (``span``): DMD2 draws it on an EDM teacher
+    trained over exactly 0.002..80, while SD's schedule spans 0.029..14.6, where the fixed grid would put a quarter
+    of the draws on its noisiest timestep and a tenth on its cleanest. On a discrete VP schedule the draws are
+    rounded to its timesteps, the only ones its network was trained on.
     """
 
     num_points: int = 40
@@ -385,15 +391,28 @@ class KarrasGrid:
     rho: float = 7.0
     lo: float = 0.0
     hi: float = 1.0
+    closed: bool = True
 
-    def sigmas(self) -> torch.Tensor:
+    def span(self, schedule: NoiseSchedule) -> tuple[float, float]:
+        """``(sigma_min, sigma_max)`` narrowed to the schedule's ends ``t_min`` and 1 (EDM sigma, ``sigma/alpha``)."""
+        t = torch.tensor([schedule.t_min, 1.0], dtype=torch.float64)
+        ends = (schedule.sigma(t) / schedule.alpha(t)).tolist()  # inf at t = 1 for flows
+        return max(self.sigma_min, ends[0]), min(self.sigma_max, ends[1])
+
+    def sigmas(self, span: tuple[float, float] | None = None) -> torch.Tensor:
+        """The grid from its largest sigma down, between ``span`` (default: ``sigma_min``, ``sigma_max``)."""
+        lo, hi = span or (self.sigma_min, self.sigma_max)
         r = 1.0 / self.rho
         i = torch.arange(self.num_points, dtype=torch.float64) / (self.num_points - 1)
-        return (self.sigma_max**r + i * (self.sigma_min**r - self.sigma_max**r)) ** self.rho
+        return (hi**r + i * (lo**r - hi**r)) ** self.rho
 
     def sample(self, n: int, schedule: NoiseSchedule, generator: torch.Generator | None = None) -> torch.Tensor:
         # sigmas() runs from sigma_max down, so positions [first, last) from the clean end are these indices
-        first, last = int(self.lo * self.num_points), min(int(self.hi * self.num_points) + 1, self.num_points)
-        idx = torch.randint(self.num_points - last, self.num_points - first, (n,), generator=generator)
-        t = schedule.t_from_logsnr(-2.0 * torch.log(self.sigmas()[idx]))
+        points = self.num_points
+        first, last = int(self.lo * points), min(int(self.hi * points) + self.closed, points)
+        idx = torch.randint(points - last, points - first, (n,), generator=generator)
+        t = schedule.t_from_logsnr(-2.0 * torch.log(self.sigmas(self.span(schedule))[idx]))
+        if isinstance(schedule, VPDiscrete):
+            index = schedule.model_time(t).round().clamp(0, schedule.num_train_timesteps - 1)
+            return schedule.index_to_t(index)
         return t.clamp(min=schedule.t_min, max=1.0)

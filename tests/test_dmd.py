@@ -11,10 +11,11 @@ from stepdistill.config import ConfigError, build_recipe
 from stepdistill.denoisers import guided
 from stepdistill.methods.base import Batch, loss_terms
 from stepdistill.methods.dmd import DMD, f_weight
-from stepdistill.schedules import KarrasGrid
+from stepdistill.schedules import EDM, KarrasGrid, VPDiscrete
 from stepdistill.train import Trainer
 
 from ._recipes import dmd_recipe
+from .conftest import SD_SCHEDULER
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -422,3 +423,35 @@ def test_the_student_ema_moves_only_when_the_student_does(tmp_path):
     trainer._update_ema = lambda: (calls.append(trainer.step), update())
     trainer.train()
     assert calls == [0, 2]
+
+
+@pytest.mark.parametrize("density", ["uniform", "karras"])
+def test_gan_noise_levels_stop_short_of_gan_t_max_as_dmd2_draws_them(density):
+    # DMD2: randint(0, diffusion_gan_max_timestep) for the GAN, randint(min, max + 1) for the DM loss
+    # the Karras grid's sigma range (0.002..80) is EDM's; on SD's schedule its ends would clamp
+    sch = VPDiscrete.from_scheduler_config(SD_SCHEDULER) if density == "uniform" else EDM()
+    method = DMD(student_steps=1, gan_weight=1e-2, gan_t_max=0.5, t_min=0.02, t_max=0.98, time_density=density)
+    _, t = method._gan_inputs(torch.zeros(20000, 1), sch, torch.Generator().manual_seed(0))
+    dm = method._times(sch, 20000, method.t_min, method.t_max, torch.Generator().manual_seed(0))
+    if density == "uniform":  # the teacher's own timesteps, 1000 of them
+        gan_idx, dm_idx = sch.model_time(t), sch.model_time(dm)
+        assert (gan_idx.min().item(), gan_idx.max().item()) == (0, 499)
+        assert (dm_idx.min().item(), dm_idx.max().item()) == (20, 980)
+    else:  # positions of the 1000-point Karras grid counted from the clean end
+        ascending = KarrasGrid(num_points=1000).sigmas().flip(0)
+
+        def positions(times):
+            sigma = sch.sigma(times) / sch.alpha(times)
+            return (torch.log(sigma)[:, None] - torch.log(ascending)[None]).abs().argmin(dim=1)
+
+        gan_pos, dm_pos = positions(t), positions(dm)
+        assert gan_pos.max().item() == 499 and (dm_pos.min().item(), dm_pos.max().item()) == (20, 980)
+
+
+def test_a_gan_range_without_a_timestep_is_refused(tmp_path):
+    # 0.0005 of 1000 timesteps: DMD2's randint(0, 0) would fail on the first GAN draw
+    method = DMD(student_steps=1, gan_weight=1e-2, gan_t_max=0.0005)
+    with pytest.raises(ValueError, match="gan_t_max: 0.0005 x 1000 timesteps"):
+        method._check_gan_range(VPDiscrete.from_scheduler_config(SD_SCHEDULER))
+    DMD(student_steps=1, gan_weight=1e-2, gan_t_max=0.001)._check_gan_range(
+        VPDiscrete.from_scheduler_config(SD_SCHEDULER))

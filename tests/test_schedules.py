@@ -390,6 +390,22 @@ def test_karras_grid_part_is_counted_from_the_clean_end():
     torch.testing.assert_close(sch.sigma(whole), KarrasGrid(num_points=n).sigmas()[idx], rtol=1e-9, atol=0)
 
 
+def test_karras_grid_spans_a_narrower_schedule_and_lands_on_its_timesteps():
+    # SD's schedule covers sigma 0.029..14.6: the 0.002..80 grid would clamp ~26% of draws to its noisiest timestep
+    sch, grid = VPDiscrete.from_scheduler_config(SD_SCHEDULER), KarrasGrid(num_points=1000)
+    assert grid.span(sch) == pytest.approx((float(sch._sigmas[1]), float(sch._sigmas[-1])), rel=1e-9)
+    idx = sch.model_time(grid.sample(20000, sch, torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(idx, idx.round(), rtol=0, atol=0)
+    assert (idx.min().item(), idx.max().item()) == (0, 999)
+    assert (idx == 999).double().mean() < 0.005 and (idx == 0).double().mean() < 0.03
+    # rho-spaced in sigma between the schedule's own ends: the median draw sits at the grid's middle point
+    median_sigma = float(sch._sigmas[1 + int(idx.median())])
+    assert median_sigma == pytest.approx(float(grid.sigmas(grid.span(sch))[500]), rel=0.05)
+    # a schedule wider than the grid keeps the grid as it is (EDM: 0.002..80, flows: up to infinity)
+    assert grid.span(EDM()) == pytest.approx((0.002, 80.0), rel=1e-9)
+    assert grid.span(RectifiedFlow())[1] == 80.0
+
+
 def test_uniform_index_draws_integer_indices():
     sch = VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER)
     t = UniformIndex(20, 1000).sample(8000, sch, torch.Generator().manual_seed(0))
