@@ -76,16 +76,33 @@ def student_scheduler(teacher_scheduler_config: dict, prediction: str, grid: Stu
                       call_timesteps: bool = True) -> tuple[object, dict]:
     """The stock scheduler that reproduces the student grid exactly (checked, not assumed), and the call arguments it
     needs. ``call_timesteps``: whether the pipeline's call takes ``timesteps=`` (SD pipelines do, DDPMPipeline not)."""
-    tried = []
+    tried, uneven = [], None
     for scheduler, call in _scheduler_candidates(teacher_scheduler_config, prediction, grid, timesteps):
         if call and not call_timesteps:
             continue
         ran = replay(scheduler, grid.steps, call)
-        if ran == timesteps:
+        landed = _ddim_landings(scheduler, ran)
+        if ran == timesteps and landed in (None, timesteps[1:] + [-1]):
             return scheduler, call
-        tried.append(f"{type(scheduler).__name__}: {ran}")
+        note = ""
+        if ran == timesteps and landed is not None:  # the right timesteps, stepped between unevenly
+            uneven = scheduler.config.num_train_timesteps
+            note = f", but it steps each t to t - {uneven // len(ran)}: {landed}"
+        tried.append(f"{type(scheduler).__name__}: {ran}{note}")
+    hint = "" if uneven is None else f"; choose a step count that divides {uneven}, or export.pipeline: false"
     raise ExportError(f"export: no stock scheduler reproduces the {grid.transition} student grid {timesteps} "
-                      f"({'; '.join(tried)})")
+                      f"({'; '.join(tried)}){hint}")
+
+
+def _ddim_landings(scheduler, timesteps: list[int]) -> list[int] | None:
+    """Where ``DDIMScheduler.step`` lands from each timestep (-1: the clean end). It jumps to ``t - N // steps``, not
+    to the next timestep it runs, so it replays only evenly spaced grids (``None`` for other schedulers)."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(scheduler, DDIMScheduler):
+        return None
+    jump = scheduler.config.num_train_timesteps // len(timesteps)
+    return [max(t - jump, -1) for t in timesteps]
 
 
 def grid_timesteps(schedule: VPDiscrete, grid: StudentGrid) -> list[int]:

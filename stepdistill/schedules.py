@@ -90,6 +90,10 @@ class NoiseSchedule(abc.ABC):
         """``steps + 1`` decreasing times from 1 to 0: the teacher's deterministic-sampler grid."""
         return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
+    def snap(self, t) -> torch.Tensor:
+        """The nearest time the backbone was trained at: ``t`` itself for continuous-time schedules."""
+        return _f64(t)
+
     def check_grid(self, times: torch.Tensor) -> None:
         """Raise ``ValueError`` if the backbone cannot be evaluated at ``times`` (all but a final 0)."""
         inner = times[times > 0]
@@ -168,6 +172,11 @@ class VPDiscrete(NoiseSchedule):
 
     def index_to_t(self, n) -> torch.Tensor:
         return (_f64(n) + 1.0) / self.num_train_timesteps
+
+    def snap(self, t) -> torch.Tensor:
+        """The nearest of the ``N`` timesteps; ties go to the even position ``t N = index + 1``, as diffusers'
+        ``trailing`` grids round (``np.round(np.arange(N, 0, -N / steps)) - 1``). The clean end ``t = 0`` stays 0."""
+        return (_f64(t) * self.num_train_timesteps).round() / self.num_train_timesteps
 
     def grid(self, steps: int) -> torch.Tensor:
         """diffusers' ``timestep_spacing="trailing"`` indices, then the clean end (``set_alpha_to_one``)."""

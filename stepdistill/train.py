@@ -57,6 +57,16 @@ def lr_factor(step: int, cfg: OptimizerConfig, total: int | None = None) -> floa
     return 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+SHARED_OFFSET = 29  # the stream every rank draws alike (``Batch.shared``): seed * 1000 + 29
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank ``rank``'s data/noise seed, ``seed * 1000 + 17 + rank``, skipping the shared stream's seed: rank 12 and
+    later move up by one, so no rank draws the shared stream's numbers (ranks 0-11 keep their seeds)."""
+    offset = 17 + rank
+    return seed * 1000 + offset + (offset >= SHARED_OFFSET)
+
+
 class Trainer(Checkpoints):
     """Distil ``recipe`` into ``output_dir``.
 
@@ -161,8 +171,8 @@ class Trainer(Checkpoints):
                 shard_backbone(net.backbone)
 
         # Per-rank data/noise generator (ranks draw different batches), and fixed noise for sample grids.
-        self.generator = torch.Generator().manual_seed(r.seed * 1000 + 17 + acc.process_index)
-        self.shared_generator = torch.Generator().manual_seed(r.seed * 1000 + 29)  # alike on every rank (Batch.shared)
+        self.generator = torch.Generator().manual_seed(rank_seed(r.seed, acc.process_index))
+        self.shared_generator = torch.Generator().manual_seed(r.seed * 1000 + SHARED_OFFSET)  # alike on every rank
         n_show = r.train.num_sample_images
         self.sample_noise = torch.randn(n_show, *self.teacher.sample_shape,
                                         generator=torch.Generator().manual_seed(r.eval.seed))

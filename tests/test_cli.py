@@ -31,7 +31,8 @@ def _error(capsys, argv):
     (["teacher.gmm=null", "teacher.pretrained=/no/such/teacher"], "teacher.pretrained: no such directory"),
     (["method.name=magic"], "method.name: unknown method 'magic'"),
     (["teacher.gmm=null", "teacher.tiny=sd99"], "teacher.tiny: unknown kind 'sd99'"),
-    (["method.teacher_steps=12", "method.final_steps=3"], "falls between the teacher's 1024 discrete timesteps"),
+    (["method.teacher_steps=2048", "method.final_steps=4"], "2048 steps need as many distinct timesteps, the teacher "
+                                                            "has 1024"),
     (["train.colour=blue"], "train.colour: unknown key"),
     (["train.max_steps=abc"], "train.max_steps: expected an integer"),
     (["teacher.gmm.stds=[0.1]"], "teacher.gmm needs exactly one of 'std'"),

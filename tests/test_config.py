@@ -89,8 +89,10 @@ def test_an_unquoted_no_is_the_word():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    # 1024 / 3 is not an integer: the 3-step grid falls between the teacher's discrete timesteps.
-    ({"method.teacher_steps": 12, "method.final_steps": 3}, "falls between the teacher's 1024 discrete timesteps"),
+    # PD rounds its grids to the teacher's timesteps (3 of 1024: 341, 683, 1024 = 1023, 682, 340 as indices), which
+    # no stock scheduler replays: DDIMScheduler steps 682 -> 341; and 2048 steps have not as many timesteps
+    ({"method.teacher_steps": 12, "method.final_steps": 3}, "steps each t to t - 341: [682, 341, -1]"),
+    ({"method.teacher_steps": 2048, "method.final_steps": 4}, "2048 steps need as many distinct timesteps"),
     ({"method.teacher_steps": 12, "method.final_steps": 4}, "must be a power of two"),
     ({"train.update_every": {"fake_score": 2}}, "train.update_every: unknown phase(s) ['fake_score']"),
     ({"optim.fake_score": {"lr": 1e-4}}, "optim.fake_score: not a trainable role"),

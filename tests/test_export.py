@@ -83,6 +83,11 @@ def test_grids_a_stock_scheduler_cannot_replay_are_refused(tmp_path):
     with pytest.raises(ExportError, match="no stock scheduler reproduces the ddim"):
         export_pipeline(trainer.nets.student, trainer.teacher, StudentGrid((1.0, 0.25)), trainer.recipe,
                         tmp_path / "p")
+    # 3 steps rounded to 1024 timesteps: DDIMScheduler runs them, but steps 682 -> 682 - 1024 // 3 = 341, not 340
+    uneven = StudentGrid(tuple(trainer.teacher.denoiser.schedule.snap(torch.tensor([3, 2, 1]) / 3).tolist()))
+    with pytest.raises(ExportError, match=r"DDIMScheduler: \[1023, 682, 340\], but it steps each t to t - 341: "
+                                          r"\[682, 341, -1\]"):
+        export_pipeline(trainer.nets.student, trainer.teacher, uneven, trainer.recipe, tmp_path / "p")
     assert not (tmp_path / "p").exists()
 
 

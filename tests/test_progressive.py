@@ -13,27 +13,69 @@ from stepdistill.roles import build_nets
 from stepdistill.schedules import VPDiscrete
 from stepdistill.teachers import DEFAULT_SCHEDULER, load_gmm, vector_unet
 
+from .conftest import SD_SCHEDULER
+
 
 SCHEDULE = VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER)
+SD = VPDiscrete.from_scheduler_config(SD_SCHEDULER)  # 1000 timesteps: 16 and 32 steps fall between them
 MIX = GaussianMixture([[0.5, 0.5], [-0.5, -0.5], [0.5, -0.5]], 0.1, [0.5, 0.3, 0.2])
 
 
-@pytest.mark.parametrize("n_steps", [1, 2, 4, 8])
-def test_one_student_ddim_step_lands_on_two_teacher_steps(n_steps):
-    """The PD identity: with x0 = x~, one DDIM step t -> s reproduces the teacher's two-step result z_s."""
+@pytest.mark.parametrize("n_steps,schedule", [(1, SCHEDULE), (2, SCHEDULE), (4, SCHEDULE), (8, SCHEDULE), (16, SD)])
+def test_one_student_ddim_step_lands_on_two_teacher_steps(n_steps, schedule):
+    """The PD identity: with x0 = x~, one DDIM step t -> s reproduces the teacher's two-step result z_s (also for
+    the uneven halves of 16 steps snapped to SD's 1000 timesteps: 62.5 -> 62 + 63)."""
     torch.manual_seed(0)
-    teacher = UNet2DDenoiser(vector_unet(2, width=16), SCHEDULE, "v")
+    teacher = UNet2DDenoiser(vector_unet(2, width=16), schedule, "v")
     x_t = torch.randn(64, 2)
     for i in range(n_steps):
-        t = torch.full((64,), (i + 1) / n_steps, dtype=torch.float64)
-        t_mid, s = t - 0.5 / n_steps, t - 1.0 / n_steps
+        t, t_mid, s = (schedule.snap(torch.full((64,), k / (2 * n_steps))) for k in (2 * i + 2, 2 * i + 1, 2 * i))
         with torch.no_grad():
-            z_mid = ddim_step(teacher(x_t, t), SCHEDULE, t_mid)
-            z_s = ddim_step(teacher(z_mid, t_mid), SCHEDULE, s)
-        x_target = ddim_x0_target(x_t, z_s, SCHEDULE, t, s)
-        c = Coefficients.at(SCHEDULE, t, x_t)
+            z_mid = ddim_step(teacher(x_t, t), schedule, t_mid)
+            z_s = ddim_step(teacher(z_mid, t_mid), schedule, s)
+        x_target = ddim_x0_target(x_t, z_s, schedule, t, s)
+        c = Coefficients.at(schedule, t, x_t)
         student = Prediction(x_target, (x_t.double() - c.a * x_target) / c.s, c, torch.float64)
-        assert torch.allclose(ddim_step(student, SCHEDULE, s).double(), z_s.double(), atol=1e-9, rtol=0)
+        assert torch.allclose(ddim_step(student, schedule, s).double(), z_s.double(), atol=1e-9, rtol=0)
+
+
+def test_on_a_discrete_teacher_every_stage_queries_only_its_timesteps():
+    """SD's 1000 timesteps, 32 -> 4 steps: 32 and 16 steps fall between them (32 steps: index 30.25). Snapped, every
+    stage queries timesteps only, its grid is diffusers' trailing grid (what the export replays) and the even points
+    of the stage before, and the teacher's two steps split the student's step at a point of that finer grid."""
+    seen = []
+
+    class Recording(GMMDenoiser):
+        def forward(self, x_t, t, cond=None):
+            seen.append(torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0]))
+            return super().forward(x_t, t, cond)
+
+        def role_state_dict(self):  # no weights: the stage hand-over has nothing to copy
+            return {}
+
+        def load_role_state_dict(self, state):
+            pass
+
+    den = Recording(MIX, SD)
+    pd = ProgressiveDistillation(teacher_steps=32, final_steps=4, steps_per_stage=1, regression_steps=1)
+    nets = Nets(student=den, teacher=den, extra={"stage_teacher": den})
+    x0, _ = MIX.sample(512, torch.Generator().manual_seed(0))
+    finer = None
+    for step in range(pd.total_steps):  # the regression stage at 32 steps, then 16, 8 and 4
+        pd.update_schedule(step, nets)
+        grid = torch.tensor((*pd.student_grid().times, 0.0), dtype=torch.float64)
+        torch.testing.assert_close(grid, SD.grid(pd.student_steps), rtol=0, atol=1e-12)
+        seen.clear()
+        pd("student", nets, Batch(x0=x0, cond=None, generator=torch.Generator().manual_seed(step)))
+        idx = SD.model_time(torch.cat(seen))
+        torch.testing.assert_close(idx, idx.round(), rtol=0, atol=1e-9)
+        queried = set(torch.cat(seen).tolist())
+        if finer is not None:
+            assert torch.equal(grid, finer[::2])
+            assert queried == set(finer[:-1].tolist())  # the student's starts and the teacher's midpoints
+        finer = grid
+    with pytest.raises(ValueError, match="teacher_steps: 2048 steps need as many distinct timesteps"):
+        ProgressiveDistillation(teacher_steps=2048, final_steps=4).update_schedule(0, nets)
 
 
 def _nets(teacher_den, student_den):
@@ -101,6 +143,30 @@ def test_stages_halve_the_grid_and_hand_the_student_to_the_teacher():
     assert grids[5] == (1.0, 0.75, 0.5, 0.25) and grids[14] == (1.0, 0.5)
     pd.update_schedule(12, nets)  # away from a boundary nothing is copied (the student moved on since step 10)
     assert not torch.equal(next(nets["stage_teacher"].parameters()), next(nets.student.parameters()))
+
+
+def test_with_an_ema_each_stage_hands_on_the_ema_and_the_next_student_starts_from_it():
+    """The official notebook: the next teacher is the finished student's EMA, and the next student (and its EMA)
+    start from it; the regression stage hands its EMA to the first halving's student the same way."""
+    teacher = load_gmm(MIX.means.tolist(), stds=MIX.stds.tolist(), weights=MIX.weights.tolist(), denoiser="exact")
+    pd = ProgressiveDistillation(teacher_steps=8, final_steps=2, steps_per_stage=3, regression_steps=2)
+    nets = build_nets(teacher, pd.roles(), student_init="new", ema=True)
+    ema = nets["student_ema"]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+    for step in range(pd.total_steps):
+        pd.update_schedule(step, nets)
+        if step in (2, 5):  # the regression stage ends, then the first halving
+            assert same(nets.student, ema) and (step == 2 or same(nets["stage_teacher"], ema))
+        with torch.no_grad():  # an optimizer step, then the EMA update
+            for p, e in zip(nets.student.parameters(), ema.parameters()):
+                p.add_(0.01 * (step + 1))
+                e.lerp_(p, 0.5)
+        assert not same(nets.student, ema)
+    pd.update_schedule(6, nets)  # away from a boundary nothing moves
+    assert not same(nets.student, ema)
 
 
 class _GuidanceAware(Denoiser):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from stepdistill.config import build_recipe
 from stepdistill.methods import METHODS
 from stepdistill.methods.base import LossOutput
-from stepdistill.train import RunError, Trainer, lr_factor
+from stepdistill.train import SHARED_OFFSET, RunError, Trainer, lr_factor, rank_seed
 
 from ._recipes import dmd_recipe, gmm_recipe
 
@@ -25,17 +25,18 @@ def _losses(run_dir):
     return {r["step"]: r["loss/student"] for r in rows}
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    full = _run(tmp_path / "full")
-    # Interrupted at step 3 (a stage boundary follows), then resumed to the end.
-    _run(tmp_path / "part", **{"train.max_steps": 3})
-    resumed = _run(tmp_path / "part", resume=True)
+@pytest.mark.parametrize("ema", [{}, {"train.ema_decay": 0.5}], ids=["plain", "ema"])
+def test_resume_equals_uninterrupted_run(tmp_path, ema):
+    full = _run(tmp_path / "full", **ema)
+    # Interrupted at step 3 (a stage boundary follows: with an EMA it becomes the student), then resumed to the end.
+    _run(tmp_path / "part", **{"train.max_steps": 3, **ema})
+    resumed = _run(tmp_path / "part", resume=True, **ema)
     assert resumed.step == full.step == 6
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
     assert a.keys() == b.keys() == set(range(1, 7))
     for step in a:
         assert a[step] == b[step], f"loss differs at step {step}"
-    for role in ("student", "stage_teacher"):
+    for role in ("student", "stage_teacher", *(["student_ema"] if ema else [])):
         wa = load_file(str(tmp_path / "full" / "checkpoints" / "step-6" / f"{role}.safetensors"))
         wb = load_file(str(tmp_path / "part" / "checkpoints" / "step-6" / f"{role}.safetensors"))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -197,3 +198,11 @@ def test_resumed_finished_run_reports_the_final_grid(tmp_path):
     assert (tmp_path / "run" / "log.jsonl").read_text() == before
     meta = json.loads((trainer.export() / "stepdistill.json").read_text())
     assert meta["num_inference_steps"] == 2
+
+
+def test_no_rank_draws_the_shared_stream():
+    """Each rank's generator differs from every other rank's and from the stream all ranks draw alike (rank 12 used
+    to get the shared stream's seed); ranks 0-11 keep the seeds their results were measured with."""
+    seeds = [rank_seed(3, rank) for rank in range(64)]
+    assert len(set(seeds)) == 64 and 3 * 1000 + SHARED_OFFSET not in seeds
+    assert seeds[:12] == [3017 + rank for rank in range(12)]

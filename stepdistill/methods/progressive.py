@@ -8,6 +8,11 @@ the student taking N steps on the grid ``t_i = i / N``:
     x~ = (z_s - (s_s/s_t) x_t) / (a_s - (s_s/s_t) a_t)          (Algorithm 2: one student DDIM step lands on z_s)
     loss = max(|x_theta - x~|^2, |eps_theta - eps~|^2) = max(SNR, 1) |x_theta - x~|^2   ("snr_trunc")
 
+On a discrete-time teacher (SD's 1000 timesteps) every time above is rounded to the nearest timestep
+(``schedule.snap``), so no stage queries a timestep the teacher was never trained at (32 steps on 1000 would be
+index 30.25): ``snap(i/N) = snap(2i/2N)``, so each stage's grid is the even points of the next finer one, and it is
+diffusers' ``trailing`` grid for that step count, the one the exported scheduler replays.
+
 For the last step (``s = 0``) the target is the teacher's x0 from the midpoint evaluation, as the paper prescribes
 (``dpm.py``: ``where(i == 0, x_pred, x_target)``; the formula agrees wherever sigma(0) = 0). Stages halve N;
 between stages the teacher becomes the student (``stage_teacher <- student``), driven by
@@ -93,6 +98,7 @@ class ProgressiveDistillation:
             sample_guidance = sum(self.guidance) / 2
         self.sample_guidance = sample_guidance
         self.stage = 0  # the halving under way; -1 during the regression stage
+        self._schedule = None  # the student's, from update_schedule: its snap() rounds times to its timesteps
 
     @property
     def total_steps(self) -> int:
@@ -136,11 +142,20 @@ class ProgressiveDistillation:
         return "student"
 
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
+        if self._schedule is None:
+            self._check_timesteps(nets.student.schedule)
+            self._schedule = nets.student.schedule
         halving = step - self.regression_steps
         stage = -1 if halving < 0 else min(halving // self.steps_per_stage, self.num_stages - 1)
-        if stage > 0 and halving == stage * self.steps_per_stage:
-            # Stage boundary: the student just finished becomes the teacher (idempotent for this step).
-            nets["stage_teacher"].load_role_state_dict(nets.student.role_state_dict())
+        if halving == stage * self.steps_per_stage and (stage > 0 or (stage == 0 and self.regression_steps)):
+            # Stage boundary (idempotent for this step): the student just finished becomes the teacher of the
+            # halvings. With an EMA, as in the official notebook, that is the EMA, and the next student and its EMA
+            # start from it too ("init_params = teacher_state.ema_params", diffusion_distillation.ipynb).
+            ema = nets.extra.get("student_ema")
+            if stage > 0:
+                nets["stage_teacher"].load_role_state_dict((nets.student if ema is None else ema).role_state_dict())
+            if ema is not None:
+                nets.student.load_role_state_dict(ema.role_state_dict())
         self.stage = stage
         return {"stage": float(stage), "student_steps": float(self.student_steps)}
 
@@ -154,9 +169,20 @@ class ProgressiveDistillation:
         stage, offset = divmod(halving, self.steps_per_stage)
         return ("student",) if halving > 0 and offset == 0 and stage < self.num_stages else ()
 
+    def _check_timesteps(self, schedule) -> None:
+        """The finest grid the run queries (the teacher's steps) must put each point on its own timestep."""
+        times = schedule.snap(torch.arange(self.teacher_steps + 1, dtype=torch.float64) / self.teacher_steps)
+        if (times.diff() <= 0).any():
+            raise ValueError(f"method.teacher_steps: {self.teacher_steps} steps need as many distinct timesteps, "
+                             f"the teacher has {schedule.num_train_timesteps}")
+
     def student_grid(self) -> StudentGrid:
+        if self._schedule is None:
+            raise RuntimeError("ProgressiveDistillation.student_grid() before update_schedule(): the grid needs the "
+                               "schedule")
         n = self.student_steps
-        return StudentGrid(times=tuple((n - i) / n for i in range(n)), transition="ddim")
+        times = self._schedule.snap(torch.arange(n, 0, -1, dtype=torch.float64) / n)
+        return StudentGrid(times=tuple(times.tolist()), transition="ddim")
 
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
         x0 = batch.x0
@@ -165,9 +191,8 @@ class ProgressiveDistillation:
         gen = batch.generator
 
         # Sample a student step and noise the data to its start time.
-        i = torch.randint(0, n_steps, (b,), generator=gen)
-        t = ((i + 1) / n_steps).double()
-        t_mid, s = t - 0.5 / n_steps, t - 1.0 / n_steps
+        i = torch.randint(0, n_steps, (b,), generator=gen).double()
+        t, t_mid, s = (sch.snap(k / (2 * n_steps)) for k in (2 * i + 2, 2 * i + 1, 2 * i))
         eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
         x_t = sch.add_noise(x0, eps, t)
 
