@@ -62,8 +62,12 @@ class RoleModule(nn.Module):
         return self.backbone.state_dict()
 
     def load_role_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from .sharding import full
+        from .sharding import full, is_sharded, load_local, shard_like
 
+        own = self.backbone.state_dict()
+        if any(is_sharded(v) for v in own.values()):  # this role is sharded (FSDP2): copy shard for shard
+            load_local(own, {k: shard_like(v, own[k]) if k in own else v for k, v in state.items()})
+            return
         self.backbone.load_state_dict({k: full(v) for k, v in state.items()})  # from a sharded role: all-gather
 
     def plain_backbone(self) -> nn.Module:

@@ -174,8 +174,9 @@ class VPDiscrete(NoiseSchedule):
         return (_f64(n) + 1.0) / self.num_train_timesteps
 
     def snap(self, t) -> torch.Tensor:
-        """The nearest of the ``N`` timesteps; ties go to the even position ``t N = index + 1``, as diffusers'
-        ``trailing`` grids round (``np.round(np.arange(N, 0, -N / steps)) - 1``). The clean end ``t = 0`` stays 0."""
+        """The nearest of the ``N`` timesteps, ties to the even position ``t N = index + 1``: the rounding of
+        diffusers' ``trailing`` grids (``np.round(np.arange(N, 0, -N / steps)) - 1``) wherever their float
+        ``arange`` is exact. The clean end ``t = 0`` stays 0."""
         return (_f64(t) * self.num_train_timesteps).round() / self.num_train_timesteps
 
     def grid(self, steps: int) -> torch.Tensor:

@@ -48,6 +48,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` in the layout of ``like``: its local shard when ``like`` is sharded (a collective
+    when ``t`` is not sharded alike: every rank must call it), the whole tensor otherwise."""
+    if not is_sharded(like):
+        return full(t)
+    if is_sharded(t) and t.placements == like.placements and t.device_mesh == like.device_mesh:
+        return t.to_local()
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full(t), like.device_mesh, like.placements).to_local()
+
+
 def shard_backbone(backbone: nn.Module, blocks: tuple[str, ...] = BLOCKS) -> nn.Module:
     """``fully_shard`` every block of the named classes, then the root; in place (returns ``backbone``)."""
     from torch.distributed.fsdp import fully_shard

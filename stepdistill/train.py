@@ -182,8 +182,8 @@ class Trainer(Checkpoints):
             self.sample_cond = {k: v[rows].to(acc.device) for k, v in self.conditions.items()}
         if self.resume:
             self.load_checkpoint(self.latest_checkpoint())
-            # Bring curricula to the checkpoint's step so student_grid() is right even if no step runs (idempotent:
-            # train() calls it again for the same step).
+            # Bring curricula to the checkpoint's step so student_grid() is right even if no step runs (bookkeeping
+            # only, idempotent: train() calls it again for the same step, then the method's begin_step).
             self.method.update_schedule(min(self.step, r.train.max_steps - 1), self.nets)
             if not readonly and acc.is_main_process:
                 (self.dir / "config.yaml").write_text(dump_recipe(self.recipe))
@@ -324,7 +324,8 @@ class Trainer(Checkpoints):
                              device=acc.device, is_main_process=acc.is_main_process,
                              wait_for_everyone=acc.wait_for_everyone,
                              student_init="checkpoint" if self.recipe.train.init_from else self.recipe.student.init,
-                             lr_periods={role: cfg.period for role, cfg in self.recipe.optim.items()})
+                             lr_periods={role: cfg.period for role, cfg in self.recipe.optim.items()},
+                             ema_decay=self.recipe.train.ema_decay)
         try:
             prepare(self.nets, ctx)
         except ValueError as err:
@@ -387,7 +388,7 @@ class Trainer(Checkpoints):
                 self.step = step
                 # ``logs`` keeps the latest value of every key: with update_every a phase may skip a logging step.
                 logs.update({f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()})
-                for role in getattr(self.method, "fresh_optimizers", lambda _step: ())(step):
+                for role in getattr(self.method, "begin_step", lambda _step, _nets: ())(step, self.nets):
                     self.optimizers[role].state.clear()  # Adam re-creates zero moments at its next step
                 stepped = set()
                 for phase in self.method.phases:

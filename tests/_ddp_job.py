@@ -2,7 +2,9 @@
 
     python tests/_ddp_job.py OUT KIND [resume]
 
-KIND: pd | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | sd3, each also as KIND-fsdp.
+KIND: pd | pd-ema | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | sd3, each also as KIND-fsdp.
+pd-ema: progressive distillation with a student EMA, which becomes the stage teacher and the next student at the
+stage boundary (step 3).
 dmd2: three networks, two optimizers, the GAN term through the fake score and a student EMA; dmd2-lora: the same
 (no EMA) with student and fake score as adapters of one DDP-wrapped base, and two accumulated micro-batches per
 update. sd15*: a tiny Stable Diffusion teacher with a prompt file (the main process encodes the prompts into the
@@ -27,7 +29,8 @@ out, kind = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "pd")
 resume = len(sys.argv) > 3 and sys.argv[3] == "resume"
 fsdp = kind.endswith("-fsdp")
 base = kind.removesuffix("-fsdp")
-make = {"pd": gmm_recipe, "dmd2": lambda **o: dmd_recipe(**{"train.ema_decay": 0.5, **o}),
+make = {"pd": gmm_recipe, "pd-ema": lambda **o: gmm_recipe(**{"train.ema_decay": 0.5, **o}),
+        "dmd2": lambda **o: dmd_recipe(**{"train.ema_decay": 0.5, **o}),
         "dmd2-lora": lambda **o: dmd_recipe(**{"roles.mode": "lora", "roles.rank": 4, "train.grad_accum": 2, **o}),
         "sd15": lambda **o: family_recipe("sd15", **o),
         "sd3": lambda **o: family_recipe("sd3", **o),

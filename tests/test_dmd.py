@@ -455,3 +455,9 @@ def test_a_gan_range_without_a_timestep_is_refused(tmp_path):
         method._check_gan_range(VPDiscrete.from_scheduler_config(SD_SCHEDULER))
     DMD(student_steps=1, gan_weight=1e-2, gan_t_max=0.001)._check_gan_range(
         VPDiscrete.from_scheduler_config(SD_SCHEDULER))
+
+
+def test_a_gan_range_without_a_timestep_is_refused_before_the_run_starts(tmp_path):
+    with pytest.raises(ConfigError, match="gan_t_max: 0.0005 x 1024 timesteps leaves no GAN noise level"):
+        _trainer(tmp_path, **{"method.gan_t_max": 0.0005})
+    assert not (tmp_path / "run").exists()

@@ -58,12 +58,13 @@ def test_two_ranks_end_with_identical_weights(tmp_path, kind):
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4  # one writer
 
 
-@pytest.mark.parametrize("kind", ["dmd2", "sd15", "sd15-dmd2-lora"])
+@pytest.mark.parametrize("kind", ["dmd2", "pd-ema", "sd15", "sd15-dmd2-lora"])
 def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path, kind):
     """``train.fsdp``: every trainable role sharded with FSDP2 over 2 real gloo ranks. The result equals the DDP run
     of the same recipe (same batches, same averaged gradients), a resume from the sharded step-2 checkpoint lands
-    on the same weights (DMD2: student, fake score, GAN head and the student EMA; with LoRA roles, the student and
-    fake-score adapters on a sharded frozen base), and a single process exports from the sharded checkpoint."""
+    on the same weights (DMD2: student, fake score, GAN head and the student EMA; PD: the sharded EMA handed to the
+    sharded student at the step-3 stage boundary; with LoRA roles, the student and fake-score adapters on a sharded
+    frozen base), and a single process exports from the sharded checkpoint."""
     import numpy as np
 
     from stepdistill.cli import main
@@ -72,7 +73,7 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path,
     _launch([str(ROOT / "tests" / "_ddp_job.py"), str(ddp), kind], ddp)
     _launch([str(ROOT / "tests" / "_ddp_job.py"), str(fsdp), f"{kind}-fsdp"], fsdp)
     rank = json.loads((fsdp / "rank0.json").read_text())
-    ema = ["student_ema"] if kind == "dmd2" else []  # the DMD2 run keeps a student EMA, sharded like the student
+    ema = ["student_ema"] if kind in ("dmd2", "pd-ema") else []  # a student EMA is sharded like the student
     assert rank["sharded"] == sorted(rank["roles"] + ema) and rank["world"] == 2
     step4 = fsdp / "checkpoints" / "step-4"
     assert (step4 / "student-rank1.safetensors").exists() and (step4 / "optim-student-rank1.pt").exists()
@@ -88,7 +89,7 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path,
 
     if kind.endswith("lora"):  # the export reloaded the base and put the consolidated student adapter on it
         assert (fsdp / "lora" / "pytorch_lora_weights.safetensors").exists()
-    if kind.startswith("dmd2") or kind.endswith("lora"):  # three sharded roles and their optimizers: exact resume
+    if kind.startswith(("dmd2", "pd")) or kind.endswith("lora"):  # sharded roles and their optimizers: exact resume
         shutil.rmtree(step4)
         (fsdp / "weights-rank0.npy").unlink()
         _launch([str(ROOT / "tests" / "_ddp_job.py"), str(fsdp), f"{kind}-fsdp", "resume"], fsdp)

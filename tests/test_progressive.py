@@ -135,13 +135,16 @@ def test_stages_halve_the_grid_and_hand_the_student_to_the_teacher():
             for p in nets.student.parameters():
                 p.add_(0.01)  # stands in for an optimizer step
         pd.update_schedule(step, nets)
+        pd.begin_step(step, nets)
         grids.append(pd.student_grid().times)
         if step in (5, 10):  # stage boundaries: the teacher becomes the student just trained
             for a, b in zip(nets["stage_teacher"].parameters(), nets.student.parameters()):
                 assert torch.equal(a, b)
     assert grids[0] == (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
     assert grids[5] == (1.0, 0.75, 0.5, 0.25) and grids[14] == (1.0, 0.5)
-    pd.update_schedule(12, nets)  # away from a boundary nothing is copied (the student moved on since step 10)
+    pd.update_schedule(10, nets)  # bookkeeping only (resume, probes): the boundary's hand-over is begin_step's
+    assert not torch.equal(next(nets["stage_teacher"].parameters()), next(nets.student.parameters()))
+    pd.begin_step(12, nets)  # away from a boundary nothing is copied (the student moved on since step 10)
     assert not torch.equal(next(nets["stage_teacher"].parameters()), next(nets.student.parameters()))
 
 
@@ -158,6 +161,7 @@ def test_with_an_ema_each_stage_hands_on_the_ema_and_the_next_student_starts_fro
 
     for step in range(pd.total_steps):
         pd.update_schedule(step, nets)
+        assert pd.begin_step(step, nets) == (("student",) if step in (2, 5) else ())
         if step in (2, 5):  # the regression stage ends, then the first halving
             assert same(nets.student, ema) and (step == 2 or same(nets["stage_teacher"], ema))
         with torch.no_grad():  # an optimizer step, then the EMA update
@@ -165,7 +169,8 @@ def test_with_an_ema_each_stage_hands_on_the_ema_and_the_next_student_starts_fro
                 p.add_(0.01 * (step + 1))
                 e.lerp_(p, 0.5)
         assert not same(nets.student, ema)
-    pd.update_schedule(6, nets)  # away from a boundary nothing moves
+    pd.update_schedule(5, nets)  # bookkeeping for a step already run (a finished run resumed): nothing moves
+    pd.begin_step(6, nets)  # away from a boundary nothing moves
     assert not same(nets.student, ema)
 
 
@@ -221,6 +226,7 @@ def test_a_regression_stage_runs_first_at_the_teachers_steps_and_targets_its_x0(
             for p in nets.student.parameters():
                 p.add_(0.01)
         pd.update_schedule(step, nets)
+        pd.begin_step(step, nets)
         seen.append((pd.stage, pd.student_steps))
         if step == 8:  # the first halving ends: its student becomes the teacher
             assert all(torch.equal(a, b) for a, b in zip(nets["stage_teacher"].parameters(),
@@ -265,6 +271,19 @@ def test_a_learning_rate_period_off_the_stage_boundaries_is_noted(tmp_path, caps
     assert ("optim.student.period is 5 but the stages last [3] steps" in err) == noted
 
 
+@pytest.mark.parametrize("decay, noted", [(0.9, True), (0.3, False), (0.0, False)])
+def test_an_ema_too_slow_for_its_stages_is_noted(tmp_path, capsys, decay, noted):
+    from stepdistill.config import build_recipe
+    from stepdistill.train import Trainer
+
+    from ._recipes import gmm_recipe
+
+    recipe = gmm_recipe(**{"train.ema_decay": decay})  # stages of 3 steps: 0.9^3 = 73% of the start stays
+    Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    err = capsys.readouterr().err
+    assert ("train.ema_decay 0.9 still weighs a stage's starting weights 73%" in err) == noted
+
+
 def test_each_stage_starts_the_students_optimizer_afresh(tmp_path, monkeypatch):
     """As the official code does between distillation iterations: Adam's moments of the last stage are dropped at
     each boundary (regression stage -> first halving included), so the first update of a stage is Adam's first."""
@@ -274,7 +293,9 @@ def test_each_stage_starts_the_students_optimizer_afresh(tmp_path, monkeypatch):
     from ._recipes import gmm_recipe
 
     pd = ProgressiveDistillation(teacher_steps=8, final_steps=2, steps_per_stage=3, regression_steps=2)
-    assert [s for s in range(12) if pd.fresh_optimizers(s)] == [2, 5]  # stages: regression 0-1, 2-4, 5-...
+    teacher = load_gmm(MIX.means.tolist(), stds=MIX.stds.tolist(), weights=MIX.weights.tolist(), denoiser="exact")
+    nets = build_nets(teacher, pd.roles(), student_init="new")
+    assert [s for s in range(12) if pd.begin_step(s, nets)] == [2, 5]  # stages: regression 0-1, 2-4, 5-...
     trainer = Trainer(build_recipe(gmm_recipe()), tmp_path / "run", show_progress=False).setup()  # stages of 3
     seen = []
     real = trainer._run_phase

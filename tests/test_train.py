@@ -206,3 +206,18 @@ def test_no_rank_draws_the_shared_stream():
     seeds = [rank_seed(3, rank) for rank in range(64)]
     assert len(set(seeds)) == 64 and 3 * 1000 + SHARED_OFFSET not in seeds
     assert seeds[:12] == [3017 + rank for rank in range(12)]
+
+
+def test_reading_a_finished_run_back_leaves_its_weights_alone(tmp_path):
+    """A finished run is read back (sample / evaluate / export) with its curricula brought to its last step. That
+    step (3 of 4, stages of 3) is a PD stage boundary, where the EMA is handed to the student: bookkeeping must not
+    redo it. An untrained run has a grid too."""
+    recipe = {"train.max_steps": 4, "train.ema_decay": 0.5}
+    _run(tmp_path / "run", **recipe)
+    trainer = Trainer(build_recipe(gmm_recipe(**recipe)), tmp_path / "run", resume=True,
+                      show_progress=False).setup(readonly=True)
+    for role in ("student", "stage_teacher", "student_ema"):
+        saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-4" / f"{role}.safetensors"))
+        assert all(torch.equal(v, saved[k]) for k, v in trainer.nets[role].role_state_dict().items()), role
+    fresh = Trainer(build_recipe(gmm_recipe()), tmp_path / "new", show_progress=False).setup()
+    assert fresh.method.student_grid().times == (1.0, 0.75, 0.5, 0.25)  # the first stage: 4 steps of 8

@@ -119,7 +119,8 @@ class Method(Protocol):
         ...
 
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
-        """Curricula (PD halving, ECT's Δt, phased-DMD stages): called at the start of every step, idempotent
+        """Curricula (PD halving, ECT's Δt, phased-DMD stages): called at the start of every step, and for
+        bookkeeping on resume and by probes, so it must not change weights (``begin_step`` does that); idempotent
         for a given ``step``. Returns scalars to log (may be empty)."""
         ...
 
@@ -137,8 +138,10 @@ class Prepares(Protocol):
     * ``prepare(nets, ctx)``: derived data needed before training (DMD's teacher ODE pairs). Called once per run
       on every rank after the roles are built and before the run directory is touched, so a bad cache fails like
       any other bad input; work that writes files happens on the main process only. ``ValueError`` -> one line.
-    * ``fresh_optimizers(step)``: roles whose optimizer state (Adam's moments) starts afresh at ``step``, e.g. at
-      a progressive-distillation stage boundary, where the student faces a new target. Default: none.
+    * ``begin_step(step, nets)``: called by the loop once as ``step`` starts to run (after ``update_schedule``,
+      which is bookkeeping only and also runs on resume and for probes): moves weights between roles at a curriculum
+      boundary (progressive distillation's stage hand-over) and returns the roles whose optimizer state (Adam's
+      moments) starts afresh, as the student faces a new target. Default: nothing.
     """
 
     needs_real_data: str | None
@@ -146,7 +149,7 @@ class Prepares(Protocol):
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None: ...
 
-    def fresh_optimizers(self, step: int) -> tuple[str, ...]: ...
+    def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]: ...
 
 
 @dataclass
@@ -163,3 +166,5 @@ class PrepareContext:
     student_init: str = "teacher"
     #: each optimised role's learning-rate restart period (``optim.<role>.period``; ``None``: none)
     lr_periods: dict[str, int | None] = field(default_factory=dict)
+    #: the student EMA's decay per student update (``train.ema_decay``; 0: no EMA)
+    ema_decay: float = 0.0

@@ -10,8 +10,10 @@ the student taking N steps on the grid ``t_i = i / N``:
 
 On a discrete-time teacher (SD's 1000 timesteps) every time above is rounded to the nearest timestep
 (``schedule.snap``), so no stage queries a timestep the teacher was never trained at (32 steps on 1000 would be
-index 30.25): ``snap(i/N) = snap(2i/2N)``, so each stage's grid is the even points of the next finer one, and it is
-diffusers' ``trailing`` grid for that step count, the one the exported scheduler replays.
+index 30.25): ``snap(i/N) = snap(2i/2N)``, so each stage's grid is the even points of the next finer one. It is
+diffusers' ``trailing`` grid for that step count, the one the exported scheduler replays, whenever ``N_train / N``
+is exact in floating point (every count that divides ``N_train``, and 16, 32, 64 on 1000); at counts like 48 on 1000
+numpy's float ``arange`` rounds a few points the other way.
 
 For the last step (``s = 0``) the target is the teacher's x0 from the midpoint evaluation, as the paper prescribes
 (``dpm.py``: ``where(i == 0, x_pred, x_target)``; the formula agrees wherever sigma(0) = 0). Stages halve N;
@@ -98,7 +100,7 @@ class ProgressiveDistillation:
             sample_guidance = sum(self.guidance) / 2
         self.sample_guidance = sample_guidance
         self.stage = 0  # the halving under way; -1 during the regression stage
-        self._schedule = None  # the student's, from update_schedule: its snap() rounds times to its timesteps
+        self._schedule = None  # the student's (prepare / update_schedule): its snap() rounds times to its timesteps
 
     @property
     def total_steps(self) -> int:
@@ -111,7 +113,8 @@ class ProgressiveDistillation:
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
         """Refuse a student that starts from the teacher's weights, reads them as another prediction and has no
         regression stage to learn it in; note a learning-rate period that does not restart at the stage boundaries
-        (Salimans & Ho anneal the rate to 0 within each stage)."""
+        (Salimans & Ho anneal the rate to 0 within each stage), and an EMA too slow for the stages it hands on."""
+        self._use_schedule(nets.student.schedule)  # student_grid() works before the first step (samples, export)
         teacher_pred = nets.teacher.prediction
         if ctx.student_init == "teacher" and teacher_pred != self.student_prediction and not self.regression_steps:
             raise ValueError(
@@ -124,6 +127,11 @@ class ProgressiveDistillation:
             print(f"note: optim.student.period is {period} but the stages last {sorted(stages)} steps "
                   "(method.steps_per_stage, method.regression_steps): the learning rate will not restart at the "
                   "stage boundaries", file=sys.stderr)
+        kept, shortest = ctx.ema_decay ** min(stages), min(stages)
+        if kept > 0.1 and ctx.is_main_process:  # the EMA becomes the next stage's teacher and student (begin_step)
+            print(f"note: train.ema_decay {ctx.ema_decay} still weighs a stage's starting weights {kept:.0%} in the "
+                  f"EMA after its {shortest} steps, and the EMA is what each stage hands on (the official stages "
+                  "last 50k steps); lower the decay or lengthen the stages", file=sys.stderr)
 
     def roles(self) -> dict[str, RoleSpec]:
         return {
@@ -142,44 +150,44 @@ class ProgressiveDistillation:
         return "student"
 
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
+        """The stage ``step`` belongs to (bookkeeping only: the weights move in ``begin_step``)."""
         if self._schedule is None:
-            self._check_timesteps(nets.student.schedule)
-            self._schedule = nets.student.schedule
+            self._use_schedule(nets.student.schedule)
         halving = step - self.regression_steps
-        stage = -1 if halving < 0 else min(halving // self.steps_per_stage, self.num_stages - 1)
-        if halving == stage * self.steps_per_stage and (stage > 0 or (stage == 0 and self.regression_steps)):
-            # Stage boundary (idempotent for this step): the student just finished becomes the teacher of the
-            # halvings. With an EMA, as in the official notebook, that is the EMA, and the next student and its EMA
-            # start from it too ("init_params = teacher_state.ema_params", diffusion_distillation.ipynb).
-            ema = nets.extra.get("student_ema")
-            if stage > 0:
-                nets["stage_teacher"].load_role_state_dict((nets.student if ema is None else ema).role_state_dict())
-            if ema is not None:
-                nets.student.load_role_state_dict(ema.role_state_dict())
-        self.stage = stage
-        return {"stage": float(stage), "student_steps": float(self.student_steps)}
+        self.stage = -1 if halving < 0 else min(halving // self.steps_per_stage, self.num_stages - 1)
+        return {"stage": float(self.stage), "student_steps": float(self.student_steps)}
 
-    def fresh_optimizers(self, step: int) -> tuple[str, ...]:
-        """Each stage starts the student's optimizer afresh, as the official code does ("reset student optimizer for
-        next distillation iteration", ``diffusion_distillation.ipynb``): the previous stage's moments belong to
-        another target."""
+    def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
+        """Stage boundaries, run by the loop once as ``step`` starts. The student just trained becomes the teacher
+        of the next halving and starts its optimizer afresh, as the official notebook does ("student becomes new
+        teacher", "reset student optimizer for next distillation iteration", ``diffusion_distillation.ipynb``): the
+        previous stage's moments belong to another target. With a student EMA, as there, it is the EMA that becomes
+        the teacher, and the next student starts from it ("init_params = teacher_state.ema_params"). The regression
+        stage ends the same way, with no stage teacher to fill. Returns the roles whose optimizer restarts."""
         halving = step - self.regression_steps
-        if halving == 0:  # the first halving, after the regression stage if there is one
-            return ("student",) if self.regression_steps else ()
         stage, offset = divmod(halving, self.steps_per_stage)
-        return ("student",) if halving > 0 and offset == 0 and stage < self.num_stages else ()
+        if halving < 0 or offset or stage >= self.num_stages or (stage == 0 and not self.regression_steps):
+            return ()
+        ema = nets.extra.get("student_ema")
+        if stage > 0:
+            nets["stage_teacher"].load_role_state_dict((nets.student if ema is None else ema).role_state_dict())
+        if ema is not None:
+            nets.student.load_role_state_dict(ema.role_state_dict())
+        return ("student",)
 
-    def _check_timesteps(self, schedule) -> None:
-        """The finest grid the run queries (the teacher's steps) must put each point on its own timestep."""
+    def _use_schedule(self, schedule) -> None:
+        """Adopt the student's schedule, whose ``snap`` rounds times to its timesteps; the finest grid the run
+        queries (the teacher's steps) must put each point on its own timestep."""
         times = schedule.snap(torch.arange(self.teacher_steps + 1, dtype=torch.float64) / self.teacher_steps)
         if (times.diff() <= 0).any():
             raise ValueError(f"method.teacher_steps: {self.teacher_steps} steps need as many distinct timesteps, "
                              f"the teacher has {schedule.num_train_timesteps}")
+        self._schedule = schedule
 
     def student_grid(self) -> StudentGrid:
         if self._schedule is None:
-            raise RuntimeError("ProgressiveDistillation.student_grid() before update_schedule(): the grid needs the "
-                               "schedule")
+            raise RuntimeError("ProgressiveDistillation.student_grid() before prepare() or update_schedule(): "
+                               "the grid needs the schedule")
         n = self.student_steps
         times = self._schedule.snap(torch.arange(n, 0, -1, dtype=torch.float64) / n)
         return StudentGrid(times=tuple(times.tolist()), transition="ddim")
