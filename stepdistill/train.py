@@ -57,6 +57,13 @@ def lr_factor(step: int, cfg: OptimizerConfig, total: int | None = None) -> floa
     return 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def _method_error(err: Exception) -> ConfigError:
+    """A method's refusal as one line: its message names the recipe key (``method.<key>: ...``, ``export: ...``),
+    or is put under ``method:``."""
+    message = str(err)
+    return ConfigError(message if message.startswith(("method.", "method:", "export:")) else f"method: {message}")
+
+
 SHARED_OFFSET = 29  # the stream every rank draws alike (``Batch.shared``): seed * 1000 + 29
 
 
@@ -121,7 +128,7 @@ class Trainer(Checkpoints):
         try:
             self.method = METHODS[r.method.name](**r.method.params)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"method: {err}") from None
+            raise _method_error(err) from None
         specs = self.method.roles()
         try:
             self.nets = build_nets(self.teacher, specs, student_init=r.student.init, ema=r.train.ema_decay > 0,
@@ -239,7 +246,7 @@ class Trainer(Checkpoints):
             if self.recipe.export.pipeline:
                 check_exportable(self.nets.student, self.teacher)
         except ValueError as err:  # ExportError is a ValueError
-            raise ConfigError(f"method: {err}") from None
+            raise _method_error(err) from None
         family = self.teacher.family
         if self.recipe.export.kohya and not (self.writes_lora() and not family.flow):
             raise ConfigError("export.kohya: kohya/webui files are written for LoRA students (roles.mode: lora) of "
@@ -329,7 +336,7 @@ class Trainer(Checkpoints):
         try:
             prepare(self.nets, ctx)
         except ValueError as err:
-            raise ConfigError(f"method: {err}") from None
+            raise _method_error(err) from None
 
     def _prepare_run_dir(self) -> None:
         d, acc = self.dir, self.accelerator

@@ -33,6 +33,7 @@ def _error(capsys, argv):
     (["teacher.gmm=null", "teacher.tiny=sd99"], "teacher.tiny: unknown kind 'sd99'"),
     (["method.teacher_steps=2048", "method.final_steps=4"], "2048 steps need as many distinct timesteps, the teacher "
                                                             "has 1024"),
+    (["method.steps_per_stage=0"], "error: method.steps_per_stage must be >= 1, got 0"),  # the key, once
     (["train.colour=blue"], "train.colour: unknown key"),
     (["train.max_steps=abc"], "train.max_steps: expected an integer"),
     (["teacher.gmm.stds=[0.1]"], "teacher.gmm needs exactly one of 'std'"),

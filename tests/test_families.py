@@ -323,7 +323,7 @@ def test_ode_pair_regression_on_a_text_teacher_is_refused_before_training(tmp_pa
 
     recipe = family_dmd_recipe("sd15", **{"method.regression_weight": 0.25, "method.student_steps": 1,
                                           "roles.mode": mode})
-    with pytest.raises(ConfigError, match="method: regression_weight: ODE pairs of text-conditioned teachers"):
+    with pytest.raises(ConfigError, match="method.regression_weight: ODE pairs of text-conditioned teachers"):
         Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
     assert not (tmp_path / "run").exists()
 

@@ -317,6 +317,6 @@ def test_a_stage_of_no_steps_is_one_line(tmp_path):
     from ._recipes import gmm_recipe
 
     recipe = build_recipe(gmm_recipe(**{"method.steps_per_stage": 0}))
-    with pytest.raises(ConfigError, match="method: method.steps_per_stage must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="^method.steps_per_stage must be >= 1, got 0"):
         Trainer(recipe, tmp_path / "run", show_progress=False).setup()
     assert not (tmp_path / "run").exists()

@@ -329,10 +329,11 @@ class DMD:
             return
         teacher = nets.teacher
         if getattr(teacher, "num_classes", None):
-            raise ValueError("regression_weight: ODE pairs for class-conditional teachers are not supported yet")
+            raise ValueError("method.regression_weight: ODE pairs for class-conditional teachers are not supported "
+                             "yet")
         if isinstance(getattr(teacher, "inner", teacher), TextConditioned):  # a LoRA base wraps the teacher's own
-            raise ValueError("regression_weight: ODE pairs of text-conditioned teachers are not supported yet (each "
-                             "pair would need its prompt); set method.regression_weight: 0, as DMD2 does")
+            raise ValueError("method.regression_weight: ODE pairs of text-conditioned teachers are not supported yet "
+                             "(each pair would need its prompt); set method.regression_weight: 0, as DMD2 does")
         spec = pair_spec(teacher, sample_shape=ctx.sample_shape, num_pairs=self.num_pairs,
                          sampler=self.pair_sampler, steps=self.pair_steps, seed=0)
         path = Path(self.pair_cache) if self.pair_cache else ctx.cache_dir / "ode_pairs" / f"{spec['teacher']}-" \
@@ -342,12 +343,12 @@ class DMD:
         if self.regression_loss == "lpips":
             shape = ctx.sample_shape
             if len(shape) != 3 or shape[0] not in (1, 3):
-                raise ValueError(f"regression_loss: lpips compares pixel images with 1 or 3 channels; this teacher's "
-                                 f"samples have shape {list(shape)} (use pseudo_huber)")
+                raise ValueError(f"method.regression_loss: lpips compares pixel images with 1 or 3 channels; this "
+                                 f"teacher's samples have shape {list(shape)} (use pseudo_huber)")
             try:
                 self.lpips = load_lpips(self.lpips_net, self.lpips_weights).to(ctx.device)
             except FileNotFoundError as err:
-                raise ValueError(f"regression_loss: {err}") from None
+                raise ValueError(f"method.regression_loss: {err}") from None
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _times(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *, closed: bool = True) -> torch.Tensor:

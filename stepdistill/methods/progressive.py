@@ -118,9 +118,9 @@ class ProgressiveDistillation:
         teacher_pred = nets.teacher.prediction
         if ctx.student_init == "teacher" and teacher_pred != self.student_prediction and not self.regression_steps:
             raise ValueError(
-                f"regression_steps: the student starts from the teacher's weights, which predict {teacher_pred!r}, "
-                f"but predicts {self.student_prediction!r}; give it a first stage at the teacher's step count to "
-                "learn that (e.g. method.regression_steps: 1000)")
+                f"method.regression_steps: the student starts from the teacher's weights, which predict "
+                f"{teacher_pred!r}, but predicts {self.student_prediction!r}; give it a first stage at the teacher's "
+                "step count to learn that (e.g. method.regression_steps: 1000)")
         period = ctx.lr_periods.get("student")
         stages = {self.steps_per_stage, *([self.regression_steps] if self.regression_steps else [])}
         if period is not None and stages != {period} and ctx.is_main_process:
