@@ -10,9 +10,12 @@ UNet2DModel students are saved as ``DDPMPipeline(unet, scheduler)`` on the teach
   1-step grid at t=0); ``DDPMPipeline`` calls ``scheduler.step(out, t, x, generator=...)`` with DDIM's ``eta=0``.
   A one-step student conditioned on another time (DMD2's t = 399) is called as DMD2 ships it in SD pipelines,
   ``LCMScheduler`` with ``timesteps=[t]`` in ``call``; ``DDPMPipeline`` has no ``timesteps`` argument, so there DDIM's
-  ``"leading"`` spacing puts the step at ``steps_offset`` (which ``StableDiffusionPipeline`` would reset to 1);
+  ``"leading"`` spacing puts the step at ``steps_offset`` (which ``StableDiffusionPipeline`` would reset to 1).
+  ``DDIMScheduler`` steps ``t`` to ``t - N // steps``, so it replays evenly spaced grids only; SD pipelines take an
+  uneven one (3 or 16 steps on 1000 timesteps) as ``timesteps=`` with ``EulerDiscreteScheduler``, whose Euler step
+  in sigma is the DDIM step;
 * re-noising grids (DMD2 multi-step): ``LCMScheduler(original_inference_steps=K)``, whose step denoises and then
-  re-noises with fresh noise from the pipeline's generator.
+  re-noises with fresh noise from the pipeline's generator; a grid its own spacing misses goes as ``timesteps=``.
 
 The grid is checked against what the scheduler actually produces before anything is written.
 """
@@ -39,18 +42,25 @@ class ExportError(ValueError):
 def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid: StudentGrid, timesteps: list[int]):
     """Stock schedulers that may replay ``grid`` on the teacher's betas, most natural first, each with the pipeline
     call arguments it needs (``{}``: the scheduler config alone encodes the grid)."""
-    from diffusers import DDIMScheduler, LCMScheduler
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
 
     cfg = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
     cfg.update(set_alpha_to_one=True, clip_sample=False, thresholding=False,
                prediction_type=OURS_TO_DIFFUSERS[prediction])
-    accepted = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys would only draw a warning
-    lcm = {k: v for k, v in cfg.items() if k in accepted}
+
+    def own(cls) -> dict:  # the keys ``cls`` takes: DDPM-only keys would only draw a warning
+        accepted = inspect.signature(cls.__init__).parameters
+        return {k: v for k, v in cfg.items() if k in accepted}
+
+    lcm = own(LCMScheduler)
     if grid.transition == "renoise":
         # LCMScheduler's multistep sampling is "denoise, then re-noise with fresh noise" (DMD2's 4-step sampler);
         # original_inference_steps = K puts its grid at DMD2's 999/749/499/249 (ECOSYSTEM.md §1). Its boundary
         # scalings (timestep_scaling 10) leave c_skip < 2e-7 at every grid step >= N/8.
         yield LCMScheduler.from_config({**lcm, "original_inference_steps": grid.steps}), {}
+        # Other grids (3 steps on 1000: LCM's own grid is 998/665/332, ours trailing 999/666/332) as timesteps=
+        # in SD pipelines; its step re-noises to the next timestep it is given.
+        yield LCMScheduler.from_config(lcm), {"timesteps": timesteps}
         return
     # steps_offset is unused by "trailing"; 1 keeps StableDiffusionPipeline from warning about (and resetting) it
     yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "steps_offset": 1}), {}
@@ -61,6 +71,15 @@ def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid:
         # DDPMPipeline has no timesteps argument: DDIM's "leading" spacing puts its single step at steps_offset, and
         # that step lands on x0 (set_alpha_to_one). StableDiffusionPipeline resets steps_offset to 1, so not there.
         yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "leading", "steps_offset": timesteps[0]}), {}
+        return
+    # Unevenly spaced grids (PD's 3 or 16 steps on 1000 timesteps), which DDIMScheduler steps between wrongly: SD
+    # pipelines take them as timesteps= in EulerDiscreteScheduler, whose deterministic Euler step in sigma is the
+    # DDIM step (Song et al. 2021; Karras et al. 2022 §3) and goes to the next timestep it is given, the last to
+    # sigma 0. Its initial noise is sqrt(sigma_max^2 + 1) times the pipeline's draw (pure noise, as we start) only
+    # under "leading" spacing ("linspace"/"trailing" scale by sigma_max), which custom timesteps otherwise ignore.
+    euler = {**own(EulerDiscreteScheduler), "timestep_spacing": "leading", "steps_offset": 1,
+             "final_sigmas_type": "zero"}
+    yield EulerDiscreteScheduler.from_config(euler), {"timesteps": timesteps}
 
 
 def replay(scheduler, steps: int, call: dict) -> list[int]:

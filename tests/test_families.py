@@ -220,6 +220,30 @@ def test_a_one_step_student_at_the_conditioning_time_exports_to_the_stock_pipeli
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
 
 
+@pytest.mark.parametrize("recipe, scheduler", [
+    (lambda: family_recipe("sd15", **{"method.teacher_steps": 6, "method.final_steps": 3}), "EulerDiscreteScheduler"),
+    (lambda: family_dmd_recipe("sd15", **{"method.student_steps": 3}), "LCMScheduler"),
+], ids=["pd-3step", "dmd2-3step-renoise"])
+def test_unevenly_spaced_grids_export_as_timesteps(tmp_path, recipe, scheduler):
+    """3 steps on SD's 1000 timesteps are 999/666/332: DDIMScheduler would step 666 -> 333 and LCMScheduler's own
+    3-step grid is 998/665/332, so SD pipelines get the grid as ``timesteps=``: EulerDiscreteScheduler (its Euler
+    step in sigma is the DDIM step) for PD's deterministic grid, LCMScheduler for DMD2's re-noising one."""
+    trainer = Trainer(build_recipe(recipe()), tmp_path / "run", show_progress=False).setup()
+    trainer.train()
+    folder = trainer.export()
+    meta = json.loads((folder / "stepdistill.json").read_text())
+    assert meta["timesteps"] == meta["call"]["timesteps"] == [999, 666, 332] and meta["scheduler"] == scheduler
+    prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
+    noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    cond = {k: v[:2] for k, v in trainer.conditions.items()}
+    with torch.no_grad():
+        expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond,
+                                  generator=torch.Generator().manual_seed(0))
+    got, stdout = stock_pipeline_latents(CONSUMER, folder, noise, prompts, tmp_path)
+    assert stdout.split()[1] == scheduler
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input.
 
