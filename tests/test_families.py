@@ -138,6 +138,13 @@ CONSUMER = textwrap.dedent("""
 """)
 
 
+def _first_two(trainer):
+    """The first two prompts of the smoke file, fixed noise for them, and their rows of the run's prompt table."""
+    prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
+    noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    return prompts, noise, {k: v[:2] for k, v in trainer.conditions.items()}
+
+
 W_RANGE = {"method.guidance": [2.0, 4.0], "method.sample_guidance": 3.5}
 
 
@@ -156,9 +163,7 @@ def test_distill_then_the_stock_pipeline_reproduces_the_student(tmp_path, family
         assert meta["call"]["guidance_scale"] == 3.5 and trainer.nets.student.sampling_guidance == 3.5
     assert (tmp_path / "run" / "samples" / "step-3.png").exists()
 
-    prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
-    noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
-    cond = {k: v[:2] for k, v in trainer.conditions.items()}  # rows 0, 1 = the first two prompts
+    prompts, noise, cond = _first_two(trainer)
     expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond)
     if overrides:  # the trained w-embedding matters: another scale gives another sample
         other = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(),
@@ -187,9 +192,7 @@ def test_a_dmd2_lora_student_exports_to_the_stock_pipeline(tmp_path, base_dtype)
     trainer.train()
     folder = trainer.export()
     trainer.accelerator.unwrap_model(base, keep_fp32_wrapper=False).float()  # in place: plain float32 forward
-    prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
-    noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
-    cond = {k: v[:2] for k, v in trainer.conditions.items()}
+    prompts, noise, cond = _first_two(trainer)
     with torch.no_grad():
         expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond,
                                   generator=torch.Generator().manual_seed(0))
@@ -211,9 +214,7 @@ def test_a_one_step_student_at_the_conditioning_time_exports_to_the_stock_pipeli
     folder = trainer.export()
     meta = json.loads((folder / "stepdistill.json").read_text())
     assert meta["timesteps"] == [399] and meta["call"]["timesteps"] == [399] and meta["scheduler"] == "LCMScheduler"
-    prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
-    noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
-    cond = {k: v[:2] for k, v in trainer.conditions.items()}
+    prompts, noise, cond = _first_two(trainer)
     expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond)
     got, stdout = stock_pipeline_latents(CONSUMER, folder, noise, prompts, tmp_path)
     assert stdout.split()[1:] == ["LCMScheduler", "[399]"]
@@ -233,9 +234,7 @@ def test_unevenly_spaced_grids_export_as_timesteps(tmp_path, recipe, scheduler):
     folder = trainer.export()
     meta = json.loads((folder / "stepdistill.json").read_text())
     assert meta["timesteps"] == meta["call"]["timesteps"] == [999, 666, 332] and meta["scheduler"] == scheduler
-    prompts = open(SMOKE_PROMPTS).read().splitlines()[:2]
-    noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
-    cond = {k: v[:2] for k, v in trainer.conditions.items()}
+    prompts, noise, cond = _first_two(trainer)
     with torch.no_grad():
         expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond,
                                   generator=torch.Generator().manual_seed(0))
