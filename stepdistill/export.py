@@ -59,8 +59,10 @@ def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid:
         # scalings (timestep_scaling 10) leave c_skip < 2e-7 at every grid step >= N/8.
         yield LCMScheduler.from_config({**lcm, "original_inference_steps": grid.steps}), {}
         # Other grids (3 steps on 1000: LCM's own grid is 998/665/332, ours trailing 999/666/332) as timesteps=
-        # in SD pipelines; its step re-noises to the next timestep it is given.
-        yield LCMScheduler.from_config(lcm), {"timesteps": timesteps}
+        # in SD pipelines; its step re-noises to the next timestep it is given. original_inference_steps = N puts
+        # every timestep on its "distillation schedule", so calls do not warn that ours are off it.
+        n_train = cfg.get("num_train_timesteps", 1000)
+        yield LCMScheduler.from_config({**lcm, "original_inference_steps": n_train}), {"timesteps": timesteps}
         return
     # steps_offset is unused by "trailing"; 1 keeps StableDiffusionPipeline from warning about (and resetting) it
     yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "steps_offset": 1}), {}
@@ -77,8 +79,11 @@ def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid:
     # DDIM step (Song et al. 2021; Karras et al. 2022 §3) and goes to the next timestep it is given, the last to
     # sigma 0. Its initial noise is sqrt(sigma_max^2 + 1) times the pipeline's draw (pure noise, as we start) only
     # under "leading" spacing ("linspace"/"trailing" scale by sigma_max), which custom timesteps otherwise ignore.
+    # The teacher's sampling-only settings are dropped: log-linear interpolation would move the sigmas between
+    # timesteps, and Karras/exponential/beta sigmas refuse custom timesteps.
     euler = {**own(EulerDiscreteScheduler), "timestep_spacing": "leading", "steps_offset": 1,
-             "final_sigmas_type": "zero"}
+             "final_sigmas_type": "zero", "interpolation_type": "linear", "timestep_type": "discrete",
+             "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
     yield EulerDiscreteScheduler.from_config(euler), {"timesteps": timesteps}
 
 
@@ -310,6 +315,14 @@ def _base_id(meta: dict) -> str:
     return source.removeprefix("pretrained:") if source.startswith("pretrained:") else "THE_BASE_MODEL"
 
 
+def _timesteps_line(meta: dict) -> list[str]:
+    """A grid passed as ``timesteps=``: the scheduler config alone (``num_inference_steps``) runs another one."""
+    if "timesteps" not in meta["call"]:
+        return []
+    return [f"- pass `timesteps={meta['call']['timesteps']}` as above: with `num_inference_steps` alone "
+            f"{meta['scheduler']} runs a grid of its own, not the student's"]
+
+
 def lora_card(meta: dict) -> str:
     call = ", ".join(f"{k}={v!r}" for k, v in meta["call"].items())
     lines = [
@@ -327,6 +340,7 @@ def lora_card(meta: dict) -> str:
         f"- rank {meta['lora']['rank']}, alpha {meta['lora']['alpha']}, {meta['lora']['layers']} LoRA layers; the "
         "file carries the adapter config as metadata, so alpha != rank reloads exactly",
         "- `pipe.fuse_lora()` merges it; `stepdistill export RUN --fuse` writes the merged pipeline directly",
+        *_timesteps_line(meta),
     ]
     if meta["lora"]["kohya"]:
         lines.append(f"- `{meta['lora']['kohya']}`: the same LoRA in the kohya/webui layout (A1111, ComfyUI)")
@@ -372,6 +386,7 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         if meta.get("transition") == "renoise" else "- deterministic given the initial noise",
         f"- prediction type: `{meta['prediction_type']}`",
         f"- output: {meta['output']}",
+        *_timesteps_line(meta),
     ]
     if metrics:
         lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2), "```"]

@@ -189,9 +189,11 @@ class Trainer(Checkpoints):
             self.sample_cond = {k: v[rows].to(acc.device) for k, v in self.conditions.items()}
         if self.resume:
             self.load_checkpoint(self.latest_checkpoint())
-            # Bring curricula to the checkpoint's step so student_grid() is right even if no step runs (bookkeeping
-            # only, idempotent: train() calls it again for the same step, then the method's begin_step).
-            self.method.update_schedule(min(self.step, r.train.max_steps - 1), self.nets)
+            # Bring curricula to the checkpoint so student_grid() is right even if no step runs (bookkeeping only:
+            # train() calls it again for the step it runs next, then the method's begin_step). The checkpoint holds
+            # the student after step self.step - 1, so that step's grid (a stage boundary at self.step is not yet
+            # crossed).
+            self.method.update_schedule(max(min(self.step, r.train.max_steps) - 1, 0), self.nets)
             if not readonly and acc.is_main_process:
                 (self.dir / "config.yaml").write_text(dump_recipe(self.recipe))
                 self._trim_log()

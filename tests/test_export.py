@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stepdistill.config import build_recipe
-from stepdistill.export import ExportError, export_pipeline
+from stepdistill.export import ExportError, export_pipeline, student_scheduler
 from stepdistill.sampling import StudentGrid, sample_student
 from stepdistill.train import Trainer
 
@@ -127,3 +127,23 @@ def test_a_class_conditional_unet2d_student_is_refused_before_training(tmp_path)
     recipe["export"] = {"pipeline": False}
     trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
     assert trainer.nets.student.num_classes == 10
+
+
+@pytest.mark.parametrize("setting", [{"interpolation_type": "log_linear"}, {"use_karras_sigmas": True}],
+                         ids=["log-linear", "karras"])
+def test_an_uneven_grid_replays_on_its_own_sigmas_whatever_the_teachers_sampler_settings(setting):
+    """Community SD folders ship Euler settings for sampling (Karras sigmas, log-linear interpolation): the exported
+    EulerDiscreteScheduler must still run the student's sigmas at its own timesteps (Karras sigmas would refuse
+    custom timesteps; log-linear interpolation would move them)."""
+    from stepdistill.schedules import VPDiscrete
+
+    from .conftest import SD_SCHEDULER
+
+    config = {**SD_SCHEDULER, "_class_name": "EulerDiscreteScheduler", **setting}
+    schedule = VPDiscrete.from_scheduler_config(config)
+    grid = StudentGrid(tuple(schedule.snap(torch.tensor([3, 2, 1]) / 3).tolist()))
+    scheduler, call = student_scheduler(config, "v", grid, [999, 666, 332])
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler" and call == {"timesteps": [999, 666, 332]}
+    t = torch.tensor([*grid.times, 0.0], dtype=torch.float64)
+    want = schedule.sigma(t) / schedule.alpha(t)
+    torch.testing.assert_close(scheduler.sigmas.double(), want, rtol=1e-5, atol=0)

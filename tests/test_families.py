@@ -234,6 +234,7 @@ def test_unevenly_spaced_grids_export_as_timesteps(tmp_path, recipe, scheduler):
     folder = trainer.export()
     meta = json.loads((folder / "stepdistill.json").read_text())
     assert meta["timesteps"] == meta["call"]["timesteps"] == [999, 666, 332] and meta["scheduler"] == scheduler
+    assert "pass `timesteps=[999, 666, 332]`" in (folder / "README.md").read_text()
     prompts, noise, cond = _first_two(trainer)
     with torch.no_grad():
         expected = sample_student(trainer.sampling_student(), noise, trainer.method.student_grid(), cond=cond,

@@ -221,3 +221,11 @@ def test_reading_a_finished_run_back_leaves_its_weights_alone(tmp_path):
         assert all(torch.equal(v, saved[k]) for k, v in trainer.nets[role].role_state_dict().items()), role
     fresh = Trainer(build_recipe(gmm_recipe()), tmp_path / "new", show_progress=False).setup()
     assert fresh.method.student_grid().times == (1.0, 0.75, 0.5, 0.25)  # the first stage: 4 steps of 8
+
+
+def test_a_run_read_back_at_a_stage_boundary_reports_its_checkpoints_grid(tmp_path):
+    """Stopped at step 3 of 6 (stages of 3): the checkpoint holds the first stage's 4-step student, which the next
+    step would hand on; reading it back must report that student's grid, not the next stage's."""
+    _run(tmp_path / "run", **{"train.max_steps": 3})
+    trainer = Trainer(build_recipe(gmm_recipe()), tmp_path / "run", resume=True, show_progress=False)
+    assert trainer.setup(readonly=True).method.student_grid().times == (1.0, 0.75, 0.5, 0.25)

@@ -17,11 +17,12 @@ numpy's float ``arange`` rounds a few points the other way.
 
 For the last step (``s = 0``) the target is the teacher's x0 from the midpoint evaluation, as the paper prescribes
 (``dpm.py``: ``where(i == 0, x_pred, x_target)``; the formula agrees wherever sigma(0) = 0). Stages halve N;
-between stages the teacher becomes the student (``stage_teacher <- student``), driven by
-``update_schedule``. Guided PD: with ``guidance=(w_min, w_max)`` the teacher is queried with CFG at a per-sample
-``w ~ U[w_min, w_max]`` and the student receives ``w`` as the input ``cond["guidance"]``; later stages distil the
-w-conditioned previous student without CFG. (Meng et al. run a separate first stage that matches the CFG teacher at
-equal steps; here that regression is folded into the first halving unless ``regression_steps`` asks for it.)
+between stages the teacher becomes the student (``stage_teacher <- student``, or its EMA), in ``begin_step``;
+``update_schedule`` only tracks the stage. Guided PD: with ``guidance=(w_min, w_max)`` the teacher is queried with
+CFG at a per-sample ``w ~ U[w_min, w_max]`` and the student receives ``w`` as the input ``cond["guidance"]``; later
+stages distil the w-conditioned previous student without CFG. (Meng et al. run a separate first stage that matches
+the CFG teacher at equal steps; here that regression is folded into the first halving unless ``regression_steps``
+asks for it.)
 
 Regression stage (``regression_steps > 0``, Meng et al. 2023 §4.1 stage one): before the first halving, the student
 learns the (guided) teacher's own x0 prediction at the teacher's step count, with the same weighting. The student
