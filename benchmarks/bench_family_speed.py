@@ -8,7 +8,8 @@ student from it (progressive distillation, a few training steps: the weights do 
 them; then the teacher's *default* call (SD1.5/SDXL 50 steps with CFG, SD3 28 with CFG, FLUX 28 with its embedded
 guidance) and each student's exported call (``stepdistill.json`` ``call``) are timed end to end (prompt encoding,
 denoising, VAE decoding), interleaved, on ``--device`` (CUDA when there is one) in ``--dtype``. Reports the measured
-speedup, the ideal speedup (ratio of network evaluations, a CFG step counting 2) and their ratio; the bar is >= 0.8.
+speedup, the ideal speedup (ratio of network evaluations, a CFG step counting 2, counted by a hook on the backbone
+as each call runs) and their ratio; the bar is >= 0.8.
 
 ``tiny`` are the test models of ``stepdistill/tiny.py``; ``mid`` are wider random models of the same families (about
 10-20M backbone parameters at 32x32 latents) where the backbone, not the text encoders or the VAE, dominates;
@@ -117,6 +118,25 @@ def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path,
     return trainer.export()
 
 
+def evaluations(pipe, kwargs: dict, output: str, images: int = 1) -> float:
+    """Network evaluations of one call, counted: rows of the backbone's input batch per image, so a CFG step (the
+    conditional and unconditional halves as one batch of 2) is 2, and a scheduler that calls twice per step (or
+    once more than its step count, as PNDM does) is counted as it runs."""
+    backbone = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    rows = []
+
+    def count(_module, args, kw):
+        x = args[0] if args else kw.get("sample", kw.get("hidden_states"))
+        rows.append(x.shape[0])
+
+    handle = backbone.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        timed(pipe, kwargs, output, images)
+    finally:
+        handle.remove()
+    return sum(rows) / images
+
+
 def timed(pipe, kwargs: dict, output: str, images: int = 1) -> float:
     start = time.perf_counter()
     pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type=output,
@@ -163,10 +183,13 @@ def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: 
     teacher = DiffusionPipeline.from_pretrained(teacher_dir, torch_dtype=dtype).to(device)
     teacher.set_progress_bar_config(disable=True)
     steps, cfg = DEFAULTS[family]
-    teacher_call = {"height": px, "width": px}
+    teacher_call = {"height": px, "width": px, "num_inference_steps": steps}  # the pipelines' defaults, spelt out
     if family in ("sd3", "flux"):
         teacher_call["max_sequence_length"] = 16
-    teacher_nfe = steps * (2 if cfg else 1)
+    teacher_nfe = evaluations(teacher, teacher_call, outputs[0], images)  # also the teacher's warm-up
+    if teacher_nfe != steps * (2 if cfg else 1):  # the default call is what ECOSYSTEM.md §1.3 says it is
+        raise SystemExit(f"{family}: the teacher's default call ran {teacher_nfe:g} evaluations, not {steps}"
+                         + (" x 2 (CFG)" if cfg else ""))
     rows = []
     for student_steps in (1, 4):
         folder = distil_and_export(teacher_dir, family, student_steps, work / f"{family}-{size}-{student_steps}",
@@ -174,6 +197,7 @@ def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: 
         student = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
         student.set_progress_bar_config(disable=True)
         call = json.loads((folder / "stepdistill.json").read_text())["call"]
+        student_nfe = evaluations(student, call, outputs[0], images)  # also the student's warm-up
         for output in outputs:  # "np": end to end; "latent": without the VAE decode, which no step count changes
             timed(student, call, output, images), timed(teacher, teacher_call, output, images)  # warm-up
             t_student, t_teacher = [], []
@@ -181,12 +205,13 @@ def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: 
                 t_student.append(timed(student, call, output, images))
                 t_teacher.append(timed(teacher, teacher_call, output, images))
             measured = statistics.median(t_teacher) / statistics.median(t_student)
-            ideal = teacher_nfe / student_steps
+            ideal = teacher_nfe / student_nfe
             params = sum(p.numel() for p in getattr(teacher, "unet", None).parameters()) if family in (
                 "sd15", "sdxl") else sum(p.numel() for p in teacher.transformer.parameters())
             rows.append({"family": family, "size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
                          "output": output, "images": images, "backbone_params_M": round(params / 1e6, 2),
                          "teacher_call": f"{steps} steps" + (" x CFG" if cfg else ""), "student_steps": student_steps,
+                         "teacher_nfe": teacher_nfe, "student_nfe": student_nfe,
                          "teacher_s": round(statistics.median(t_teacher), 4),
                          "student_s": round(statistics.median(t_student), 4), "speedup": round(measured, 2),
                          "ideal": ideal, "ratio_to_ideal": round(measured / ideal, 3)})

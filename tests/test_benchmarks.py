@@ -32,7 +32,8 @@ def test_family_speed_bench_distils_exports_and_times(tmp_path, monkeypatch, ben
     monkeypatch.setitem(speed.DEFAULTS, family, (2, True))  # a 2-step CFG teacher call: only that it runs matters
     rows = speed.bench(family, "tiny", 1, tmp_path, "cpu", torch.float32, ["latent"])
     assert [r["student_steps"] for r in rows] == [1, 4] and all(r["student_s"] > 0 for r in rows)
-    assert [r["ideal"] for r in rows] == [4.0, 1.0]  # 2 steps x CFG = 4 evaluations over 1 and 4 student steps
+    # counted as the calls run: 2 steps x CFG = 4 evaluations over 1 and 4 student steps
+    assert [(r["teacher_nfe"], r["student_nfe"], r["ideal"]) for r in rows] == [(4, 1, 4.0), (4, 4, 1.0)]
 
 
 @pytest.mark.parametrize("method, passes", [
