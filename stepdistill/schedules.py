@@ -422,7 +422,4 @@ class KarrasGrid:
         first, last = int(self.lo * points), min(int(self.hi * points) + self.closed, points)
         idx = torch.randint(points - last, points - first, (n,), generator=generator)
         t = schedule.t_from_logsnr(-2.0 * torch.log(self.sigmas(self.span(schedule))[idx]))
-        if isinstance(schedule, VPDiscrete):
-            index = schedule.model_time(t).round().clamp(0, schedule.num_train_timesteps - 1)
-            return schedule.index_to_t(index)
-        return t.clamp(min=schedule.t_min, max=1.0)
+        return schedule.snap(t).clamp(min=schedule.t_min, max=1.0)  # discrete VP: onto its timesteps

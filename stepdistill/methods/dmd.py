@@ -111,7 +111,8 @@ def frozen(*modules):
 def _time_density(schedule, lo: float, hi: float, kind: str = "uniform", *, closed: bool = True):
     """The part ``[lo, hi]`` of DMD2's time axis: its SD code draws integer timesteps in ``[int(lo N), int(hi N)]``
     (continuous schedules: ``t ~ U[lo, hi]``); its EDM code (``kind="karras"``) draws positions of a 1000-point
-    Karras grid (sigma 0.002..80, rho 7) the same way, mapped to this schedule's time by SNR. ``closed=False`` stops
+    Karras grid (sigma 0.002..80, or the teacher's narrower range; rho 7) the same way, mapped to this schedule's
+    time by SNR (``KarrasGrid``). ``closed=False`` stops
     one index short of ``int(hi N)``, as both draw the GAN's noise level (``randint(0, diffusion_gan_max_timestep)``,
     ``sd_guidance.py`` / ``edm_guidance.py``)."""
     if kind == "karras":
