@@ -280,9 +280,7 @@ class DMD:
             sch = nets.student.schedule
             if self.conditioning_time is not None:
                 t = torch.tensor(float(self.conditioning_time), dtype=torch.float64)
-                if isinstance(sch, VPDiscrete):  # snap to a discrete timestep: 0.4 -> 399 of 1000 (DMD2's SDXL)
-                    t = sch.index_to_t(sch.model_time(t).round())
-                times = (float(t),)
+                times = (float(sch.snap(t)),)  # a discrete teacher's timestep: 0.4 -> 399 of 1000 (DMD2's SDXL)
             else:
                 times = tuple(float(t) for t in sch.grid(self.student_steps)[:-1])
             self._grid = StudentGrid(times, transition="renoise" if self.student_steps > 1 else "ddim")
