@@ -12,9 +12,11 @@ import torch
 from stepdistill.config import build_recipe
 from stepdistill.export import ExportError, export_pipeline, student_scheduler
 from stepdistill.sampling import StudentGrid, sample_student
+from stepdistill.schedules import VPDiscrete
 from stepdistill.train import Trainer
 
 from ._recipes import dmd_recipe, gmm_recipe
+from .conftest import SD_SCHEDULER
 
 
 CONSUMER = textwrap.dedent("""
@@ -135,10 +137,6 @@ def test_an_uneven_grid_replays_on_its_own_sigmas_whatever_the_teachers_sampler_
     """Community SD folders ship Euler settings for sampling (Karras sigmas, log-linear interpolation): the exported
     EulerDiscreteScheduler must still run the student's sigmas at its own timesteps (Karras sigmas would refuse
     custom timesteps; log-linear interpolation would move them)."""
-    from stepdistill.schedules import VPDiscrete
-
-    from .conftest import SD_SCHEDULER
-
     config = {**SD_SCHEDULER, "_class_name": "EulerDiscreteScheduler", **setting}
     schedule = VPDiscrete.from_scheduler_config(config)
     grid = StudentGrid(tuple(schedule.snap(torch.tensor([3, 2, 1]) / 3).tolist()))
