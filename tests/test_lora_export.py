@@ -109,6 +109,21 @@ def test_lora_file_reloads_exactly_with_every_layer(tmp_path, tiny):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
 
 
+def test_a_lora_student_on_an_uneven_grid_reloads_with_its_scheduler_and_timesteps(tmp_path):
+    """DMD2's 3 re-noising steps on SD's 1000 timesteps (999/666/332; LCM's own 3-step grid is 998/665/332) go as
+    ``timesteps=`` in ``call``; the LoRA folder's scheduler and call, used as its card says, reproduce the student.
+    (PD's deterministic uneven grids take EulerDiscreteScheduler the same way: test_families; a PD LoRA student needs a
+    v-prediction SD base, which the tiny models do not have.)"""
+    trainer = _trained(tmp_path, "sd15", **{"method.student_steps": 3})
+    lora_dir = trainer.export_lora()
+    meta = json.loads((lora_dir / "stepdistill.json").read_text())
+    assert meta["scheduler"] == "LCMScheduler" and meta["call"]["timesteps"] == [999, 666, 332]
+    assert "pass `timesteps=[999, 666, 332]`" in (lora_dir / "README.md").read_text()
+    noise, got, _ = _reload(tmp_path, trainer, lora_dir)
+    expected = _expected(trainer, noise)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
+
+
 @pytest.mark.parametrize("tiny", ["sd15", "sdxl"])
 def test_kohya_file_reloads(tmp_path, tiny):
     trainer = _trained(tmp_path, tiny)
