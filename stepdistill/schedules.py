@@ -390,8 +390,8 @@ class KarrasGrid:
     position ``int(hi N)``, as the same code draws its GAN noise (``randint(0, diffusion_gan_max_timestep)``).
 
     The grid spans the schedule's own noise range where that is narrower (``span``): DMD2 draws it on an EDM teacher
-    trained over exactly 0.002..80, while SD's schedule spans 0.029..14.6, where the fixed grid would put a quarter
-    of the draws on its noisiest timestep and a tenth on its cleanest. On a discrete VP schedule the draws are
+    trained over exactly 0.002..80, while SD's schedule spans 0.029..14.6, where the fixed grid would put 28% of the
+    draws on its noisiest timestep and 13% on its cleanest. On a discrete VP schedule the draws are
     rounded to its timesteps, the only ones its network was trained on.
     """
 

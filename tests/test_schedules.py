@@ -391,7 +391,7 @@ def test_karras_grid_part_is_counted_from_the_clean_end():
 
 
 def test_karras_grid_spans_a_narrower_schedule_and_lands_on_its_timesteps():
-    # SD's schedule covers sigma 0.029..14.6: the 0.002..80 grid would clamp ~26% of draws to its noisiest timestep
+    # SD's schedule covers sigma 0.029..14.6: the 0.002..80 grid would clamp 28% of draws to its noisiest timestep
     sch, grid = VPDiscrete.from_scheduler_config(SD_SCHEDULER), KarrasGrid(num_points=1000)
     assert grid.span(sch) == pytest.approx((float(sch._sigmas[1]), float(sch._sigmas[-1])), rel=1e-9)
     idx = sch.model_time(grid.sample(20000, sch, torch.Generator().manual_seed(0)))
