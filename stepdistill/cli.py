@@ -60,10 +60,10 @@ def cmd_distill(args) -> int:
 def _load_student(path: Path):
     """``(student, grid, teacher, prompt table or None)`` from a run directory (latest checkpoint) or an exported
     pipeline folder."""
-    from .config import ConfigError, build_recipe, load_recipe
+    from .config import ConfigError, build_recipe
     from .export import load_exported_student
+    from .run import load_run
     from .teachers import load_teacher
-    from .train import Trainer
 
     if (path / "stepdistill.json").exists():
         meta = json.loads((path / "stepdistill.json").read_text())
@@ -74,9 +74,8 @@ def _load_student(path: Path):
         student, grid, _ = load_exported_student(path, teacher)
         return student, grid, teacher, None
     if (path / "config.yaml").exists():
-        trainer = Trainer(load_recipe(path / "config.yaml"), path, resume=True, show_progress=False)
-        trainer.setup(readonly=True)
-        return trainer.sampling_student(), trainer.method.student_grid(), trainer.teacher, trainer.conditions
+        run = load_run(path)
+        return run.sampling_student(), run.grid, run.teacher, run.conditions
     raise ConfigError(f"{path}: neither a run directory (config.yaml) nor an exported pipeline (stepdistill.json)")
 
 
@@ -119,21 +118,26 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .config import ConfigError, load_recipe
-    from .train import Trainer
+    from .config import ConfigError
+    from .export import export_lora, export_pipeline
+    from .run import load_run
 
-    run = Path(args.run_dir)
-    if not (run / "config.yaml").exists():
-        raise ConfigError(f"{run}: not a run directory (no config.yaml)")
-    trainer = Trainer(load_recipe(run / "config.yaml"), run, resume=True, show_progress=False).setup(readonly=True)
-    lora = args.lora or args.kohya
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     out = Path(args.output_dir) if args.output_dir else None
     if out is not None and out.exists() and not args.overwrite:  # the run's own pipeline/ is replaced, not this
         raise ConfigError(f"--output-dir: {out} already exists; pass --overwrite to replace it")
+    run = load_run(run_dir)
+    lora = args.lora or args.kohya
+    student, grid = run.sampling_student(), run.grid
     if lora:
-        print(f"lora: {trainer.export_lora(out / 'lora' if out else None, kohya=args.kohya)}")
+        path = export_lora(student, run.teacher, grid, run.recipe, out / "lora" if out else run_dir / "lora",
+                           kohya=args.kohya)
+        print(f"lora: {path}")
     if args.fuse or not lora:  # the stock pipeline, with a LoRA student merged into the backbone
-        print(f"pipeline: {trainer.export(out / 'pipeline' if (out and lora) else out)}")
+        target = (out / "pipeline" if lora else out) if out else run_dir / "pipeline"
+        print(f"pipeline: {export_pipeline(student, run.teacher, grid, run.recipe, target)}")
     return 0
 
 

@@ -9,7 +9,7 @@ against the constructor's signature.
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,10 +69,11 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW and a learning-rate schedule (``constant | linear | cosine``) with warmup. ``linear``/``cosine`` anneal
-    to 0 over the role's optimizer steps in the run (``train.max_steps`` / its update ratio), or restart every
-    ``period`` optimizer steps when that is set (progressive distillation anneals within each stage)."""
+    """An optimizer (``adamw | radam | adamw8bit``, ``optim.py``) and a learning-rate schedule (``constant | linear |
+    cosine``) with warmup. ``linear``/``cosine`` anneal to 0 over the role's optimizer steps in the run, or restart
+    every ``period`` optimizer steps when that is set (progressive distillation anneals within each stage)."""
 
+    name: str = "adamw"
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -173,7 +174,6 @@ _CHOICES = {
     "student.init": ("teacher", "new"),
     "eval.teacher_sampler": ("ddim", "euler", "heun", "dpmpp_2m"),
 }
-_OPTIM_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def _type_name(tp) -> str:
@@ -254,20 +254,18 @@ def _build(cls, data: dict, prefix: str):
 
 def build_recipe(data: dict) -> Recipe:
     """Validate a recipe mapping into a ``Recipe`` (method keyword arguments are checked too)."""
-    from .methods import METHODS
+    from .methods import METHODS, method_parameters
 
     data = dict(data or {})
     method = dict(data.pop("method", None) or {})
     name = method.pop("name", "progressive")
     if name not in METHODS:
         raise ConfigError(f"method.name: unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    sig = inspect.signature(METHODS[name].__init__)
-    allowed = [p for p in sig.parameters if p != "self"]
-    hints = typing.get_type_hints(METHODS[name].__init__)
+    params = method_parameters(name)
     for k in method:
-        if k not in allowed:
-            raise ConfigError(f"method.{k}: unknown key for method {name!r}; allowed: {', '.join(allowed)}")
-        method[k] = _coerce(method[k], hints.get(k, Any), f"method.{k}")
+        if k not in params:
+            raise ConfigError(f"method.{k}: unknown key for method {name!r}; allowed: {', '.join(params)}")
+        method[k] = _coerce(method[k], params[k][0], f"method.{k}")
     optim = data.pop("optim", None) or {}
     if not isinstance(optim, dict):
         raise ConfigError(f"optim: expected a mapping of role -> optimizer settings, got {optim!r}")
@@ -284,11 +282,15 @@ def _check_choices(recipe: Recipe) -> None:
         value = getattr(getattr(recipe, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+    from .optim import OPTIMIZERS, SCHEDULES
+
     for role, opt in recipe.optim.items():
-        if opt.schedule not in _OPTIM_SCHEDULES:
-            raise ConfigError(f"optim.{role}.schedule: {opt.schedule!r}; choose one of {', '.join(_OPTIM_SCHEDULES)}")
-        if opt.lr <= 0:
-            raise ConfigError(f"optim.{role}.lr: must be positive, got {opt.lr}")
+        if opt.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.{role}.name: {opt.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if opt.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.{role}.schedule: {opt.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not (math.isfinite(opt.lr) and opt.lr > 0):
+            raise ConfigError(f"optim.{role}.lr: must be a positive number, got {opt.lr}")
         if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
             raise ConfigError(f"optim.{role}.betas: two values in [0, 1) expected, got {opt.betas}")
         ranges = {"eps": (opt.eps > 0, "> 0"), "weight_decay": (opt.weight_decay >= 0, ">= 0"),

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .atomic import atomic_file
-from .methods.base import Batch
 from .mixture import GaussianMixture
+from .types import Batch
 
 
 @lru_cache(maxsize=1)

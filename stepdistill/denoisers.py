@@ -9,7 +9,6 @@ models. Classifier-free guidance is ``guided(...)`` with one convention everywhe
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -25,7 +24,7 @@ Cond = dict | None
 
 
 class RoleModule(nn.Module):
-    """What the training loop needs of any role: a ``backbone`` to optimise, checkpoint and wrap for DDP/FSDP."""
+    """What the training loop needs of any role: a ``backbone`` to optimise, checkpoint and shard (FSDP)."""
 
     @property
     def backbone(self) -> nn.Module | None:
@@ -34,24 +33,6 @@ class RoleModule(nn.Module):
             if name in self._modules:
                 return self._modules[name]
         return None
-
-    def wrap_backbone(self, wrapped: nn.Module) -> None:
-        """Route forward calls through ``wrapped`` (a DDP/FSDP wrapper of ``backbone``) while parameters, state
-        dicts and attributes stay those of the plain backbone. Not registered as a submodule on purpose."""
-        object.__setattr__(self, "_wrapped_backbone", wrapped)
-
-    def _call_backbone(self) -> nn.Module:
-        return self.__dict__.get("_wrapped_backbone") or self.backbone
-
-    @contextlib.contextmanager
-    def unwrapped(self):
-        """Forward calls inside the block skip the DDP/FSDP wrapper (``Denoiser.features``' partial forward)."""
-        wrapped = self.__dict__.pop("_wrapped_backbone", None)
-        try:
-            yield
-        finally:
-            if wrapped is not None:
-                self.wrap_backbone(wrapped)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What this role's optimizer owns (LoRA roles: their adapter only, ``lora.AdapterDenoiser``)."""
@@ -85,11 +66,7 @@ class RoleModule(nn.Module):
 
 
 class _Stop(Exception):
-    """Carries the bottleneck features out of a forward cut short (``Denoiser.features``)."""
-
-    def __init__(self, features: torch.Tensor):
-        super().__init__()
-        self.features = features
+    """Ends a forward cut short once the deepest requested feature map is caught (``Denoiser.features``)."""
 
 
 class Denoiser(RoleModule):
@@ -106,51 +83,78 @@ class Denoiser(RoleModule):
         """The backbone's raw output at the backbone's own timestep. Analytic denoisers override ``forward``."""
         raise TypeError(f"{type(self).__name__} must implement raw() or override forward()")
 
-    def feature_module(self) -> nn.Module:
-        """The block whose output is the bottleneck feature map (GAN heads read it, DMD2 §3.2)."""
-        raise TypeError(f"{type(self).__name__} has no bottleneck features for a GAN head")
+    # ------------------------------------------------------------------------------------------------ features
+    def feature_modules(self) -> list[nn.Module]:
+        """The blocks whose outputs are the feature maps ``features`` reads, in the order the forward runs them."""
+        raise TypeError(f"{type(self).__name__} has no feature maps for a discriminator")
 
-    def with_features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> tuple[Prediction, torch.Tensor]:
-        """One forward pass returning the prediction and the bottleneck features ``[B, C, h, w]``.
+    def feature_map(self, out, x_t: torch.Tensor) -> torch.Tensor:
+        """A feature block's output as a ``[B, C, h, w]`` map."""
+        return out[0] if isinstance(out, tuple) else out
 
-        The features are caught by a forward hook on ``feature_module()``, so the pass goes through the (possibly
-        DDP-wrapped) backbone like any other: DDP sees every parameter used and its reducer stays consistent.
-        """
-        caught = []
-        handle = self.feature_module().register_forward_hook(lambda _m, _i, out: caught.append(out))
+    def feature_channels(self) -> list[int]:
+        """Channels of each ``feature_modules()`` map."""
+        raise TypeError(f"{type(self).__name__} has no feature maps for a discriminator")
+
+    @property
+    def bottleneck(self) -> int:
+        """The index of the map a single GAN head reads (DMD2's ``classify_mode``): a UNet's mid block, the deepest
+        and smallest; a transformer's middle block (it has no bottleneck; half the blocks is half the cost)."""
+        return len(self.feature_modules()) - 1
+
+    def _layers(self, layers) -> list[int]:
+        n = len(self.feature_modules())
+        picked = [self.bottleneck] if layers is None else [i % n if -n <= i < n else None for i in layers]
+        if None in picked or not picked:
+            raise ValueError(f"{type(self).__name__}: feature layers {layers} out of range (it has {n})")
+        return picked
+
+    def _hooked(self, x_t: torch.Tensor, layers: list[int], caught: dict, stop: int | None):
+        modules = self.feature_modules()
+
+        def hook(index):
+            def catch(_module, _inputs, out):
+                caught[index] = self.feature_map(out, x_t)
+                if index == stop:
+                    raise _Stop
+
+            return catch
+
+        return [modules[i].register_forward_hook(hook(i)) for i in sorted(set(layers))]
+
+    def with_features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None,
+                      layers=None) -> tuple[Prediction, list[torch.Tensor]]:
+        """One whole forward pass returning the prediction and the feature maps of ``layers`` (indices into
+        ``feature_modules()``; default: the bottleneck), each ``[B, C, h, w]``."""
+        picked, caught = self._layers(layers), {}
+        handles = self._hooked(x_t, picked, caught, stop=None)
         try:
             pred = self(x_t, t, cond)
         finally:
-            handle.remove()
-        feats = caught[-1][0] if isinstance(caught[-1], tuple) else caught[-1]
-        return pred, feats
+            for h in handles:
+                h.remove()
+        return pred, [caught[i] for i in picked]
 
-    def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-        """Only the bottleneck features: the forward stops at ``feature_module()``, so the decoder half never runs.
-
-        This is DMD2's ``classify_mode`` forward (``guidance_model.compute_cls_logits``): the GAN passes cost neither
-        the decoder's compute nor its activations. The pass calls the plain backbone, not its DDP wrapper: DDP's
-        reducer then only sees whole forwards, and gradients from this pass are summed into the same parameters
-        in the same backward before DDP's hooks fire. FSDP2 shards need their own forward hooks to run to the end,
-        so a sharded backbone takes the whole pass instead.
-        """
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, layers=None) -> list[torch.Tensor]:
+        """The feature maps of ``layers`` (default: the bottleneck), each ``[B, C, h, w]``: UNets' down and mid blocks,
+        SD3/FLUX blocks' image tokens on the latent grid. The forward stops at the deepest requested block, so what
+        lies after it (a UNet's decoder half) is neither computed nor kept: DMD2's ``classify_mode`` forward
+        (``guidance_model.compute_cls_logits``). FSDP2 shards need their own forward hooks to run to the end, so a
+        sharded backbone takes the whole pass instead."""
         from .sharding import is_sharded
 
         if any(is_sharded(p) for p in self.backbone.parameters()):
-            return self.with_features(x_t, t, cond)[1]
-
-        def stop(_module, _inputs, out):
-            raise _Stop(out[0] if isinstance(out, tuple) else out)
-
-        handle = self.feature_module().register_forward_hook(stop)
+            return self.with_features(x_t, t, cond, layers)[1]
+        picked, caught = self._layers(layers), {}
+        handles = self._hooked(x_t, picked, caught, stop=max(picked))
         try:
-            with self.unwrapped():
-                self(x_t, t, cond)
-        except _Stop as caught:
-            return caught.features
+            self(x_t, t, cond)
+        except _Stop:
+            return [caught[i] for i in picked]
         finally:
-            handle.remove()
-        raise RuntimeError(f"{type(self).__name__}: the forward never reached its feature module")
+            for h in handles:
+                h.remove()
+        raise RuntimeError(f"{type(self).__name__}: the forward never reached its feature block {max(picked)}")
 
     def null_cond(self, cond: Cond) -> Cond:
         """The condition that means "no condition" for CFG. Unconditional models have none."""
@@ -241,16 +245,51 @@ class UNet2DDenoiser(Denoiser):
         labels = cond["class_labels"]
         return {"class_labels": torch.full_like(labels, self.num_classes)}
 
-    def feature_module(self) -> nn.Module:
-        return self.unet.mid_block
+    def feature_modules(self) -> list[nn.Module]:
+        return unet_feature_modules(self.unet)
+
+    def feature_channels(self) -> list[int]:
+        return unet_feature_channels(self.unet)
 
     def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
         vector = x_t.ndim == 2
         x = x_t[:, :, None, None] if vector else x_t
         param = next(self.unet.parameters())
-        out = self._call_backbone()(x.to(param.dtype), model_time.to(device=x.device, dtype=torch.float32),
+        out = self.unet(x.to(param.dtype), model_time.to(device=x.device, dtype=torch.float32),
                                     **(cond or {})).sample
         return out[:, :, 0, 0] if vector else out
+
+
+def unet_feature_modules(unet: nn.Module) -> list[nn.Module]:
+    """A UNet's encoder: each down block (its output after its resnets and downsampling), then the mid block."""
+    return [*unet.down_blocks, unet.mid_block]
+
+
+def unet_feature_channels(unet: nn.Module) -> list[int]:
+    channels = list(unet.config.block_out_channels)
+    return [*channels, channels[-1]]
+
+
+class TokenFeatures:
+    """Feature maps of a transformer backbone: each block's image tokens ``[B, N, C]`` (the second output of SD3's and
+    FLUX's blocks, ``(encoder_hidden_states, hidden_states)``) laid back on the latent grid of ``patch``-sized
+    patches, row by row, as the patch embedding (SD3) and ``pack_latents`` (FLUX) flattened them."""
+
+    patch = 2
+
+    def feature_map(self, out, x_t: torch.Tensor) -> torch.Tensor:
+        tokens = out[1] if isinstance(out, tuple) else out
+        b, _, c = tokens.shape
+        h, w = x_t.shape[-2] // self.patch, x_t.shape[-1] // self.patch
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+    def feature_channels(self) -> list[int]:
+        cfg = self.backbone.config
+        return [cfg.num_attention_heads * cfg.attention_head_dim] * len(self.feature_modules())
+
+    @property
+    def bottleneck(self) -> int:
+        return len(self.feature_modules()) // 2
 
 
 def _grown(backbone: nn.Module, changes: dict, zero: tuple[str, ...]) -> nn.Module:
@@ -364,8 +403,11 @@ class UNetCondDenoiser(TextConditioned):
         new.guidance = float(default)
         return new
 
-    def feature_module(self) -> nn.Module:
-        return self.unet.mid_block
+    def feature_modules(self) -> list[nn.Module]:
+        return unet_feature_modules(self.unet)
+
+    def feature_channels(self) -> list[int]:
+        return unet_feature_channels(self.unet)
 
     def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
         c = self._inputs(cond)
@@ -384,20 +426,24 @@ class UNetCondDenoiser(TextConditioned):
         if c:
             raise ValueError(f"UNetCondDenoiser: unexpected condition keys {sorted(c)}")
         dtype = next(self.unet.parameters()).dtype
-        return self._call_backbone()(x_t.to(dtype), model_time.to(x_t.device, torch.float32), **kwargs).sample
+        return self.unet(x_t.to(dtype), model_time.to(x_t.device, torch.float32), **kwargs).sample
 
 
-class SD3Denoiser(TextConditioned):
+class SD3Denoiser(TokenFeatures, TextConditioned):
     """A diffusers ``SD3Transformer2DModel`` on rectified flow: timestep ``1000 sigma``, output ``eps - x0``."""
 
     def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, prediction: str = "flow_match"):
         super().__init__(schedule, prediction)
         self.transformer = transformer
+        self.patch = transformer.config.patch_size
+
+    def feature_modules(self) -> list[nn.Module]:
+        return list(self.transformer.transformer_blocks)
 
     def raw(self, x_t: torch.Tensor, model_time: torch.Tensor, cond: Cond) -> torch.Tensor:
         c = self._inputs(cond)
         dtype = next(self.transformer.parameters()).dtype
-        return self._call_backbone()(
+        return self.transformer(
             hidden_states=x_t.to(dtype), timestep=model_time.to(x_t.device, torch.float32),
             encoder_hidden_states=c.pop("encoder_hidden_states"), pooled_projections=c.pop("pooled_projections"),
             return_dict=False)[0]
@@ -415,7 +461,7 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
 
-class FluxDenoiser(TextConditioned):
+class FluxDenoiser(TokenFeatures, TextConditioned):
     """A diffusers ``FluxTransformer2DModel``. The library keeps latents unpacked ``[B, C, H, W]``; this adapter
     packs them, builds the position ids and unpacks the velocity ``eps - x0``.
 
@@ -431,6 +477,9 @@ class FluxDenoiser(TextConditioned):
 
     def settings(self) -> dict:
         return {"guidance": self.guidance}
+
+    def feature_modules(self) -> list[nn.Module]:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
 
     @property
     def sampling_guidance(self) -> float | None:
@@ -467,7 +516,7 @@ class FluxDenoiser(TextConditioned):
         cols = torch.arange(w // 2, device=dev, dtype=dtype)[None, :].expand(h // 2, w // 2)
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
         txt_ids = torch.zeros(text.shape[1], 3, device=dev, dtype=dtype)
-        out = self._call_backbone()(
+        out = self.transformer(
             hidden_states=pack_latents(x_t.to(dtype)), timestep=(model_time / 1000.0).to(dev, dtype),
             guidance=guidance, pooled_projections=c.pop("pooled_projections"), encoder_hidden_states=text,
             txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]

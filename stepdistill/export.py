@@ -22,7 +22,6 @@ The grid is checked against what the scheduler actually produces before anything
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -41,50 +40,13 @@ class ExportError(ValueError):
 
 def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid: StudentGrid, timesteps: list[int]):
     """Stock schedulers that may replay ``grid`` on the teacher's betas, most natural first, each with the pipeline
-    call arguments it needs (``{}``: the scheduler config alone encodes the grid)."""
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
-
+    call arguments it needs (``{}``: the scheduler config alone encodes the grid): the grid's transition knows them
+    (``transitions.py``)."""
     cfg = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
     cfg.update(set_alpha_to_one=True, clip_sample=False, thresholding=False,
                prediction_type=OURS_TO_DIFFUSERS[prediction])
-
-    def own(cls) -> dict:  # the keys ``cls`` takes: DDPM-only keys would only draw a warning
-        accepted = inspect.signature(cls.__init__).parameters
-        return {k: v for k, v in cfg.items() if k in accepted}
-
-    lcm = own(LCMScheduler)
-    if grid.transition == "renoise":
-        # LCMScheduler's multistep sampling is "denoise, then re-noise with fresh noise" (DMD2's 4-step sampler);
-        # original_inference_steps = K puts its grid at DMD2's 999/749/499/249 (ECOSYSTEM.md §1). Its boundary
-        # scalings (timestep_scaling 10) leave c_skip < 2e-7 at every grid step >= N/8.
-        yield LCMScheduler.from_config({**lcm, "original_inference_steps": grid.steps}), {}
-        # Other grids (3 steps on 1000: LCM's own grid is 998/665/332, ours trailing 999/666/332) as timesteps=
-        # in SD pipelines; its step re-noises to the next timestep it is given. original_inference_steps = N puts
-        # every timestep on its "distillation schedule", so calls do not warn that ours are off it.
-        n_train = cfg.get("num_train_timesteps", 1000)
-        yield LCMScheduler.from_config({**lcm, "original_inference_steps": n_train}), {"timesteps": timesteps}
-        return
-    # steps_offset is unused by "trailing"; 1 keeps StableDiffusionPipeline from warning about (and resetting) it
-    yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "trailing", "steps_offset": 1}), {}
-    if grid.steps == 1:
-        # A one-step student told another time than the start (DMD2's conditioning timestep). SD pipelines take it
-        # as timesteps=[t]; DMD2's own call uses LCMScheduler, whose one step returns its x0 estimate (c_skip < 2e-7).
-        yield LCMScheduler.from_config(lcm), {"timesteps": timesteps}
-        # DDPMPipeline has no timesteps argument: DDIM's "leading" spacing puts its single step at steps_offset, and
-        # that step lands on x0 (set_alpha_to_one). StableDiffusionPipeline resets steps_offset to 1, so not there.
-        yield DDIMScheduler.from_config({**cfg, "timestep_spacing": "leading", "steps_offset": timesteps[0]}), {}
-        return
-    # Unevenly spaced grids (PD's 3 or 16 steps on 1000 timesteps), which DDIMScheduler steps between wrongly: SD
-    # pipelines take them as timesteps= in EulerDiscreteScheduler, whose deterministic Euler step in sigma is the
-    # DDIM step (Song et al. 2021; Karras et al. 2022 §3) and goes to the next timestep it is given, the last to
-    # sigma 0. Its initial noise is sqrt(sigma_max^2 + 1) times the pipeline's draw (pure noise, as we start) only
-    # under "leading" spacing ("linspace"/"trailing" scale by sigma_max), which custom timesteps otherwise ignore.
-    # The teacher's sampling-only settings are dropped: log-linear interpolation would move the sigmas between
-    # timesteps, and Karras/exponential/beta sigmas refuse custom timesteps.
-    euler = {**own(EulerDiscreteScheduler), "timestep_spacing": "leading", "steps_offset": 1,
-             "final_sigmas_type": "zero", "interpolation_type": "linear", "timestep_type": "discrete",
-             "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
-    yield EulerDiscreteScheduler.from_config(euler), {"timesteps": timesteps}
+    for scheduler, call in grid.transition.vp_schedulers(cfg, grid, timesteps):
+        yield scheduler, {**call, **grid.transition.call_kwargs()}
 
 
 def replay(scheduler, steps: int, call: dict) -> list[int]:
@@ -170,7 +132,7 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
 
 
 def _check_renoise_prediction(student: Denoiser, grid: StudentGrid) -> None:
-    if grid.transition == "renoise" and student.prediction not in ("x0", "eps", "v"):
+    if grid.transition != "ddim" and student.prediction not in ("x0", "eps", "v"):
         raise ExportError(f"export: LCMScheduler takes epsilon, v_prediction or sample outputs, not "
                           f"{student.prediction!r}")
 
@@ -185,7 +147,7 @@ def flow_scheduler(teacher_scheduler_config: dict, grid: StudentGrid, sigmas: li
     cfg = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         {**cfg, "shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None,
-         "stochastic_sampling": grid.transition == "renoise"})
+         "stochastic_sampling": bool(grid.transition.flow)})
     scheduler.set_timesteps(sigmas=sigmas)
     got = scheduler.sigmas[:-1].tolist()
     if max(abs(a - b) for a, b in zip(got, sigmas)) > 1e-6 or scheduler.sigmas[-1] != 0:
@@ -201,6 +163,9 @@ def _family_sampling(student: Denoiser, teacher, grid: StudentGrid):
     schedule = student.schedule
     call = {"num_inference_steps": grid.steps}
     if family.flow:
+        if grid.transition.flow is None:
+            raise ExportError(f"export: FlowMatchEulerDiscreteScheduler has no {grid.transition!r} step; flow "
+                              "students export with ddim or renoise grids")
         if student.prediction != "flow_match":
             raise ExportError(f"export: FlowMatchEuler pipelines need a flow_match student, not "
                               f"{student.prediction!r}")
@@ -291,7 +256,8 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
 def _meta(recipe, teacher, grid: StudentGrid, scheduler, fields: dict) -> dict:
     """``stepdistill.json``: what was distilled from what, and how to call it."""
     return {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "teacher_source": teacher.source,
-            **fields, "transition": grid.transition, "scheduler": type(scheduler).__name__}
+            **fields, "transition": grid.transition.name, "transition_config": grid.transition.config(),
+            "scheduler": type(scheduler).__name__}
 
 
 def write_kohya(layers: dict[str, torch.Tensor], alpha: float, path: Path) -> None:
@@ -378,12 +344,11 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         "",
         (f"- sigmas: `{meta['sigmas']}`" if "sigmas" in meta else f"- timesteps: `{meta['timesteps']}`")
         + f" ({meta.get('scheduler', 'DDIMScheduler')}: "
-        + ("denoise, then re-noise with fresh noise" if meta.get("transition") == "renoise" else
-           "deterministic jumps, no added noise") + ")",
+        + _MOVES.get(meta.get("transition", "ddim"), meta.get("transition")) + ")",
         ("- SD3/FLUX pipelines re-noise with torch's global RNG (they do not pass `generator` to the scheduler): "
          "call `torch.manual_seed(...)` first for a reproducible result" if "sigmas" in meta else
          "- the pipeline's `generator` also drives the re-noising, so a seeded call is reproducible")
-        if meta.get("transition") == "renoise" else "- deterministic given the initial noise",
+        if _stochastic(meta) else "- deterministic given the initial noise",
         f"- prediction type: `{meta['prediction_type']}`",
         f"- output: {meta['output']}",
         *_timesteps_line(meta),
@@ -391,6 +356,16 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
     if metrics:
         lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+_MOVES = {"ddim": "deterministic jumps, no added noise", "renoise": "denoise, then re-noise with fresh noise",
+          "cm": "denoise, then re-noise to the consistency model's noise level",
+          "tcd": "TCD's strategic stochastic sampling, `eta` in the call"}
+
+
+def _stochastic(meta: dict) -> bool:
+    config = meta.get("transition_config") or {"name": meta.get("transition", "ddim")}
+    return config["name"] != "ddim" and config.get("gamma", 1.0) > 0
 
 
 def card_with_metrics(pipeline_dir: Path, metrics: dict) -> None:
@@ -414,4 +389,5 @@ def load_exported_student(pipeline_dir: Path, teacher) -> tuple[Denoiser, Studen
     schedule = teacher.denoiser.schedule
     student = UNet2DDenoiser(unet, schedule, DIFFUSERS_PREDICTION[meta["prediction_type"]])
     times = tuple(float(v) for v in schedule.index_to_t(torch.tensor(meta["timesteps"], dtype=torch.float64)))
-    return student, StudentGrid(times=times, transition=meta.get("transition", "ddim")), meta
+    transition = meta.get("transition_config") or meta.get("transition", "ddim")
+    return student, StudentGrid(times=times, transition=transition), meta

@@ -162,15 +162,6 @@ class AdapterDenoiser(Denoiser):
     def backbone(self) -> nn.Module:
         return self.inner.backbone
 
-    def wrap_backbone(self, wrapped: nn.Module) -> None:
-        self.inner.wrap_backbone(wrapped)  # the shared base is wrapped once; every role routes through it
-
-    def _call_backbone(self) -> nn.Module:
-        return self.inner._call_backbone()
-
-    def unwrapped(self):
-        return self.inner.unwrapped()  # the wrapper lives on the shared base's adapter
-
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Prediction:
         with active(self.backbone, self.adapter):
             return self.inner(x_t, t, cond)
@@ -185,8 +176,18 @@ class AdapterDenoiser(Denoiser):
     def sampling_guidance(self) -> float | None:
         return self.inner.sampling_guidance
 
-    def feature_module(self) -> nn.Module:
-        return self.inner.feature_module()
+    def feature_modules(self) -> list[nn.Module]:
+        return self.inner.feature_modules()
+
+    def feature_map(self, out, x_t: torch.Tensor) -> torch.Tensor:
+        return self.inner.feature_map(out, x_t)
+
+    def feature_channels(self) -> list[int]:
+        return self.inner.feature_channels()
+
+    @property
+    def bottleneck(self) -> int:
+        return self.inner.bottleneck
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [] if self.adapter is None else adapter_parameters(self.backbone, self.adapter)

@@ -1,9 +1,14 @@
-"""Teacher ODE pairs ``(noise, teacher sample)`` for DMD's regression loss (Yin et al., CVPR 2024, §3.3).
+"""Teacher ODE pairs ``(noise, teacher sample)`` for DMD's regression loss (Yin et al., CVPR 2024, §3.3), and for
+the methods that need teacher samples instead of data (consistency distillation without a data set, LADD).
 
 DMD (v1) keeps the one-step generator anchored to the teacher's deterministic map with a regression loss on pairs
 ``(z, y = ODE_teacher(z))`` made once before training. Making them costs ``num_pairs x steps`` teacher passes, so they
 are cached on disk (safetensors) under a key that fingerprints the teacher's weights and every setting that changes
 the pairs. A cache whose recorded fingerprint does not match the run is refused, never silently reused.
+
+Text-conditioned teachers: pair ``i`` is sampled with the prompt in row ``rows[i]`` of the run's prompt table (drawn
+with the pairs' seed) and CFG scale ``guidance``; the rows are stored with the pairs and the table's fingerprint with
+the spec, so a changed prompt file makes new pairs.
 """
 
 from __future__ import annotations
@@ -39,42 +44,68 @@ def weights_fingerprint(denoiser: Denoiser) -> str:
     return h.hexdigest()[:16]
 
 
-def pair_spec(teacher: Denoiser, *, sample_shape, num_pairs: int, sampler: str, steps: int, seed: int) -> dict:
-    """Everything the pairs depend on; stored in the cache file and compared on load. Unconditional teachers only
-    (so no guidance scale): ``DMD.prepare`` refuses class-conditional ones."""
-    return {"teacher": weights_fingerprint(teacher), "sample_shape": list(sample_shape), "num_pairs": num_pairs,
+def table_fingerprint(conditions: dict[str, torch.Tensor] | None) -> str | None:
+    """A short hash of a prompt table (``None`` for unconditional teachers)."""
+    if conditions is None:
+        return None
+    h = hashlib.sha256()
+    for key in sorted(conditions):
+        h.update(key.encode())
+        h.update(conditions[key].detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pair_spec(teacher: Denoiser, *, sample_shape, num_pairs: int, sampler: str, steps: int, seed: int,
+              conditions: dict[str, torch.Tensor] | None = None, guidance: float = 1.0) -> dict:
+    """Everything the pairs depend on; stored in the cache file and compared on load. ``conditions``: the prompt table
+    of a text-conditioned teacher, whose pairs are sampled with CFG scale ``guidance``."""
+    spec = {"teacher": weights_fingerprint(teacher), "sample_shape": list(sample_shape), "num_pairs": num_pairs,
             "sampler": sampler, "steps": steps, "seed": seed}
+    if conditions is not None:  # unconditional specs keep their old form, so existing caches stay valid
+        spec.update(prompts=table_fingerprint(conditions), guidance=guidance)
+    return spec
 
 
 @torch.no_grad()
-def make_pairs(teacher: Denoiser, spec: dict, *, device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``spec["num_pairs"]`` noises and run the teacher's deterministic sampler on each (unconditional)."""
+def make_pairs(teacher: Denoiser, spec: dict, *, device, batch: int = 256,
+               conditions: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Sample ``spec["num_pairs"]`` noises (and prompt rows) and run the teacher's deterministic sampler on each."""
     fn = TEACHER_SAMPLERS[spec["sampler"]]
     g = torch.Generator().manual_seed(spec["seed"])
     noise = torch.randn(spec["num_pairs"], *spec["sample_shape"], generator=g)
     times = teacher.schedule.grid(spec["steps"]).to(device)
-    out = [fn(teacher, prior_noise(teacher.schedule, z.to(device)), times).cpu() for z in noise.split(batch)]
-    return noise, torch.cat(out)
+    rows = None
+    if conditions is not None:
+        rows = torch.randint(0, next(iter(conditions.values())).shape[0], (spec["num_pairs"],), generator=g)
+    out = []
+    for start in range(0, noise.shape[0], batch):
+        z = noise[start:start + batch].to(device)
+        cond = None if rows is None else {k: v[rows[start:start + batch]].to(device) for k, v in conditions.items()}
+        out.append(fn(teacher, prior_noise(teacher.schedule, z), times, cond=cond, w=spec.get("guidance", 1.0)).cpu())
+    pairs = {"noise": noise, "target": torch.cat(out)}
+    return pairs if rows is None else {**pairs, "rows": rows}
 
 
 def load_or_make_pairs(teacher: Denoiser, spec: dict, path: Path, *, device, is_main_process: bool = True,
-                       wait_for_everyone=lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
+                       wait_for_everyone=lambda: None,
+                       conditions: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Read the pairs at ``path`` if they match ``spec``; otherwise make them (main process) and save atomically.
+    Returns ``{"noise", "target"}`` plus ``"rows"`` (the prompt-table row of each pair) for text teachers.
 
     Raises:
         ValueError: ``path`` holds pairs made for another teacher or other settings.
     """
     path = Path(path)
     if is_main_process and not path.exists():
-        noise, target = make_pairs(teacher, spec, device=device)
+        pairs = make_pairs(teacher, spec, device=device, conditions=conditions)
         with atomic_file(path) as tmp:
-            save_file({"noise": noise.contiguous(), "target": target.contiguous()}, str(tmp),
+            save_file({k: v.contiguous() for k, v in pairs.items()}, str(tmp),
                       metadata={"spec": json.dumps(spec, sort_keys=True)})
     wait_for_everyone()
     try:
         with safe_open(str(path), framework="pt") as f:
             found = json.loads((f.metadata() or {}).get("spec", "null"))
-            noise, target = f.get_tensor("noise"), f.get_tensor("target")
+            pairs = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise ValueError(f"pair_cache: {path} is not a readable pair cache ({str(err).splitlines()[0]}); "
                          "delete it or point method.pair_cache elsewhere") from None
@@ -82,4 +113,4 @@ def load_or_make_pairs(teacher: Denoiser, spec: dict, path: Path, *, device, is_
         diff = sorted(k for k in spec if (found or {}).get(k) != spec[k])
         raise ValueError(f"pair_cache: {path} was made for a different teacher or recipe (differs in {diff}); "
                          "delete it or point method.pair_cache elsewhere")
-    return noise, target
+    return pairs

@@ -1,12 +1,17 @@
-"""Build the roles a method asks for (DESIGN.md §4): student, teacher, fake_score, discriminator, student_ema, ...
+"""Build the roles a method declares (DESIGN.md §4), keep gradients where they belong, and follow EMAs.
 
-``roles.mode: full`` makes an independent copy per role; ``roles.mode: lora`` makes the student and the fake score
-adapters of the teacher's own backbone (``lora.py``). The teacher is frozen: ``requires_grad`` off, eval mode, never
-given to an optimizer or wrapped by DDP.
+``roles.mode: full`` makes an independent copy per role; ``roles.mode: lora`` makes every denoiser role (student, fake
+score, EMAs of them) an adapter of the teacher's own backbone, which stays frozen (``lora.py``). The teacher is frozen:
+``requires_grad`` off, eval mode, never given to an optimizer.
+
+What the loop owns, so that methods need no distributed rules: ``frozen`` (a phase's non-owners take no gradient
+while gradients still flow through them), ``sync_gradients`` (the owners' gradients averaged over the processes after
+the phase) and ``update_ema`` (EMA roles follow their source after each real update).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -14,46 +19,69 @@ from torch import nn
 
 from .denoisers import Denoiser, RoleModule, UNet2DDenoiser
 from .lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
-from .methods.base import Nets, RoleSpec
-from .nets.gan_head import GANHead
 from .teachers import Teacher, vector_unet
+from .types import Nets, RoleSpec
 
 
-def _backbone_copy(teacher: Teacher, init: str, role: str) -> nn.Module:
-    backbone = teacher.backbone
-    if backbone is None:
-        if init == "teacher":
-            raise ValueError(f"{role}: the exact GMM teacher has no weights to copy; use teacher.gmm.denoiser: mlp"
-                             + (" or set student.init: new" if role == "student" else ""))
-        return vector_unet(teacher.sample_shape[0])
-    if init == "new":
-        return type(backbone).from_config(backbone.config)
-    return copy.deepcopy(backbone)
+class NetRole(RoleModule):
+    """A built network (``RoleSpec.build``) that is no ``RoleModule`` itself, as a role: its whole module is what the
+    optimizer owns and the checkpoint stores."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.net
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
 
 
-def make_denoiser(backbone: nn.Module, teacher: Teacher, prediction: str) -> Denoiser:
-    """``backbone`` behind the teacher's kind of adapter (same schedule and conditioning) predicting ``prediction``."""
-    if teacher.backbone is None:  # the exact GMM teacher: roles are vector UNets on its schedule
-        return UNet2DDenoiser(backbone, teacher.denoiser.schedule, prediction)
-    return teacher.denoiser.with_backbone(backbone, prediction)
+def check_specs(specs: dict[str, RoleSpec]) -> None:
+    """Refuse role declarations that cannot be built (one line each)."""
+    if "student" not in specs:
+        raise ValueError("a method must declare a 'student' role")
+    if "teacher" in specs:
+        raise ValueError("roles: 'teacher' is the frozen teacher itself and cannot be declared as a role")
+    for role, spec in specs.items():
+        if spec.init == "ema":
+            source = specs.get(spec.ema_of)
+            if source is None:
+                raise ValueError(f"roles: {role!r} is an EMA of {spec.ema_of!r}, which is not a role of this run "
+                                 f"(roles: {sorted(specs)})")
+            if source.init in ("ema", "build"):
+                raise ValueError(f"roles: {role!r} is an EMA of {spec.ema_of!r}, which is itself an EMA or a built "
+                                 "network; an EMA follows a denoiser role")
 
 
-def build_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str = "teacher",
-               ema: bool = False, roles=None) -> Nets:
-    """Instantiate every role in ``specs`` (``student`` first) plus ``student_ema`` when ``ema``.
+def with_recipe_roles(specs: dict[str, RoleSpec], ema_decay: float) -> dict[str, RoleSpec]:
+    """The method's roles plus ``student_ema`` when the recipe asks for one (``train.ema_decay``) and the method does
+    not declare it itself: the EMA that samples and exports use (``export.use_ema``)."""
+    if ema_decay > 0 and "student_ema" not in specs:
+        return {**specs, "student_ema": RoleSpec(ema_of="student", decay=ema_decay)}
+    return dict(specs)
+
+
+def build_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str = "teacher", roles=None) -> Nets:
+    """Instantiate every role in ``specs`` (``student`` first, EMAs last).
 
     ``roles`` is the recipe's ``RolesConfig`` (``None``: full copies).
     """
-    if "student" not in specs:
-        raise ValueError("a method must declare a 'student' role")
+    check_specs(specs)
     if roles is not None and roles.mode == "lora":
-        nets = _build_lora_nets(teacher, specs, student_init=student_init, ema=ema, rank=roles.rank,
-                                alpha=roles.alpha)
+        nets = _build_lora_nets(teacher, specs, student_init=student_init, rank=roles.rank, alpha=roles.alpha)
     else:
-        nets = _build_full_nets(teacher, specs, student_init=student_init, ema=ema)
+        nets = _build_full_nets(teacher, specs, student_init=student_init)
     if roles is not None and roles.teacher_dtype != "float32" and teacher.backbone is not None:
         cast_frozen(teacher.backbone, getattr(torch, roles.teacher_dtype))
     return nets
+
+
+def effective_student_init(teacher: Teacher, student_init: str) -> str:
+    """``student.init`` as built: a teacher without weights (the exact GMM denoiser) gives a fresh network."""
+    return "new" if teacher.backbone is None else student_init
 
 
 def cast_frozen(backbone: nn.Module, dtype: torch.dtype) -> None:
@@ -64,28 +92,53 @@ def cast_frozen(backbone: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _build_full_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str, ema: bool) -> Nets:
-    made: dict[str, RoleModule] = {}
-    order = ["student"] + [r for r in specs if r != "student"]
+def make_denoiser(backbone: nn.Module, teacher: Teacher, prediction: str) -> Denoiser:
+    """``backbone`` behind the teacher's kind of adapter (same schedule and conditioning) predicting ``prediction``."""
+    if teacher.backbone is None:  # the exact GMM teacher: roles are vector UNets on its schedule
+        return UNet2DDenoiser(backbone, teacher.denoiser.schedule, prediction)
+    return teacher.denoiser.with_backbone(backbone, prediction)
+
+
+def _backbone_copy(teacher: Teacher, init: str) -> nn.Module:
+    """A copy of the teacher's backbone (``init="teacher"``) or a fresh one of its architecture (``"new"``). The exact
+    GMM teacher has no weights to copy: every such role starts as a fresh vector network, the student's
+    architecture, so distillation error is measured against the true mixture with no teacher-fitting error."""
+    backbone = teacher.backbone
+    if backbone is None:
+        return vector_unet(teacher.sample_shape[0])
+    if init == "new":
+        return type(backbone).from_config(backbone.config)
+    return copy.deepcopy(backbone)
+
+
+def _built(spec: RoleSpec, made: dict[str, nn.Module], teacher: Teacher) -> RoleModule:
+    """A ``build`` role, given the roles made so far."""
+    view = Nets(student=made["student"], teacher=teacher.denoiser,
+                extra={k: v for k, v in made.items() if k != "student"})
+    net = spec.build(view)
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"a role's build() must return an nn.Module, got {type(net).__name__}")
+    return net if isinstance(net, RoleModule) else NetRole(net)
+
+
+def _build_full_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str) -> Nets:
+    made: dict[str, nn.Module] = {}
+    order = ["student"] + [r for r in specs if r != "student" and specs[r].init != "ema"]
     for role in order:
         spec = specs[role]
         init = student_init if role == "student" else spec.init
-        if init == "head":
-            made[role] = GANHead.for_denoiser(made[spec.head_of]).requires_grad_(spec.trainable).train(spec.trainable)
-            continue
-        if init == "student":  # the student's adapter too (its guidance input and default scale)
-            den = made["student"].with_backbone(copy.deepcopy(made["student"].backbone),
-                                                spec.prediction or made["student"].prediction)
+        if init == "build":
+            made[role] = _built(spec, made, teacher)
+        elif init == "student":  # the student's adapter too (its guidance input and default scale)
+            made[role] = made["student"].with_backbone(copy.deepcopy(made["student"].backbone),
+                                                       spec.prediction or made["student"].prediction)
         else:
-            den = make_denoiser(_backbone_copy(teacher, init, role), teacher,
-                                spec.prediction or teacher.denoiser.prediction)
-        if spec.guidance is not None:
-            den = den.guidance_conditioned(spec.guidance)
-        den.requires_grad_(spec.trainable)
-        den.train(spec.trainable)
-        made[role] = den
-    if ema:
-        made["student_ema"] = copy.deepcopy(made["student"]).requires_grad_(False).eval()
+            den = make_denoiser(_backbone_copy(teacher, init), teacher, spec.prediction or teacher.denoiser.prediction)
+            made[role] = den.guidance_conditioned(spec.guidance) if spec.guidance is not None else den
+        made[role].requires_grad_(spec.trainable).train(spec.trainable)
+    for role, spec in specs.items():
+        if spec.init == "ema":  # starts as its source; frozen, eval mode
+            made[role] = copy.deepcopy(made[spec.ema_of]).requires_grad_(False).eval()
     student = made.pop("student")
     return Nets(student=student, teacher=teacher.denoiser, extra=made)
 
@@ -112,9 +165,10 @@ def rebuilt_lora_student(teacher: Teacher, like: AdapterDenoiser, weights: dict[
     return student.eval()
 
 
-def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str, ema: bool, rank: int,
+def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str, rank: int,
                      alpha: float) -> Nets:
-    """``roles.mode: lora``: denoiser roles become adapters of the teacher's own backbone, which stays frozen.
+    """``roles.mode: lora``: denoiser roles (and EMAs of them) become adapters of the teacher's own backbone, which
+    stays frozen.
 
     The teacher is replaced by a view of that base with adapters disabled (also in ``teacher.denoiser``, so every
     teacher call anywhere, e.g. in evaluation, bypasses the adapters).
@@ -122,32 +176,87 @@ def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
     base = teacher.backbone
     if base is None:
         raise ValueError("roles.mode: lora needs a teacher with weights (the exact GMM teacher has none)")
-    if ema:
-        raise ValueError("train.ema_decay: a student EMA is not supported with roles.mode: lora yet")
     pred = teacher.denoiser.prediction
-    adapters = [r for r, s in specs.items() if s.init != "head"]
+    adapters = [r for r, s in specs.items() if s.init != "build"]
     for role in adapters:
-        if specs[role].guidance is not None:  # its w-embedding would be a new, trained part of the shared base
+        spec = specs[role]
+        if spec.guidance is not None:  # its w-embedding would be a new, trained part of the shared base
             raise ValueError(f"roles.mode: lora: role {role!r} takes a guidance-scale input (method.guidance as a "
                              f"range); use roles.mode: full, which gives the student its own w-embedding, or a "
                              f"fixed scale (guidance: [w, w])")
-        init = student_init if role == "student" else specs[role].init
+        init = student_init if role == "student" else spec.init
         if init == "new":
             raise ValueError(f"roles.mode: lora: role {role!r} starts from scratch (init: new); use roles.mode: full")
-        if (specs[role].prediction or pred) != pred:
-            raise ValueError(f"roles.mode: lora: role {role!r} predicts {specs[role].prediction!r} but the shared "
+        source = specs[spec.ema_of] if spec.init == "ema" else spec
+        if (source.prediction or pred) != pred:
+            raise ValueError(f"roles.mode: lora: role {role!r} predicts {source.prediction!r} but the shared "
                              f"base predicts {pred!r}; use roles.mode: full or the teacher's parameterisation")
     add_adapters(base, adapters, rank=rank, alpha=alpha, target_modules=lora_targets(teacher))
     inner = teacher.denoiser  # one adapter-free view of the base, shared by every role
-    made: dict[str, RoleModule] = {}
+    made: dict[str, nn.Module] = {}
     for role in adapters:
         made[role] = AdapterDenoiser(inner, role)
         if not specs[role].trainable:
             for p in made[role].trainable_parameters():
                 p.requires_grad_(False)
-    for role in specs:
-        if specs[role].init == "head":
-            made[role] = GANHead.for_denoiser(made[specs[role].head_of]).train(specs[role].trainable)
+    for role, spec in specs.items():
+        if spec.init == "ema":  # every adapter starts at lora_B = 0; copied anyway, so a later change stays right
+            made[role].load_role_state_dict(made[spec.ema_of].role_state_dict())
+        elif spec.init == "build":
+            made[role] = _built(spec, made, teacher).requires_grad_(spec.trainable).train(spec.trainable)
     teacher.denoiser = AdapterDenoiser(inner, None).eval()
     student = made.pop("student")
     return Nets(student=student, teacher=teacher.denoiser, extra=made)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the loop does around a phase.
+
+
+@contextlib.contextmanager
+def frozen(modules):
+    """Switch ``requires_grad`` off for the trainable parameters of ``modules`` and restore it after: gradients may
+    flow *through* them to their inputs (DMD2's GAN term through the fake score, SiD's generator loss through the fake
+    score) but never accumulate in their parameters. The loop wraps each phase in it for the roles the phase does
+    not own."""
+    params = [p for m in modules for p in m.trainable_parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def sync_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Average ``params``' gradients over the ``world`` processes: one collective over a flat buffer (a missing
+    gradient counts as zero and stays missing). What DDP's reducer does, after the phase's last backward instead of
+    during it, so any number of forwards of any role, in any number of loss terms, needs no rule."""
+    if world == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        if p.grad is not None:
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def broadcast_parameters(params: list[torch.Tensor]) -> None:
+    """Rank 0's values into every process (what DDP does once at wrapping): trained roles start identical even where
+    a backbone's initialisation drew from an unseeded generator."""
+    for p in params:
+        torch.distributed.broadcast(p.data, src=0)
+
+
+@torch.no_grad()
+def update_ema(ema: RoleModule, source: RoleModule, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * source`` over the role's trainable parameters (shard for shard)."""
+    torch._foreach_lerp_(list(ema.trainable_parameters()), [p.detach() for p in source.trainable_parameters()],
+                         1.0 - decay)

@@ -15,6 +15,8 @@ import torch
 
 from .denoisers import Cond, Denoiser, guided
 from .parameterization import ddim_step
+from .transitions import Transition
+from .transitions import transition as transition_of
 
 
 def prior_noise(schedule, noise: torch.Tensor, t: float = 1.0) -> torch.Tensor:
@@ -126,22 +128,29 @@ def nfe(sampler: str, steps: int) -> int:
 
 @dataclass(frozen=True)
 class StudentGrid:
-    """The times a few-step student is sampled at, and how it moves between them (DESIGN.md §2).
+    """The times a few-step student is sampled at, how it moves between them, and which network takes each step
+    (DESIGN.md §2).
 
     Attributes:
         times: decreasing start times of each step, e.g. ``(1.0, 0.75, 0.5, 0.25)``; the last step lands on 0.
-        transition: ``"ddim"`` for a deterministic jump (progressive distillation), ``"renoise"`` for
-            "denoise then re-noise with fresh Gaussian noise" (consistency / DMD2 multi-step).
+        transition: how a step moves to the next time (``transitions.py``): a ``Transition`` or its name,
+            ``"ddim"`` (deterministic jumps: progressive distillation, one-step students), ``"renoise"`` ("denoise
+            then re-noise with fresh Gaussian noise": consistency / DMD2 multi-step), ``"cm"``, ``"tcd"``.
+        experts: the role that takes each step (phased DMD's per-phase students), or ``None``: the student takes
+            every step.
     """
 
     times: tuple[float, ...]
-    transition: str = "ddim"
+    transition: Transition | str = "ddim"
+    experts: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        if self.transition not in ("ddim", "renoise"):
-            raise ValueError(f"StudentGrid.transition must be 'ddim' or 'renoise', got {self.transition!r}")
+        object.__setattr__(self, "transition", transition_of(self.transition))
         if any(b >= a for a, b in zip(self.times, self.times[1:])) or not self.times or self.times[-1] <= 0:
             raise ValueError(f"student grid times must be strictly decreasing and positive, got {self.times}")
+        if self.experts is not None and len(self.experts) != len(self.times):
+            raise ValueError(f"a student grid names one expert per step: {len(self.times)} steps, experts "
+                             f"{self.experts}")
 
     @property
     def steps(self) -> int:
@@ -150,30 +159,93 @@ class StudentGrid:
     def with_end(self) -> torch.Tensor:
         return torch.tensor((*self.times, 0.0), dtype=torch.float64)
 
+    def roles(self) -> tuple[str, ...]:
+        """The roles that take steps, in order of first use."""
+        return tuple(dict.fromkeys(self.experts or ("student",)))
+
+
+class Piecewise(Denoiser):
+    """A student of several experts (``StudentGrid.experts``) as one denoiser: a time in step ``i``'s interval
+    ``(t_{i+1}, t_i]`` goes to that step's expert, so sampling and evaluation run unchanged; a stock pipeline holds one
+    backbone, so export refuses it (``plain_backbone``)."""
+
+    def __init__(self, experts: dict, grid: StudentGrid):
+        first = experts[grid.experts[0]]
+        super().__init__(first.schedule, first.prediction)
+        self.experts = torch.nn.ModuleDict(experts)
+        self.grid = grid
+
+    @property
+    def backbone(self):
+        return self.experts[self.grid.experts[0]].backbone
+
+    def null_cond(self, cond):
+        return self.experts[self.grid.experts[0]].null_cond(cond)
+
+    def fresh_noise(self, like, generator=None):
+        return self.experts[self.grid.experts[0]].fresh_noise(like, generator)
+
+    def forward(self, x_t, t, cond=None):
+        t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
+        lower = torch.tensor((*self.grid.times[1:], 0.0), dtype=torch.float64, device=t.device)
+        step = ((t[:, None] <= lower[None]).sum(1)).clamp(max=self.grid.steps - 1)  # (t_{i+1}, t_i] -> i
+        x0, eps = torch.empty_like(x_t, dtype=torch.float64), torch.empty_like(x_t, dtype=torch.float64)
+        for i in step.unique().tolist():
+            rows = step == i
+            sub = None if cond is None else {k: v[rows] for k, v in cond.items()}
+            pred = self.experts[self.grid.experts[i]](x_t[rows], t[rows], sub)
+            x0[rows], eps[rows] = pred.x0_64, pred.eps_64
+        from .parameterization import Coefficients, Prediction
+
+        return Prediction(x0, eps, Coefficients.at(self.schedule, t, x_t), x_t.dtype)
+
+    def plain_backbone(self):
+        raise ValueError(f"export: a student of {len(self.grid.roles())} experts ({', '.join(self.grid.roles())}) "
+                         "has no stock pipeline (one backbone); sample and evaluate it with stepdistill")
+
+
+def sampling_denoiser(nets, grid: StudentGrid, *, use_ema: bool = True) -> Denoiser:
+    """The denoiser that samples ``grid``: the student (or each step's expert), by its EMA ``<role>_ema`` where the run
+    keeps one and ``use_ema``."""
+    def pick(role):
+        return nets[f"{role}_ema"] if use_ema and f"{role}_ema" in nets else nets[role]
+
+    roles = grid.roles()
+    if len(roles) == 1:
+        return pick(roles[0])
+    return Piecewise({role: pick(role) for role in roles}, grid)
+
 
 @torch.no_grad()
 def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *, cond: Cond = None, w=1.0,
-                   generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
-    """Sample a few-step student on its declared grid from standard normal ``noise`` (scaled by ``prior_noise``).
+                   generator: torch.Generator | None = None, steps: int | None = None, new_noise=None,
+                   callback=None) -> torch.Tensor:
+    """The student rollout: sample a few-step student on its declared grid from standard normal ``noise`` (scaled by
+    ``prior_noise``), one step per grid time, moving between times by the grid's transition. The one rollout for
+    sampling, evaluation, export checks and training-time simulation (DMD2's backward simulation).
 
     For VP schedules with non-zero terminal SNR the first input is plain noise, which is how diffusers pipelines
     start; DMD2 trains on exactly that, PD on ``a_1 x0 + s_1 eps`` (``a_1`` = 0.068 for SD's betas: a small shift).
-    ``callback(i, x, pred)`` runs after each step, as in the teacher samplers (``pred.x0``: the step's clean estimate).
+
+    Args:
+        steps: run only the first ``steps`` steps and return the input of step ``steps`` (``x`` at ``times[steps]``);
+            ``None`` runs them all and returns the sample.
+        new_noise: ``new_noise(like)`` draws the fresh noise of stochastic transitions; default ``student.fresh_noise``
+            with ``generator`` (the family's stock layout, so a seeded pipeline call draws the same numbers).
+        callback: ``callback(i, x, pred)`` after each step, as in the teacher samplers (``pred.x0``: the step's clean
+            estimate).
     """
-    sch = student.schedule
+    sch, move = student.schedule, grid.transition
     times = grid.with_end()
     x = prior_noise(sch, noise, grid.times[0])
     n = x.shape[0]
-    for i in range(grid.steps):
+    draw = new_noise or (lambda like: student.fresh_noise(like, generator))
+    for i in range(grid.steps if steps is None else steps):
         pred = guided(student, x, times[i].expand(n), cond, w)
-        t_next = times[i + 1].expand(n)
-        if times[i + 1] == 0:  # the last step lands on the data: the clean estimate (sigma(0) may be > 0)
-            x = pred.x0_64.to(x.dtype)
-        elif grid.transition == "ddim":
-            x = ddim_step(pred, sch, t_next)
+        if times[i + 1] == 0:  # the last step lands on the data (its clean estimate, or TCD's timestep 0)
+            x = move.last(pred, sch)
         else:
-            z = student.fresh_noise(x, generator)
-            x = (sch.alpha(times[i + 1]) * pred.x0_64 + sch.sigma(times[i + 1]) * z.double()).to(x.dtype)
+            x = move.step(pred, sch, times[i + 1].expand(n), lambda like=x: draw(like))
         if callback is not None:
             callback(i, x, pred)
     return x

@@ -1,9 +1,10 @@
 """THE training loop (DESIGN.md §3, §7): one accelerate loop for every method.
 
-The loop asks the method for its roles, phases and per-sample losses; it never learns the method's name. It owns
-what every method shares: per-role optimizers and LR schedules, ``update_every``, gradient accumulation, bf16
-autocast, clipping, the student EMA, the NaN/inf policy, logs, sample grids, atomic checkpoints and exact resume
-(the checkpoint methods live in ``checkpoints.py``).
+The loop asks the method which phases run at a step and for their per-sample losses; it never learns the method's
+name. It owns what every method shares: per-role optimizers and LR schedules, gradient accumulation, bf16 autocast,
+clipping, gradient placement (a phase's non-owners are frozen, the owners' gradients averaged over the processes),
+EMA roles, the NaN/inf policy, logs, sample grids, checkpoints and exact resume. Building the run (``run.py``),
+storing checkpoints (``checkpoints.py``) and export (``export.py``) are separate pieces it calls.
 
 Lifecycle (torchtune style): ``Trainer(recipe, output_dir, ...)`` -> ``setup()`` (everything that can fail on bad
 input happens here, before the run directory is touched) -> ``train()`` -> ``export()``.
@@ -11,58 +12,35 @@ input happens here, before the run directory is touched) -> ``train()`` -> ``exp
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 
 from .atomic import atomic_file
-from .checkpoints import Checkpoints, RunError
-from .conditioning import load_or_encode, read_prompts
+from .checkpoints import CheckpointStore, RunError, config_fingerprint, first_line
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
-from .data import DataSource, image_captions, latent_table
 from .export import check_exportable, grid_timesteps, student_scheduler
 from .families import latents_to_images
-from .lora import AdapterDenoiser
-from .methods import METHODS
-from .methods.base import PrepareContext, loss_terms
-from .roles import build_nets, rebuilt_lora_student
+from .methods.base import loss_terms
+from .optim import lr_factor, make_lr_schedule, make_optimizer
+from .roles import broadcast_parameters, frozen, sync_gradients, update_ema
+from .run import Run, build_run, check_compatible, init_from, load_run, make_data, method_error, probe_grid
 from .sampling import sample_student
 from .schedules import VPDiscrete
-from .sharding import full, shard_backbone
+from .sharding import full, load_local, reshard_optimizer_state, shard_backbone
 from .stop import StopRequest
-from .teachers import TeacherError, cache_root, load_teacher
+from .teachers import cache_root
+from .types import PrepareContext
 from .visualize import save_sample_grid
 
 
-def lr_factor(step: int, cfg: OptimizerConfig, total: int | None = None) -> float:
-    """Multiplier of the base LR at optimizer step ``step``: warmup, then constant / linear-to-0 / cosine-to-0
-    within a period: ``cfg.period`` (restarting), else the ``total`` optimizer steps the role gets in the run."""
-    if cfg.period:
-        step = step % cfg.period
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    period = cfg.period or total
-    if cfg.schedule == "constant" or not period:
-        return 1.0
-    frac = min(1.0, (step - cfg.warmup) / max(1, period - cfg.warmup))
-    return 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def _method_error(err: Exception) -> ConfigError:
-    """A method's refusal as one line: its message names the recipe key (``method.<key>: ...``, ``export: ...``),
-    or is put under ``method:``."""
-    message = str(err)
-    return ConfigError(message if message.startswith(("method.", "method:", "export:")) else f"method: {message}")
-
+__all__ = ["SHARED_OFFSET", "RunError", "Trainer", "lr_factor", "rank_seed"]
 
 SHARED_OFFSET = 29  # the stream every rank draws alike (``Batch.shared``): seed * 1000 + 29
 
@@ -74,7 +52,7 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed * 1000 + offset + (offset >= SHARED_OFFSET)
 
 
-class Trainer(Checkpoints):
+class Trainer:
     """Distil ``recipe`` into ``output_dir``.
 
     Args:
@@ -93,89 +71,43 @@ class Trainer(Checkpoints):
         self.nonfinite_streak: dict[str, int] = {}  # skipped updates in a row, per phase
         self.nonfinite_total = 0
         self.logs: dict[str, float] = {}  # the latest value of every logged key (restored on resume)
+        self.ema_updates: dict[str, int] = {}  # updates each EMA role has followed (half-life ramp-up)
+        self.store = CheckpointStore(self.dir / "checkpoints", keep=recipe.train.keep_checkpoints)
+
+    # The run's pieces, for callers and tests.
+    nets = property(lambda self: self.run.nets)
+    method = property(lambda self: self.run.method)
+    teacher = property(lambda self: self.run.teacher)
+    conditions = property(lambda self: self.run.conditions)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def setup(self, *, readonly: bool = False) -> Trainer:
-        """Build everything; ``readonly`` loads the latest checkpoint for sampling/export without writing."""
+    def setup(self) -> Trainer:
+        """Build everything; nothing is written before every input has been checked."""
         r = self.recipe
         self.trackers, missing = _available_trackers(r.train.trackers)
         _release_accelerator_state(r.train.mixed_precision)
-        # LoRA roles share one DDP-wrapped base, and each phase uses one adapter of it: DDP must expect unused
-        # parameters (ECOSYSTEM.md §3.2 (c)).
-        ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if r.roles.mode == "lora" else []
-        self.accelerator = Accelerator(mixed_precision=r.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                                       log_with=self.trackers or None, project_dir=str(self.dir),
-                                       kwargs_handlers=ddp)
-        if missing and self.accelerator.is_main_process:
+        self.accelerator = acc = Accelerator(mixed_precision=r.train.mixed_precision,
+                                             cpu=not torch.cuda.is_available(), log_with=self.trackers or None,
+                                             project_dir=str(self.dir))
+        if missing and acc.is_main_process:
             tqdm.write(f"note: trackers {missing} are not installed; logging to log.jsonl only")
-        acc = self.accelerator
         set_seed(r.seed)  # identical initialisation on every rank
-        self.readonly = readonly
-        # FSDP2 sharding of the trainable roles (sharding.py): asked for by the recipe or by an accelerate FSDP config.
-        # A read-only setup (export, sample) consolidates a sharded checkpoint instead, in any number of processes.
-        self.sharded = (r.train.fsdp or acc.distributed_type == DistributedType.FSDP) and not readonly
-        if self.sharded:
-            if not torch.distributed.is_initialized():
-                raise ConfigError("train.fsdp: sharding needs a multi-process launch (accelerate launch "
-                                  "--num_processes N, or --config_file recipes/accelerate/fsdp.yaml)")
+        # FSDP2 sharding of the trainable roles (sharding.py): asked for by the recipe or by an accelerate FSDP config
+        self.sharded = r.train.fsdp or acc.distributed_type == DistributedType.FSDP
+        if self.sharded and not torch.distributed.is_initialized():
+            raise ConfigError("train.fsdp: sharding needs a multi-process launch (accelerate launch "
+                              "--num_processes N, or --config_file recipes/accelerate/fsdp.yaml)")
 
-        # Teacher and method: all bad input surfaces here, before the run directory is touched.
-        try:
-            self.teacher = load_teacher(r.teacher, dtype=self._load_dtype)
-        except TeacherError as err:
-            raise RunError(str(err)) from None
-        self.conditions = self._encode_prompts()  # before the roles are built: they copy the null condition
-        try:
-            self.method = METHODS[r.method.name](**r.method.params)
-        except (TypeError, ValueError) as err:
-            raise _method_error(err) from None
-        specs = self.method.roles()
-        try:
-            self.nets = build_nets(self.teacher, specs, student_init=r.student.init, ema=r.train.ema_decay > 0,
-                                   roles=r.roles)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        if r.train.init_from is not None and not (self.resume or readonly):  # a resumed run has its own weights
-            self._init_from(Path(r.train.init_from))
-        self._set_attention_backend()
-        self._check_grids()
-        unknown = set(r.train.update_every) - set(self.method.phases)
-        if unknown:
-            raise ConfigError(f"train.update_every: unknown phase(s) {sorted(unknown)}; this method's phases: "
-                              f"{list(self.method.phases)}")
-        for role in r.optim:
-            if role not in specs or not specs[role].trainable:
-                trainable = [k for k, s in specs.items() if s.trainable]
-                raise ConfigError(f"optim.{role}: not a trainable role of {r.method.name!r}; roles: {trainable}")
-        self.data = self._make_data()
-        if readonly:
-            self.resume = True
-        else:
-            self._prepare_method()
-            self._prepare_run_dir()
-
-        # Place roles; wrap trainable backbones (DDP/FSDP) and build their optimizers.
-        self.trainable = {k for k, s in specs.items() if s.trainable}
-        self.optimizers, self.lr_schedulers = {}, {}
-        wrapped = {}  # LoRA roles share one base: it is wrapped once and every role routes through that wrapper
-        for role, net in self.nets.roles().items():
-            net.to(acc.device)
-            if role in self.trainable:
-                if id(net.backbone) not in wrapped:
-                    if r.train.gradient_checkpointing:
-                        net.enable_gradient_checkpointing()
-                    wrapped[id(net.backbone)] = (shard_backbone(net.backbone) if self.sharded
-                                                 else acc.prepare_model(net.backbone))
-                net.wrap_backbone(wrapped[id(net.backbone)])
-                ocfg = r.optim.get(role, OptimizerConfig())
-                params = list(net.trainable_parameters())
-                opt = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
-                                        eps=ocfg.eps, fused=_fusable(params) or None)
-                self.optimizers[role] = opt
-                self.lr_schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda i, c=ocfg, n=self._optimizer_steps(role): lr_factor(i, c, n))
-            elif role == "student_ema" and self.sharded:  # sharded like the student, so the EMA update is shard-local
-                shard_backbone(net.backbone)
+        # Teacher, method, roles and data: all bad input surfaces here, before the run directory is touched.
+        self.run = build_run(r, is_main_process=acc.is_main_process, wait_for_everyone=acc.wait_for_everyone)
+        if r.train.init_from is not None and not self.resume:  # a resumed run has its own weights
+            init_from(self.run, Path(r.train.init_from), is_main_process=acc.is_main_process)
+        self.trainable = [k for k, s in self.run.specs.items() if s.trainable]
+        self._check()
+        self.data = make_data(self.run, is_main_process=acc.is_main_process, wait_for_everyone=acc.wait_for_everyone)
+        self._prepare_method()
+        self._prepare_run_dir()
+        self._place_roles()
 
         # Per-rank data/noise generator (ranks draw different batches), and fixed noise for sample grids.
         self.generator = torch.Generator().manual_seed(rank_seed(r.seed, acc.process_index))
@@ -188,157 +120,61 @@ class Trainer(Checkpoints):
             rows = torch.arange(n_show) % next(iter(self.conditions.values())).shape[0]
             self.sample_cond = {k: v[rows].to(acc.device) for k, v in self.conditions.items()}
         if self.resume:
-            self.load_checkpoint(self.latest_checkpoint())
+            self._load_checkpoint(self.store.latest())
             # Bring curricula to the checkpoint so student_grid() is right even if no step runs (bookkeeping only:
             # train() calls it again for the step it runs next, then the method's begin_step). The checkpoint holds
             # the student after step self.step - 1, so that step's grid (a stage boundary at self.step is not yet
             # crossed).
             self.method.update_schedule(max(min(self.step, r.train.max_steps) - 1, 0), self.nets)
-            if not readonly and acc.is_main_process:
+            if acc.is_main_process:
                 (self.dir / "config.yaml").write_text(dump_recipe(self.recipe))
                 self._trim_log()
         return self
 
-    @property
-    def _load_dtype(self) -> str:
-        """What a pretrained backbone is loaded in: a LoRA base stays in ``roles.teacher_dtype`` throughout, while
-        full copies start from the teacher's float32 weights."""
-        r = self.recipe
-        return r.roles.teacher_dtype if r.roles.mode == "lora" else "float32"
-
-    def _optimizer_steps(self, role: str) -> int:
-        """How many optimizer steps ``role`` takes in the whole run: one per run of each phase it owns, a phase
-        running on the steps that are multiples of its ``train.update_every`` ratio."""
-        r = self.recipe
-        return sum(math.ceil(r.train.max_steps / r.train.update_every.get(phase, 1))
-                   for phase in self.method.phases if role in self._owners(phase))
-
-    def _owners(self, phase: str) -> tuple[str, ...]:
-        """The roles a phase optimises (a method's ``owner`` may name one or several)."""
-        owner = self.method.owner(phase)
-        return (owner,) if isinstance(owner, str) else tuple(owner)
-
-    def _set_attention_backend(self) -> None:
-        """``train.attention_backend``: diffusers' default SDPA, or xformers when installed (CUDA only)."""
-        if self.recipe.train.attention_backend != "xformers":
-            return
-        from diffusers.utils import is_xformers_available
-
-        if not is_xformers_available():
-            raise ConfigError("train.attention_backend: xformers is not installed (it needs CUDA: pip install "
-                              "xformers); use sdpa, torch's fused attention, which is the default")
-        backbones = {id(n.backbone): n.backbone for n in self.nets.roles().values() if n.backbone is not None}
-        for backbone in backbones.values():
-            if not hasattr(backbone, "enable_xformers_memory_efficient_attention"):
-                raise ConfigError(f"train.attention_backend: {type(backbone).__name__} has no xformers switch")
-            backbone.enable_xformers_memory_efficient_attention()
-
-    def _check_grids(self) -> None:
-        """The final student grid must be expressible by the teacher's schedule and the export format (DESIGN.md §6),
-        and a kohya file asked for must be writable: refused before training, not after it."""
-        probe = copy.deepcopy(self.method)
+    def _check(self) -> None:
+        """Settings that only show once the method and its roles exist; refused before training, not after it."""
+        r, run = self.recipe, self.run
+        unknown = set(r.train.update_every) - set(self.method.phases)
+        if unknown:
+            raise ConfigError(f"train.update_every: unknown phase(s) {sorted(unknown)}; this method's phases: "
+                              f"{list(self.method.phases)}")
+        for role in r.optim:
+            if role not in self.trainable:
+                raise ConfigError(f"optim.{role}: not a trainable role of {r.method.name!r}; roles: {self.trainable}")
+        if self.method.teacher_grad and r.roles.teacher_dtype != "float32" and r.train.mixed_precision == "no":
+            raise ConfigError(f"roles.teacher_dtype: {r.method.name} back-propagates through the teacher, whose "
+                              f"{r.roles.teacher_dtype} weights would give {r.roles.teacher_dtype} gradients without "
+                              "autocast; set train.mixed_precision: bf16 or roles.teacher_dtype: float32")
+        # The final student grid must be expressible by the teacher's schedule and the export format (DESIGN.md §6).
         schedule = self.teacher.denoiser.schedule
         try:
-            probe.update_schedule(self.recipe.train.max_steps - 1, self.nets)
-            grid = probe.student_grid()
+            grid = probe_grid(run)
             schedule.check_grid(grid.with_end())
-            if isinstance(schedule, VPDiscrete) and self.recipe.export.pipeline:  # export must replay it too
+            if isinstance(schedule, VPDiscrete) and r.export.pipeline:  # export must replay it too
                 student_scheduler(self.teacher.scheduler_config, self.nets.student.prediction, grid,
                                   grid_timesteps(schedule, grid), call_timesteps=self.teacher.family is not None)
-            if self.recipe.export.pipeline:
+            if r.export.pipeline:
                 check_exportable(self.nets.student, self.teacher)
         except ValueError as err:  # ExportError is a ValueError
-            raise _method_error(err) from None
+            raise method_error(err) from None
         family = self.teacher.family
-        if self.recipe.export.kohya and not (self.writes_lora() and not family.flow):
+        if r.export.kohya and not (run.writes_lora() and not family.flow):
             raise ConfigError("export.kohya: kohya/webui files are written for LoRA students (roles.mode: lora) of "
-                              f"SD1.5 and SDXL teachers; this run has roles.mode {self.recipe.roles.mode} and a "
+                              f"SD1.5 and SDXL teachers; this run has roles.mode {r.roles.mode} and a "
                               f"{family.name if family else 'non-diffusers-family'} teacher")
 
-    def _encode_prompts(self) -> dict[str, torch.Tensor] | None:
-        """Text-conditioned teachers: the prompt table (cached, ``conditioning.py``) and the teacher's null condition.
-
-        The text encoders are loaded only on a cache miss, on the main process, and dropped right after encoding.
-        """
-        r, t = self.recipe, self.teacher
-        if t.family is None:
-            if r.data.prompts:
-                raise ConfigError(f"data.prompts: the teacher ({t.source}) is not text-conditioned; remove the key")
-            return None
-        if not r.data.prompts:
-            raise ConfigError(f"data.prompts: a text-conditioned teacher ({t.family.name}) needs a prompt file, one "
-                              "prompt per line")
-        try:
-            table, null = self._encode_texts(read_prompts(r.data.prompts))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        t.denoiser.set_null_condition(null)
-        return table
-
-    def _make_data(self) -> DataSource:
-        r, t, m = self.recipe, self.teacher, self.method
-        needs_real = getattr(m, "needs_real_data", None)  # why the loss needs data samples, or None
-        source = r.data.source
-        if source is None:  # derive one from the teacher; "gaussian" is a stand-in, never real data
-            derived = {"gmm": "gmm", "embedded": "digits", "tiny": "gaussian"}.get(r.teacher.source())
-            if not getattr(m, "reads_data", True):
-                derived = derived or "gaussian"  # data-free: only the batch size and shape are used
-            if derived is None and needs_real is None:
-                raise ConfigError("data.source: a pretrained teacher needs a data source (image_folder with "
-                                  "data.path)")
-            source = derived
-        if needs_real is not None and source in (None, "gaussian"):
-            raise ConfigError(f"data.source: {needs_real} needs a real-data source; set data.source to "
-                              f"image_folder (with data.path), digits or gmm (got {source or 'none'})")
-        try:
-            latents = captions = None
-            if source == "image_folder" and t.family is not None:
-                if not r.data.path:
-                    raise ValueError("data.source image_folder needs data.path")
-                latents = latent_table(r.data.path, t, cache_root())
-                captions = self._encode_captions(r.data.path, needs_real)
-            return DataSource(source, batch_size=r.data.batch_size, sample_shape=t.sample_shape, mixture=t.mixture,
-                              path=r.data.path, labels=r.data.labels, conditions=self.conditions, latents=latents,
-                              captions=captions)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-    def _encode_captions(self, path: str, needs_real: str | None) -> dict[str, torch.Tensor] | None:
-        """A text teacher's image captions as a table aligned with the images (the prompt cache encodes them), or
-        ``None`` for uncaptioned images, which a loss that pairs real images with their text cannot use."""
-        captions = image_captions(path)
-        if captions is None:
-            if needs_real is not None:
-                raise ValueError(f"data.path: {needs_real} pairs each real image with its caption, and the images "
-                                 f"under {path!r} have none: put name.txt beside each name.png")
-            return None
-        table, _ = self._encode_texts(captions)
-        return table
-
-    def _encode_texts(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``(table, null condition)`` of ``texts`` from the prompt cache (``conditioning.load_or_encode``)."""
-        t, acc = self.teacher, self.accelerator
-        return load_or_encode(
-            lambda: t.load_pipeline(**{t.family.backbone: t.backbone, "vae": t.vae}), t.family.name, texts,
-            teacher_id=t.cache_id, cache_dir=cache_root(), settings=t.encode_settings,
-            is_main_process=acc.is_main_process, wait_for_everyone=acc.wait_for_everyone)
-
     def _prepare_method(self) -> None:
-        """The optional ``prepare`` hook (methods/base.py ``Prepares``): derived data such as DMD's ODE pairs."""
-        prepare = getattr(self.method, "prepare", None)
-        if prepare is None:
-            return
-        acc = self.accelerator
+        """The method's ``prepare`` hook: derived data such as DMD's ODE pairs."""
+        acc, r = self.accelerator, self.recipe
         ctx = PrepareContext(cache_dir=cache_root(), sample_shape=tuple(self.teacher.sample_shape),
                              device=acc.device, is_main_process=acc.is_main_process,
-                             wait_for_everyone=acc.wait_for_everyone,
-                             student_init="checkpoint" if self.recipe.train.init_from else self.recipe.student.init,
-                             lr_periods={role: cfg.period for role, cfg in self.recipe.optim.items()},
-                             ema_decay=self.recipe.train.ema_decay)
+                             wait_for_everyone=acc.wait_for_everyone, student_init=self.run.student_init,
+                             lr_periods={role: cfg.period for role, cfg in r.optim.items()},
+                             ema_decay=r.train.ema_decay, conditions=self.conditions)
         try:
-            prepare(self.nets, ctx)
+            self.method.prepare(self.nets, ctx)
         except ValueError as err:
-            raise _method_error(err) from None
+            raise method_error(err) from None
 
     def _prepare_run_dir(self) -> None:
         d, acc = self.dir, self.accelerator
@@ -346,7 +182,7 @@ class Trainer(Checkpoints):
         if self.resume:
             if not (d / "checkpoints").is_dir():
                 raise RunError(f"--resume: {d} has no checkpoints/ to resume from")
-            self.latest_checkpoint()  # fails early and clearly when none is complete
+            self.store.latest()  # fails early and clearly when none is complete
         elif earlier and not self.overwrite:
             raise RunError(f"{d} already holds files (an earlier run?); pass --resume to continue it or "
                            "--overwrite to replace it")
@@ -361,6 +197,46 @@ class Trainer(Checkpoints):
             (d / "checkpoints").mkdir(exist_ok=True)
             (d / "config.yaml").write_text(dump_recipe(self.recipe))
         acc.wait_for_everyone()
+
+    def _place_roles(self) -> None:
+        """Roles onto the device; activation checkpointing and FSDP2 sharding of the networks that back-propagate (the
+        trained roles, EMAs sharded like their source, the teacher when the method needs its input gradient); one
+        optimizer and LR schedule per trained role."""
+        r, acc, specs = self.recipe, self.accelerator, self.run.specs
+        for net in self.nets.roles().values():
+            net.to(acc.device)
+        deep = [self.nets[k] for k in self.trainable] + ([self.nets.teacher] if self.method.teacher_grad else [])
+        done = set()  # LoRA roles share one base: it is set up once
+        for net in deep + [self.nets[k] for k, s in specs.items() if s.init == "ema"]:
+            if net.backbone is None or id(net.backbone) in done:
+                continue
+            done.add(id(net.backbone))
+            if r.train.gradient_checkpointing:
+                net.enable_gradient_checkpointing()
+            if self.sharded:
+                shard_backbone(net.backbone)
+        self.optimizers, self.lr_schedulers = {}, {}
+        for role in self.trainable:
+            params = list(self.nets[role].trainable_parameters())
+            if acc.num_processes > 1 and not self.sharded:
+                broadcast_parameters(params)
+            cfg = r.optim.get(role, OptimizerConfig())
+            try:
+                self.optimizers[role] = make_optimizer(params, cfg, role)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            self.lr_schedulers[role] = make_lr_schedule(self.optimizers[role], cfg, self._optimizer_steps(role))
+
+    def _optimizer_steps(self, role: str) -> int:
+        """How many optimizer steps ``role`` takes in the whole run: one per step in which a phase it owns runs."""
+        every = self.recipe.train.update_every
+        return sum(role in self._owners(phase) for step in range(self.recipe.train.max_steps)
+                   for phase in self.method.active_phases(step, every))
+
+    def _owners(self, phase: str) -> tuple[str, ...]:
+        """The roles a phase optimises (a method's ``owner`` may name one or several)."""
+        owner = self.method.owner(phase)
+        return (owner,) if isinstance(owner, str) else tuple(owner)
 
     def _trim_log(self) -> None:
         """A resumed run logs the steps after its checkpoint again: drop their earlier rows (and a line cut short by
@@ -386,29 +262,28 @@ class Trainer(Checkpoints):
         """Run to ``train.max_steps``; returns the last logged scalars."""
         r, acc = self.recipe, self.accelerator
         log_path = self.dir / "log.jsonl"
-        self._init_trackers()
+        if self.trackers:  # tensorboard / wandb, when installed; log.jsonl is always written by the loop itself
+            acc.init_trackers("stepdistill", config=_flat(self.recipe.to_dict()))
         bar = tqdm(range(self.step, r.train.max_steps), initial=self.step, total=r.train.max_steps,
                    disable=not (self.show_progress and acc.is_main_process), desc=f"distill {r.method.name}")
         last, logs, tick, tick_step = {}, self.logs, time.perf_counter(), self.step
         if self.step >= r.train.max_steps:
             return last  # a finished run resumed without a larger budget: nothing to do, nothing rewritten
+        checkpointed = False
         with StopRequest() as stop:
             for step in bar:
                 self.step = step
-                # ``logs`` keeps the latest value of every key: with update_every a phase may skip a logging step.
+                # ``logs`` keeps the latest value of every key: a phase may skip a logging step.
                 logs.update({f"schedule/{k}": v for k, v in self.method.update_schedule(step, self.nets).items()})
-                for role in getattr(self.method, "begin_step", lambda _step, _nets: ())(step, self.nets):
+                for role in self.method.begin_step(step, self.nets):
                     self.optimizers[role].state.clear()  # Adam re-creates zero moments at its next step
-                stepped = set()
-                for phase in self.method.phases:
-                    if step % r.train.update_every.get(phase, 1):
-                        continue
+                for phase in self.method.active_phases(step, r.train.update_every):
                     phase_logs, updated = self._run_phase(phase)
                     logs.update(phase_logs)
                     if updated:
-                        stepped.update(self._owners(phase))
-                if "student" in stepped:  # ema_decay is per student update (DMD2's student updates every 5th step)
-                    self._update_ema()
+                        owners = self._owners(phase)
+                        self._follow_emas(owners)
+                        self.method.after_update(phase, owners)
                 self.step = step + 1
                 logged = self.step % r.train.log_every == 0 or self.step == r.train.max_steps
                 if logged:
@@ -438,6 +313,73 @@ class Trainer(Checkpoints):
         acc.end_training()
         return last
 
+    def _run_phase(self, phase: str) -> tuple[dict[str, float | torch.Tensor], bool]:
+        """One phase: its loss terms over ``grad_accum`` micro-batches with every other trained role frozen, the
+        owners' gradients averaged over the processes, clipping, and the owners' update; returns its logs and
+        whether the update was made (not skipped by the NaN/inf policy)."""
+        r, acc = self.recipe, self.accelerator
+        roles = self._owners(phase)
+        logs, k = {}, r.train.grad_accum
+        bad_loss = torch.zeros((), device=acc.device)  # non-finite micro-batch losses, counted without a GPU wait
+        with frozen([self.nets[role] for role in self.trainable if role not in roles]):
+            for _ in range(k):
+                batch = self.data.next(self.generator)
+                batch.shared = self.shared_generator
+                batch.x0 = None if batch.x0 is None else batch.x0.to(acc.device)
+                if batch.cond is not None:
+                    batch.cond = {c: v.to(acc.device) for c, v in batch.cond.items()}
+                if batch.x0_cond is not None:
+                    batch.x0_cond = {c: v.to(acc.device) for c, v in batch.x0_cond.items()}
+                for out in self._loss_terms(phase, batch):
+                    loss = out.loss.float().mean() / k
+                    bad_loss += (~torch.isfinite(loss)).float()
+                    acc.backward(loss)  # even when not finite: every rank runs the same collectives; the update skips
+                    for name, value in out.logs.items():
+                        logs[f"{name}/{phase}"] = logs.get(f"{name}/{phase}", 0.0) + value / k
+        max_norm = r.train.max_grad_norm if r.train.max_grad_norm is not None else float("inf")
+        norms = {}
+        for role in roles:
+            params = list(self.nets[role].trainable_parameters())
+            if not self.sharded:  # FSDP2 reduce-scatters sharded gradients itself
+                sync_gradients(params, acc.num_processes)
+            params = [p for p in params if p.grad is not None]
+            norms[role] = full(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: the global norm
+        loss_ok, grad_ok = self._all_finite(bad_loss, norms.values())
+        if not (loss_ok and grad_ok):
+            return self._skip(phase, roles, "gradient" if loss_ok else "loss"), False
+        for role in roles:
+            opt = self.optimizers[role]
+            opt.step()
+            self.lr_schedulers[role].step()
+            opt.zero_grad(set_to_none=True)
+            logs[f"grad_norm/{role}"] = norms[role].detach()
+            logs[f"lr/{role}"] = self.lr_schedulers[role].get_last_lr()[0]
+        self.nonfinite_streak[phase] = 0
+        return logs, True
+
+    def _loss_terms(self, phase: str, batch):
+        """The phase's loss as the method gives it, a ``LossOutput`` or a generator of them (``Method.__call__``),
+        each computed under autocast; backward runs outside it, between terms."""
+        terms = loss_terms(self.method(phase, self.nets, batch))
+        while True:
+            with self.accelerator.autocast():
+                out = next(terms, None)
+            if out is None:
+                return
+            yield out
+
+    def _follow_emas(self, stepped: tuple[str, ...]) -> None:
+        """Every EMA role whose source just stepped follows it (``RoleSpec.ema_of``)."""
+        for role, spec in self.run.specs.items():
+            if spec.init != "ema" or spec.ema_of not in stepped:
+                continue
+            n = self.ema_updates[role] = self.ema_updates.get(role, 0) + 1
+            ema, source = self.nets[role], self.nets[spec.ema_of]
+            if self.sharded:  # an FSDP2 root keeps its weights gathered after a forward without backward: shard them
+                for net in (source, ema):
+                    net.backbone.reshard()
+            update_ema(ema, source, spec.ema_decay(n))
+
     def _reduced(self, logs: dict) -> dict[str, float]:
         """``logs`` as floats, averaged over the ranks (every rank logs the same keys: they take the same branches)."""
         keys = sorted(logs)
@@ -458,10 +400,6 @@ class Trainer(Checkpoints):
         flag = torch.tensor([float(stop.name is not None)], device=acc.device)
         return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
-    def _init_trackers(self) -> None:
-        if self.trackers:  # tensorboard / wandb, when installed; log.jsonl is always written by the loop itself
-            self.accelerator.init_trackers("stepdistill", config=_flat(self.recipe.to_dict()))
-
     def _all_finite(self, bad_loss: torch.Tensor, norms) -> tuple[bool, bool]:
         """Whether the losses and the gradient norms were finite on every rank (so every rank skips or steps
         together). One reduce and one wait for the GPU per phase: the flags stay on the device until here."""
@@ -469,60 +407,6 @@ class Trainer(Checkpoints):
         flags = torch.stack([bad_loss, torch.as_tensor(bad_grad, dtype=torch.float32, device=bad_loss.device)])
         loss_bad, grad_bad = self.accelerator.reduce(flags, reduction="sum").tolist()
         return loss_bad == 0, grad_bad == 0
-
-    def _loss_terms(self, phase: str, batch):
-        """The phase's loss as the method gives it, a ``LossOutput`` or a generator of them (``Method.__call__``),
-        each computed under autocast; backward runs outside it, between terms."""
-        terms = loss_terms(self.method(phase, self.nets, batch))
-        while True:
-            with self.accelerator.autocast():
-                out = next(terms, None)
-            if out is None:
-                return
-            yield out
-
-    def _run_phase(self, phase: str) -> tuple[dict[str, float | torch.Tensor], bool]:
-        """One phase: its loss terms over ``grad_accum`` micro-batches, clipping, and the owners' update; returns its
-        logs and whether the update was made (not skipped by the NaN/inf policy)."""
-        r, acc = self.recipe, self.accelerator
-        roles = self._owners(phase)
-        logs, k = {}, r.train.grad_accum
-        bad_loss = torch.zeros((), device=acc.device)  # non-finite micro-batch losses, counted without a GPU wait
-        for micro in range(k):
-            batch = self.data.next(self.generator)
-            batch.shared = self.shared_generator
-            batch.x0 = None if batch.x0 is None else batch.x0.to(acc.device)
-            if batch.cond is not None:
-                batch.cond = {c: v.to(acc.device) for c, v in batch.cond.items()}
-            if batch.x0_cond is not None:
-                batch.x0_cond = {c: v.to(acc.device) for c, v in batch.x0_cond.items()}
-            with contextlib.ExitStack() as stack:
-                if micro < k - 1:  # accumulate locally; gradients are all-reduced on the last micro-batch only
-                    for role in roles:
-                        stack.enter_context(acc.no_sync(self.nets[role]._call_backbone()))
-                for out in self._loss_terms(phase, batch):
-                    loss = out.loss.float().mean() / k
-                    bad_loss += (~torch.isfinite(loss)).float()
-                    acc.backward(loss)  # even when not finite: every rank runs the same collectives; the update skips
-                    for name, value in out.logs.items():
-                        logs[f"{name}/{phase}"] = logs.get(f"{name}/{phase}", 0.0) + value / k
-        max_norm = r.train.max_grad_norm if r.train.max_grad_norm is not None else float("inf")
-        norms = {}
-        for role in roles:
-            params = [p for p in self.nets[role].trainable_parameters() if p.grad is not None]
-            norms[role] = full(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: the global norm
-        loss_ok, grad_ok = self._all_finite(bad_loss, norms.values())
-        if not (loss_ok and grad_ok):
-            return self._skip(phase, roles, "gradient" if loss_ok else "loss"), False
-        for role in roles:
-            opt = self.optimizers[role]
-            opt.step()
-            self.lr_schedulers[role].step()
-            opt.zero_grad(set_to_none=True)
-            logs[f"grad_norm/{role}"] = norms[role].detach()
-            logs[f"lr/{role}"] = self.lr_schedulers[role].get_last_lr()[0]
-        self.nonfinite_streak[phase] = 0
-        return logs, True
 
     def _skip(self, phase: str, roles: tuple[str, ...], what: str) -> dict[str, float]:
         """The NaN/inf policy (DESIGN.md §7): count, log, skip the update; abort after too many in a row. Streaks are
@@ -540,22 +424,78 @@ class Trainer(Checkpoints):
                            f"{self.step}); lower the learning rate or raise train.max_nonfinite")
         return {f"nonfinite/{phase}": float(self.nonfinite_total)}
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if "student_ema" not in self.nets.extra:
-            return
-        d = self.recipe.train.ema_decay
-        if self.sharded:  # an FSDP2 root keeps its weights gathered after a forward without backward: shard them
-            for net in (self.nets.student, self.nets["student_ema"]):
-                net.backbone.reshard()
-        ema = list(self.nets["student_ema"].trainable_parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in self.nets.student.trainable_parameters()], 1.0 - d)
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _checkpointed_roles(self) -> list[str]:
+        specs = self.run.specs
+        return [k for k, s in specs.items() if s.trainable or s.checkpointed or s.init == "ema"]
+
+    def _sharded_roles(self) -> list[str]:
+        specs = self.run.specs
+        return sorted(k for k, s in specs.items() if s.trainable or s.init == "ema") if self.sharded else []
+
+    def save_checkpoint(self) -> Path:
+        """Every role, optimizer, LR schedule and RNG stream, and the loop's counters (``checkpoints.py``)."""
+        acc = self.accelerator
+        rng = {"data": self.generator.get_state(), "shared": self.shared_generator.get_state(),
+               "torch": torch.get_rng_state()}
+        state = {"step": self.step, "nonfinite_streak": self.nonfinite_streak,
+                 "nonfinite_total": self.nonfinite_total, "logs": {k: float(v) for k, v in self.logs.items()},
+                 "ema_updates": self.ema_updates, "world_size": acc.num_processes,
+                 "fingerprint": config_fingerprint(self.recipe), "method": self.recipe.to_dict()["method"],
+                 "sharded_roles": self._sharded_roles()}
+        return self.store.save(
+            self.step, roles={role: self.nets[role].role_state_dict() for role in self._checkpointed_roles()},
+            sharded=self._sharded_roles(),
+            optimizers={role: {"optimizer": opt.state_dict(), "lr_scheduler": self.lr_schedulers[role].state_dict()}
+                        for role, opt in self.optimizers.items()},
+            rng=rng, state=state, rank=acc.process_index, is_main_process=acc.is_main_process,
+            barrier=acc.wait_for_everyone)
+
+    def latest_checkpoint(self) -> Path:
+        return self.store.latest()
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Restore every role, optimizer, LR schedule, RNG stream and the step; refuse incompatible checkpoints."""
+        acc, store = self.accelerator, self.store
+        state = store.read_state(path)
+        check_compatible(state, self.recipe, path, "--resume")
+        if state.get("world_size") != acc.num_processes:
+            raise RunError(f"--resume: checkpoint {path} was written by {state.get('world_size')} process(es); "
+                           f"exact resume needs the same number, got {acc.num_processes}")
+        if state.get("sharded_roles", []) != self._sharded_roles():
+            raise RunError(f"--resume: checkpoint {path} has sharded roles {state.get('sharded_roles', [])}, "
+                           f"this run shards {self._sharded_roles()}; resume with the same train.fsdp / launch config")
+        rank, sharded = acc.process_index, self._sharded_roles()
+        try:
+            for role in self._checkpointed_roles():
+                saved = store.read_local_role(path, role, rank, role in sharded)
+                if role in sharded:
+                    load_local(self.nets[role].role_state_dict(), saved)
+                else:
+                    self.nets[role].load_role_state_dict(saved)
+            for role, opt in self.optimizers.items():
+                blob = store.read_optimizer(path, role, rank, role in sharded)
+                opt.load_state_dict(blob["optimizer"])
+                reshard_optimizer_state(opt)
+                self.lr_schedulers[role].load_state_dict(blob["lr_scheduler"])
+            rng = store.read_rng(path, rank)
+        except Exception as err:  # noqa: BLE001 - any unreadable/mismatched file is the same user-facing problem
+            raise RunError(f"--resume: corrupt or incompatible checkpoint {path}: {first_line(err)}") from None
+        self.generator.set_state(rng["data"])
+        if "shared" in rng:  # checkpoints written before Batch.shared existed lack it
+            self.shared_generator.set_state(rng["shared"])
+        torch.set_rng_state(rng["torch"])
+        self.step = int(state["step"])
+        streak = state.get("nonfinite_streak", {})
+        self.nonfinite_streak = dict(streak) if isinstance(streak, dict) else {}  # older checkpoints: one int
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.logs = dict(state.get("logs", {}))
+        self.ema_updates = dict(state.get("ema_updates", {}))
 
     # ------------------------------------------------------------------------------------------------ outputs
     def sampling_student(self):
         """The student used for samples and export: the EMA when there is one and the recipe asks for it."""
-        use_ema = self.recipe.export.use_ema and "student_ema" in self.nets.extra
-        return self.nets["student_ema"] if use_ema else self.nets.student
+        return self.run.sampling_student()
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
@@ -565,12 +505,9 @@ class Trainer(Checkpoints):
         student = self.sampling_student()
         was_training = student.training
         student.eval()
-        # Only the main process samples an unsharded student: past DDP's wrapper, whose forward would broadcast
-        # buffers (SD3's positional embedding) in a collective no other rank joins.
-        with contextlib.nullcontext() if self.sharded else student.unwrapped():
-            x = sample_student(student, self.sample_noise.to(self.accelerator.device), self.method.student_grid(),
-                               cond=self.sample_cond,
-                               generator=torch.Generator().manual_seed(self.recipe.eval.seed + 1))  # re-noising grids
+        x = sample_student(student, self.sample_noise.to(self.accelerator.device), self.method.student_grid(),
+                           cond=self.sample_cond,
+                           generator=torch.Generator().manual_seed(self.recipe.eval.seed + 1))  # re-noising grids
         student.train(was_training)
         if not self.accelerator.is_main_process:
             return None
@@ -587,35 +524,23 @@ class Trainer(Checkpoints):
         save_sample_grid(x.cpu(), path, mixture=self.teacher.mixture)
         return path
 
+    def readable_run(self) -> Run:
+        """The trained run with whole weights: under sharding read back from the latest (sharded) checkpoint, which
+        ``train()`` always writes last, so export needs no collective and runs on the main process alone."""
+        return load_run(self.dir) if self.sharded else self.run
+
     def export(self, output_dir: str | Path | None = None) -> Path | None:
         """Write ``pipeline/`` (DESIGN.md §6) from the trained student."""
         from .export import export_pipeline
 
         if not self.accelerator.is_main_process:
             return None
-        return export_pipeline(self.exportable_student(), self.teacher, self.method.student_grid(), self.recipe,
+        run = self.readable_run()
+        return export_pipeline(run.sampling_student(), run.teacher, run.grid, self.recipe,
                                Path(output_dir) if output_dir else self.dir / "pipeline")
 
-    def exportable_student(self):
-        """The sampling student with whole weights: under sharding, rebuilt from the latest (sharded) checkpoint,
-        which ``train()`` always writes last, so export needs no collective and runs on the main process alone."""
-        student = self.sampling_student()
-        if not self.sharded:
-            return student
-        role = "student_ema" if student is not self.nets.student else "student"
-        weights = self._read_role(self.latest_checkpoint(), role)
-        if isinstance(student, AdapterDenoiser):  # the shared base was sharded in place: reload it, then the adapter
-            r = self.recipe
-            rebuilt = rebuilt_lora_student(load_teacher(r.teacher, dtype=self._load_dtype), student, weights,
-                                           rank=r.roles.rank, alpha=r.roles.alpha, teacher_dtype=r.roles.teacher_dtype)
-            return rebuilt.to(self.accelerator.device)
-        backbone = type(student.backbone).from_config(student.backbone.config)
-        backbone.load_state_dict(weights)
-        return student.with_backbone(backbone.to(self.accelerator.device).eval(), student.prediction)
-
     def writes_lora(self) -> bool:
-        """Whether the run's student is a LoRA that stock pipelines can load (``roles.mode: lora`` on a family)."""
-        return self.recipe.roles.mode == "lora" and self.teacher.family is not None
+        return self.run.writes_lora()
 
     def export_lora(self, output_dir: str | Path | None = None, *, kohya: bool = False) -> Path | None:
         """Write ``lora/`` (DESIGN.md §6): the student adapter as a diffusers/PEFT LoRA file (+ kohya)."""
@@ -623,8 +548,10 @@ class Trainer(Checkpoints):
 
         if not self.accelerator.is_main_process:
             return None
-        return export_lora(self.exportable_student(), self.teacher, self.method.student_grid(), self.recipe,
+        run = self.readable_run()
+        return export_lora(run.sampling_student(), run.teacher, run.grid, self.recipe,
                            Path(output_dir) if output_dir else self.dir / "lora", kohya=kohya)
+
 
 def _release_accelerator_state(mixed_precision: str) -> None:
     """Let a second Trainer in one process use another precision.
@@ -648,19 +575,6 @@ def _available_trackers(names: list[str]) -> tuple[list[str], list[str]]:
     return usable, sorted(set(wanted) - set(usable))
 
 
-def _fusable(params: list[torch.Tensor]) -> bool:
-    """Whether AdamW can take its fused kernel: one pass over weights, gradients and moments per step, where the
-    default kernels make several (tens of milliseconds a step on an SD1.5-sized student on CUDA; on CPU, 28 ms
-    against 97 ms for a 34M-parameter UNet). Plain tensors all on CUDA or all on CPU only: sharded (DTensor)
-    parameters keep the default."""
-    kinds = {p.device.type for p in params}
-    if len(kinds) != 1 or kinds - {"cuda", "cpu"}:
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return not any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in params)
-
-
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -670,3 +584,4 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+

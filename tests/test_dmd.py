@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from stepdistill.config import ConfigError, build_recipe
 from stepdistill.denoisers import guided
 from stepdistill.methods.base import Batch, loss_terms
-from stepdistill.methods.dmd import DMD, f_weight
+from stepdistill.methods.dmd import DMD
+from stepdistill.methods.terms import density_ratio_weight, f_weight
+from stepdistill.roles import frozen
 from stepdistill.schedules import EDM, KarrasGrid, VPDiscrete
 from stepdistill.train import Trainer
 
@@ -43,7 +45,7 @@ def test_dm_loss_gradient_is_grad_over_numel(tmp_path):
     nets, method = trainer.nets, trainer.method
     _perturb(nets["fake_score"].backbone)  # so that the fake score differs from the teacher
     x = (0.5 * torch.randn(16, 2, generator=torch.Generator().manual_seed(3))).requires_grad_(True)
-    loss, _ = method.dm_loss(x, nets, None, torch.Generator().manual_seed(7))
+    loss, _ = method.dm_term(x, nets, None, torch.Generator().manual_seed(7))
     loss.mean().backward()
 
     # The same draws, recomputed by hand from METHODS.md §4.1.
@@ -78,7 +80,7 @@ def test_karras_time_density_draws_dmd2_edm_times_for_every_term(tmp_path):
 def test_dm_gradient_vanishes_when_the_fake_score_is_the_teacher(tmp_path):
     trainer = _trainer(tmp_path)  # fake_score starts as a copy of the teacher
     x = torch.randn(16, 2).requires_grad_(True)
-    loss, _ = trainer.method.dm_loss(x, trainer.nets, None, torch.Generator().manual_seed(0))
+    loss, _ = trainer.method.dm_term(x, trainer.nets, None, torch.Generator().manual_seed(0))
     loss.mean().backward()
     assert float(loss.detach().abs().max()) == 0.0 and float(x.grad.abs().max()) == 0.0
 
@@ -93,16 +95,25 @@ def test_student_phase_reaches_only_the_student_and_critic_phase_only_the_critic
         return {k: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()) for k, m in
                 groups.items()}
 
-    method("student", nets, _batch(trainer)).loss.mean().backward()
+    with frozen([nets["fake_score"], nets["discriminator"]]):  # what the loop does in the student phase
+        method("student", nets, _batch(trainer)).loss.mean().backward()
     assert touched() == {"student": True, "fake_score": False, "discriminator": False, "teacher": False}
-    # the GAN generator term ran through the frozen fake score and head, and left them trainable afterwards
+    # the GAN generator term ran through the frozen fake score and head, which are trainable again afterwards
     assert all(p.requires_grad for p in nets["fake_score"].parameters())
     assert all(p.requires_grad for p in nets["discriminator"].parameters())
     for m in groups.values():
         m.zero_grad(set_to_none=True)
-    for term in loss_terms(method("fake_score", nets, _batch(trainer))):  # GAN classification, then denoising
-        term.loss.mean().backward()
+    with frozen([nets.student]):
+        for term in loss_terms(method("fake_score", nets, _batch(trainer))):  # GAN classification, then denoising
+            term.loss.mean().backward()
     assert touched() == {"student": False, "fake_score": True, "discriminator": True, "teacher": False}
+    # and the loop does so by itself: a student update leaves the critic's weights alone, and the other way round
+    for m in groups.values():
+        m.zero_grad(set_to_none=True)
+    before = {k: [p.detach().clone() for p in m.parameters()] for k, m in groups.items()}
+    trainer._run_phase("student")
+    moved = {k: any(not torch.equal(a, p) for a, p in zip(before[k], m.parameters())) for k, m in groups.items()}
+    assert moved == {"student": True, "fake_score": False, "discriminator": False, "teacher": False}
 
 
 def test_gan_head_reads_1x1_maps_and_keeps_dmd2s_32_groups_on_larger_maps():
@@ -247,9 +258,9 @@ def test_f_divergence_weights():
     d = 1e-4
     second = (f(r + d) - 2 * f(r) + f(r - d)) / d**2
     torch.testing.assert_close(second * r**2, f_weight("js", r), rtol=1e-4, atol=1e-6)
-    method = DMD(divergence="forward_kl")
     logits = torch.tensor([0.0, 1.0, -1.0, 2.0])
-    h = method._ratio_weight(logits, torch.tensor([0.1, 0.1, 0.9, 0.9], dtype=torch.float64))
+    h = density_ratio_weight(logits, torch.tensor([0.1, 0.1, 0.9, 0.9], dtype=torch.float64), "forward_kl", 0.02,
+                             0.98)
     assert abs(float(h.mean()) - 1.0) < 1e-5  # normalised by the batch mean
     # within a time bin the ratio is divided by the bin mean: e vs e^-1 ... relative order is kept
     assert h[1] > h[0] and h[3] > h[2]
@@ -293,14 +304,14 @@ def test_regression_pairs_are_cached_and_a_mismatched_cache_is_refused(tmp_path)
     over = {"method.regression_weight": 0.25, "method.num_pairs": 32, "method.pair_steps": 8,
             "method.pair_cache": str(cache), "method.gan_weight": 0.0}
     trainer = _trainer(tmp_path, "a", **over)
-    assert cache.exists() and trainer.method.pairs[0].shape == (32, 2)
+    assert cache.exists() and trainer.method.pairs["noise"].shape == (32, 2)
     stamp = cache.stat().st_mtime_ns
     logs = _trainer(tmp_path, "b", **over).train()
     assert cache.stat().st_mtime_ns == stamp and "loss_reg/student" in logs  # reused, not remade
     # the pair targets are the teacher's own 8-step DDIM samples of the stored noise
     from stepdistill.sampling import sample_ddim
 
-    noise, target = trainer.method.pairs
+    noise, target = trainer.method.pairs["noise"], trainer.method.pairs["target"]
     teacher = trainer.nets.teacher
     with torch.no_grad():
         torch.testing.assert_close(sample_ddim(teacher, noise[:4], teacher.schedule.grid(8)), target[:4])
@@ -387,7 +398,7 @@ def test_gan_features_stop_at_the_bottleneck_with_the_same_values_and_gradients(
     for cut_short in (False, True):
         den.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
-        feats = den.features(xi, t, cond) if cut_short else den.with_features(xi, t, cond)[1]
+        [feats] = den.features(xi, t, cond) if cut_short else den.with_features(xi, t, cond)[1]
         if weights is None:
             weights = torch.randn(feats.shape, generator=torch.Generator().manual_seed(1))
         (feats * weights).sum().backward()
@@ -418,11 +429,16 @@ def test_an_unperiodic_lr_schedule_anneals_over_each_roles_own_updates(tmp_path)
 def test_the_student_ema_moves_only_when_the_student_does(tmp_path):
     """``ema_decay`` is per student update: with the student updating every 2nd step the EMA does too (else its
     effective decay per update would be decay ** 2)."""
+    import stepdistill.train as loop
+
     trainer = _trainer(tmp_path, **{"train.ema_decay": 0.5, "train.max_steps": 4})
-    calls, update = [], trainer._update_ema
-    trainer._update_ema = lambda: (calls.append(trainer.step), update())
-    trainer.train()
-    assert calls == [0, 2]
+    calls, update = [], loop.update_ema
+    loop.update_ema = lambda ema, source, decay: (calls.append((trainer.step, decay)), update(ema, source, decay))
+    try:
+        trainer.train()
+    finally:
+        loop.update_ema = update
+    assert calls == [(0, 0.5), (2, 0.5)] and trainer.ema_updates == {"student_ema": 2}
 
 
 @pytest.mark.parametrize("density", ["uniform", "karras"])
@@ -431,7 +447,7 @@ def test_gan_noise_levels_stop_short_of_gan_t_max_as_dmd2_draws_them(density):
     # the Karras grid's sigma range (0.002..80) is EDM's; on SD's schedule its ends would clamp
     sch = VPDiscrete.from_scheduler_config(SD_SCHEDULER) if density == "uniform" else EDM()
     method = DMD(student_steps=1, gan_weight=1e-2, gan_t_max=0.5, t_min=0.02, t_max=0.98, time_density=density)
-    _, t = method._gan_inputs(torch.zeros(20000, 1), sch, torch.Generator().manual_seed(0))
+    t = method._times(sch, 20000, 0.0, method.gan_t_max, torch.Generator().manual_seed(0), closed=False)
     dm = method._times(sch, 20000, method.t_min, method.t_max, torch.Generator().manual_seed(0))
     if density == "uniform":  # the teacher's own timesteps, 1000 of them
         gan_idx, dm_idx = sch.model_time(t), sch.model_time(dm)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from stepdistill.config import build_recipe
 from stepdistill.methods import METHODS
 from stepdistill.methods.base import LossOutput
+from stepdistill.run import load_run
 from stepdistill.train import SHARED_OFFSET, RunError, Trainer, lr_factor, rank_seed
 
 from ._recipes import dmd_recipe, gmm_recipe
@@ -96,7 +97,7 @@ class _NaNAfter:
 def test_nonfinite_losses_are_counted_skipped_and_abort(tmp_path, monkeypatch):
     recipe = build_recipe(gmm_recipe(**{"train.max_nonfinite": 3, "train.checkpoint_every": 0}))
     trainer = Trainer(recipe, tmp_path / "a", show_progress=False).setup()
-    trainer.method = _NaNAfter(trainer.method, bad=[2])
+    trainer.run.method = _NaNAfter(trainer.method, bad=[2])
     before = {k: v.clone() for k, v in trainer.nets.student.state_dict().items()}
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
@@ -104,7 +105,7 @@ def test_nonfinite_losses_are_counted_skipped_and_abort(tmp_path, monkeypatch):
     assert any(not torch.equal(before[k], v) for k, v in trainer.nets.student.state_dict().items())
 
     trainer = Trainer(recipe, tmp_path / "b", show_progress=False).setup()
-    trainer.method = _NaNAfter(trainer.method, bad=[2, 3, 4])
+    trainer.run.method = _NaNAfter(trainer.method, bad=[2, 3, 4])
     with pytest.raises(RunError, match="non-finite loss in 3 consecutive updates"):
         trainer.train()
 
@@ -125,7 +126,7 @@ def test_a_phase_whose_every_update_is_skipped_aborts_though_others_update(tmp_p
     """DMD2: the critic's finite updates must not reset the student's streak of skipped ones."""
     recipe = build_recipe(dmd_recipe(**{"train.max_nonfinite": 3, "train.update_every": {}}))
     trainer = Trainer(recipe, tmp_path / "run", show_progress=False).setup()
-    trainer.method = _NaNPhase(trainer.method, "student")
+    trainer.run.method = _NaNPhase(trainer.method, "student")
     with pytest.raises(RunError, match="3 consecutive updates of phase 'student'"):
         trainer.train()
 
@@ -138,7 +139,7 @@ def test_a_skipped_student_update_leaves_the_ema_alone(tmp_path):
         for p in trainer.nets["student_ema"].trainable_parameters():
             p.add_(1.0)
     before = {k: v.clone() for k, v in trainer.nets["student_ema"].role_state_dict().items()}
-    trainer.method = _NaNPhase(trainer.method, "student")
+    trainer.run.method = _NaNPhase(trainer.method, "student")
     trainer.train()
     assert all(torch.equal(before[k], v) for k, v in trainer.nets["student_ema"].role_state_dict().items())
 
@@ -214,11 +215,11 @@ def test_reading_a_finished_run_back_leaves_its_weights_alone(tmp_path):
     redo it. An untrained run has a grid too."""
     recipe = {"train.max_steps": 4, "train.ema_decay": 0.5}
     _run(tmp_path / "run", **recipe)
-    trainer = Trainer(build_recipe(gmm_recipe(**recipe)), tmp_path / "run", resume=True,
-                      show_progress=False).setup(readonly=True)
-    for role in ("student", "stage_teacher", "student_ema"):
+    run = load_run(tmp_path / "run")
+    for role in ("student", "student_ema"):  # the roles a run is read back with
         saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-4" / f"{role}.safetensors"))
-        assert all(torch.equal(v, saved[k]) for k, v in trainer.nets[role].role_state_dict().items()), role
+        assert all(torch.equal(v, saved[k]) for k, v in run.nets[role].role_state_dict().items()), role
+    assert run.step == 4 and "stage_teacher" not in run.nets
     fresh = Trainer(build_recipe(gmm_recipe()), tmp_path / "new", show_progress=False).setup()
     assert fresh.method.student_grid().times == (1.0, 0.75, 0.5, 0.25)  # the first stage: 4 steps of 8
 
@@ -227,5 +228,4 @@ def test_a_run_read_back_at_a_stage_boundary_reports_its_checkpoints_grid(tmp_pa
     """Stopped at step 3 of 6 (stages of 3): the checkpoint holds the first stage's 4-step student, which the next
     step would hand on; reading it back must report that student's grid, not the next stage's."""
     _run(tmp_path / "run", **{"train.max_steps": 3})
-    trainer = Trainer(build_recipe(gmm_recipe()), tmp_path / "run", resume=True, show_progress=False)
-    assert trainer.setup(readonly=True).method.student_grid().times == (1.0, 0.75, 0.5, 0.25)
+    assert load_run(tmp_path / "run").grid.times == (1.0, 0.75, 0.5, 0.25)

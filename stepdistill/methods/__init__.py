@@ -1,4 +1,9 @@
-"""Method registry: recipe ``method.name`` -> loss class. Each method is one file."""
+"""Method registry: recipe ``method.name`` -> the method's constructor. Each method is one file; a registered name
+may be a method with other defaults (``dmd`` is DMD2's class with DMD v1's regression on by default)."""
+
+import functools
+import inspect
+import typing
 
 from .base import Batch, LossOutput, Method, Nets, RoleSpec
 from .dmd import DMD
@@ -6,9 +11,24 @@ from .progressive import ProgressiveDistillation
 
 
 METHODS = {
-    "dmd": DMD,
+    "dmd": functools.partial(DMD, regression_weight=0.25),
     "dmd2": DMD,
     "progressive": ProgressiveDistillation,
 }
 
-__all__ = ["DMD", "METHODS", "Batch", "LossOutput", "Method", "Nets", "RoleSpec", "ProgressiveDistillation"]
+
+def method_class(name: str) -> type[Method]:
+    """The class behind a registered name."""
+    factory = METHODS[name]
+    return factory.func if isinstance(factory, functools.partial) else factory
+
+
+def method_parameters(name: str) -> dict[str, tuple[object, object]]:
+    """The recipe keys of method ``name``: ``{key: (type hint, default)}``, from its constructor's signature."""
+    hints = typing.get_type_hints(method_class(name).__init__)
+    sig = inspect.signature(METHODS[name])
+    return {k: (hints.get(k, typing.Any), p.default) for k, p in sig.parameters.items()}
+
+
+__all__ = ["DMD", "METHODS", "Batch", "LossOutput", "Method", "Nets", "RoleSpec", "ProgressiveDistillation",
+           "method_class", "method_parameters"]

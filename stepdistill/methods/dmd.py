@@ -44,103 +44,59 @@ backward simulation; ``main/train_sd.py`` update order). One loss object serves 
 * DMD2's conditioning timestep for one-step students: ``conditioning_time`` (e.g. 0.4 for DMD2's t=399 SDXL
   student) feeds pure noise but tells the network that time.
 
+The loss terms themselves are shared (``terms.py``); this file draws the times, makes the network calls and
+composes them. ``dmd`` and ``dmd2`` are this one class with other defaults (``methods/__init__.py``): DMD (v1)'s
+regression on teacher ODE pairs is on by default (weight 0.25, the paper's), DMD2's is off.
+
 Phases: ``("student", "fake_score")``, DMD2's order (generator then guidance in ``train_one_step``). The two-time-scale
-rule is ``train.update_every: {student: 5}``. During the student phase the fake score and the head are frozen
-(``requires_grad`` off, DMD2's fix; ECOSYSTEM.md §3.2 (b)), so the GAN generator loss reaches only the student.
-The fake-score phase draws its own no-grad generator sample: one extra student forward on the steps where the
-student also updates, instead of a cache shared between phases. Smaller departures from the DMD2 code: the fake
-score and the head are clipped separately (DMD2 clips them jointly), LR warmup counts a role's own updates (DMD2
-steps every scheduler every iteration), and the multi-step ``k`` is drawn per rank (DMD2 broadcasts one ``k``).
+rule is ``train.update_every: {student: 5}``. During the student phase the loop keeps the fake score and the head
+frozen (``requires_grad`` off, DMD2's fix), so the GAN generator loss reaches only the student. When both phases run
+in one step, the critic trains on the student phase's own samples, detached, as DMD2's ``train_one_step`` does (one
+generator pass per iteration); otherwise it draws a no-grad sample itself. Smaller departures from the DMD2 code: the
+fake score and the head are clipped separately (DMD2 clips them jointly) and LR warmup counts a role's own updates
+(DMD2 steps every scheduler every iteration). The multi-step ``k`` comes from the stream every rank draws alike, as
+DMD2 broadcasts one ``k``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..denoisers import TextConditioned, guided
+from ..nets.gan_head import GANHead
 from ..nets.lpips import LPIPS, load_lpips
 from ..nets.lpips import NETS as LPIPS_NETS
 from ..pairs import load_or_make_pairs, pair_spec
-from ..parameterization import from_x0_eps
-from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise
-from ..schedules import KarrasGrid, UniformIndex, UniformTime, VPDiscrete
-from .base import Batch, LossOutput, Nets, PrepareContext, RoleSpec
+from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise, sample_student
+from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
+from .terms import (
+    DISTANCES,
+    DIVERGENCES,
+    TIME_DENSITIES,
+    band_times,
+    denoising_loss,
+    density_ratio_weight,
+    dm_loss,
+    gan_critic_loss,
+    gan_generator_loss,
+    regression_loss,
+    time_range,
+)
 
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "js")
-REGRESSION_LOSSES = ("pseudo_huber", "mse", "lpips")
-TIME_DENSITIES = ("uniform", "karras")
 MULTISTEP_MATCHING = ("mixture", "phased")
 
 
-def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
-    """``h(r) = f''(r) r^2`` of f-distill for the density ratio ``r = p_real / p_fake`` (reverse KL: 1)."""
-    if divergence == "reverse_kl":
-        return torch.ones_like(r)
-    if divergence == "forward_kl":
-        return r
-    return r / (1.0 + r)  # Jensen-Shannon
+def _gan_head(nets: Nets) -> GANHead:
+    """DMD2's GAN head on the fake score's bottleneck (``RoleSpec.build``)."""
+    return GANHead.for_denoiser(nets["fake_score"])
 
 
-@contextlib.contextmanager
-def frozen(*modules):
-    """Switch ``requires_grad`` off for ``modules`` and restore it after: gradients may flow *through* them to
-    their inputs but never accumulate in their parameters. Their calls skip the DDP wrappers too: a grad-enabled
-    forward through DDP expects gradients for the wrapped parameters, and when none come the reducer is left
-    waiting, which a later accumulation micro-batch (``no_sync``) turns into "marked ready twice"."""
-    params = [p for m in modules for p in m.trainable_parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with contextlib.ExitStack() as stack:
-            for m in modules:
-                stack.enter_context(m.unwrapped())
-            yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
-def _time_density(schedule, lo: float, hi: float, kind: str = "uniform", *, closed: bool = True):
-    """The part ``[lo, hi]`` of DMD2's time axis: its SD code draws integer timesteps in ``[int(lo N), int(hi N)]``
-    (continuous schedules: ``t ~ U[lo, hi]``); its EDM code (``kind="karras"``) draws positions of a 1000-point
-    Karras grid (sigma 0.002..80, or the teacher's narrower range; rho 7) the same way, mapped to this schedule's
-    time by SNR (``KarrasGrid``). ``closed=False`` stops
-    one index short of ``int(hi N)``, as both draw the GAN's noise level (``randint(0, diffusion_gan_max_timestep)``,
-    ``sd_guidance.py`` / ``edm_guidance.py``)."""
-    if kind == "karras":
-        return KarrasGrid(num_points=1000, lo=lo, hi=hi, closed=closed)
-    if isinstance(schedule, VPDiscrete):
-        n = schedule.num_train_timesteps
-        return UniformIndex(int(lo * n), min(int(hi * n) + closed, n))
-    return UniformTime(lo, hi)
-
-
-def _band_times(schedule, lo: float, hi: float, n: int, gen) -> torch.Tensor:
-    """``n`` times uniform in ``(lo, hi]``; for ``VPDiscrete`` uniform over the teacher's timesteps in it (none if the
-    band holds none), so adjacent bands of the ``phased`` multi-step matching share no timestep."""
-    if isinstance(schedule, VPDiscrete):
-        first = math.floor(float(schedule.model_time(lo)) + 1e-9) + 1  # the first index strictly above lo
-        last = math.floor(float(schedule.model_time(hi)) + 1e-9)
-        if last < max(first, 0):
-            return torch.empty(0, dtype=torch.float64)
-        return UniformIndex(max(first, 0), last + 1).sample(n, schedule, gen)
-    return UniformTime(lo, hi).sample(n, schedule, gen)
-
-
-def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.to(like.device).view(-1, *([1] * (like.ndim - 1)))
-
-
-class DMD:
-    """Distribution matching distillation loss object (DMD and DMD2).
+class DMD(Method):
+    """Distribution matching distillation (DMD and DMD2).
 
     Args:
         student_steps: steps of the student (1 for one-step; DMD2 uses 4 with backward simulation).
@@ -203,8 +159,8 @@ class DMD:
             raise ValueError(f"method.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
         if divergence not in DIVERGENCES:
             raise ValueError(f"method.divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        if regression_loss not in REGRESSION_LOSSES:
-            raise ValueError(f"method.regression_loss must be one of {REGRESSION_LOSSES}, got {regression_loss!r}")
+        if regression_loss not in DISTANCES:
+            raise ValueError(f"method.regression_loss must be one of {DISTANCES}, got {regression_loss!r}")
         if lpips_net not in LPIPS_NETS:
             raise ValueError(f"method.lpips_net must be one of {sorted(LPIPS_NETS)}, got {lpips_net!r}")
         if regression_weight > 0 and student_steps != 1:
@@ -238,7 +194,8 @@ class DMD:
         self.pair_cache, self.student_prediction = pair_cache, student_prediction
         self.fake_score_target, self.time_density = fake_score_target, time_density
         self.phased = multistep_matching == "phased" and student_steps > 1
-        self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pairs: dict[str, torch.Tensor] | None = None
+        self.pair_cond: dict[str, torch.Tensor] | None = None  # text teachers: the prompt table the pairs index
         self._grid: StudentGrid | None = None
 
     # ------------------------------------------------------------------------------------------------ interface
@@ -267,7 +224,7 @@ class DMD:
             "fake_score": RoleSpec(init="teacher"),
         }
         if self.uses_head:
-            specs["discriminator"] = RoleSpec(init="head", head_of="fake_score")
+            specs["discriminator"] = RoleSpec(build=_gan_head)
         return specs
 
     def owner(self, phase: str) -> str | tuple[str, ...]:
@@ -290,6 +247,11 @@ class DMD:
                 self._check_gan_range(sch)
         return {}
 
+    def student_grid(self) -> StudentGrid:
+        if self._grid is None:
+            raise RuntimeError("DMD.student_grid() before update_schedule(): the grid needs the schedule")
+        return self._grid
+
     def _band(self, k: int, lo: float, hi: float) -> tuple[float, float]:
         """The part of ``[lo, hi]`` at which step ``k``'s output is judged: all of it (``mixture``), or its
         intersection with the step's band ``(t_{k+1}, t_k]`` (``phased``; the last step's band reaches 0)."""
@@ -305,14 +267,9 @@ class DMD:
         for what, (lo, hi) in ranges.items():
             for k in range(self.student_steps):
                 band = self._band(k, lo, hi)
-                if band[0] >= band[1] or _band_times(schedule, *band, 1, None).numel() == 0:
+                if band[0] >= band[1] or band_times(schedule, *band, 1, None).numel() == 0:
                     raise ValueError(f"method.multistep_matching: phased: the {what} range [{lo}, {hi}] leaves no "
                                      f"time in step {k}'s band of the student grid {self.student_grid().times}")
-
-    def student_grid(self) -> StudentGrid:
-        if self._grid is None:
-            raise RuntimeError("DMD.student_grid() before update_schedule(): the grid needs the schedule")
-        return self._grid
 
     def _check_gan_range(self, schedule) -> None:
         """The GAN's half-open draw ``[0, int(gan_t_max N))`` must hold at least one timestep (grid position)."""
@@ -322,7 +279,8 @@ class DMD:
                              f"(the draw stops short of int(gan_t_max N)); use at least {1 / n:g}")
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
-        """Make or load the teacher ODE pairs of the regression loss (DMD v1)."""
+        """Make or load the teacher ODE pairs of the regression loss (DMD v1); text teachers' pairs carry their
+        prompts (sampled with the CFG teacher at ``guidance_scale``)."""
         self.update_schedule(0, nets)
         if self.regression_weight == 0:
             return
@@ -330,15 +288,16 @@ class DMD:
         if getattr(teacher, "num_classes", None):
             raise ValueError("method.regression_weight: ODE pairs for class-conditional teachers are not supported "
                              "yet")
-        if isinstance(getattr(teacher, "inner", teacher), TextConditioned):  # a LoRA base wraps the teacher's own
-            raise ValueError("method.regression_weight: ODE pairs of text-conditioned teachers are not supported yet "
-                             "(each pair would need its prompt); set method.regression_weight: 0, as DMD2 does")
-        spec = pair_spec(teacher, sample_shape=ctx.sample_shape, num_pairs=self.num_pairs,
-                         sampler=self.pair_sampler, steps=self.pair_steps, seed=0)
-        path = Path(self.pair_cache) if self.pair_cache else ctx.cache_dir / "ode_pairs" / f"{spec['teacher']}-" \
-            f"{self.pair_sampler}{self.pair_steps}-n{self.num_pairs}.safetensors"
+        text = isinstance(getattr(teacher, "inner", teacher), TextConditioned)  # a LoRA base wraps the teacher's own
+        conditions = ctx.conditions if text else None
+        spec = pair_spec(teacher, sample_shape=ctx.sample_shape, num_pairs=self.num_pairs, sampler=self.pair_sampler,
+                         steps=self.pair_steps, seed=0, conditions=conditions, guidance=self.guidance_scale)
+        name = f"{spec['teacher']}-{self.pair_sampler}{self.pair_steps}-n{self.num_pairs}" + \
+            (f"-p{spec['prompts']}-w{self.guidance_scale:g}" if text else "")
+        path = Path(self.pair_cache) if self.pair_cache else ctx.cache_dir / "ode_pairs" / f"{name}.safetensors"
         self.pairs = load_or_make_pairs(teacher, spec, path, device=ctx.device, is_main_process=ctx.is_main_process,
-                                        wait_for_everyone=ctx.wait_for_everyone)
+                                        wait_for_everyone=ctx.wait_for_everyone, conditions=conditions)
+        self.pair_cond = None if conditions is None else {k: v.to(ctx.device) for k, v in conditions.items()}
         if self.regression_loss == "lpips":
             shape = ctx.sample_shape
             if len(shape) != 3 or shape[0] not in (1, 3):
@@ -351,11 +310,15 @@ class DMD:
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _times(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *, closed: bool = True) -> torch.Tensor:
-        """``n`` times in ``[lo, hi]`` (``closed=False``: ``hi`` left out, ``_time_density``) at which step ``k``'s
+        """``n`` times in ``[lo, hi]`` (``closed=False``: ``hi`` left out, ``terms.time_range``) at which step ``k``'s
         output is judged (``_band``)."""
         if self.phased:
-            return _band_times(schedule, *self._band(k, lo, hi), n, gen)
-        return _time_density(schedule, lo, hi, self.time_density, closed=closed).sample(n, schedule, gen)
+            return band_times(schedule, *self._band(k, lo, hi), n, gen)
+        return time_range(schedule, lo, hi, self.time_density, closed=closed).sample(n, schedule, gen)
+
+    def _noised(self, x: torch.Tensor, schedule, t: torch.Tensor, gen) -> torch.Tensor:
+        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        return schedule.add_noise(x, eps, t.to(x.device))
 
     def generate(self, student, noise: torch.Tensor, cond, gen, *, data: torch.Tensor | None = None,
                  shared: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
@@ -363,101 +326,70 @@ class DMD:
         and that step ``k``.
 
         Step ``k ~ U{0..K-1}`` is drawn per batch, from ``shared`` (the same on every rank, so sharded ranks make the
-        same number of student calls) when given. Steps before ``k`` run without gradient from pure noise (or, with
-        ``backward_simulation=False``, ``data`` noised to step ``k``); the student's x0 at step ``k`` is returned.
+        same number of student calls) when given. Steps before ``k`` are the student's own rollout without gradient
+        from pure noise (``sampling.sample_student``); with ``backward_simulation=False`` they are ``data`` noised to
+        step ``k`` instead. The student's x0 at step ``k`` is returned.
         """
         sch, grid = student.schedule, self.student_grid()
         times = torch.tensor(grid.times, dtype=torch.float64, device=noise.device)
         b = noise.shape[0]
-        x = prior_noise(sch, noise, grid.times[0])
         k = int(torch.randint(0, grid.steps, (1,), generator=shared or gen)) if grid.steps > 1 else 0
 
-        def fresh_noise():
-            return torch.randn(noise.shape, generator=gen, dtype=noise.dtype).to(noise.device)
+        def fresh_noise(like):
+            return torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
 
-        if k > 0 and self.backward_simulation:
-            with torch.no_grad():
-                for j in range(k):
-                    x0 = student(x, times[j].expand(b), cond).x0
-                    x = sch.add_noise(x0, fresh_noise(), times[j + 1].expand(b))
-        elif k > 0:
-            x = sch.add_noise(data, fresh_noise(), times[k].expand(b))
+        if k > 0 and not self.backward_simulation:
+            x = sch.add_noise(data, fresh_noise(noise), times[k].expand(b))
+        else:
+            x = sample_student(student, noise, grid, cond=cond, steps=k, new_noise=fresh_noise)
         return student(x, times[k].expand(b), cond).x0, k
 
-    def _ratio_weight(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """f-distill's weight ``h(r)`` with its two-stage normalisation (per-t-bin ratio, then batch-mean h)."""
-        r = logits.double().clamp(-10, 10).exp().clamp(0.1, 20.0)
-        bins = ((t - self.t_min) / max(self.t_max - self.t_min, 1e-12) * 10).long().clamp(0, 9).to(r.device)
-        sums = torch.zeros(10, dtype=r.dtype, device=r.device).index_add_(0, bins, r)
-        counts = torch.zeros(10, dtype=r.dtype, device=r.device).index_add_(0, bins, torch.ones_like(r))
-        r = r / (sums / counts.clamp(min=1))[bins]
-        h = f_weight(self.divergence, r)
-        return h / (h.mean() + 1e-6)
-
-    def dm_loss(self, x: torch.Tensor, nets: Nets, cond, gen, k: int = 0) -> tuple[torch.Tensor, dict]:
-        """Per-sample DM loss and logs for step ``k``'s output ``x``; gradient only through ``x``
-        (DMD2 ``compute_distribution_matching_loss``)."""
+    def dm_term(self, x: torch.Tensor, nets: Nets, cond, gen, k: int = 0) -> tuple[torch.Tensor, dict]:
+        """The DM loss of step ``k``'s output ``x`` (``terms.dm_loss``): the teacher with CFG and the fake score at a
+        noised copy; with an f-divergence, the head's density ratio weights each sample."""
         sch, b = nets.teacher.schedule, x.shape[0]
         t = self._times(sch, b, self.t_min, self.t_max, gen, k)
         with torch.no_grad():
-            eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-            x_t = sch.add_noise(x.detach(), eps, t.to(x.device))
+            x_t = self._noised(x.detach(), sch, t, gen)
             real = guided(nets.teacher, x_t, t, cond, self.guidance_scale).x0_64
-            fake_net = nets["fake_score"]
+            weight = None
             if self.divergence == "reverse_kl":
-                fake, h = fake_net(x_t, t, cond).x0_64, None
+                fake = nets["fake_score"](x_t, t, cond).x0_64
             else:
-                pred, feats = fake_net.with_features(x_t, t, cond)
-                fake, h = pred.x0_64, self._ratio_weight(nets["discriminator"](feats), t)
-            dims = tuple(range(1, x.ndim))
-            norm = (x.detach().double() - real).abs().mean(dims, keepdim=True)
-            grad = (fake - real) / norm
-            if h is not None:
-                grad = grad * _expand(h, grad)
-            grad = torch.nan_to_num(grad).to(x.dtype)
-        loss = 0.5 * ((x - (x - grad).detach()) ** 2).mean(dims)
-        logs = {"dm_grad_norm": grad.detach().flatten(1).norm(dim=1).mean()}
-        return loss, logs
-
-    def _gan_inputs(self, x: torch.Tensor, schedule, gen, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self._times(schedule, x.shape[0], 0.0, self.gan_t_max, gen, k, closed=False)
-        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-        return schedule.add_noise(x, eps, t.to(x.device)), t
+                head = nets["discriminator"]
+                pred, feats = nets["fake_score"].with_features(x_t, t, cond, head.layers)
+                fake = pred.x0_64
+                weight = density_ratio_weight(head(feats).sum(1), t, self.divergence, self.t_min, self.t_max)
+        return dm_loss(x, real, fake, weight)
 
     def regression(self, nets: Nets, b: int, device, gen) -> torch.Tensor:
         """DMD (v1) regression on cached teacher ODE pairs: one student step from ``z`` against the teacher's ``y``."""
-        noise, target = self.pairs
+        noise, target = self.pairs["noise"], self.pairs["target"]
         idx = torch.randint(0, noise.shape[0], (b,), generator=gen)
         z, y = noise[idx].to(device), target[idx].to(device)
+        cond = None if self.pair_cond is None else {k: v[self.pairs["rows"][idx]] for k, v in self.pair_cond.items()}
         sch, t0 = nets.student.schedule, self.student_grid().times[0]
-        x = nets.student(prior_noise(sch, z, t0), torch.full((b,), t0, dtype=torch.float64), None).x0
-        if self.regression_loss == "lpips":
-            return self.lpips(x.float(), y.float())
-        sq = ((x - y) ** 2).flatten(1).sum(1)
-        if self.regression_loss == "mse":
-            return sq / x[0].numel()
-        c = 0.00054 * math.sqrt(x[0].numel())  # iCT's pseudo-Huber constant (Song & Dhariwal 2023, §3.3)
-        return (sq + c * c).sqrt() - c
+        x = nets.student(prior_noise(sch, z, t0), torch.full((b,), t0, dtype=torch.float64), cond).x0
+        return regression_loss(x, y, self.regression_loss, self.lpips)
 
     # ------------------------------------------------------------------------------------------------ phases
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput | Iterator[LossOutput]:
         return self.student_loss(nets, batch) if phase == "student" else self.fake_score_loss(nets, batch)
 
     def student_loss(self, nets: Nets, batch: Batch) -> LossOutput:
-        """Generator update: DM loss (+ GAN generator loss, + regression). Fake score and head are frozen."""
+        """Generator update: DM loss (+ GAN generator loss, + regression)."""
         gen, cond, b = batch.generator, self._generation_cond(batch), batch.size
-        shape, device = self._shape_device(nets, batch)
+        shape, device = self._shape_device(batch)
         noise = torch.randn((b, *shape), generator=gen).to(device)
         x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
-        dm, logs = self.dm_loss(x, nets, cond, gen, k)
+        dm, logs = self.dm_term(x, nets, cond, gen, k)
         loss = self.dm_weight * dm
         logs["loss_dm"] = dm.detach().mean()
         if self.gan_weight > 0:
-            heads = [nets["fake_score"], nets["discriminator"]]
-            with frozen(*heads):
-                x_gan, t_gan = self._gan_inputs(x, nets.teacher.schedule, gen, k)
-                feats = nets["fake_score"].features(x_gan, t_gan, cond)
-                gan = F.softplus(-nets["discriminator"](feats))
+            head, sch = nets["discriminator"], nets.teacher.schedule
+            t_gan = self._times(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
+            x_gan = self._noised(x, sch, t_gan, gen)
+            gan = gan_generator_loss(head(nets["fake_score"].features(x_gan, t_gan, cond, head.layers)))
             loss = loss + self.gan_weight * gan
             logs["loss_gan"] = gan.detach().mean()
         if self.regression_weight > 0:
@@ -471,12 +403,12 @@ class DMD:
         """Critic update: denoising on detached generator samples (+ the GAN head's classification loss).
 
         With the head, the two terms go to backward one after the other (``Method.__call__``): first the GAN
-        classification on bottleneck features of noised fakes and reals, then the denoising loss, whose whole
-        forward through the fake score's (DDP) wrapper has to come last. Only one term's graph is alive at a time,
-        which sets the critic step's peak memory (docs/experiments/gpu-h200.md); DMD2's own code sums them into one
-        loss, and the gradients are the same. Every draw happens before either term, in the order of that sum."""
+        classification on the features of noised fakes and reals, then the denoising loss. Only one term's graph is
+        alive at a time, which sets the critic step's peak memory (docs/experiments/gpu-h200.md); DMD2's own code sums
+        them into one loss, and the gradients are the same. Every draw happens before either term, in the order of
+        that sum."""
         gen, cond, b = batch.generator, self._generation_cond(batch), batch.size
-        shape, device = self._shape_device(nets, batch)
+        shape, device = self._shape_device(batch)
         with torch.no_grad():
             noise = torch.randn((b, *shape), generator=gen).to(device)
             x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
@@ -486,23 +418,22 @@ class DMD:
         eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
         x_t = sch.add_noise(x, eps, t.to(device))
         if self.uses_head:
-            # The GAN inputs [noised fakes, noised reals] only go as far as the bottleneck (``Denoiser.features``).
-            x_fake, t_fake = self._gan_inputs(x, sch, gen, k)
-            x_real, t_real = self._gan_inputs(batch.x0, sch, gen, k)  # reals noised in the same band
-            # each real is classified with its own condition (DMD2: the image's caption), each fake with its prompt
-            real_cond = batch.x0_cond
-            cond2 = None if cond is None else {k: torch.cat([v, real_cond[k]]) for k, v in cond.items()}
-            feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), cond2)
-            logits_fake, logits_real = nets["discriminator"](feats).chunk(2)
-            cls = F.softplus(logits_fake) + F.softplus(-logits_real)
+            # The GAN inputs [noised fakes, noised reals] go only as far as the head's feature block; reals are noised
+            # in the same band, each classified with its own condition (DMD2: the image's caption), each fake with its
+            # prompt.
+            head = nets["discriminator"]
+            t_fake = self._times(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
+            x_fake = self._noised(x, sch, t_fake, gen)
+            t_real = self._times(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
+            x_real = self._noised(batch.x0, sch, t_real, gen)
+            both = None if cond is None else {key: torch.cat([v, batch.x0_cond[key]]) for key, v in cond.items()}
+            feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), both, head.layers)
+            logits_fake, logits_real = head(feats).chunk(2)
+            cls = gan_critic_loss(logits_fake, logits_real)
             gan = self.gan_critic_weight * cls
             yield LossOutput(gan, {"loss_cls": cls.detach().mean(), "d_real": logits_real.detach().mean(),
                                    "d_fake": logits_fake.detach().mean(), "loss": gan.detach().mean()})
-        pred = fake_net(x_t, t, cond)
-        kind = self.fake_score_target or fake_net.prediction
-        target = from_x0_eps(kind, x.double(), eps.double(), pred.coeffs)
-        dims = tuple(range(1, x.ndim))
-        loss = ((pred.get(kind, exact=True) - target) ** 2).mean(dims).float()
+        loss = denoising_loss(fake_net(x_t, t, cond), x, eps, self.fake_score_target or fake_net.prediction)
         yield LossOutput(loss, {"loss_denoise": loss.detach().mean(), "loss": loss.detach().mean()})
 
     def _generation_cond(self, batch: Batch):
@@ -513,7 +444,7 @@ class DMD:
         return batch.cond
 
     @staticmethod
-    def _shape_device(nets: Nets, batch: Batch):
+    def _shape_device(batch: Batch):
         """Sample shape and device from the batch (data-free runs get the ``gaussian`` stand-in batch)."""
         if batch.x0 is None:
             raise ValueError("DMD needs batches with x0 for the sample shape")

@@ -41,13 +41,13 @@ import torch
 from ..denoisers import guided
 from ..parameterization import ddim_step, ddim_x0_target
 from ..sampling import StudentGrid
-from .base import Batch, LossOutput, Nets, PrepareContext, RoleSpec
+from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 
 
 WEIGHTINGS = ("snr_trunc", "constant", "snr", "v_mse")
 
 
-class ProgressiveDistillation:
+class ProgressiveDistillation(Method):
     """Progressive distillation loss object.
 
     Args:

@@ -52,34 +52,39 @@ class BottleneckHead(nn.Module):
 
 
 class GANHead(RoleModule):
-    """The ``discriminator`` role: a ``BottleneckHead`` that the loop optimises, checkpoints and wraps like any role.
+    """The ``discriminator`` role: one ``BottleneckHead`` per feature map it reads (DMD2: one, on the fake score's
+    bottleneck; LADD-style: one per layer), trained, checkpointed and sharded like any role.
 
-    ``forward(feats)`` goes through the DDP wrapper when there is one.
+    ``forward(feats)`` takes the maps of ``Denoiser.features`` (a list, in the order of ``layers``) and returns one
+    logit per sample and map, ``[B, L]``.
+
+    Args:
+        channels: the channels of each map.
+        layers: the feature layers it reads (indices into ``Denoiser.feature_modules()``; ``None``: the bottleneck).
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: list[int], layers: tuple[int, ...] | None = None):
         super().__init__()
-        self.head = BottleneckHead(channels)
+        self.layers = layers
+        self.heads = nn.ModuleList(BottleneckHead(c) for c in channels)
 
     @property
     def backbone(self) -> nn.Module:
-        return self.head
+        return self.heads
 
     @classmethod
-    def for_denoiser(cls, denoiser) -> GANHead:
-        """A head sized for ``denoiser``'s bottleneck."""
-        return cls(bottleneck_channels(denoiser))
+    def for_denoiser(cls, denoiser, layers: tuple[int, ...] | None = None) -> GANHead:
+        """Heads sized for ``denoiser``'s feature maps at ``layers`` (default: its bottleneck)."""
+        try:
+            channels = denoiser.feature_channels()
+            picked = [denoiser.bottleneck] if layers is None else list(layers)
+            return cls([channels[i] for i in picked], layers)
+        except (TypeError, IndexError) as err:
+            raise ValueError(f"method: a GAN head needs feature maps of the fake score ({err}); set "
+                             "method.gan_weight: 0 (and keep divergence: reverse_kl)") from None
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        param = next(self.head.parameters())
-        return self._call_backbone()(feats.to(param.dtype)).float()
-
-
-def bottleneck_channels(denoiser) -> int:
-    """Channels of the bottleneck feature map (UNet2D: the last ``block_out_channels``)."""
-    cfg = getattr(denoiser.backbone, "config", None)
-    channels = getattr(cfg, "block_out_channels", None)
-    if not channels:
-        raise ValueError(f"method: the GAN head reads a UNet bottleneck, which {type(denoiser.backbone).__name__} "
-                         "does not have; set method.gan_weight: 0 (and keep divergence: reverse_kl)")
-    return int(channels[-1])
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if len(feats) != len(self.heads):
+            raise ValueError(f"GANHead: {len(self.heads)} heads, {len(feats)} feature maps")
+        param = next(self.heads.parameters())
+        return torch.stack([head(f.to(param.dtype)) for head, f in zip(self.heads, feats)], 1).float()

@@ -1,0 +1,158 @@
+"""Loss terms that several methods share, each once (in the manner of EDM's ``training/loss.py``): methods compose
+them with their own roles, times and weights.
+
+* ``dm_loss``: the distribution-matching gradient of DMD / DMD2 (and the per-phase DM loss of phased DMD, rCM's DMD
+  part) as a loss whose gradient with respect to the sample is exactly that gradient;
+* ``density_ratio_weight``: f-distill's per-sample weight of the DM gradient from a discriminator's logits;
+* ``denoising_loss``: the score-matching loss that trains a fake score (critic) on generator samples;
+* ``gan_generator_loss`` / ``gan_critic_loss``: the non-saturating GAN term of DMD2 (and SiDA), on logits of one or
+  several discriminator heads;
+* ``regression_loss``: a distance between a student output and a teacher target (DMD v1's ODE-pair regression;
+  consistency targets), pseudo-Huber, MSE or LPIPS;
+* ``time_range`` / ``band_times``: DMD2's time axis, a part of the schedule drawn uniformly over a discrete teacher's
+  timesteps (or a Karras grid).
+
+Each term takes and returns tensors; the network calls belong to the method.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..parameterization import Prediction, from_x0_eps
+from ..schedules import KarrasGrid, UniformIndex, UniformTime, VPDiscrete
+
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "js")
+DISTANCES = ("pseudo_huber", "mse", "lpips")
+TIME_DENSITIES = ("uniform", "karras")
+
+
+def _dims(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distribution matching.
+
+
+def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
+            weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """DMD's distribution-matching loss for generator samples ``x`` (DMD, Yin et al. 2024, Eq. 7; DMD2 Eq. 2; DMD2's
+    ``compute_distribution_matching_loss``).
+
+    ``real_x0`` / ``fake_x0`` are the teacher's (with CFG) and the fake score's x0 predictions at a noised copy of
+    ``x``, in float64 and without gradient. The gradient with respect to ``x`` is ``h (fake - real) / mean|x - real|``
+    per sample (``h``: ``weight``, f-distill's, or 1), divided by the number of elements, exactly: the loss is
+    ``0.5 |x - sg(x - grad)|^2`` averaged over the sample's elements. Returns the per-sample loss ``[B]`` and logs.
+    """
+    with torch.no_grad():
+        norm = (x.detach().double() - real_x0).abs().mean(_dims(x), keepdim=True)
+        grad = (fake_x0 - real_x0) / norm
+        if weight is not None:
+            grad = grad * weight.to(grad.device).view(-1, *([1] * (x.ndim - 1)))
+        grad = torch.nan_to_num(grad).to(x.dtype)
+    loss = 0.5 * ((x - (x - grad).detach()) ** 2).mean(_dims(x))
+    return loss, {"dm_grad_norm": grad.detach().flatten(1).norm(dim=1).mean()}
+
+
+def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
+    """``h(r) = f''(r) r^2`` of f-distill for the density ratio ``r = p_real / p_fake`` (reverse KL: 1)."""
+    if divergence == "reverse_kl":
+        return torch.ones_like(r)
+    if divergence == "forward_kl":
+        return r
+    return r / (1.0 + r)  # Jensen-Shannon
+
+
+def density_ratio_weight(logits: torch.Tensor, t: torch.Tensor, divergence: str, t_min: float,
+                         t_max: float) -> torch.Tensor:
+    """f-distill's weight ``h(r)`` (Xu et al. 2025) of each sample's DM gradient from the discriminator's logit
+    ``D = log r``: ``r`` clipped to [0.1, 20] and normalised by its batch mean within 10 bins of ``t`` over
+    ``[t_min, t_max]``, then ``h`` by its batch mean (the two-stage normalisation of NVIDIA FastGen's
+    ``f_distill.py``; the paper body was not available to check)."""
+    r = logits.double().clamp(-10, 10).exp().clamp(0.1, 20.0)
+    bins = ((t - t_min) / max(t_max - t_min, 1e-12) * 10).long().clamp(0, 9).to(r.device)
+    sums = torch.zeros(10, dtype=r.dtype, device=r.device).index_add_(0, bins, r)
+    counts = torch.zeros(10, dtype=r.dtype, device=r.device).index_add_(0, bins, torch.ones_like(r))
+    r = r / (sums / counts.clamp(min=1))[bins]
+    h = f_weight(divergence, r)
+    return h / (h.mean() + 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Score matching.
+
+
+def denoising_loss(pred: Prediction, x0: torch.Tensor, eps: torch.Tensor, kind: str) -> torch.Tensor:
+    """The denoising score-matching loss of a prediction made at ``x_t = a x0 + s eps``: the mean squared error of its
+    ``kind`` parameterisation (``x0 | eps | v | flow_match``) against the one ``(x0, eps)`` give, per sample, in
+    float64 (DMD2's ``compute_loss_fake``: eps on SD; the network's own output is the teacher's training loss)."""
+    target = from_x0_eps(kind, x0.double(), eps.double(), pred.coeffs)
+    return ((pred.get(kind, exact=True) - target) ** 2).mean(_dims(x0)).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GAN.
+
+
+def gan_generator_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss ``softplus(-D(fake))`` (DMD2 ``gen_cls_loss``), summed over heads: ``[B, L]``
+    logits -> ``[B]``."""
+    return F.softplus(-logits).sum(1)
+
+
+def gan_critic_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> torch.Tensor:
+    """The discriminator's loss ``softplus(D(fake)) + softplus(-D(real))`` (DMD2 ``guidance_cls_loss``), summed over
+    heads: ``[B, L]`` logits each -> ``[B]``."""
+    return (F.softplus(logits_fake) + F.softplus(-logits_real)).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regression.
+
+
+def regression_loss(x: torch.Tensor, y: torch.Tensor, distance: str, lpips=None) -> torch.Tensor:
+    """Per-sample distance of ``x`` to the target ``y``: ``pseudo_huber`` (``sqrt(|x - y|^2 + c^2) - c`` with iCT's
+    ``c = 0.00054 sqrt(dim)``, Song & Dhariwal 2023 §3.3), ``mse`` (mean over elements) or ``lpips`` (the network
+    ``lpips``, ``nets/lpips.py``)."""
+    if distance == "lpips":
+        return lpips(x.float(), y.float())
+    sq = ((x - y) ** 2).flatten(1).sum(1)
+    if distance == "mse":
+        return sq / x[0].numel()
+    c = 0.00054 * math.sqrt(x[0].numel())
+    return (sq + c * c).sqrt() - c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DMD2's time axis.
+
+
+def time_range(schedule, lo: float, hi: float, kind: str = "uniform", *, closed: bool = True):
+    """The part ``[lo, hi]`` of DMD2's time axis: its SD code draws integer timesteps in ``[int(lo N), int(hi N)]``
+    (continuous schedules: ``t ~ U[lo, hi]``); its EDM code (``kind="karras"``) draws positions of a 1000-point
+    Karras grid (sigma 0.002..80, or the teacher's narrower range; rho 7) the same way, mapped to this schedule's
+    time by SNR (``KarrasGrid``). ``closed=False`` stops one index short of ``int(hi N)``, as both draw the GAN's
+    noise level (``randint(0, diffusion_gan_max_timestep)``, ``sd_guidance.py`` / ``edm_guidance.py``)."""
+    if kind == "karras":
+        return KarrasGrid(num_points=1000, lo=lo, hi=hi, closed=closed)
+    if isinstance(schedule, VPDiscrete):
+        n = schedule.num_train_timesteps
+        return UniformIndex(int(lo * n), min(int(hi * n) + closed, n))
+    return UniformTime(lo, hi)
+
+
+def band_times(schedule, lo: float, hi: float, n: int, gen) -> torch.Tensor:
+    """``n`` times uniform in ``(lo, hi]``; for ``VPDiscrete`` uniform over the teacher's timesteps in it (none if the
+    band holds none), so adjacent bands share no timestep."""
+    if isinstance(schedule, VPDiscrete):
+        first = math.floor(float(schedule.model_time(lo)) + 1e-9) + 1  # the first index strictly above lo
+        last = math.floor(float(schedule.model_time(hi)) + 1e-9)
+        if last < max(first, 0):
+            return torch.empty(0, dtype=torch.float64)
+        return UniformIndex(max(first, 0), last + 1).sample(n, schedule, gen)
+    return UniformTime(lo, hi).sample(n, schedule, gen)
