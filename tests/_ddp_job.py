@@ -44,7 +44,7 @@ last = trainer.train()
 # last checkpoint, consolidated from the shards (train() has ended the process group: no collective is possible here)
 ckpt = trainer.latest_checkpoint()
 roles = sorted(trainer.optimizers) + (["student_ema"] if "student_ema" in trainer.nets.extra else [])
-states = [trainer._read_role(ckpt, role) if fsdp else trainer.nets[role].role_state_dict() for role in roles]
+states = [trainer.store.read_role(ckpt, role) if fsdp else trainer.nets[role].role_state_dict() for role in roles]
 weights = torch.cat([s[k].detach().flatten() for s in states for k in sorted(s)]).double().numpy()
 np.save(f"{out}/weights-rank{acc.process_index}.npy", weights)
 if fsdp:

@@ -176,14 +176,14 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, capsy
 
     recipe = _recipe_file(tmp_path)
     assert main(["distill", str(recipe), "--output-dir", str(tmp_path / "whole")]) == 0
-    update = Trainer._update_ema
+    update = Trainer._follow_emas
 
-    def signal_during_step_2(self):
+    def signal_during_step_2(self, stepped):
         if self.step == 1:
             os.kill(os.getpid(), getattr(signal, sig))
-        update(self)
+        update(self, stepped)
 
-    monkeypatch.setattr(Trainer, "_update_ema", signal_during_step_2)
+    monkeypatch.setattr(Trainer, "_follow_emas", signal_during_step_2)
     run = tmp_path / "run"
     # as in a terminal (a background job, e.g. CI's, starts with SIGINT ignored, which the loop respects)
     before = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler),
@@ -196,7 +196,7 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, capsy
             signal.signal(s, h)
     assert f"stopped by {sig} at step 2" in line and "--resume" in line
     assert (run / "checkpoints" / "step-2" / "state.json").exists()
-    monkeypatch.setattr(Trainer, "_update_ema", update)
+    monkeypatch.setattr(Trainer, "_follow_emas", update)
     assert main(["distill", str(recipe), "--output-dir", str(run), "--resume"]) == 0
     whole, resumed = (load_file(str(d / "checkpoints" / "step-6" / "student.safetensors"))
                       for d in (tmp_path / "whole", run))

@@ -96,7 +96,7 @@ def test_an_unquoted_no_is_the_word():
     ({"method.teacher_steps": 12, "method.final_steps": 4}, "must be a power of two"),
     ({"train.update_every": {"fake_score": 2}}, "train.update_every: unknown phase(s) ['fake_score']"),
     ({"optim.fake_score": {"lr": 1e-4}}, "optim.fake_score: not a trainable role"),
-    ({"student.init": "teacher"}, "exact GMM teacher has no weights to copy"),
+    ({"roles.mode": "lora"}, "roles.mode: lora needs a teacher with weights"),
 ])
 def test_setup_rejects_before_writing(tmp_path, overrides, message):
     out = tmp_path / "run"

@@ -342,14 +342,26 @@ def test_a_kohya_file_that_cannot_be_written_is_refused_before_training(tmp_path
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_ode_pair_regression_on_a_text_teacher_is_refused_before_training(tmp_path, mode):
-    from stepdistill.config import ConfigError
+def test_ode_pairs_of_a_text_teacher_carry_their_prompts(tmp_path, mode, monkeypatch):
+    """DMD (v1)'s regression on a text teacher: each pair is sampled by the CFG teacher with a prompt of the table,
+    whose row is stored with the pair and given back to the student; a changed prompt file makes new pairs."""
+    from stepdistill.pairs import table_fingerprint
+    from stepdistill.sampling import sample_ddim
 
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
     recipe = family_dmd_recipe("sd15", **{"method.regression_weight": 0.25, "method.student_steps": 1,
-                                          "roles.mode": mode})
-    with pytest.raises(ConfigError, match="method.regression_weight: ODE pairs of text-conditioned teachers"):
-        Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
-    assert not (tmp_path / "run").exists()
+                                          "method.num_pairs": 4, "method.pair_steps": 2, "roles.mode": mode,
+                                          "train.max_steps": 1})
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    pairs, table = trainer.method.pairs, trainer.conditions
+    assert pairs["rows"].shape == (4,) and pairs["target"].shape == (4, *trainer.teacher.sample_shape)
+    teacher = trainer.nets.teacher
+    cond = {k: v[pairs["rows"][:1]] for k, v in table.items()}
+    again = sample_ddim(teacher, pairs["noise"][:1], teacher.schedule.grid(2), cond=cond, w=3.0)
+    torch.testing.assert_close(again, pairs["target"][:1], rtol=1e-4, atol=1e-4)  # the CFG teacher's (batch of 4 vs 1)
+    assert any(f.name.endswith(".safetensors") and table_fingerprint(table) in f.name
+               for f in (tmp_path / "cache" / "ode_pairs").iterdir())
+    assert torch.isfinite(torch.tensor(trainer.train()["loss/student"]))
 
 
 def test_pretrained_directory_missing_a_component_names_it(tmp_path):
@@ -548,9 +560,9 @@ def test_the_gan_classifies_each_real_image_with_its_own_caption(tmp_path):
     seen = {}
     features = trainer.nets["fake_score"].features
 
-    def spy(x, t, cond):
+    def spy(x, t, cond, layers=None):
         seen["cond"] = cond
-        return features(x, t, cond)
+        return features(x, t, cond, layers)
 
     trainer.nets["fake_score"].features = spy
     batch.generator = torch.Generator().manual_seed(1)
@@ -642,12 +654,38 @@ def test_dmd2_sd15_stage_two_recipe_continues_stage_one(tmp_path):
     assert trainer.step == 2 and any(k.startswith("loss_gan") for row in rows for k in row)
 
 
-def test_gan_head_on_a_transformer_is_one_line(tmp_path):
-    from stepdistill.config import ConfigError
+@pytest.mark.parametrize("tiny", ["sd15", "sd3", "flux"])
+def test_feature_maps_of_every_family_stop_early_and_match_the_whole_pass(tiny):
+    """``Denoiser.features``: a map ``[B, C, h, w]`` per block (UNets: down and mid blocks; SD3/FLUX: each block's
+    image tokens on the latent grid of patches), several at once, with the forward cut after the deepest one asked
+    for; values equal the whole pass's. A GAN head reads any of them (DMD2's on a transformer's middle block)."""
+    from stepdistill.nets.gan_head import GANHead
+    from stepdistill.teachers import load_tiny
 
-    recipe = family_dmd_recipe("sd3", **{"method.gan_weight": 1e-3, "data.source": None})
-    with pytest.raises(ConfigError, match="the GAN head reads a UNet bottleneck, which SD3Transformer2DModel"):
-        Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    teacher = load_tiny(tiny)
+    den = teacher.denoiser
+    cond = encode_prompts(teacher.load_pipeline(), tiny, ["a", "b"], **teacher.encode_settings)
+    modules = den.feature_modules()
+    channels = den.feature_channels()
+    x = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    layers = (0, den.bottleneck)
+    ran = []
+    hooks = [m.register_forward_hook(lambda *_, i=i: ran.append(i)) for i, m in enumerate(modules)]
+    cut = den.features(x, t, cond, layers)
+    assert max(ran) == den.bottleneck  # nothing after the deepest requested block ran
+    ran.clear()
+    _, whole = den.with_features(x, t, cond, layers)
+    assert max(ran) == len(modules) - 1
+    for h in hooks:
+        h.remove()
+    for i, a, b in zip(layers, cut, whole):
+        torch.testing.assert_close(a, b)
+        assert a.shape[:2] == (2, channels[i]) and a.ndim == 4
+    if tiny != "sd15":  # SD3 patchifies by its patch size, FLUX packs 2x2
+        assert cut[0].shape[2:] == (x.shape[2] // den.patch, x.shape[3] // den.patch)
+    head = GANHead.for_denoiser(den, layers)
+    assert head(cut).shape == (2, 2)
 
 
 def test_cli_sample_and_eval_on_a_family_run(tmp_path, capsys):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from stepdistill.config import ConfigError, build_recipe
 from stepdistill.export import load_exported_student
 from stepdistill.lora import lora_layers
+from stepdistill.roles import frozen
 from stepdistill.train import Trainer
 
 from ._lora_checks import check_gradients_reach_only_the_owning_adapter
@@ -98,12 +99,33 @@ def test_progressive_distillation_with_lora_roles(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"train.ema_decay": 0.9}, "not supported with roles.mode: lora"),
     ({"roles.mode": "adapters"}, "roles.mode"),
 ])
 def test_lora_bad_input(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         _trainer(tmp_path, **overrides)
+
+
+def test_an_ema_of_a_lora_role_is_a_frozen_adapter_that_follows_it(tmp_path):
+    """``train.ema_decay`` with LoRA roles: the student EMA is a third adapter on the shared base, frozen, updated
+    after each student update, checkpointed, and what samples and export use."""
+    trainer = _trainer(tmp_path, **{"train.ema_decay": 0.5, "train.max_steps": 2, "train.update_every": {}})
+    nets = trainer.nets
+    ema, student = nets["student_ema"], nets.student
+    assert ema.adapter == "student_ema" and ema.backbone is student.backbone
+    assert not any(p.requires_grad for p in ema.trainable_parameters())
+    start = {k: v.clone() for k, v in student.role_state_dict().items()}
+    after = []  # the student adapter after each of its updates
+    trainer.run.method.after_update = lambda phase, stepped: after.append(
+        {k: v.clone() for k, v in student.role_state_dict().items()}) if "student" in stepped else None
+    trainer.train()
+    assert len(after) == 2 and trainer.ema_updates == {"student_ema": 2}
+    for key, value in ema.role_state_dict().items():  # ema <- 0.5 ema + 0.5 student, twice, from the start
+        expected = 0.5 * (0.5 * start[key] + 0.5 * after[0][key]) + 0.5 * after[1][key]
+        torch.testing.assert_close(value, expected)
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "student_ema.safetensors"))
+    assert saved.keys() == ema.role_state_dict().keys()
+    assert trainer.sampling_student() is ema
 
 
 def test_lora_on_the_exact_gmm_teacher_is_refused(tmp_path):
@@ -123,7 +145,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, mode):
         _perturb(nets["fake_score"].trainable_parameters())
         batch = trainer.data.next(torch.Generator().manual_seed(0))
         batch.generator = torch.Generator().manual_seed(1)
-        trainer.method("student", nets, batch).loss.mean().backward()
+        with frozen([nets["fake_score"], nets["discriminator"]]):  # as the loop runs the student phase
+            trainer.method("student", nets, batch).loss.mean().backward()
         grads.append([p.grad.clone() for p in nets.student.trainable_parameters()])
         assert all(p.grad is None for p in nets["fake_score"].trainable_parameters())
     for a, b in zip(*grads):
@@ -138,30 +161,6 @@ def test_teacher_fingerprint_ignores_the_role_adapters(tmp_path):
     lora = _trainer(tmp_path)
     _perturb(lora.nets.student.trainable_parameters())
     assert weights_fingerprint(lora.nets.teacher) == weights_fingerprint(full.nets.teacher)
-
-
-def test_the_gan_feature_pass_skips_the_ddp_wrapper_of_the_shared_base(tmp_path):
-    """``features`` stops the forward at the bottleneck, which a DDP wrapper must not see (its reducer expects whole
-    forwards); with LoRA roles the wrapper sits on the shared base's adapter, not on the role."""
-    trainer = _trainer(tmp_path)
-    fake = trainer.nets["fake_score"]
-    calls = []
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args, **kwargs):
-            calls.append(1)
-            return self.inner(*args, **kwargs)
-
-    fake.wrap_backbone(Wrapper(fake.backbone))
-    x, t = torch.randn(3, 2), torch.full((3,), 0.5, dtype=torch.float64)
-    feats = fake.features(x, t)
-    assert calls == [] and feats.shape[0] == 3
-    fake(x, t)
-    assert calls == [1]  # the wrapper is back for whole forwards
 
 
 def test_the_rebuilt_student_of_a_sharded_run_merges_into_the_base_it_trained_on(tmp_path):

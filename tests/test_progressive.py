@@ -9,7 +9,7 @@ from stepdistill.methods.base import Batch, Nets
 from stepdistill.methods.progressive import ProgressiveDistillation
 from stepdistill.mixture import GaussianMixture
 from stepdistill.parameterization import Coefficients, Prediction, ddim_step, ddim_x0_target
-from stepdistill.roles import build_nets
+from stepdistill.roles import build_nets, with_recipe_roles
 from stepdistill.schedules import VPDiscrete
 from stepdistill.teachers import DEFAULT_SCHEDULER, load_gmm, vector_unet
 
@@ -153,7 +153,7 @@ def test_with_an_ema_each_stage_hands_on_the_ema_and_the_next_student_starts_fro
     start from it; the regression stage hands its EMA to the first halving's student the same way."""
     teacher = load_gmm(MIX.means.tolist(), stds=MIX.stds.tolist(), weights=MIX.weights.tolist(), denoiser="exact")
     pd = ProgressiveDistillation(teacher_steps=8, final_steps=2, steps_per_stage=3, regression_steps=2)
-    nets = build_nets(teacher, pd.roles(), student_init="new", ema=True)
+    nets = build_nets(teacher, with_recipe_roles(pd.roles(), 0.5), student_init="new")
     ema = nets["student_ema"]
 
     def same(a, b):

@@ -51,6 +51,20 @@ class BottleneckHead(nn.Module):
         return self.out(self.body(feats).mean((2, 3))).squeeze(1)
 
 
+class Heads(nn.Module):
+    """One ``BottleneckHead`` per feature map: ``list of [B, C_l, h_l, w_l] -> [B, L]`` logits."""
+
+    def __init__(self, channels: list[int]):
+        super().__init__()
+        self.heads = nn.ModuleList(BottleneckHead(c) for c in channels)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if len(feats) != len(self.heads):
+            raise ValueError(f"GANHead: {len(self.heads)} heads, {len(feats)} feature maps")
+        param = next(self.heads.parameters())
+        return torch.stack([head(f.to(param.dtype)) for head, f in zip(self.heads, feats)], 1).float()
+
+
 class GANHead(RoleModule):
     """The ``discriminator`` role: one ``BottleneckHead`` per feature map it reads (DMD2: one, on the fake score's
     bottleneck; LADD-style: one per layer), trained, checkpointed and sharded like any role.
@@ -66,7 +80,7 @@ class GANHead(RoleModule):
     def __init__(self, channels: list[int], layers: tuple[int, ...] | None = None):
         super().__init__()
         self.layers = layers
-        self.heads = nn.ModuleList(BottleneckHead(c) for c in channels)
+        self.heads = Heads(channels)  # a module with a forward of its own: what FSDP2 shards
 
     @property
     def backbone(self) -> nn.Module:
@@ -84,7 +98,4 @@ class GANHead(RoleModule):
                              "method.gan_weight: 0 (and keep divergence: reverse_kl)") from None
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        if len(feats) != len(self.heads):
-            raise ValueError(f"GANHead: {len(self.heads)} heads, {len(feats)} feature maps")
-        param = next(self.heads.parameters())
-        return torch.stack([head(f.to(param.dtype)) for head, f in zip(self.heads, feats)], 1).float()
+        return self.heads(feats)
