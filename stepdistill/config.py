@@ -102,7 +102,8 @@ class TrainConfig:
     #: another run (its latest checkpoint) or one of its checkpoints to start from: its role weights, with fresh
     #: optimizers and step 0, under this recipe's method settings (DMD2's SD1.5 stage 2: add the GAN, lower lr)
     init_from: str | None = None
-    #: ``sdpa`` (torch's scaled_dot_product_attention, diffusers' default) or ``xformers`` (CUDA, when installed)
+    #: ``sdpa`` (torch's scaled_dot_product_attention, diffusers' default), ``xformers`` (CUDA, when installed) or
+    #: a backend of diffusers' attention dispatcher for SD3/FLUX (``flash``, ``_native_math``, ``sage``, ...)
     attention_backend: str = "sdpa"
     #: shard every trainable role with FSDP2 across the launched processes (``sharding.py``); an accelerate FSDP
     #: config (recipes/accelerate/fsdp.yaml) turns it on too
@@ -170,7 +171,6 @@ _CHOICES = {
     "train.mixed_precision": ("no", "bf16"),
     "roles.mode": ("full", "lora"),
     "roles.teacher_dtype": ("float32", "bfloat16"),
-    "train.attention_backend": ("sdpa", "xformers"),
     "student.init": ("teacher", "new"),
     "eval.teacher_sampler": ("ddim", "euler", "heun", "dpmpp_2m"),
 }
@@ -284,6 +284,14 @@ def _check_choices(recipe: Recipe) -> None:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
     from .optim import OPTIMIZERS, SCHEDULES
 
+    backend = recipe.train.attention_backend
+    if backend not in ("sdpa", "xformers"):
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        allowed = ["sdpa", "xformers", *sorted(b.value for b in AttentionBackendName if b.value != "xformers")]
+        if backend not in allowed:
+            raise ConfigError(f"train.attention_backend: {backend!r} is not allowed; choose one of "
+                              f"{', '.join(allowed)}")
     for role, opt in recipe.optim.items():
         if opt.name not in OPTIMIZERS:
             raise ConfigError(f"optim.{role}.name: {opt.name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -9,8 +9,10 @@ models. Classifier-free guidance is ``guided(...)`` with one convention everywhe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 
 import torch
 from torch import nn
@@ -523,6 +525,78 @@ class FluxDenoiser(TokenFeatures, TextConditioned):
         return unpack_latents(out, h, w)
 
 
+class _MappedTime(torch.autograd.Function):
+    """``dst.t_from_logsnr(src.logsnr(t))`` (the SNR-matched time, METHODS.md §1.3) with its derivative
+    ``lambda_src'(t) / lambda_dst'(u)`` (implicit function theorem) for both autograd modes: bisection itself has none,
+    and sCM-type losses differentiate the network in another schedule's time (``jvp``)."""
+
+    @staticmethod
+    def forward(t, src, dst):
+        return dst.t_from_logsnr(src.logsnr(t))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        t, ctx.src, ctx.dst = inputs
+        ctx.save_for_backward(t, output)
+        ctx.save_for_forward(t, output)
+
+    @staticmethod
+    def _slope(ctx, t, u):
+        def dlogsnr(schedule, v):  # forward mode, which also works inside a torch.func transform
+            return torch.func.jvp(schedule.logsnr, (v,), (torch.ones_like(v),))[1]
+
+        return dlogsnr(ctx.src, t.detach()) / dlogsnr(ctx.dst, u.detach())
+
+    @staticmethod
+    def jvp(ctx, dt, _src, _dst):
+        t, u = ctx.saved_tensors
+        return dt * _MappedTime._slope(ctx, t, u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, u = ctx.saved_tensors
+        return grad * _MappedTime._slope(ctx, t, u), None, None
+
+
+class Reparameterized(Denoiser):
+    """``inner`` seen in ``schedule``'s time (k-diffusion's wrappers, METHODS.md §1.3): a sample ``x`` at time ``t`` of
+    ``schedule`` is the inner backbone's sample ``(a_in / a) x`` at the SNR-matched inner time, and the clean estimate
+    and noise are the same in both. sCM / rCM train a VP or flow backbone in TrigFlow time this way while the backbone
+    keeps its native output, so the student exports as the stock model it is.
+
+    Args:
+        inner: any denoiser (its schedule is the backbone's own).
+        schedule: the schedule to present it in (e.g. ``TrigFlow(sigma_data=0.5)``).
+        prediction: the output kind the view stands for (``trigflow`` for sCM's ``F``); default the inner one's.
+    """
+
+    def __init__(self, inner: Denoiser, schedule: NoiseSchedule, prediction: str | None = None):
+        super().__init__(schedule, prediction or inner.prediction)
+        self.inner = inner
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        return self.inner.backbone
+
+    def null_cond(self, cond: Cond) -> Cond:
+        return self.inner.null_cond(cond)
+
+    def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.inner.fresh_noise(like, generator)
+
+    def inner_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The inner schedule's time with the SNR of ``t`` on this one."""
+        return _MappedTime.apply(t, self.schedule, self.inner.schedule)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Prediction:
+        t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
+        t_in = self.inner_time(t)
+        scale = self.inner.schedule.alpha(t_in) / self.schedule.alpha(t)
+        x_in = (x_t.double() * scale.view(-1, *([1] * (x_t.ndim - 1)))).to(x_t.dtype)
+        pred = self.inner(x_in, t_in, cond)
+        return Prediction(pred.x0_64, pred.eps_64, Coefficients.at(self.schedule, t, x_t), x_t.dtype)
+
+
 class GMMDenoiser(Denoiser):
     """The exact denoiser of a Gaussian mixture: ``E[x0 | x_t]`` in closed form (an oracle teacher).
 
@@ -547,3 +621,120 @@ class GMMDenoiser(Denoiser):
         x0 = x0.to(x_t.device)
         eps = (x_t.double() - coeffs.a * x0) / coeffs.s
         return Prediction(x0, eps, coeffs, x_t.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time derivatives of a network (sCM, rCM, MeanFlow).
+
+
+class JVPError(ValueError):
+    """Forward-mode AD is not available for a backbone (``jvp(..., mode="exact")``); the message says why."""
+
+
+_WARNED: set[str] = set()
+
+
+@contextlib.contextmanager
+def forward_ad_friendly(denoiser: Denoiser):
+    """What forward-mode AD needs of diffusers backbones, for the duration of one call: attention on torch's math
+    SDPA kernel (the fused CPU/CUDA kernels have no forward-AD formula) and, for models on diffusers' attention
+    dispatcher (FLUX, SD3), its ``_native_math`` backend; GroupNorm on contiguous inputs (its forward-AD formula
+    views the input, which fails on the transposed maps of UNet2DModel's attention blocks); no autocast."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backbone = denoiser.backbone
+    group_norm = torch.nn.functional.group_norm
+    restore = _attention_backend(backbone, "_native_math") if backbone is not None else None
+    torch.nn.functional.group_norm = lambda x, *args, **kwargs: group_norm(x.contiguous(), *args, **kwargs)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        with sdpa_kernel(SDPBackend.MATH), torch.autocast(device, enabled=False):
+            yield
+    finally:
+        torch.nn.functional.group_norm = group_norm
+        if restore is not None:
+            restore()
+
+
+def _attention_backend(backbone: nn.Module, name: str):
+    """Set diffusers' attention backend of ``backbone``'s dispatcher-based attention processors to ``name``; returns
+    a function that puts every processor's previous backend back (``None`` when no processor uses the dispatcher)."""
+    processors = [m.processor for m in backbone.modules()
+                  if hasattr(getattr(m, "processor", None), "_attention_backend")]
+    if not processors:
+        return None
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    before = [p._attention_backend for p in processors]
+    active = _AttentionBackendRegistry._active_backend
+    for p in processors:
+        p._attention_backend = AttentionBackendName(name)
+
+    def restore():
+        for p, value in zip(processors, before):
+            p._attention_backend = value
+        _AttentionBackendRegistry._active_backend = active
+
+    return restore
+
+
+def jvp(denoiser: Denoiser, primals: tuple[torch.Tensor, torch.Tensor], tangents: tuple[torch.Tensor, torch.Tensor],
+        *, cond: Cond = None, output: str = "x0", mode: str = "auto",
+        step: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value and the directional derivative of ``denoiser(x, t, cond).get(output)`` along ``(dx, dt)``: the
+    time derivative sCM / rCM (Lu & Song 2024, Eq. 8) and MeanFlow (Geng et al. 2025, Eq. 8) need, float64.
+
+    Args:
+        primals: ``(x, t)``, the sample and its per-sample times ``[B]``.
+        tangents: ``(dx, dt)``, e.g. the PF-ODE velocity and ones.
+        output: the prediction kind to differentiate (``parameterization.KINDS``, ``trigflow`` included).
+        mode: ``exact`` (forward-mode AD, ``torch.func.jvp``, on an attention backend that supports it and outside
+            autocast; ``JVPError`` where the backbone cannot), ``fd`` (a central finite difference: two extra
+            evaluations at ``primals +- step * tangents`` with the same dropout masks), or ``auto`` (exact, else the
+            finite difference, saying so once per backbone class).
+        step: the finite difference's step along the tangent. Backbones embed their timestep with frequencies up to
+            about one per timestep (a thousandth of the time axis), so the default 1e-4 resolves the time direction;
+            on float32 backbones it leaves errors of about 1e-3 relative (measured against the exact derivative on
+            the tiny UNet2D, SD3 and FLUX models).
+    """
+    x, t = primals
+    dx, dt = tangents
+    t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
+    dt = torch.as_tensor(dt, dtype=torch.float64, device=x.device).expand(x.shape[0])
+
+    def f(x_, t_):
+        return denoiser(x_, t_, cond).get(output, exact=True)
+
+    if mode not in ("exact", "fd", "auto"):
+        raise ValueError(f"jvp mode must be exact, fd or auto, got {mode!r}")
+    if mode != "fd":
+        try:
+            with forward_ad_friendly(denoiser):
+                return torch.func.jvp(f, (x, t), (dx.to(x.dtype), dt))
+        except (NotImplementedError, RuntimeError) as err:
+            reason = str(err).splitlines()[0][:200]
+            name = type(denoiser.backbone or denoiser).__name__
+            if mode == "exact":
+                raise JVPError(f"forward-mode AD fails on {name} ({reason})") from None
+            if name not in _WARNED:
+                _WARNED.add(name)
+                print(f"note: forward-mode AD is not available for {name} ({reason}); time derivatives use a "
+                      "float64 central difference instead", file=sys.stderr)
+    return _central_difference(f, x, t, dx, dt, step)
+
+
+def _central_difference(f, x, t, dx, dt, h: float):
+    """``(f(p + h v) - f(p - h v)) / 2h`` with the perturbed inputs formed in float64 and every evaluation under the
+    same RNG state, so dropout draws the same masks in each (what the exact derivative assumes)."""
+    cuda = torch.cuda.is_available()
+    state = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
+
+    def at(sign):
+        torch.set_rng_state(state[0])
+        if cuda:
+            torch.cuda.set_rng_state_all(state[1])
+        xs = (x.double() + sign * h * dx.double()).to(x.dtype)
+        return f(xs, t + sign * h * dt)
+
+    plus, minus, value = at(1.0), at(-1.0), at(0.0)
+    return value, (plus - minus) / (2 * h)

@@ -62,7 +62,7 @@ class GaussianMixture:
         a = torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1)
         s = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1)
         var = a**2 * self.stds[None] ** 2 + s**2  # [B, K]
-        sq = torch.cdist(x, torch.zeros(1, self.dim, dtype=torch.float64)) ** 2  # |x|^2, [B, 1]
+        sq = (x**2).sum(1, keepdim=True)  # |x|^2, [B, 1] (cdist has no forward-mode derivative: jvp needs one)
         # |x - a mu|^2 expanded, then per-sample scale a
         cross = x @ self.means.T  # [B, K]
         dist2 = sq - 2 * a * cross + a**2 * (self.means**2).sum(1)[None]

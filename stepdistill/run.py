@@ -146,19 +146,33 @@ def check_compatible(state: dict, recipe: Recipe, path: Path, what: str) -> None
 
 
 def set_attention_backend(nets: Nets, name: str) -> None:
-    """``train.attention_backend``: diffusers' default SDPA, or xformers when installed (CUDA only)."""
-    if name != "xformers":
+    """``train.attention_backend``: ``sdpa`` (torch's fused attention, diffusers' default), ``xformers`` (CUDA, when
+    installed), or a backend of diffusers' attention dispatcher (``flash``, ``_native_math``, ``sage``, ...:
+    ``ModelMixin.set_attention_backend``), which SD3's and FLUX's attention use but the SD UNets' processors do not.
+    ``denoisers.jvp`` switches to ``_native_math`` for its own calls and back."""
+    if name == "sdpa":
         return
-    from diffusers.utils import is_xformers_available
-
-    if not is_xformers_available():
-        raise ConfigError("train.attention_backend: xformers is not installed (it needs CUDA: pip install "
-                          "xformers); use sdpa, torch's fused attention, which is the default")
     backbones = {id(n.backbone): n.backbone for n in nets.roles().values() if n.backbone is not None}
+    if name == "xformers":
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ConfigError("train.attention_backend: xformers is not installed (it needs CUDA: pip install "
+                              "xformers); use sdpa, torch's fused attention, which is the default")
+        for backbone in backbones.values():
+            if not hasattr(backbone, "enable_xformers_memory_efficient_attention"):
+                raise ConfigError(f"train.attention_backend: {type(backbone).__name__} has no xformers switch")
+            backbone.enable_xformers_memory_efficient_attention()
+        return
     for backbone in backbones.values():
-        if not hasattr(backbone, "enable_xformers_memory_efficient_attention"):
-            raise ConfigError(f"train.attention_backend: {type(backbone).__name__} has no xformers switch")
-        backbone.enable_xformers_memory_efficient_attention()
+        takers = [m for m in backbone.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+        if not takers:
+            raise ConfigError(f"train.attention_backend: {name} is a backend of diffusers' attention dispatcher, "
+                              f"which {type(backbone).__name__}'s attention does not use; use sdpa or xformers")
+        try:
+            backbone.set_attention_backend(name)
+        except (ValueError, RuntimeError, ImportError) as err:
+            raise ConfigError(f"train.attention_backend: {first_line(err)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

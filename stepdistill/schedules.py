@@ -39,6 +39,9 @@ class NoiseSchedule(abc.ABC):
     kind: str = ""
     #: smallest time at which the backbone may be evaluated (``1/N`` for discrete schedules)
     t_min: float = 0.0
+    #: the data's standard deviation as the schedule assumes it (EDM's and TrigFlow's ``sigma_data``; 1 elsewhere):
+    #: what the ``trigflow`` prediction kind and the consistency scalings scale by
+    sigma_data: float = 1.0
 
     @abc.abstractmethod
     def alpha(self, t) -> torch.Tensor:

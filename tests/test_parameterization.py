@@ -18,7 +18,7 @@ from stepdistill.parameterization import (
     from_x0_eps,
     to_x0_eps,
 )
-from stepdistill.schedules import RectifiedFlow, TrigFlow, VPDiscrete
+from stepdistill.schedules import EDM, RectifiedFlow, TrigFlow, VPDiscrete, _bcast
 from stepdistill.teachers import DEFAULT_SCHEDULER
 
 from .conftest import SD_SCHEDULER
@@ -149,8 +149,9 @@ def test_unknown_kinds_are_rejected():
         to_x0_eps("score", x0, x0, c)  # score is an output-only reading
     with pytest.raises(ValueError, match="unknown prediction kind"):
         from_x0_eps("velocity", x0, eps, c)
-    # every diffusers prediction_type has a kind; "flow" (our d/dt, chain-ruled through a shift) has no diffusers name
-    assert {DIFFUSERS_PREDICTION[OURS_TO_DIFFUSERS[k]] for k in OURS_TO_DIFFUSERS} == set(KINDS) - {"flow"}
+    # every diffusers prediction_type has a kind; "flow" (our d/dt, chain-ruled through a shift) and sCM's
+    # "trigflow" output have no diffusers name
+    assert {DIFFUSERS_PREDICTION[OURS_TO_DIFFUSERS[k]] for k in OURS_TO_DIFFUSERS} == set(KINDS) - {"flow", "trigflow"}
     assert DIFFUSERS_PREDICTION["flow_prediction"] == "flow_match"
 
 
@@ -257,3 +258,53 @@ def test_ddim_x0_target_with_per_sample_times():
         torch.testing.assert_close(x0_tilde[i:i + 1], one, rtol=1e-12, atol=1e-12)
     # landing at the clean end: the target is x_s itself
     torch.testing.assert_close(ddim_x0_target(x_t, x_s, sch, t, torch.zeros(4, dtype=F64)), x_s, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_trigflow_output_is_scms_f(sigma_data):
+    """On TrigFlow itself x0 = cos(s) x - sd sin(s) F (Lu & Song 2024, Eq. 9, rCM ``denoise``); on any other schedule
+    F is the TrigFlow output at the SNR-matched time with the input rescaled to TrigFlow's scale (METHODS.md §1.3)."""
+    from stepdistill.schedules import map_time
+
+    x0, eps = _pair()
+    trig = TrigFlow(sigma_data=sigma_data)
+    c = Coefficients.at(trig, T4, x0)
+    x_t = trig.add_noise(x0, eps, T4).double()
+    f = from_x0_eps("trigflow", x0.double(), eps.double(), c)
+    angle = _bcast(0.5 * math.pi * T4, x0)
+    torch.testing.assert_close(torch.cos(angle) * x_t - sigma_data * torch.sin(angle) * f, x0.double())
+    for schedule in (VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER), RectifiedFlow(shift=3.0)):
+        schedule.sigma_data = sigma_data
+        here = Coefficients.at(schedule, T4, x0)
+        f_here = from_x0_eps("trigflow", x0.double(), eps.double(), here)
+        t_trig, _ = map_time(T4, schedule, trig)
+        f_trig = from_x0_eps("trigflow", x0.double(), eps.double(), Coefficients.at(trig, t_trig, x0))
+        torch.testing.assert_close(f_here, f_trig)
+        back = to_x0_eps("trigflow", f_here, schedule.add_noise(x0, eps, T4), here)
+        torch.testing.assert_close(back[0], x0.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_consistency_functions_are_the_identity_at_their_boundary():
+    """f(x, t_min) = x (METHODS.md §1.7): LCM at timestep 0 (c_skip(0) = 1, and ~7e-6 by timestep 19), CM at
+    sigma_min in EDM's variables; and diffusers' LCMScheduler applies the same scalings."""
+    from diffusers import LCMScheduler
+
+    from stepdistill.parameterization import cm_scalings, consistency_output, lcm_scalings
+
+    x0, eps = _pair()
+    sd = VPDiscrete.from_scheduler_config(SD_SCHEDULER)
+    t0 = sd.index_to_t(torch.zeros(x0.shape[0]))
+    x_t = sd.add_noise(x0, eps, t0)
+    torch.testing.assert_close(consistency_output("lcm", sd, x_t, x0 + 1.0, t0), x_t.double())
+    c_skip, _ = lcm_scalings(torch.tensor(19.0))
+    assert c_skip < 7e-6
+    lcm = LCMScheduler.from_config(SD_SCHEDULER)
+    for n in (0, 5, 399):
+        ref = lcm.get_scalings_for_boundary_condition_discrete(torch.tensor(n))
+        torch.testing.assert_close(torch.stack(lcm_scalings(torch.tensor(float(n)))).float(), torch.stack(ref).float())
+    edm = EDM()
+    t_min = torch.full((x0.shape[0],), edm.t_min, dtype=F64)
+    x = edm.add_noise(x0, eps, t_min)
+    torch.testing.assert_close(consistency_output("cm", edm, x, x0 + 1.0, t_min), x.double())
+    c_skip, c_out = cm_scalings(torch.tensor(0.002, dtype=F64))
+    assert float(c_skip) == 1.0 and float(c_out) == 0.0
