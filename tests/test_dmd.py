@@ -477,3 +477,26 @@ def test_a_gan_range_without_a_timestep_is_refused_before_the_run_starts(tmp_pat
     with pytest.raises(ConfigError, match="gan_t_max: 0.0005 x 1024 timesteps leaves no GAN noise level"):
         _trainer(tmp_path, **{"method.gan_t_max": 0.0005})
     assert not (tmp_path / "run").exists()
+
+
+def test_the_critic_trains_on_the_student_phases_own_samples(tmp_path):
+    """DMD2's ``train_one_step`` makes one generator pass per iteration and gives the guidance loss its ``.detach()``:
+    on steps where the student phase runs, the critic's fakes are exactly its samples (no second student forward);
+    on critic-only steps (two-time-scale rule) the critic draws its own."""
+    trainer = _trainer(tmp_path, **{"train.update_every": {"student": 2}, "train.max_steps": 4,
+                                    "train.grad_accum": 2})
+    calls, stashed = [], []
+    trainer.nets.student.register_forward_hook(lambda m, i, o: calls.append((trainer.step, torch.is_grad_enabled())))
+    fake_score_loss = trainer.method.fake_score_loss
+
+    def critic(nets, batch):  # what the critic is handed: the student phase's samples, one per micro-batch
+        stashed.append([x for x, _, _ in trainer.method._fakes])
+        yield from fake_score_loss(nets, batch)
+
+    trainer.run.method.fake_score_loss = critic
+    trainer.train()
+    assert [len(s) for s in stashed] == [2, 1, 0, 0, 2, 1, 0, 0]
+    # student steps 0 and 2: two micro-batches, each one student forward with gradient and none in the critic;
+    # critic-only steps 1 and 3: one no-grad student forward per micro-batch
+    assert calls[:8] == [(0, True), (0, True), (1, False), (1, False), (2, True), (2, True), (3, False), (3, False)]
+    assert calls[8:] == [(4, False)]  # the final sample grid

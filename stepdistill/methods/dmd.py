@@ -194,6 +194,7 @@ class DMD(Method):
         self.pair_cache, self.student_prediction = pair_cache, student_prediction
         self.fake_score_target, self.time_density = fake_score_target, time_density
         self.phased = multistep_matching == "phased" and student_steps > 1
+        self._fakes: list = []  # the student phase's detached samples, for the critic of the same step
         self.pairs: dict[str, torch.Tensor] | None = None
         self.pair_cond: dict[str, torch.Tensor] | None = None  # text teachers: the prompt table the pairs index
         self._grid: StudentGrid | None = None
@@ -246,6 +247,10 @@ class DMD(Method):
             elif self.uses_head:
                 self._check_gan_range(sch)
         return {}
+
+    def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
+        self._fakes = []  # samples of an earlier step are not this step's generator any more
+        return ()
 
     def student_grid(self) -> StudentGrid:
         if self._grid is None:
@@ -382,6 +387,7 @@ class DMD(Method):
         shape, device = self._shape_device(batch)
         noise = torch.randn((b, *shape), generator=gen).to(device)
         x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
+        self._fakes.append((x.detach(), k, cond))  # one per micro-batch, taken in order by the critic phase
         dm, logs = self.dm_term(x, nets, cond, gen, k)
         loss = self.dm_weight * dm
         logs["loss_dm"] = dm.detach().mean()
@@ -406,12 +412,17 @@ class DMD(Method):
         classification on the features of noised fakes and reals, then the denoising loss. Only one term's graph is
         alive at a time, which sets the critic step's peak memory (docs/experiments/gpu-h200.md); DMD2's own code sums
         them into one loss, and the gradients are the same. Every draw happens before either term, in the order of
-        that sum."""
-        gen, cond, b = batch.generator, self._generation_cond(batch), batch.size
+        that sum. The samples are the student phase's of this step when it ran (DMD2's ``train_one_step``: one
+        generator pass per iteration, ``.detach()`` for the guidance loss), else a no-grad sample drawn here."""
+        gen, b = batch.generator, batch.size
         shape, device = self._shape_device(batch)
-        with torch.no_grad():
-            noise = torch.randn((b, *shape), generator=gen).to(device)
-            x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
+        if self._fakes:
+            x, k, cond = self._fakes.pop(0)
+        else:
+            cond = self._generation_cond(batch)
+            with torch.no_grad():
+                noise = torch.randn((b, *shape), generator=gen).to(device)
+                x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
         fake_net = nets["fake_score"]
         sch = fake_net.schedule
         t = self._times(sch, b, 0.0, 1.0, gen, k)
