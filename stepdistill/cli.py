@@ -54,6 +54,7 @@ def cmd_distill(args) -> int:
             print(f"lora: {path}")
     if trainer.accelerator.is_main_process:
         print(f"run directory: {trainer.dir}")
+    trainer.close()
     return 0
 
 

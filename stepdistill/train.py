@@ -310,8 +310,13 @@ class Trainer:
         if not checkpointed:  # the last step's checkpoint, unless checkpoint_every just wrote it
             self.save_checkpoint()
         self.save_samples()
-        acc.end_training()
+        for tracker in acc.trackers:  # the process group stays up: exports and a next run may still need it
+            tracker.finish()
         return last
+
+    def close(self) -> None:
+        """End the run: trackers and, in a multi-process launch, the process group (``Accelerator.end_training``)."""
+        self.accelerator.end_training()
 
     def _run_phase(self, phase: str) -> tuple[dict[str, float | torch.Tensor], bool]:
         """One phase: its loss terms over ``grad_accum`` micro-batches with every other trained role frozen, the

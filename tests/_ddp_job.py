@@ -56,3 +56,4 @@ with open(f"{out}/rank{acc.process_index}.json", "w") as f:
                "weights": hashlib.sha256(weights.tobytes()).hexdigest(), "first_batch_sum": float(first.sum()),
                "roles": sorted(trainer.optimizers), "sharded": trainer._sharded_roles(),
                "losses": {k: v for k, v in last.items() if k.startswith("loss")}}, f)
+trainer.close()
