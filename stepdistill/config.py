@@ -135,6 +135,10 @@ class RolesConfig:
     alpha: float = 16.0
     #: storage dtype of the frozen teacher weights (in ``lora`` mode the shared base; adapters stay float32)
     teacher_dtype: str = "float32"
+    #: further EMA roles, ``{name: {of: role, decay: d}}`` or ``{of: role, halflife: h, rampup: r}`` (half-life in
+    #: updates of the source, EDM's ramp-up): followed after each update of ``of``, checkpointed; one named
+    #: ``<role>_ema`` is what samples and export use (``train.ema_decay`` is ``student_ema`` with a decay)
+    ema: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass

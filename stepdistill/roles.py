@@ -56,12 +56,30 @@ def check_specs(specs: dict[str, RoleSpec]) -> None:
                                  "network; an EMA follows a denoiser role")
 
 
-def with_recipe_roles(specs: dict[str, RoleSpec], ema_decay: float) -> dict[str, RoleSpec]:
-    """The method's roles plus ``student_ema`` when the recipe asks for one (``train.ema_decay``) and the method does
-    not declare it itself: the EMA that samples and exports use (``export.use_ema``)."""
+def with_recipe_roles(specs: dict[str, RoleSpec], ema_decay: float,
+                      emas: dict[str, dict] | None = None) -> dict[str, RoleSpec]:
+    """The method's roles plus the EMAs the recipe asks for: ``student_ema`` (``train.ema_decay``), the EMA that
+    samples and exports use (``export.use_ema``), unless the method declares it itself; and ``roles.ema``."""
+    specs = dict(specs)
     if ema_decay > 0 and "student_ema" not in specs:
-        return {**specs, "student_ema": RoleSpec(ema_of="student", decay=ema_decay)}
-    return dict(specs)
+        specs["student_ema"] = RoleSpec(ema_of="student", decay=ema_decay)
+    for name, settings in (emas or {}).items():
+        if name in specs:
+            raise ValueError(f"roles.ema.{name}: the method already has a role of that name")
+        unknown = set(settings) - {"of", "decay", "halflife", "rampup"}
+        if unknown or "of" not in settings:
+            raise ValueError(f"roles.ema.{name}: give 'of' (the role it follows) and 'decay' or 'halflife' "
+                             f"(+ 'rampup'); got {sorted(settings)}")
+        if settings["of"] not in specs or specs[settings["of"]].init in ("ema", "build"):
+            denoisers = sorted(k for k, s in specs.items() if s.init not in ("ema", "build"))
+            raise ValueError(f"roles.ema.{name}: follows {settings['of']!r}, which is not a denoiser role of this "
+                             f"method; its roles: {denoisers}")
+        try:
+            specs[name] = RoleSpec(ema_of=settings["of"], decay=settings.get("decay"),
+                                   halflife=settings.get("halflife"), rampup=settings.get("rampup"))
+        except ValueError as err:
+            raise ValueError(f"roles.ema.{name}: {err}") from None
+    return specs
 
 
 def build_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str = "teacher", roles=None) -> Nets:
