@@ -21,15 +21,14 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.config import load_recipe
 from stepdistill.evaluate import noise_batches, teacher_samples
+from stepdistill.run import Run, RunError, load_run
 from stepdistill.sampling import sample_student
-from stepdistill.train import Trainer
 
 
 @torch.no_grad()
-def probe(trainer: Trainer, x: torch.Tensor, t: float, seed: int) -> dict[str, float]:
-    nets, sch = trainer.nets, trainer.nets.teacher.schedule
+def probe(run: Run, x: torch.Tensor, t: float, seed: int) -> dict[str, float]:
+    nets, sch = run.nets, run.nets.teacher.schedule
     x = x.double()
     dims = tuple(range(1, x.ndim))
     tt = torch.full((x.shape[0],), t, dtype=torch.float64)
@@ -49,21 +48,22 @@ def main() -> int:
     p.add_argument("--num", type=int, default=256)
     p.add_argument("--times", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.2, 0.4, 0.7])
     args = p.parse_args()
-    recipe = load_recipe(args.run_dir / "config.yaml", [])
-    trainer = Trainer(recipe, args.run_dir, show_progress=False).setup(readonly=True)
-    if "fake_score" not in trainer.nets.extra or trainer.teacher.family is not None:
+    try:
+        run = load_run(args.run_dir, checkpoint=args.checkpoint, all_roles=True)  # a run read back
+    except RunError as err:
+        print(f"{Path(__file__).stem}: error: {err}", file=sys.stderr)
+        return 2
+    if "fake_score" not in run.nets.extra or run.teacher.family is not None:
         print("dm_gradient_probe: error: needs a DMD/DMD2 run on an unconditional teacher", file=sys.stderr)
         return 2
-    if args.checkpoint:
-        trainer.load_checkpoint(args.run_dir / "checkpoints" / args.checkpoint)
-    noise = torch.cat(list(noise_batches(args.num, trainer.teacher.sample_shape, 0)))
+    noise = torch.cat(list(noise_batches(args.num, run.teacher.sample_shape, 0)))
     with torch.no_grad():
-        sets = {"student": sample_student(trainer.nets.student, noise, trainer.method.student_grid()),
-                "teacher@64": teacher_samples(trainer.teacher, 64, sampler="ddim", num=args.num, seed=0)}
+        sets = {"student": sample_student(run.nets.student, noise, run.grid),
+                "teacher@64": teacher_samples(run.teacher, 64, sampler="ddim", num=args.num, seed=0)}
     print(f"{'t':>5} {'samples':>11} {'|x-x0_real|':>12} {'|x0_fake-x0_real|':>18} {'grad rms':>9}")
     for t in args.times:
         for name, x in sets.items():
-            m = probe(trainer, x, t, seed=int(t * 1e6))
+            m = probe(run, x, t, seed=int(t * 1e6))
             print(f"{t:5.2f} {name:>11} {m['x-real']:12.4f} {m['fake-real']:18.4f} {m['grad_rms']:9.3f}")
     return 0
 

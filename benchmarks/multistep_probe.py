@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.config import load_recipe
 from stepdistill.evaluate import noise_batches, sample_metrics, teacher_samples
+from stepdistill.run import RunError, load_run
 from stepdistill.sampling import sample_student
-from stepdistill.train import RunError, Trainer
 
 
 def row(name: str, x: torch.Tensor, teacher) -> str:
@@ -39,20 +38,17 @@ def main() -> int:
     p.add_argument("--num", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    recipe = load_recipe(args.run_dir / "config.yaml", [])
-    trainer = Trainer(recipe, args.run_dir, show_progress=False).setup(readonly=True)
-    teacher = trainer.teacher
+    try:
+        run = load_run(args.run_dir, checkpoint=args.checkpoint, all_roles=True)  # a run read back
+    except RunError as err:
+        print(f"{Path(__file__).stem}: error: {err}", file=sys.stderr)
+        return 2
+    teacher = run.teacher
     if teacher.family is not None or getattr(teacher, "num_classes", None):
         print("multistep_probe: error: needs a run on an unconditional embedded teacher (digits or GMM)",
               file=sys.stderr)
         return 2
-    if args.checkpoint:
-        try:
-            trainer.load_checkpoint(args.run_dir / "checkpoints" / args.checkpoint)
-        except RunError as err:
-            print(f"multistep_probe: error: {err}", file=sys.stderr)
-            return 2
-    student, grid = trainer.sampling_student(), trainer.method.student_grid()
+    student, grid = run.sampling_student(), run.grid
     noise = torch.cat(list(noise_batches(args.num, teacher.sample_shape, args.seed)))
     estimates = []
     with torch.no_grad():

@@ -106,22 +106,25 @@ def build_run(recipe: Recipe, *, is_main_process: bool = True, wait_for_everyone
     return Run(recipe, teacher, method, specs, nets, conditions, student_init)
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, *, checkpoint: str | None = None, all_roles: bool = False) -> Run:
     """A trained run read back for sampling, evaluation or export: its recipe, the sampling roles (student and its
-    EMA) with the weights of the latest complete checkpoint (consolidated when it was written sharded, in any number
-    of processes), and the method's curriculum brought to that checkpoint (bookkeeping only)."""
+    EMA; every checkpointed role with ``all_roles``) with the weights of the latest complete checkpoint (or of
+    ``checkpoint``, e.g. ``step-3000``), consolidated when it was written sharded, in any number of processes, and the
+    method's curriculum brought to that checkpoint (bookkeeping only)."""
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"{path}: not a run directory (no config.yaml)")
     recipe = load_recipe(path / "config.yaml")
-    run = build_run(recipe, sampling_only=True)
+    run = build_run(recipe, sampling_only=not all_roles)
     store = CheckpointStore(path / "checkpoints")
-    ckpt = store.latest("checkpoint")
+    ckpt = store.latest("checkpoint") if checkpoint is None else store.root / checkpoint
+    if not (ckpt / "state.json").is_file():
+        raise RunError(f"checkpoint: {ckpt} is not a complete checkpoint")
     state = store.read_state(ckpt, "checkpoint")
     check_compatible(state, recipe, ckpt, "checkpoint")
     try:
         for role in run.nets.roles():
-            if role != "teacher":
+            if role != "teacher" and store.has_role(ckpt, role):  # a built role that is never saved starts fresh
                 run.nets[role].load_role_state_dict(store.read_role(ckpt, role))
     except Exception as err:  # noqa: BLE001 - any unreadable/mismatched file is the same problem
         raise RunError(f"corrupt or incompatible checkpoint {ckpt}: {first_line(err)}") from None
