@@ -91,6 +91,20 @@ def _own(cls, cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k in accepted}
 
 
+def _distillation_schedulers(cls, cfg: dict, grid, timesteps: list[int]):
+    """LCMScheduler / TCDScheduler candidates (epsilon, v or sample outputs only). ``original_inference_steps = K``
+    spaces their K steps as DMD2's grid (999/749/499/249 on 1000, ECOSYSTEM.md §1); other grids (3 steps on 1000:
+    LCM's own grid is 998/665/332, ours trailing 999/666/332) go as ``timesteps=`` in SD pipelines, with
+    ``original_inference_steps = N`` so that every timestep is on their "distillation schedule" and calls do not warn
+    that ours are off it."""
+    own = _own(cls, cfg)
+    if own.get("prediction_type") not in ("epsilon", "v_prediction", "sample"):
+        return
+    yield cls.from_config({**own, "original_inference_steps": grid.steps}), {}
+    yield cls.from_config({**own, "original_inference_steps": cfg.get("num_train_timesteps", 1000)}), \
+        {"timesteps": timesteps}
+
+
 class DDIM(Transition):
     """Deterministic jumps (eta = 0)."""
 
@@ -175,18 +189,9 @@ class Renoise(CM):
     def vp_schedulers(self, cfg, grid, timesteps):
         from diffusers import LCMScheduler
 
-        lcm = _own(LCMScheduler, cfg)
-        if lcm.get("prediction_type") not in ("epsilon", "v_prediction", "sample"):
-            return
-        # LCMScheduler's multistep sampling is "denoise, then re-noise with fresh noise" (DMD2's 4-step sampler);
-        # original_inference_steps = K puts its grid at DMD2's 999/749/499/249 (ECOSYSTEM.md §1). Its boundary
-        # scalings (timestep_scaling 10) leave c_skip < 2e-7 at every grid step >= N/8.
-        yield LCMScheduler.from_config({**lcm, "original_inference_steps": grid.steps}), {}
-        # Other grids (3 steps on 1000: LCM's own grid is 998/665/332, ours trailing 999/666/332) as timesteps= in SD
-        # pipelines; its step re-noises to the next timestep it is given. original_inference_steps = N puts every
-        # timestep on its "distillation schedule", so calls do not warn that ours are off it.
-        yield LCMScheduler.from_config({**lcm, "original_inference_steps": cfg.get("num_train_timesteps", 1000)}), \
-            {"timesteps": timesteps}
+        # LCMScheduler's multistep sampling is "denoise, then re-noise with fresh noise" (DMD2's 4-step sampler). Its
+        # boundary scalings (timestep_scaling 10) leave c_skip < 2e-7 at every grid step >= N/8.
+        return _distillation_schedulers(LCMScheduler, cfg, grid, timesteps)
 
 
 class TCD(Transition):
@@ -236,12 +241,7 @@ class TCD(Transition):
     def vp_schedulers(self, cfg, grid, timesteps):
         from diffusers import TCDScheduler
 
-        tcd = _own(TCDScheduler, cfg)
-        if tcd.get("prediction_type") not in ("epsilon", "v_prediction", "sample"):
-            return
-        yield TCDScheduler.from_config({**tcd, "original_inference_steps": grid.steps}), {}
-        yield TCDScheduler.from_config({**tcd, "original_inference_steps": cfg.get("num_train_timesteps", 1000)}), \
-            {"timesteps": timesteps}
+        return _distillation_schedulers(TCDScheduler, cfg, grid, timesteps)
 
 
 TRANSITIONS = {"ddim": DDIM, "renoise": Renoise, "cm": CM, "tcd": TCD}
