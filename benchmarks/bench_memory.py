@@ -183,7 +183,7 @@ def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family, base_dtype):
 
     from stepdistill.data import DataSource
     from stepdistill.lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
-    from stepdistill.roles import cast_frozen
+    from stepdistill.roles import cast_frozen, enable_gradient_checkpointing
     from stepdistill.teachers import load_pretrained
     from stepdistill.train import _fusable
 
@@ -201,7 +201,7 @@ def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family, base_dtype):
     add_adapters(teacher.backbone, ["student"], rank=rank, alpha=rank, target_modules=targets)
     cast_frozen(teacher.backbone, getattr(torch, base_dtype))  # float32 adapters on the (bf16) base, as the loop does
     if ckpt:
-        teacher.denoiser.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(teacher.denoiser)
     net = AdapterDenoiser(teacher.denoiser, "student")
     params = net.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4, fused=_fusable(params) or None)

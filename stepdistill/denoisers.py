@@ -20,6 +20,7 @@ from torch import nn
 from .mixture import GaussianMixture
 from .parameterization import DIFFUSERS_PREDICTION, KINDS, Coefficients, Prediction
 from .schedules import NoiseSchedule
+from .sharding import full, is_sharded, load_local, shard_like
 
 
 Cond = dict | None
@@ -45,8 +46,6 @@ class RoleModule(nn.Module):
         return self.backbone.state_dict()
 
     def load_role_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from .sharding import full, is_sharded, load_local, shard_like
-
         own = self.backbone.state_dict()
         if any(is_sharded(v) for v in own.values()):  # this role is sharded (FSDP2): copy shard for shard
             load_local(own, {k: shard_like(v, own[k]) if k in own else v for k, v in state.items()})
@@ -56,15 +55,6 @@ class RoleModule(nn.Module):
     def plain_backbone(self) -> nn.Module:
         """The role as a stock backbone with no wrappers or adapters (what export saves): a copy the caller owns."""
         return copy.deepcopy(self.backbone)
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Activation checkpointing of the backbone (diffusers models); a no-op for backbones without it.
-
-        The recompute sees the adapter and ``requires_grad`` state of the original forward (``lora.py``)."""
-        from .lora import consistent_checkpoint
-
-        if getattr(self.backbone, "_supports_gradient_checkpointing", False):
-            self.backbone.enable_gradient_checkpointing(consistent_checkpoint(self.backbone))
 
 
 class _Stop(Exception):
@@ -143,8 +133,6 @@ class Denoiser(RoleModule):
         lies after it (a UNet's decoder half) is neither computed nor kept: DMD2's ``classify_mode`` forward
         (``guidance_model.compute_cls_logits``). FSDP2 shards need their own forward hooks to run to the end, so a
         sharded backbone takes the whole pass instead."""
-        from .sharding import is_sharded
-
         if any(is_sharded(p) for p in self.backbone.parameters()):
             return self.with_features(x_t, t, cond, layers)[1]
         picked, caught = self._layers(layers), {}

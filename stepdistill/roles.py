@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .denoisers import Denoiser, RoleModule, UNet2DDenoiser
-from .lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
+from .lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters, consistent_checkpoint
 from .teachers import Teacher, vector_unet
 from .types import Nets, RoleSpec
 
@@ -229,6 +229,15 @@ def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
 
 # ----------------------------------------------------------------------------------------------------------------
 # What the loop does around a phase.
+
+
+def enable_gradient_checkpointing(role: RoleModule) -> None:
+    """Activation checkpointing of a role's backbone (diffusers models; a no-op for backbones without it). The
+    recompute sees the adapter and ``requires_grad`` state of the original forward (``lora.consistent_checkpoint``):
+    by the time a role's backward runs, another role's adapter may be active on the shared base."""
+    backbone = role.backbone
+    if getattr(backbone, "_supports_gradient_checkpointing", False):
+        backbone.enable_gradient_checkpointing(consistent_checkpoint(backbone))
 
 
 @contextlib.contextmanager

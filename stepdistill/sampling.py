@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .denoisers import Cond, Denoiser, guided
-from .parameterization import ddim_step
+from .parameterization import Coefficients, Prediction, ddim_step
 from .transitions import Transition
 from .transitions import transition as transition_of
 
@@ -195,8 +195,6 @@ class Piecewise(Denoiser):
             sub = None if cond is None else {k: v[rows] for k, v in cond.items()}
             pred = self.experts[self.grid.experts[i]](x_t[rows], t[rows], sub)
             x0[rows], eps[rows] = pred.x0_64, pred.eps_64
-        from .parameterization import Coefficients, Prediction
-
         return Prediction(x0, eps, Coefficients.at(self.schedule, t, x_t), x_t.dtype)
 
     def plain_backbone(self):

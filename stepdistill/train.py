@@ -29,7 +29,7 @@ from .export import check_exportable, grid_timesteps, student_scheduler
 from .families import latents_to_images
 from .methods.base import loss_terms
 from .optim import lr_factor, make_lr_schedule, make_optimizer
-from .roles import broadcast_parameters, frozen, sync_gradients, update_ema
+from .roles import broadcast_parameters, enable_gradient_checkpointing, frozen, sync_gradients, update_ema
 from .run import Run, build_run, check_compatible, init_from, load_run, make_data, method_error, probe_grid
 from .sampling import sample_student
 from .schedules import VPDiscrete
@@ -212,7 +212,7 @@ class Trainer:
                 continue
             done.add(id(net.backbone))
             if r.train.gradient_checkpointing:
-                net.enable_gradient_checkpointing()
+                enable_gradient_checkpointing(net)
             if self.sharded:
                 shard_backbone(net.backbone)
         self.optimizers, self.lr_schedulers = {}, {}

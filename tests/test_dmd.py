@@ -12,7 +12,7 @@ from stepdistill.denoisers import guided
 from stepdistill.methods.base import Batch, loss_terms
 from stepdistill.methods.dmd import DMD
 from stepdistill.methods.terms import density_ratio_weight, f_weight
-from stepdistill.roles import frozen
+from stepdistill.roles import enable_gradient_checkpointing, frozen
 from stepdistill.schedules import EDM, KarrasGrid, VPDiscrete
 from stepdistill.train import Trainer
 
@@ -388,7 +388,7 @@ def test_gan_features_stop_at_the_bottleneck_with_the_same_values_and_gradients(
     den.unet.requires_grad_(True)  # the teacher comes frozen; here it stands in for a trainable fake score
     cond = encode_prompts(teacher.load_pipeline(), "sd15", ["a", "b"], **teacher.encode_settings)
     if checkpointing:
-        den.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(den)
     decoder_calls = []
     den.unet.up_blocks[0].register_forward_hook(lambda *_: decoder_calls.append(1))
     x = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
