@@ -105,6 +105,7 @@ def cmd_sample(args) -> int:
         from .families import latents_to_images
 
         x = latents_to_images(teacher.vae, x)  # a grid shows images; .npy / .pt keep the latents
+    x = teacher.to_data(x)  # vector teachers: the data's own coordinates (teacher.gmm.normalize)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         import numpy as np
@@ -113,7 +114,7 @@ def cmd_sample(args) -> int:
     elif out.suffix == ".pt":
         torch.save(x, out)
     else:
-        save_sample_grid(x, out, mixture=teacher.mixture)
+        save_sample_grid(x, out, mixture=teacher.data_mixture or teacher.mixture)
     print(f"{args.num_samples} samples ({grid.steps} steps) -> {out}")
     return 0
 

@@ -105,8 +105,8 @@ def digits_metrics(x: torch.Tensor) -> dict:
 
 
 def sample_metrics(x: torch.Tensor, teacher) -> dict:
-    if teacher.mixture is not None:
-        return gmm_metrics(x, teacher.mixture)
+    if teacher.mixture is not None:  # in the data's own coordinates (teacher.gmm.normalize)
+        return gmm_metrics(teacher.to_data(x), teacher.data_mixture or teacher.mixture)
     if tuple(teacher.sample_shape) == (1, 8, 8):
         return digits_metrics(x)
     return {"mean": float(x.mean()), "std": float(x.std())}  # no reference distribution for other teachers

@@ -29,6 +29,7 @@ import torch
 
 from .atomic import atomic_dir
 from .denoisers import Denoiser
+from .mixture import data_range
 from .parameterization import OURS_TO_DIFFUSERS
 from .sampling import StudentGrid
 from .schedules import VPDiscrete
@@ -97,7 +98,14 @@ def grid_timesteps(schedule: VPDiscrete, grid: StudentGrid) -> list[int]:
 
 
 def check_exportable(student: Denoiser, teacher) -> None:
-    """Refuse, before training, a student that no stock pipeline can run."""
+    """Refuse, before training, a student that no stock pipeline can run, or whose pipeline would clip its data."""
+    if teacher.mixture is not None:
+        low, high = data_range(teacher.mixture)
+        if float(low.min()) < -1 or float(high.max()) > 1:
+            raise ExportError(f"export: the mixture reaches [{float(low.min()):.3g}, {float(high.max()):.3g}] "
+                              "(means -+ 4 stds), and DDPMPipeline clamps its output to [-1, 1]: set "
+                              "teacher.gmm.normalize: auto (the default: the data mapped into [-1, 1] and the map "
+                              "recorded) or export.pipeline: false")
     backbone = student.backbone
     if teacher.family is None and getattr(getattr(backbone, "config", None), "num_class_embeds", None) is not None:
         raise ExportError("export: DDPMPipeline cannot pass class labels, so a class-conditional UNet2DModel student "
@@ -118,7 +126,7 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
                                      call_timesteps=False)
     pipe = DDPMPipeline(unet=student.plain_backbone().float().eval(), scheduler=scheduler)
     vector = len(teacher.sample_shape) == 1
-    return pipe, {
+    fields = {
         "prediction_type": OURS_TO_DIFFUSERS[student.prediction],
         "num_inference_steps": grid.steps,
         "guidance_scale": None,
@@ -129,6 +137,12 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
         "output": "DDPMPipeline returns (x / 2 + 0.5).clamp(0, 1); x = 2 * output - 1 recovers the sample"
                   + ("; vector samples come as [B, 1, 1, D] arrays" if vector else ""),
     }
+    data_map = getattr(teacher, "data_map", None)
+    if data_map is not None and not data_map.identity:  # teacher.gmm.normalize: the data's own coordinates back
+        fields["data_map"] = data_map.config()
+        fields["output"] += (f"; the model works in normalised coordinates: data = x * {data_map.scale!r} + shift "
+                             f"(stepdistill.json data_map)")
+    return pipe, fields
 
 
 def _check_renoise_prediction(student: Denoiser, grid: StudentGrid) -> None:
@@ -351,11 +365,23 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         if _stochastic(meta) else "- deterministic given the initial noise",
         f"- prediction type: `{meta['prediction_type']}`",
         f"- output: {meta['output']}",
+        *_data_map_lines(meta),
         *_timesteps_line(meta),
     ]
     if metrics:
         lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _data_map_lines(meta: dict) -> list[str]:
+    """The one line of numpy that takes a normalised vector student's pipeline output to data coordinates."""
+    if "data_map" not in meta:
+        return []
+    m = meta["data_map"]
+    return ["- the samples were trained in normalised coordinates (teacher.gmm.normalize); in the data's own:",
+            "", "```python", "import numpy as np", "",
+            f"data = (2 * images.reshape(len(images), -1) - 1) * {m['scale']!r} + np.array({m['shift']!r})",
+            "```"]
 
 
 _MOVES = {"ddim": "deterministic jumps, no added noise", "renoise": "denoise, then re-noise with fresh noise",

@@ -11,6 +11,7 @@ The ground truth that quality and correctness checks use (DESIGN.md §5, ``teach
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +30,8 @@ class GaussianMixture:
         if self.means.ndim != 2:
             raise ValueError(f"teacher.gmm.means must be a list of K points of one dimension, got {self.means.shape}")
         k = self.means.shape[0]
+        if k == 0 or self.means.shape[1] == 0:
+            raise ValueError("teacher.gmm.means must hold at least one point of dimension >= 1")
         stds = torch.as_tensor(stds, dtype=torch.float64)
         self.stds = stds.expand(k).clone() if stds.ndim == 0 else stds
         weights = torch.ones(k) if weights is None else torch.as_tensor(weights)
@@ -36,6 +39,9 @@ class GaussianMixture:
         if self.stds.shape != (k,) or weights.shape != (k,):
             raise ValueError(f"teacher.gmm: stds and weights need {k} entries, got {tuple(self.stds.shape)} and "
                              f"{tuple(weights.shape)}")
+        for name, value in (("means", self.means), ("stds", self.stds), ("weights", weights)):
+            if not torch.isfinite(value).all():
+                raise ValueError(f"teacher.gmm.{name} must be finite numbers, got {value.tolist()}")
         if (weights <= 0).any() or (self.stds <= 0).any():
             raise ValueError("teacher.gmm: weights and stds must be positive")
         self.weights = weights / weights.sum()
@@ -101,3 +107,57 @@ class GaussianMixture:
 
     def config(self) -> dict:
         return {"means": self.means.tolist(), "stds": self.stds.tolist(), "weights": self.weights.tolist()}
+
+
+#: how far out (in stds) a mode's samples are counted as part of the data's range: P(|N(0,1)| > 4) = 6e-5
+RANGE_STDS = 4.0
+
+
+@dataclass(frozen=True)
+class DataMap:
+    """The affine map between data coordinates and the model's, ``x_model = (x_data - shift) / scale``: one scale for
+    every dimension (isotropic modes stay isotropic) and a shift per dimension.
+
+    The stock ``DDPMPipeline`` clamps its output to [-1, 1] (``(image / 2 + 0.5).clamp(0, 1)``, not a scheduler
+    setting), so a vector teacher whose data reach outside it is trained on the mapped mixture, and the map is
+    recorded with the export (issue: data outside [-1, 1])."""
+
+    shift: tuple[float, ...]
+    scale: float
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and not any(self.shift)
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        shift = torch.tensor(self.shift, dtype=torch.float64)
+        return ((x.double() - shift) / self.scale).to(x.dtype)
+
+    def to_data(self, x: torch.Tensor) -> torch.Tensor:
+        shift = torch.tensor(self.shift, dtype=torch.float64)
+        return (x.double() * self.scale + shift).to(x.dtype)
+
+    def mixture(self, data: GaussianMixture) -> GaussianMixture:
+        """``data`` in model coordinates."""
+        shift = torch.tensor(self.shift, dtype=torch.float64)
+        return GaussianMixture((data.means - shift) / self.scale, data.stds / self.scale, data.weights)
+
+    def config(self) -> dict:
+        return {"scale": self.scale, "shift": list(self.shift)}
+
+
+def data_range(mixture: GaussianMixture, stds: float = RANGE_STDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension ``(low, high)`` of the mixture: every mode's mean -+ ``stds`` of its std."""
+    spread = stds * mixture.stds[:, None]
+    return (mixture.means - spread).min(0).values, (mixture.means + spread).max(0).values
+
+
+def fit_data_map(mixture: GaussianMixture) -> DataMap:
+    """The map that puts the mixture's range (``data_range``) inside [-1, 1]: the identity where it is already inside
+    (the shipped mixtures, whose fitted teachers and figures stay as they were); else the range's centre to 0 and its
+    widest half-width to 1."""
+    low, high = data_range(mixture)
+    if bool((low >= -1).all() and (high <= 1).all()):
+        return DataMap(shift=(0.0,) * mixture.dim, scale=1.0)
+    centre, half = (low + high) / 2, float(((high - low) / 2).max())
+    return DataMap(shift=tuple(centre.tolist()), scale=half)

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 
 from .denoisers import Denoiser, GMMDenoiser, UNet2DDenoiser
 from .families import BY_PIPELINE, FAMILIES, Family, family_denoiser, vae_scale
-from .mixture import GaussianMixture
+from .mixture import DataMap, GaussianMixture, fit_data_map
 from .schedules import VPDiscrete
 
 
@@ -61,6 +62,14 @@ class Teacher:
     #: loaded (a hub snapshot's commit; a local folder's path and file sizes/mtimes), so a replaced text encoder or
     #: VAE is not served stale
     identity: str | None = None
+    #: ``teacher.gmm``: the map from data coordinates to the model's (``mixture`` is in model coordinates, the one the
+    #: teacher, the data and the students see), and the mixture as the recipe gave it
+    data_map: DataMap | None = None
+    data_mixture: GaussianMixture | None = None
+
+    def to_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in the data's own coordinates (``teacher.gmm.normalize``): what ``sample`` and ``eval`` report."""
+        return x if self.data_map is None or self.data_map.identity else self.data_map.to_data(x)
 
     @property
     def cache_id(self) -> str:
@@ -346,10 +355,14 @@ def gmm_fingerprint(mixture: GaussianMixture, fit: dict) -> str:
 
 
 def load_gmm(means, *, std=None, stds=None, weights=None, denoiser: str = "mlp", fit: dict | None = None,
-             cache_dir: str | None = None) -> Teacher:
+             cache_dir: str | None = None, normalize: str = "auto") -> Teacher:
     """``teacher.gmm``: an analytic Gaussian mixture.
 
     Args:
+        normalize: ``auto`` maps a mixture that reaches outside [-1, 1] (its modes' means -+ 4 stds) into it with
+            one affine map (``mixture.fit_data_map``), applied before the teacher is fitted and recorded with the
+            export, since ``DDPMPipeline`` clamps its output to [-1, 1]; a mixture inside keeps its coordinates.
+            ``off`` keeps the data's coordinates (a run that exports a pipeline then refuses data outside).
         denoiser: ``mlp`` (default) distils from a network trained on the mixture by ``stepdistill train-teacher``'s
             code (fitted once, cached by a fingerprint of the mixture and fit settings), ``exact`` uses the
             closed-form ``E[x0 | x_t]`` as an oracle teacher.
@@ -357,14 +370,23 @@ def load_gmm(means, *, std=None, stds=None, weights=None, denoiser: str = "mlp",
     """
     if (std is None) == (stds is None):
         raise TeacherError("teacher.gmm needs exactly one of 'std' (shared) or 'stds' (per mode)")
+    if normalize not in ("auto", "off"):
+        raise TeacherError(f"teacher.gmm.normalize must be 'auto' or 'off', got {normalize!r}")
     try:
-        mixture = GaussianMixture(means, std if stds is None else stds, weights)
-    except ValueError as err:
+        data = GaussianMixture(means, std if stds is None else stds, weights)
+    except (ValueError, RuntimeError) as err:
         raise TeacherError(str(err)) from None
+    given = torch.as_tensor(weights, dtype=torch.float64).sum() if weights is not None else None
+    if given is not None and abs(float(given) - 1.0) > 1e-6:
+        print(f"note: teacher.gmm.weights sum to {float(given):g}; they are divided by that sum", file=sys.stderr)
+    data_map = fit_data_map(data) if normalize == "auto" else DataMap(shift=(0.0,) * data.dim, scale=1.0)
+    mixture = data_map.mixture(data)
+    maps = {"data_map": data_map, "data_mixture": data}
     sched_cfg = dict(DEFAULT_SCHEDULER)
     schedule = VPDiscrete.from_scheduler_config(sched_cfg)
     if denoiser == "exact":
-        return Teacher(GMMDenoiser(mixture, schedule), sched_cfg, (mixture.dim,), "gmm:exact", mixture=mixture)
+        return Teacher(GMMDenoiser(mixture, schedule), sched_cfg, (mixture.dim,), "gmm:exact", mixture=mixture,
+                       **maps)
     if denoiser != "mlp":
         raise TeacherError(f"teacher.gmm.denoiser must be 'mlp' or 'exact', got {denoiser!r}")
 
@@ -379,7 +401,7 @@ def load_gmm(means, *, std=None, stds=None, weights=None, denoiser: str = "mlp",
         unet = UNet2DModel.from_pretrained(folder / "unet")
     else:
         unet = fit_vector_teacher(mixture, fit_cfg, sched_cfg, folder)
-    return _unet_teacher(unet, sched_cfg, f"gmm:mlp:{key}", sample_shape=(mixture.dim,), mixture=mixture)
+    return _unet_teacher(unet, sched_cfg, f"gmm:mlp:{key}", sample_shape=(mixture.dim,), mixture=mixture, **maps)
 
 
 def load_teacher(cfg, *, dtype: str = "float32") -> Teacher:
@@ -400,7 +422,7 @@ def load_teacher(cfg, *, dtype: str = "float32") -> Teacher:
     if source == "embedded":
         return load_embedded(cfg.embedded)
     gmm = dict(cfg.gmm)
-    allowed = {"means", "std", "stds", "weights", "denoiser", "fit", "cache_dir"}
+    allowed = {"means", "std", "stds", "weights", "denoiser", "fit", "cache_dir", "normalize"}
     unknown = set(gmm) - allowed
     if unknown or "means" not in gmm:
         raise TeacherError(f"teacher.gmm: {'unknown key(s) ' + str(sorted(unknown)) if unknown else 'means missing'};"

@@ -526,7 +526,8 @@ class Trainer:
             finally:
                 vae.to(home)
         path = self.dir / "samples" / f"step-{self.step}.png"
-        save_sample_grid(x.cpu(), path, mixture=self.teacher.mixture)
+        teacher = self.teacher  # vector teachers: shown in the data's own coordinates (teacher.gmm.normalize)
+        save_sample_grid(teacher.to_data(x.cpu()), path, mixture=teacher.data_mixture or teacher.mixture)
         return path
 
     def readable_run(self) -> Run:
