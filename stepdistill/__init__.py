@@ -1,25 +1,34 @@
 """stepdistill: diffusion step distillation for diffusers teachers.
 
-The public API: recipes (``build_recipe``, ``load_recipe``), the loop (``Trainer``), evaluation (``evaluate``),
-the shared scheduler pieces (schedules, predictions, denoisers, samplers) and the method registry (``METHODS``).
+The public API: recipes (``build_recipe``, ``load_recipe``), the loop (``Trainer``), reading a run back
+(``load_run``), evaluation (``evaluate``), the shared scheduler pieces (schedules, predictions, denoisers, samplers)
+and the method registry (``METHODS``). Names are imported on first use, so ``stepdistill --help`` and ``stepdistill
+ls`` answer without loading torch's training stack.
 """
 
-from .config import Recipe, build_recipe, load_recipe
-from .denoisers import Denoiser, GMMDenoiser, UNet2DDenoiser, guided
-from .evaluate import evaluate
-from .methods import METHODS
-from .mixture import GaussianMixture
-from .parameterization import Prediction
-from .sampling import StudentGrid, sample_ddim, sample_dpmpp_2m, sample_euler, sample_heun, sample_student
-from .schedules import EDM, RectifiedFlow, TrigFlow, VPCosine, VPDiscrete, map_time
-from .train import Trainer
+import importlib
 
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "EDM", "METHODS", "Denoiser", "GMMDenoiser", "GaussianMixture", "Prediction", "Recipe", "RectifiedFlow",
-    "StudentGrid", "Trainer", "TrigFlow", "UNet2DDenoiser", "VPCosine", "VPDiscrete", "build_recipe", "evaluate",
-    "guided", "load_recipe", "map_time", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_heun",
-    "sample_student",
-]
+_WHERE = {
+    "Recipe": "config", "build_recipe": "config", "load_recipe": "config",
+    "Denoiser": "denoisers", "GMMDenoiser": "denoisers", "UNet2DDenoiser": "denoisers", "guided": "denoisers",
+    "jvp": "denoisers", "Reparameterized": "denoisers",
+    "evaluate": "evaluate", "METHODS": "methods", "GaussianMixture": "mixture", "Prediction": "parameterization",
+    "StudentGrid": "sampling", "sample_ddim": "sampling", "sample_dpmpp_2m": "sampling", "sample_euler": "sampling",
+    "sample_heun": "sampling", "sample_student": "sampling",
+    "EDM": "schedules", "RectifiedFlow": "schedules", "TrigFlow": "schedules", "VPCosine": "schedules",
+    "VPDiscrete": "schedules", "map_time": "schedules",
+    "Trainer": "train", "load_run": "run",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'stepdistill' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

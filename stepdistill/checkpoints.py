@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import sync_dir, sync_tree
@@ -68,26 +69,33 @@ class CheckpointStore:
         staged folder in. ``roles`` maps a role to its state dict (sharded tensors as DTensors), ``optimizers`` a role
         to ``{"optimizer": state_dict, "lr_scheduler": state_dict}``."""
         tmp, final = self.root / f".step-{step}.tmp", self.root / f"step-{step}"
-        if is_main_process:
+        try:
+            if is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            barrier()
+            save_file(rng, str(tmp / f"rng-rank{rank}.safetensors"))
+            for role, weights in roles.items():
+                if role in sharded or is_main_process:
+                    keys = sorted(k for k, v in weights.items() if is_sharded(v))
+                    tensors = {k: local(v).detach().cpu().contiguous() for k, v in weights.items()}
+                    name = f"{role}-rank{rank}.safetensors" if role in sharded else f"{role}.safetensors"
+                    meta = {"sharded": json.dumps(keys)} if role in sharded else None
+                    save_file(tensors, str(tmp / name), metadata=meta)
+            for role, blob in optimizers.items():
+                if role in sharded or is_main_process:
+                    blob = {**blob, "optimizer": optimizer_state_local(blob["optimizer"])}
+                    name = f"optim-{role}-rank{rank}.pt" if role in sharded else f"optim-{role}.pt"
+                    torch.save(blob, tmp / name)
+            barrier()
+            if is_main_process:
+                (tmp / "state.json").write_text(json.dumps(state, indent=2))
+                sync_tree(tmp)  # on disk before the name says "complete" (pruning then deletes the older one)
+        except (OSError, SafetensorError, RuntimeError) as err:  # a full disk, a vanished folder: one line
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        save_file(rng, str(tmp / f"rng-rank{rank}.safetensors"))
-        for role, weights in roles.items():
-            if role in sharded or is_main_process:
-                keys = sorted(k for k, v in weights.items() if is_sharded(v))
-                tensors = {k: local(v).detach().cpu().contiguous() for k, v in weights.items()}
-                name = f"{role}-rank{rank}.safetensors" if role in sharded else f"{role}.safetensors"
-                meta = {"sharded": json.dumps(keys)} if role in sharded else None
-                save_file(tensors, str(tmp / name), metadata=meta)
-        for role, blob in optimizers.items():
-            if role in sharded or is_main_process:
-                blob = {**blob, "optimizer": optimizer_state_local(blob["optimizer"])}
-                torch.save(blob, tmp / (f"optim-{role}-rank{rank}.pt" if role in sharded else f"optim-{role}.pt"))
-        barrier()
+            raise RunError(f"checkpoint step-{step} could not be written under {self.root} ({first_line(err)}; a "
+                           "full disk?); the earlier checkpoints are untouched: free space and --resume") from None
         if is_main_process:
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-            sync_tree(tmp)  # on disk before the name says "complete" (pruning then deletes the older checkpoint)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             sync_dir(self.root)

@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEMO_RECIPE = Path(__file__).resolve().parent / "assets" / "demo.yaml"
+#: the most samples one ``stepdistill sample`` call draws (they are held in memory and written at once)
+MAX_SAMPLES = 1_000_000
 
 
 def _user_errors():
@@ -89,8 +89,8 @@ def cmd_sample(args) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".npy", ".pt"):
         raise ConfigError(f"--output: {out} must end in .png (a grid), .npy or .pt")
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise ConfigError(f"--num-samples: must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
     student, grid, teacher, prompts = _load_student(Path(args.path))
@@ -112,6 +112,8 @@ def cmd_sample(args) -> int:
 
         np.save(out, x.numpy())
     elif out.suffix == ".pt":
+        import torch
+
         torch.save(x, out)
     else:
         save_sample_grid(x, out, mixture=teacher.data_mixture or teacher.mixture)
@@ -130,6 +132,9 @@ def cmd_export(args) -> int:
     out = Path(args.output_dir) if args.output_dir else None
     if out is not None and out.exists() and not args.overwrite:  # the run's own pipeline/ is replaced, not this
         raise ConfigError(f"--output-dir: {out} already exists; pass --overwrite to replace it")
+    if out is not None and out.exists() and not _replaceable(out):
+        raise ConfigError(f"--overwrite: {out} holds files but no exported pipeline or LoRA (stepdistill.json); "
+                          "refusing to delete it")
     run = load_run(run_dir)
     lora = args.lora or args.kohya
     student, grid = run.sampling_student(), run.grid
@@ -141,6 +146,16 @@ def cmd_export(args) -> int:
         target = (out / "pipeline" if lora else out) if out else run_dir / "pipeline"
         print(f"pipeline: {export_pipeline(student, run.teacher, grid, run.recipe, target)}")
     return 0
+
+
+def _replaceable(folder: Path) -> bool:
+    """Whether ``export --overwrite`` may replace ``folder``: what an export wrote (a pipeline or LoRA folder with
+    ``stepdistill.json``, or a folder holding only such folders), or an empty folder."""
+    if not folder.is_dir():
+        return False
+    if (folder / "stepdistill.json").is_file():
+        return True
+    return all(e.is_dir() and (e / "stepdistill.json").is_file() for e in folder.iterdir())
 
 
 def cmd_eval(args) -> int:
@@ -155,38 +170,54 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"eval: no metric for {teacher.family.name} students yet (a CLIP score is planned); "
                           "`stepdistill sample` draws them")
     ev = load_recipe(path / "config.yaml").eval if (path / "config.yaml").exists() else EvalConfig()
-    metrics = evaluate(student, grid, teacher, num_samples=args.num_samples or ev.num_samples, seed=ev.seed,
-                       teacher_sampler=ev.teacher_sampler, full_steps=ev.teacher_full_steps)
-    (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _card_metrics(path, metrics)
+    num = args.num_samples or ev.num_samples
+    print(f"evaluating: the student and the teacher at {grid.steps} and {ev.teacher_full_steps} steps on {num} "
+          "samples each", file=sys.stderr)
+    metrics = evaluate(student, grid, teacher, num_samples=num, seed=ev.seed, teacher_sampler=ev.teacher_sampler,
+                       full_steps=ev.teacher_full_steps)
     print(json.dumps(metrics, indent=2))
+    if (path / "config.yaml").exists():  # a run: its metrics.json, and its exported pipeline's card
+        (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        card = _card_metrics(path, metrics)
+        print(f"metrics: {path / 'metrics.json'}" + (f"; model card: {card}" if card else ""), file=sys.stderr)
+    else:  # an exported pipeline is left as it is: its card holds its run's own evaluation
+        print("metrics printed above; the exported folder is left unchanged (evaluate the run directory to update "
+              "its model card)", file=sys.stderr)
     return 0
 
 
-def _card_metrics(path: Path, metrics: dict) -> None:
-    """Put ``metrics`` on the model card of the pipeline at ``path`` (a pipeline folder or a run's pipeline/)."""
+def _card_metrics(path: Path, metrics: dict) -> Path | None:
+    """Put ``metrics`` on the model card of a run's exported pipeline (``RUN/pipeline``); returns the card."""
     from .export import card_with_metrics
 
-    for folder in (path, path / "pipeline"):
-        if (folder / "stepdistill.json").exists():
-            card_with_metrics(folder, metrics)
-            return
+    folder = path / "pipeline"
+    if (folder / "stepdistill.json").exists():
+        card_with_metrics(folder, metrics)
+        return folder / "README.md"
+    return None
 
 
 def cmd_demo(args) -> int:
     """Distil the embedded digits teacher (64 -> 4 steps), export, evaluate, and say where everything is."""
     import time
 
-    from .config import load_recipe
+    from .config import ConfigError, load_recipe
     from .evaluate import evaluate
     from .train import Trainer
 
     start = time.perf_counter()
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{out} already holds files (an earlier demo?); pass --overwrite to run the demo again "
+                          "there, or --output-dir DIR")
     recipe = load_recipe(DEMO_RECIPE, args.overrides)
     trainer = Trainer(recipe, args.output_dir, overwrite=args.overwrite).setup()
     trainer.train()
+    print("exporting the 4-step pipeline ...", file=sys.stderr)
     pipe = trainer.export()
     ev = recipe.eval
+    print(f"evaluating: the student and the teacher at {trainer.method.student_grid().steps} and "
+          f"{ev.teacher_full_steps} steps on {ev.num_samples} samples each ...", file=sys.stderr)
     metrics = evaluate(trainer.sampling_student(), trainer.method.student_grid(), trainer.teacher,
                        num_samples=ev.num_samples, seed=ev.seed, teacher_sampler=ev.teacher_sampler,
                        full_steps=ev.teacher_full_steps)

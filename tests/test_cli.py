@@ -246,3 +246,61 @@ def test_eval_uses_the_recipes_eval_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "evaluate", spy)
     assert main(["eval", str(run), "--num-samples", "32"]) == 0
     assert seen == {"num_samples": 32, "seed": 7, "teacher_sampler": "ddim", "full_steps": 16}
+
+
+def test_first_run_mishaps_are_one_line_and_lose_nothing(tmp_path, capsys, monkeypatch):
+    """From a run of the README tried as a new user would: ``export --overwrite`` onto a folder of the user's own,
+    a non-finite learning rate, a full disk while a checkpoint is written, and the demo on an existing run."""
+    import errno
+    import subprocess
+    import sys
+
+    import stepdistill.checkpoints as store
+
+    recipe = _recipe_file(tmp_path, **{"train.max_steps": 2})
+    assert main(["distill", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    line = _error(capsys, ["export", str(tmp_path / "run"), "--output-dir", str(notes), "--overwrite"])
+    assert "holds files but no exported pipeline" in line and (notes / "notes.txt").read_text() == "mine"
+    # an earlier export at the same place is replaced
+    assert main(["export", str(tmp_path / "run"), "--output-dir", str(tmp_path / "out")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--output-dir", str(tmp_path / "out"), "--overwrite"]) == 0
+
+    line = _error(capsys, ["distill", str(recipe), "--output-dir", str(tmp_path / "nan"), "optim.student.lr=.nan"])
+    assert "optim.student.lr: must be a positive number" in line and not (tmp_path / "nan").exists()
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "save_file", full_disk)
+    line = _error(capsys, ["distill", str(recipe), "--output-dir", str(tmp_path / "run"), "--resume",
+                           "train.max_steps=3"])
+    assert "checkpoint step-3 could not be written" in line and "No space left on device" in line
+    assert not (tmp_path / "run" / "checkpoints" / ".step-3.tmp").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-2" / "state.json").exists()
+    monkeypatch.undo()
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "x").write_text("")
+    line = _error(capsys, ["demo", "--output-dir", str(demo)])
+    assert "pass --overwrite" in line and "--resume" not in line
+    # --help answers without importing the training stack
+    proc = subprocess.run([sys.executable, "-c", "import sys, stepdistill.cli; stepdistill.cli.build_parser(); "
+                           "print(sorted(m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules))"],
+                          capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_eval_of_an_exported_pipeline_leaves_it_unchanged(tmp_path, capsys):
+    recipe = _recipe_file(tmp_path, **{"train.max_steps": 2})
+    assert main(["distill", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--num-samples", "32"]) == 0
+    card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
+    assert "## Metrics" in card and "metrics:" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "run" / "pipeline"), "--num-samples", "16"]) == 0
+    assert "left unchanged" in capsys.readouterr().err
+    assert (tmp_path / "run" / "pipeline" / "README.md").read_text() == card
+    assert not (tmp_path / "run" / "pipeline" / "metrics.json").exists()
