@@ -63,17 +63,35 @@ class CheckpointStore:
     # ------------------------------------------------------------------------------------------------ writing
     def save(self, step: int, *, roles: dict[str, dict[str, torch.Tensor]], sharded: list[str],
              optimizers: dict[str, dict], rng: dict[str, torch.Tensor], state: dict, rank: int,
-             is_main_process: bool, barrier: Callable[[], None]) -> Path:
+             is_main_process: bool, barrier: Callable[[], None],
+             any_rank: Callable[[bool], bool] = lambda failed: failed) -> Path:
         """Write checkpoint ``step`` atomically. Every rank calls it: sharded roles and their optimizers are written
         by every rank (its own shard), the rest by the main process, which writes ``state.json`` last and renames the
         staged folder in. ``roles`` maps a role to its state dict (sharded tensors as DTensors), ``optimizers`` a role
-        to ``{"optimizer": state_dict, "lr_scheduler": state_dict}``."""
+        to ``{"optimizer": state_dict, "lr_scheduler": state_dict}``. A write that fails on any rank (a full disk)
+        fails on all of them together (``any_rank`` ORs a flag over the ranks), so none is left waiting."""
         tmp, final = self.root / f".step-{step}.tmp", self.root / f"step-{step}"
-        try:
+
+        def stage(write) -> None:
+            error = None
+            try:
+                write()
+            except (OSError, SafetensorError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+                error = err
+            if any_rank(error is not None):
+                barrier()
+                if is_main_process:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                why = first_line(error) if error is not None else "another process could not write its part"
+                raise RunError(f"checkpoint step-{step} could not be written under {self.root} ({why}; a full "
+                               "disk?); the earlier checkpoints are untouched: free space and --resume")
+
+        def begin():
             if is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-            barrier()
+
+        def parts():
             save_file(rng, str(tmp / f"rng-rank{rank}.safetensors"))
             for role, weights in roles.items():
                 if role in sharded or is_main_process:
@@ -87,14 +105,16 @@ class CheckpointStore:
                     blob = {**blob, "optimizer": optimizer_state_local(blob["optimizer"])}
                     name = f"optim-{role}-rank{rank}.pt" if role in sharded else f"optim-{role}.pt"
                     torch.save(blob, tmp / name)
-            barrier()
+
+        def complete():
             if is_main_process:
                 (tmp / "state.json").write_text(json.dumps(state, indent=2))
                 sync_tree(tmp)  # on disk before the name says "complete" (pruning then deletes the older one)
-        except (OSError, SafetensorError, RuntimeError) as err:  # a full disk, a vanished folder: one line
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RunError(f"checkpoint step-{step} could not be written under {self.root} ({first_line(err)}; a "
-                           "full disk?); the earlier checkpoints are untouched: free space and --resume") from None
+
+        stage(begin)
+        barrier()
+        stage(parts)
+        stage(complete)
         if is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)

@@ -43,18 +43,20 @@ def cmd_distill(args) -> int:
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite: pass one (continue the run, or replace it)")
     trainer = Trainer(recipe, out, resume=args.resume, overwrite=args.overwrite).setup()
-    trainer.train()
-    if recipe.export.pipeline:
-        path = trainer.export()
-        if path is not None:
-            print(f"pipeline: {path}")
-    if trainer.writes_lora():  # LoRA-role students of the diffusers families also ship as a LoRA file
-        path = trainer.export_lora(kohya=recipe.export.kohya)
-        if path is not None:
-            print(f"lora: {path}")
-    if trainer.accelerator.is_main_process:
-        print(f"run directory: {trainer.dir}")
-    trainer.close()
+    try:
+        trainer.train()
+        if recipe.export.pipeline:
+            path = trainer.export()
+            if path is not None:
+                print(f"pipeline: {path}")
+        if trainer.writes_lora():  # LoRA-role students of the diffusers families also ship as a LoRA file
+            path = trainer.export_lora(kohya=recipe.export.kohya)
+            if path is not None:
+                print(f"lora: {path}")
+        if trainer.accelerator.is_main_process:
+            print(f"run directory: {trainer.dir}")
+    finally:  # a stop signal or an abort too: the process group and trackers end here
+        trainer.close()
     return 0
 
 
@@ -72,6 +74,10 @@ def _load_student(path: Path):
             raise ConfigError(f"{path}: an exported {meta['pipeline_class']}; sample it with diffusers as its "
                               "README.md shows, or pass the run directory instead")
         teacher = load_teacher(build_recipe({"teacher": meta["teacher"]}).teacher)
+        if meta.get("data_map") is None and teacher.data_map is not None and not teacher.data_map.identity:
+            # exported before teacher.gmm.normalize (no map recorded): the student works in the data's coordinates
+            teacher = load_teacher(build_recipe({"teacher": {"gmm": {**meta["teacher"]["gmm"],
+                                                                     "normalize": "off"}}}).teacher)
         student, grid, _ = load_exported_student(path, teacher)
         return student, grid, teacher, None
     if (path / "config.yaml").exists():

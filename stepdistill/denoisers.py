@@ -572,8 +572,18 @@ class Reparameterized(Denoiser):
     def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.inner.fresh_noise(like, generator)
 
+    @property
+    def t_max(self) -> float:
+        """The latest time of this schedule whose SNR the inner one reaches (its noisiest is its time 1): SD's betas
+        end at logSNR -10.6, which TrigFlow (sigma_data 0.5) passes at t = 0.978."""
+        floor = self.inner.schedule.logsnr(torch.tensor(1.0, dtype=torch.float64))
+        return float(self.schedule.t_from_logsnr(floor))
+
     def inner_time(self, t: torch.Tensor) -> torch.Tensor:
         """The inner schedule's time with the SNR of ``t`` on this one."""
+        if float(t.max()) > self.t_max + 1e-9:
+            raise ValueError(f"Reparameterized: time {float(t.max()):.4g} is noisier than the inner schedule reaches "
+                             f"(its SNR ends at time {self.t_max:.4g} here); draw times up to t_max")
         return _MappedTime.apply(t, self.schedule, self.inner.schedule)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Prediction:
@@ -619,7 +629,8 @@ class JVPError(ValueError):
     """Forward-mode AD is not available for a backbone (``jvp(..., mode="exact")``); the message says why."""
 
 
-_WARNED: set[str] = set()
+#: backbone classes forward-mode AD failed on (``jvp(mode="auto")`` then goes straight to the difference)
+_NO_FORWARD_AD: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -695,19 +706,20 @@ def jvp(denoiser: Denoiser, primals: tuple[torch.Tensor, torch.Tensor], tangents
 
     if mode not in ("exact", "fd", "auto"):
         raise ValueError(f"jvp mode must be exact, fd or auto, got {mode!r}")
-    if mode != "fd":
+    name = type(denoiser.backbone or denoiser).__name__
+    if mode == "exact" or (mode == "auto" and name not in _NO_FORWARD_AD):
         try:
             with forward_ad_friendly(denoiser):
                 return torch.func.jvp(f, (x, t), (dx.to(x.dtype), dt))
+        except torch.cuda.OutOfMemoryError:
+            raise
         except (NotImplementedError, RuntimeError) as err:
             reason = str(err).splitlines()[0][:200]
-            name = type(denoiser.backbone or denoiser).__name__
             if mode == "exact":
                 raise JVPError(f"forward-mode AD fails on {name} ({reason})") from None
-            if name not in _WARNED:
-                _WARNED.add(name)
-                print(f"note: forward-mode AD is not available for {name} ({reason}); time derivatives use a "
-                      "float64 central difference instead", file=sys.stderr)
+            _NO_FORWARD_AD.add(name)  # not tried again: a failed forward costs as much as a good one
+            print(f"note: forward-mode AD is not available for {name} ({reason}); time derivatives use a "
+                  "float64 central difference instead", file=sys.stderr)
     return _central_difference(f, x, t, dx, dt, step)
 
 

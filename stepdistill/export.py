@@ -66,6 +66,8 @@ def student_scheduler(teacher_scheduler_config: dict, prediction: str, grid: Stu
     tried, uneven = [], None
     for scheduler, call in _scheduler_candidates(teacher_scheduler_config, prediction, grid, timesteps):
         if call and not call_timesteps:
+            tried.append(f"{type(scheduler).__name__} needs call arguments {sorted(call)}, which DDPMPipeline does "
+                         "not take")
             continue
         ran = replay(scheduler, grid.steps, call)
         landed = _ddim_landings(scheduler, ran)
@@ -101,7 +103,7 @@ def check_exportable(student: Denoiser, teacher) -> None:
     """Refuse, before training, a student that no stock pipeline can run, or whose pipeline would clip its data."""
     if teacher.mixture is not None:
         low, high = data_range(teacher.mixture)
-        if float(low.min()) < -1 or float(high.max()) > 1:
+        if float(low.min()) < -1 - 1e-9 or float(high.max()) > 1 + 1e-9:  # the fitted map lands on -+1 up to rounding
             raise ExportError(f"export: the mixture reaches [{float(low.min()):.3g}, {float(high.max()):.3g}] "
                               "(means -+ 4 stds), and DDPMPipeline clamps its output to [-1, 1]: set "
                               "teacher.gmm.normalize: auto (the default: the data mapped into [-1, 1] and the map "

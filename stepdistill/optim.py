@@ -32,6 +32,18 @@ def lr_factor(step: int, cfg, total: int | None = None) -> float:
     return 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def check_optimizer(cfg, role: str) -> None:
+    """Refuse, before anything is written, an optimizer this machine cannot run."""
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError(f"optim.{role}.name: adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA "
+                             "only); use adamw or radam") from None
+        if not torch.cuda.is_available():
+            raise ValueError(f"optim.{role}.name: adamw8bit runs on CUDA only; use adamw or radam")
+
+
 def make_optimizer(params: list[torch.Tensor], cfg, role: str) -> torch.optim.Optimizer:
     """``cfg.name``: ``adamw`` (torch's, fused where the parameters allow), ``radam`` (decoupled weight decay, as
     AdamW) or ``adamw8bit`` (bitsandbytes' 8-bit AdamW, CUDA only, when installed)."""
@@ -40,11 +52,9 @@ def make_optimizer(params: list[torch.Tensor], cfg, role: str) -> torch.optim.Op
         return torch.optim.AdamW(params, **kwargs, fused=_fusable(params) or None)
     if cfg.name == "radam":
         return torch.optim.RAdam(params, **kwargs, decoupled_weight_decay=True)
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise ValueError(f"optim.{role}.name: adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA "
-                         "only); use adamw or radam") from None
+    check_optimizer(cfg, role)
+    import bitsandbytes
+
     return bitsandbytes.optim.AdamW8bit(params, **kwargs)
 
 

@@ -70,14 +70,19 @@ def with_recipe_roles(specs: dict[str, RoleSpec], ema_decay: float,
         if unknown or "of" not in settings:
             raise ValueError(f"roles.ema.{name}: give 'of' (the role it follows) and 'decay' or 'halflife' "
                              f"(+ 'rampup'); got {sorted(settings)}")
-        if settings["of"] not in specs or specs[settings["of"]].init in ("ema", "build"):
+        source = settings["of"]
+        if source not in specs or specs[source].init in ("ema", "build"):
             denoisers = sorted(k for k, s in specs.items() if s.init not in ("ema", "build"))
-            raise ValueError(f"roles.ema.{name}: follows {settings['of']!r}, which is not a denoiser role of this "
+            raise ValueError(f"roles.ema.{name}: follows {source!r}, which is not a denoiser role of this "
                              f"method; its roles: {denoisers}")
+        if name.endswith("_ema") and name != f"{source}_ema":  # <role>_ema is what samples and exports as <role>
+            raise ValueError(f"roles.ema.{name}: a role named {name!r} samples in place of "
+                             f"{name.removesuffix('_ema')!r}, so it must follow it, not {source!r}; rename it")
         try:
-            specs[name] = RoleSpec(ema_of=settings["of"], decay=settings.get("decay"),
-                                   halflife=settings.get("halflife"), rampup=settings.get("rampup"))
-        except ValueError as err:
+            numbers = {k: None if settings.get(k) is None else float(settings[k])
+                       for k in ("decay", "halflife", "rampup")}
+            specs[name] = RoleSpec(ema_of=source, **numbers)
+        except (TypeError, ValueError) as err:
             raise ValueError(f"roles.ema.{name}: {err}") from None
     return specs
 
@@ -166,23 +171,6 @@ def lora_targets(teacher: Teacher) -> str:
     return teacher.family.lora_targets if teacher.family is not None else UNET2D_TARGETS
 
 
-def rebuilt_lora_student(teacher: Teacher, like: AdapterDenoiser, weights: dict[str, torch.Tensor], *, rank: int,
-                         alpha: float, teacher_dtype: str = "float32") -> AdapterDenoiser:
-    """The student adapter ``weights`` on a freshly loaded ``teacher``'s base, wrapped like ``like``.
-
-    Used where the training base cannot be read whole: under FSDP it was sharded in place, and the process group
-    that could gather it is gone by export time. The base is stored in ``teacher_dtype`` as in training, so the merged
-    export is the student that was trained (the unsharded export merges into that same bf16-rounded base).
-    """
-    base = teacher.backbone
-    add_adapters(base, [like.adapter], rank=rank, alpha=alpha, target_modules=lora_targets(teacher))
-    if teacher_dtype != "float32":
-        cast_frozen(base, getattr(torch, teacher_dtype))
-    student = AdapterDenoiser(like.inner.with_backbone(base, like.prediction), like.adapter)
-    student.load_role_state_dict(weights)
-    return student.eval()
-
-
 def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_init: str, rank: int,
                      alpha: float) -> Nets:
     """``roles.mode: lora``: denoiser roles (and EMAs of them) become adapters of the teacher's own backbone, which
@@ -257,22 +245,50 @@ def frozen(modules):
             p.requires_grad_(flag)
 
 
+#: elements per all-reduce bucket (DDP's default bucket is 25 MiB; a few of those bound the extra memory)
+BUCKET = 1 << 23
+
+
 def sync_gradients(params: list[torch.Tensor], world: int) -> None:
-    """Average ``params``' gradients over the ``world`` processes: one collective over a flat buffer (a missing
-    gradient counts as zero and stays missing). What DDP's reducer does, after the phase's last backward instead of
-    during it, so any number of forwards of any role, in any number of loss terms, needs no rule."""
+    """Average ``params``' gradients over the ``world`` processes, as DDP's reducer does, after the phase's last
+    backward instead of during it, so any number of forwards of any role, in any number of loss terms, needs no rule.
+
+    A gradient missing on some ranks (a parameter the rank's loss did not reach) counts as zero there, and every rank
+    then holds the average (``find_unused_parameters`` does the same), so all ranks take the same optimizer step.
+    Gradients travel in buckets of ``BUCKET`` elements per dtype, so the extra memory is a few buckets, not a copy."""
     if world == 1 or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        n = p.numel()
-        if p.grad is not None:
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
+    present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    torch.distributed.all_reduce(present)
+    used = [p for p, n in zip(params, present.tolist()) if n > 0]
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in used:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        for bucket in _buckets(grads, BUCKET):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            torch.distributed.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int):
+    """Consecutive groups of ``tensors`` of at most ``limit`` elements (a larger tensor alone)."""
+    bucket, size = [], 0
+    for t in tensors:
+        if bucket and size + t.numel() > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        yield bucket
 
 
 def broadcast_parameters(params: list[torch.Tensor]) -> None:

@@ -22,6 +22,7 @@ from .data import DataSource, image_captions, latent_table
 from .denoisers import Denoiser
 from .methods import METHODS
 from .methods.base import Method
+from .mixture import GaussianMixture, data_range
 from .roles import build_nets, effective_student_init, with_recipe_roles
 from .sampling import StudentGrid, sampling_denoiser
 from .teachers import Teacher, TeacherError, cache_root, load_teacher
@@ -85,6 +86,8 @@ def build_run(recipe: Recipe, *, is_main_process: bool = True, wait_for_everyone
 
     ``sampling_only``: build only the roles that sample (``Method.sampling_roles``) and their EMAs.
     """
+    if recipe.export.pipeline:
+        _refuse_clipped_mixture(recipe)  # before a teacher is fitted: nothing is written for a refused run
     try:
         teacher = load_teacher(recipe.teacher, dtype=load_dtype(recipe))
     except TeacherError as err:
@@ -106,6 +109,24 @@ def build_run(recipe: Recipe, *, is_main_process: bool = True, wait_for_everyone
     return Run(recipe, teacher, method, specs, nets, conditions, student_init)
 
 
+def _refuse_clipped_mixture(recipe: Recipe) -> None:
+    """``teacher.gmm.normalize: off`` with data outside [-1, 1] and a pipeline to export: refused up front (the same
+    check ``export.check_exportable`` makes of the built teacher)."""
+    gmm = recipe.teacher.gmm
+    if not isinstance(gmm, dict) or gmm.get("normalize", "auto") != "off":
+        return
+    try:
+        mixture = GaussianMixture(gmm.get("means"), gmm.get("std") if gmm.get("stds") is None else gmm["stds"],
+                                  gmm.get("weights"))
+    except (TypeError, ValueError, RuntimeError):
+        return  # load_teacher names what is wrong with it
+    low, high = data_range(mixture)
+    if float(low.min()) < -1 or float(high.max()) > 1:
+        raise ConfigError(f"teacher.gmm.normalize: off, but the mixture reaches [{float(low.min()):.3g}, "
+                          f"{float(high.max()):.3g}] (means -+ 4 stds), and DDPMPipeline clamps its output to "
+                          "[-1, 1]: set teacher.gmm.normalize: auto (the default) or export.pipeline: false")
+
+
 def load_run(path: str | Path, *, checkpoint: str | None = None, all_roles: bool = False) -> Run:
     """A trained run read back for sampling, evaluation or export: its recipe, the sampling roles (student and its
     EMA; every checkpointed role with ``all_roles``) with the weights of the latest complete checkpoint (or of
@@ -121,10 +142,11 @@ def load_run(path: str | Path, *, checkpoint: str | None = None, all_roles: bool
     if not (ckpt / "state.json").is_file():
         raise RunError(f"checkpoint: {ckpt} is not a complete checkpoint")
     state = store.read_state(ckpt, "checkpoint")
-    check_compatible(state, recipe, ckpt, "checkpoint")
+    check_compatible(state, recipe, ckpt, "checkpoint", run.teacher)
     try:
         for role in run.nets.roles():
-            if role != "teacher" and store.has_role(ckpt, role):  # a built role that is never saved starts fresh
+            spec = run.specs.get(role)
+            if spec is not None and (spec.trainable or spec.checkpointed or spec.init == "ema"):
                 run.nets[role].load_role_state_dict(store.read_role(ckpt, role))
     except Exception as err:  # noqa: BLE001 - any unreadable/mismatched file is the same problem
         raise RunError(f"corrupt or incompatible checkpoint {ckpt}: {first_line(err)}") from None
@@ -136,8 +158,21 @@ def load_run(path: str | Path, *, checkpoint: str | None = None, all_roles: bool
     return run
 
 
-def check_compatible(state: dict, recipe: Recipe, path: Path, what: str) -> None:
-    """Refuse a checkpoint of another method, teacher or roles mode, or one trained under other method settings."""
+def data_map_config(teacher: Teacher) -> dict | None:
+    """The data map of a ``teacher.gmm`` (``None`` for other teachers), as checkpoints record it."""
+    return None if teacher.data_map is None else teacher.data_map.config()
+
+
+def check_compatible(state: dict, recipe: Recipe, path: Path, what: str, teacher: Teacher | None = None) -> None:
+    """Refuse a checkpoint of another method, teacher or roles mode, one trained under other method settings, or one
+    whose mixture was trained in other coordinates (``teacher.gmm.normalize``)."""
+    if teacher is not None and teacher.data_map is not None:
+        identity = {"scale": 1.0, "shift": [0.0] * teacher.mixture.dim}
+        saved = state.get("data_map") or identity  # checkpoints before the option: the data's own coordinates
+        if saved != data_map_config(teacher):
+            raise RunError(f"{what}: checkpoint {path} was trained with the data map {saved}, this recipe makes "
+                           f"{data_map_config(teacher)}; a run made before teacher.gmm.normalize continues with "
+                           "teacher.gmm.normalize: off")
     if state.get("fingerprint") != config_fingerprint(recipe):
         raise RunError(f"{what}: checkpoint {path} was written by a different method/teacher "
                        f"({state.get('fingerprint')}); it cannot be resumed by this recipe")

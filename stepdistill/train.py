@@ -28,9 +28,19 @@ from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
 from .export import check_exportable, grid_timesteps, student_scheduler
 from .families import latents_to_images
 from .methods.base import loss_terms
-from .optim import lr_factor, make_lr_schedule, make_optimizer
+from .optim import check_optimizer, lr_factor, make_lr_schedule, make_optimizer
 from .roles import broadcast_parameters, enable_gradient_checkpointing, frozen, sync_gradients, update_ema
-from .run import Run, build_run, check_compatible, init_from, load_run, make_data, method_error, probe_grid
+from .run import (
+    Run,
+    build_run,
+    check_compatible,
+    data_map_config,
+    init_from,
+    load_run,
+    make_data,
+    method_error,
+    probe_grid,
+)
 from .sampling import sample_student
 from .schedules import VPDiscrete
 from .sharding import full, load_local, reshard_optimizer_state, shard_backbone
@@ -100,8 +110,11 @@ class Trainer:
 
         # Teacher, method, roles and data: all bad input surfaces here, before the run directory is touched.
         self.run = build_run(r, is_main_process=acc.is_main_process, wait_for_everyone=acc.wait_for_everyone)
-        if r.train.init_from is not None and not self.resume:  # a resumed run has its own weights
-            init_from(self.run, Path(r.train.init_from), is_main_process=acc.is_main_process)
+        if r.train.init_from is not None:
+            if self.resume:  # a resumed run has its own weights; its student still came from that run
+                self.run.student_init = "checkpoint"
+            else:
+                init_from(self.run, Path(r.train.init_from), is_main_process=acc.is_main_process)
         self.trainable = [k for k, s in self.run.specs.items() if s.trainable]
         self._check()
         self.data = make_data(self.run, is_main_process=acc.is_main_process, wait_for_everyone=acc.wait_for_everyone)
@@ -141,6 +154,10 @@ class Trainer:
         for role in r.optim:
             if role not in self.trainable:
                 raise ConfigError(f"optim.{role}: not a trainable role of {r.method.name!r}; roles: {self.trainable}")
+            try:
+                check_optimizer(r.optim[role], role)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.method.teacher_grad and r.roles.teacher_dtype != "float32" and r.train.mixed_precision == "no":
             raise ConfigError(f"roles.teacher_dtype: {r.method.name} back-propagates through the teacher, whose "
                               f"{r.roles.teacher_dtype} weights would give {r.roles.teacher_dtype} gradients without "
@@ -447,14 +464,21 @@ class Trainer:
                  "nonfinite_total": self.nonfinite_total, "logs": {k: float(v) for k, v in self.logs.items()},
                  "ema_updates": self.ema_updates, "world_size": acc.num_processes,
                  "fingerprint": config_fingerprint(self.recipe), "method": self.recipe.to_dict()["method"],
-                 "sharded_roles": self._sharded_roles()}
+                 "sharded_roles": self._sharded_roles(), "data_map": data_map_config(self.teacher)}
         return self.store.save(
             self.step, roles={role: self.nets[role].role_state_dict() for role in self._checkpointed_roles()},
             sharded=self._sharded_roles(),
             optimizers={role: {"optimizer": opt.state_dict(), "lr_scheduler": self.lr_schedulers[role].state_dict()}
                         for role, opt in self.optimizers.items()},
             rng=rng, state=state, rank=acc.process_index, is_main_process=acc.is_main_process,
-            barrier=acc.wait_for_everyone)
+            barrier=acc.wait_for_everyone, any_rank=self._any_rank)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (every rank must call it)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
 
     def latest_checkpoint(self) -> Path:
         return self.store.latest()
@@ -463,7 +487,7 @@ class Trainer:
         """Restore every role, optimizer, LR schedule, RNG stream and the step; refuse incompatible checkpoints."""
         acc, store = self.accelerator, self.store
         state = store.read_state(path)
-        check_compatible(state, self.recipe, path, "--resume")
+        check_compatible(state, self.recipe, path, "--resume", self.teacher)
         if state.get("world_size") != acc.num_processes:
             raise RunError(f"--resume: checkpoint {path} was written by {state.get('world_size')} process(es); "
                            f"exact resume needs the same number, got {acc.num_processes}")

@@ -77,8 +77,8 @@ class Transition:
             return self.name == other
         return isinstance(other, Transition) and self.config() == other.config()
 
-    def __hash__(self) -> int:
-        return hash(tuple(sorted(self.config().items())))
+    def __hash__(self) -> int:  # consistent with __eq__, which equates a transition with its name
+        return hash(self.name)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "name")

@@ -66,10 +66,12 @@ class RoleSpec:
             object.__setattr__(self, "trainable", False)
             if (self.decay is None) == (self.halflife is None):
                 raise ValueError(f"an EMA of {self.ema_of!r} needs exactly one of decay or halflife")
-            if self.decay is not None and not 0.0 <= self.decay < 1.0:
+            if self.decay is not None and not 0.0 <= self.decay < 1.0:  # NaN fails it too
                 raise ValueError(f"an EMA decay must be in [0, 1), got {self.decay}")
-            if self.halflife is not None and self.halflife <= 0:
+            if self.halflife is not None and not self.halflife > 0:
                 raise ValueError(f"an EMA half-life must be positive, got {self.halflife}")
+            if self.rampup is not None and not self.rampup > 0:
+                raise ValueError(f"an EMA ramp-up must be positive, got {self.rampup}")
         elif self.build is not None:
             object.__setattr__(self, "init", "build")
         elif self.init in ("ema", "build"):

@@ -113,3 +113,17 @@ def test_reparameterized_shows_a_vp_backbone_in_trigflow_time_exactly():
         a = jvp(view, (x, t), tangents, output=output, mode="exact")[1]
         b = jvp(direct, (x, t), tangents, output=output, mode="exact")[1]
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_reparameterized_refuses_times_noisier_than_the_inner_schedule_reaches():
+    """SD's betas end at logSNR -10.6, which TrigFlow (sigma_data 0.5) passes before t = 1: such a time has no
+    SNR-matched inner time (bisection would clamp it and the time derivative would be wrong)."""
+    from .conftest import SD_SCHEDULER
+
+    view = Reparameterized(GMMDenoiser(GaussianMixture([[0.0, 0.0]], [0.5]),
+                                       VPDiscrete.from_scheduler_config(SD_SCHEDULER)), TrigFlow(sigma_data=0.5))
+    assert 0.95 < view.t_max < 1.0
+    x = torch.zeros(2, 2, dtype=F64)
+    view(x, torch.full((2,), view.t_max - 1e-6, dtype=F64))
+    with pytest.raises(ValueError, match="noisier than the inner schedule reaches"):
+        view(x, torch.full((2,), 0.999, dtype=F64))

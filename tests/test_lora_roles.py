@@ -163,17 +163,16 @@ def test_teacher_fingerprint_ignores_the_role_adapters(tmp_path):
     assert weights_fingerprint(lora.nets.teacher) == weights_fingerprint(full.nets.teacher)
 
 
-def test_the_rebuilt_student_of_a_sharded_run_merges_into_the_base_it_trained_on(tmp_path):
-    """Under FSDP the export reloads the teacher and puts the adapter back on it; with a bf16 teacher the reloaded
-    base is rounded as in training, so both export paths merge into the same weights."""
-    from stepdistill.roles import rebuilt_lora_student
-    from stepdistill.teachers import load_teacher
 
-    trainer = _trainer(tmp_path, **{"roles.teacher_dtype": "bfloat16"})
-    student = trainer.nets.student
-    _perturb(student.trainable_parameters(), seed=3)  # a trained-looking adapter
-    r = trainer.recipe
-    rebuilt = rebuilt_lora_student(load_teacher(r.teacher), student, student.role_state_dict(), rank=r.roles.rank,
-                                   alpha=r.roles.alpha, teacher_dtype=r.roles.teacher_dtype)
-    ours, theirs = student.plain_backbone().state_dict(), rebuilt.plain_backbone().state_dict()
+
+def test_a_run_read_back_merges_into_the_base_it_trained_on(tmp_path):
+    """Reading a run back (``load_run``: sample, export, and the export of a sharded run) reloads the teacher and puts
+    the adapter back on it; with a bf16 teacher the reloaded base is rounded as in training, so the merged weights
+    equal those of the student in memory."""
+    from stepdistill.run import load_run
+
+    trainer = _trainer(tmp_path, **{"roles.teacher_dtype": "bfloat16", "train.max_steps": 1})
+    trainer.train()
+    ours = trainer.nets.student.plain_backbone().state_dict()
+    theirs = load_run(tmp_path / "run").sampling_student().plain_backbone().state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

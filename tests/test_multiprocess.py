@@ -108,3 +108,18 @@ def test_cli_module_under_accelerate_launch(tmp_path):
     assert proc.stdout.count("pipeline:") == 1  # the export runs on the main process only
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_gradients_are_averaged_on_every_rank_even_where_one_rank_has_none(tmp_path):
+    """The loop's gradient averaging: a parameter only one rank's loss reached gets the average (half its gradient)
+    on both ranks, so both take the same optimizer step (a missing gradient would make the ranks drift apart)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           str(ROOT / "tests" / "_sync_job.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    weight_a, bias_a, weight_b, bias_b = ranks[0]
+    assert weight_a == [1.5] * 6 and bias_a == [1.0, 1.0]  # (1 + 2) / 2 and (1 + 1) / 2
+    assert weight_b == [0.5] * 4 and bias_b == [0.5, 0.5]  # only rank 1 reached b

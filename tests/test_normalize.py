@@ -118,3 +118,26 @@ def test_weights_that_do_not_sum_to_one_are_said_to_be_normalised(capsys):
     teacher = load_gmm([[0.5, 0.0], [-0.5, 0.0]], std=0.1, weights=[2.0, 1.0], denoiser="exact")
     assert teacher.mixture.weights.tolist() == pytest.approx([2 / 3, 1 / 3])
     assert "teacher.gmm.weights sum to 3; they are divided by that sum" in capsys.readouterr().err
+
+
+def test_a_run_made_before_the_map_is_not_read_in_mapped_coordinates(tmp_path, capsys):
+    """A checkpoint that records no data map was trained in the data's own coordinates (before
+    ``teacher.gmm.normalize``): resuming it, or reading it back, under a recipe that would map the data is refused
+    in one line that says how to continue it."""
+    recipe = gmm_recipe(**{"train.max_steps": 1})
+    recipe["teacher"]["gmm"] = {**_mixture(4.0), "normalize": "off"}
+    recipe["export"] = {"pipeline": False}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["distill", str(path), "--output-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    state = tmp_path / "run" / "checkpoints" / "step-1" / "state.json"
+    saved = json.loads(state.read_text())
+    assert saved["data_map"] == {"scale": 1.0, "shift": [0.0, 0.0]}
+    del saved["data_map"]  # as an older version wrote it
+    state.write_text(json.dumps(saved))
+    recipe["teacher"]["gmm"]["normalize"] = "auto"
+    path.write_text(yaml.safe_dump({**recipe, "train": {**recipe["train"], "max_steps": 2}}))
+    assert main(["distill", str(path), "--output-dir", str(tmp_path / "run"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "continues with teacher.gmm.normalize: off" in err

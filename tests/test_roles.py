@@ -49,6 +49,9 @@ def test_a_recipe_ema_follows_its_source_with_its_half_life(tmp_path):
     ({"t": {"of": "critic", "decay": 0.9}}, "roles.ema.t: follows 'critic', which is not a denoiser role"),
     ({"t": {"decay": 0.9}}, "roles.ema.t: give 'of'"),
     ({"t": {"of": "student", "decay": 0.9, "halflife": 3}}, "roles.ema.t: an EMA of 'student' needs exactly one"),
+    ({"t": {"of": "student", "halflife": "abc"}}, "roles.ema.t: could not convert string to float"),
+    ({"t": {"of": "student", "halflife": 10, "rampup": -1}}, "roles.ema.t: an EMA ramp-up must be positive"),
+    ({"stage_teacher_ema": {"of": "student", "decay": 0.9}}, "must follow it, not 'student'"),
 ])
 def test_bad_recipe_emas_are_one_line_and_write_nothing(tmp_path, capsys, ema, match):
     recipe = tmp_path / "r.yaml"
@@ -102,3 +105,14 @@ def test_back_propagating_through_a_bf16_teacher_without_autocast_is_refused(tmp
         assert not (tmp_path / "run").exists()
     finally:
         del METHODS["_through_teacher"]
+
+
+def test_a_gan_head_reads_checkpoints_of_the_one_head_layout():
+    """Checkpoints written before heads on several layers hold one head's keys unprefixed (``body.*``, ``out.*``)."""
+    from stepdistill.nets.gan_head import BottleneckHead, GANHead
+
+    old = BottleneckHead(8)
+    head = GANHead([8])
+    head.load_role_state_dict(old.state_dict())
+    maps = [torch.randn(2, 8, 4, 4)]
+    torch.testing.assert_close(head(maps)[:, 0], old(maps[0]))

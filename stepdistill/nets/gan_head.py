@@ -99,3 +99,9 @@ class GANHead(RoleModule):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.heads(feats)
+
+    def load_role_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        # checkpoints written before heads on several layers hold the one head's keys unprefixed (body.*, out.*)
+        if state and all(k.startswith(("body.", "out.")) for k in state):
+            state = {f"heads.0.{k}": v for k, v in state.items()}
+        super().load_role_state_dict(state)
