@@ -166,13 +166,6 @@ def data_map_config(teacher: Teacher) -> dict | None:
 def check_compatible(state: dict, recipe: Recipe, path: Path, what: str, teacher: Teacher | None = None) -> None:
     """Refuse a checkpoint of another method, teacher or roles mode, one trained under other method settings, or one
     whose mixture was trained in other coordinates (``teacher.gmm.normalize``)."""
-    if teacher is not None and teacher.data_map is not None:
-        identity = {"scale": 1.0, "shift": [0.0] * teacher.mixture.dim}
-        saved = state.get("data_map") or identity  # checkpoints before the option: the data's own coordinates
-        if saved != data_map_config(teacher):
-            raise RunError(f"{what}: checkpoint {path} was trained with the data map {saved}, this recipe makes "
-                           f"{data_map_config(teacher)}; a run made before teacher.gmm.normalize continues with "
-                           "teacher.gmm.normalize: off")
     if state.get("fingerprint") != config_fingerprint(recipe):
         raise RunError(f"{what}: checkpoint {path} was written by a different method/teacher "
                        f"({state.get('fingerprint')}); it cannot be resumed by this recipe")
@@ -181,6 +174,13 @@ def check_compatible(state: dict, recipe: Recipe, path: Path, what: str, teacher
         key = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))[0]
         raise RunError(f"{what}: method.{key} is {now.get(key)!r} here but the run was trained with "
                        f"{saved.get(key)!r}; a resumed run keeps its method settings")
+    if teacher is not None and teacher.data_map is not None:
+        identity = {"scale": 1.0, "shift": [0.0] * teacher.mixture.dim}
+        saved = state.get("data_map") or identity  # checkpoints before the option: the data's own coordinates
+        if saved != data_map_config(teacher):
+            raise RunError(f"{what}: checkpoint {path} was trained with the data map {saved}, this recipe makes "
+                           f"{data_map_config(teacher)}; a run made before teacher.gmm.normalize continues with "
+                           "teacher.gmm.normalize: off")
 
 
 def set_attention_backend(nets: Nets, name: str) -> None:

@@ -75,11 +75,14 @@ def test_distill_sample_eval_export_and_protection(tmp_path, capsys):
 
     for target in (run, run / "pipeline"):
         assert main(["sample", str(target), "--num-samples", "16", "--output", str(tmp_path / "s.npy")]) == 0
+        capsys.readouterr()
         assert main(["eval", str(target), "--num-samples", "64"]) == 0
-        metrics = json.loads((target / "metrics.json").read_text())
+        metrics = json.loads(capsys.readouterr().out)
         assert {"student", "teacher_same_nfe", "teacher_full"} <= metrics.keys()
         assert metrics["teacher_full"]["nfe"] == 8 if target == run else 64
-        card = (run / "pipeline" / "README.md").read_text()  # the model card carries the latest metrics
+        if target == run:  # the run's metrics.json and its pipeline's card; an exported folder is left alone
+            assert json.loads((run / "metrics.json").read_text()) == metrics
+        card = (run / "pipeline" / "README.md").read_text()  # the model card carries the run's own metrics
         assert "## Metrics" in card and json.dumps(metrics["student"]["nfe"]) in card
     assert main(["sample", str(run), "--num-samples", "16", "--output", str(tmp_path / "grid.png")]) == 0
     assert main(["export", str(run), "--output-dir", str(tmp_path / "exported")]) == 0
@@ -133,8 +136,12 @@ def test_what_is_already_on_disk_is_kept(tmp_path, capsys):
     assert "not a stepdistill run; refusing to delete it" in line and (mine / "notes.txt").exists()
     assert "--resume and --overwrite" in _error(capsys, ["distill", str(recipe), "--output-dir", str(run),
                                                          "--resume", "--overwrite"])
-    assert main(["export", str(run), "--output-dir", str(mine), "--overwrite"]) == 0
-    assert (mine / "model_index.json").exists()
+    # --overwrite replaces an earlier export, never a folder of the user's own (it deleted notes.txt once)
+    line = _error(capsys, ["export", str(run), "--output-dir", str(mine), "--overwrite"])
+    assert "no exported pipeline or LoRA" in line and (mine / "notes.txt").read_text() == "keep me"
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "exported")]) == 0
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "exported"), "--overwrite"]) == 0
+    assert (tmp_path / "exported" / "model_index.json").exists()
 
     # A resumed run keeps its method settings (the stage schedule and the exported grid hang on them).
     line = _error(capsys, ["distill", str(recipe), "--output-dir", str(run), "--resume", "train.max_steps=8",
@@ -153,7 +160,7 @@ def test_sample_arguments_and_a_checkpoint_that_is_json_but_not_a_state(tmp_path
     recipe, run = _recipe_file(tmp_path), tmp_path / "run"
     assert main(["distill", str(recipe), "--output-dir", str(run)]) == 0
     assert "--output:" in _error(capsys, ["sample", str(run), "--output", str(tmp_path / "x.txt")])
-    assert "--num-samples: must be >= 1" in _error(capsys, ["sample", str(run), "--num-samples", "0",
+    assert "--num-samples: must be in [1, 1000000]" in _error(capsys, ["sample", str(run), "--num-samples", "0",
                                                             "--output", str(tmp_path / "x.png")])
     assert "--steps: must be >= 1" in _error(capsys, ["sample", str(run), "--steps", "-2",
                                                       "--output", str(tmp_path / "x.png")])
