@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+#: the shipped recipes: inside the installed package (a wheel), or the source tree's recipes/ (an editable install)
+RECIPES = next((p for p in (Path(__file__).resolve().parent / "recipes",
+                            Path(__file__).resolve().parent.parent / "recipes") if p.is_dir()), None)
 DEMO_RECIPE = Path(__file__).resolve().parent / "assets" / "demo.yaml"
 #: the most samples one ``stepdistill sample`` call draws (they are held in memory and written at once)
 MAX_SAMPLES = 1_000_000
@@ -31,12 +33,23 @@ def _user_errors():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def resolve_recipe(name: str) -> Path:
+    """A recipe file, or the name of a shipped one (``progressive/gmm``, ``progressive/gmm.yaml`` or
+    ``recipes/progressive/gmm.yaml``), found from any directory."""
+    path = Path(name)
+    if path.is_file() or RECIPES is None:
+        return path
+    shipped = RECIPES / Path(name.removeprefix("recipes/")).with_suffix(".yaml")
+    return shipped if shipped.is_file() else path
+
+
 def cmd_distill(args) -> int:
     from .config import ConfigError, dump_recipe, load_recipe
     from .train import Trainer
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    out = args.output_dir or recipe.output_dir or f"runs/{Path(args.recipe).parent.name}_{Path(args.recipe).stem}"
+    path = resolve_recipe(args.recipe)
+    recipe = load_recipe(path, args.overrides)
+    out = args.output_dir or recipe.output_dir or f"runs/{path.parent.name}_{path.stem}"
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
@@ -250,10 +263,11 @@ def cmd_ls(args) -> int:
     print(f"teachers: pretrained: <dir or hub id> (a UNet2DModel folder, or {pipelines})")
     print(f"          tiny: {' | '.join(['unet2d', *TINY_PIPELINES])}")
     print("          gmm: {means, std|stds, weights} | embedded: digits")
-    if REPO_RECIPES.is_dir():
-        print("recipes:")
-        for p in sorted(REPO_RECIPES.rglob("*.yaml")):
-            print(f"  {p.relative_to(REPO_RECIPES.parent)}")
+    if RECIPES is not None:
+        print(f"recipes (in {RECIPES}; `stepdistill distill NAME` takes a file or one of these names):")
+        for p in sorted(RECIPES.rglob("*.yaml")):
+            if p.parent.name != "accelerate":
+                print(f"  {p.relative_to(RECIPES).with_suffix('')}")
     return 0
 
 
