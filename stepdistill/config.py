@@ -123,6 +123,10 @@ class ExportConfig:
     pipeline: bool = True
     use_ema: bool = True
     kohya: bool = False  # LoRA-role runs on SD1.5/SDXL: also write lora/student_kohya.safetensors
+    #: the weights' dtype on disk (a LoRA student is merged in float32 first, then cast); ``variant`` names the files
+    #: as diffusers' ``variant="fp16"`` does, loaded with ``from_pretrained(..., variant=..., torch_dtype=...)``
+    dtype: str = "float32"
+    variant: str | None = None
 
 
 @dataclass
@@ -177,6 +181,7 @@ _CHOICES = {
     "roles.teacher_dtype": ("float32", "bfloat16"),
     "student.init": ("teacher", "new"),
     "eval.teacher_sampler": ("ddim", "euler", "heun", "dpmpp_2m"),
+    "export.dtype": ("float32", "float16", "bfloat16"),
 }
 
 
@@ -288,6 +293,11 @@ def _check_choices(recipe: Recipe) -> None:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
     from .optim import OPTIMIZERS, SCHEDULES
 
+    ex = recipe.export
+    if ex.variant is not None and (ex.dtype == "float32" or not ex.variant.replace("_", "").isalnum()):
+        raise ConfigError(f"export.variant: {ex.variant!r} names the files of a lower-precision copy (e.g. fp16 with "
+                          "export.dtype: float16); set export.dtype to float16 or bfloat16, and a variant of letters "
+                          "and digits")
     backend = recipe.train.attention_backend
     if backend not in ("sdpa", "xformers"):
         from diffusers.models.attention_dispatch import AttentionBackendName

@@ -251,7 +251,8 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
                           f"converter to the original {family.name} LoRA format")
     scheduler, fields = _family_sampling(student, teacher, grid)
     base = student.backbone
-    layers = {k: v.detach().float().cpu().contiguous()
+    dtype = getattr(torch, recipe.export.dtype)
+    layers = {k: v.detach().to(dtype).cpu().contiguous()
               for k, v in get_peft_model_state_dict(base, adapter_name=adapter).items()}
     config = base.peft_config[adapter]
     with atomic_dir(out_dir) as tmp:
@@ -269,11 +270,57 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
     return Path(out_dir)
 
 
+def _load_kwargs(ex) -> dict:
+    """The ``from_pretrained`` keyword arguments an export needs (``torch_dtype`` by name: ``getattr(torch, ...)``)."""
+    return {k: v for k, v in (("torch_dtype", None if ex.dtype == "float32" else ex.dtype),
+                              ("variant", ex.variant)) if v is not None}
+
+
 def _meta(recipe, teacher, grid: StudentGrid, scheduler, fields: dict) -> dict:
-    """``stepdistill.json``: what was distilled from what, and how to call it."""
+    """``stepdistill.json``: what was distilled from what, how to load and call it, and the teacher's license."""
     return {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "teacher_source": teacher.source,
-            **fields, "transition": grid.transition.name, "transition_config": grid.transition.config(),
-            "scheduler": type(scheduler).__name__}
+            "teacher_license": teacher_license(recipe), **fields, "transition": grid.transition.name,
+            "transition_config": grid.transition.config(), "scheduler": type(scheduler).__name__,
+            "dtype": recipe.export.dtype}
+
+
+def teacher_license(recipe) -> str | None:
+    """The ``license`` of the teacher's own model card (a local folder's README.md, or a hub card in the cache),
+    carried over to the student's; ``None`` when there is none to read (offline, tiny or analytic teachers)."""
+    source = recipe.teacher.pretrained
+    if source is None:
+        return None
+    from huggingface_hub import ModelCard
+
+    card = Path(source) / "README.md"
+    try:
+        data = ModelCard.load(card if card.is_file() else source).data
+    except Exception:  # noqa: BLE001 - no card, no network, a card without front matter: nothing to carry over
+        return None
+    return getattr(data, "license", None)
+
+
+def card_header(meta: dict, *, adapter: bool) -> str:
+    """The YAML front matter the Hub reads (``huggingface_hub.ModelCardData``): library, base model and relation,
+    pipeline tag, tags, license."""
+    from huggingface_hub import ModelCardData
+
+    base = meta["teacher_source"].removeprefix("pretrained:") if meta["teacher_source"].startswith("pretrained:") \
+        else None
+    data = ModelCardData(
+        library_name="diffusers", license=meta.get("teacher_license"), base_model=base,
+        base_model_relation=("adapter" if adapter else "finetune") if base else None,
+        pipeline_tag="text-to-image" if meta.get("family") else "unconditional-image-generation",
+        tags=["stepdistill", "distillation", "few-step", meta["method"], f"{meta['num_inference_steps']}-step",
+              *([meta["family"]] if meta.get("family") else []), *(["lora"] if adapter else [])])
+    return f"---\n{data.to_yaml()}\n---\n\n"
+
+
+def _load_line(meta: dict) -> str:
+    kwargs = meta.get("load_kwargs") or {}
+    extra = "".join(f", {k}=torch.{v}" if k == "torch_dtype" else f", {k}={v!r}" for k, v in kwargs.items())
+    return f'pipe = DiffusionPipeline.from_pretrained("PATH_TO_THIS_FOLDER"{extra})'
+
 
 
 def write_kohya(layers: dict[str, torch.Tensor], alpha: float, path: Path) -> None:
@@ -308,13 +355,17 @@ def _timesteps_line(meta: dict) -> list[str]:
 def lora_card(meta: dict) -> str:
     call = ", ".join(f"{k}={v!r}" for k, v in meta["call"].items())
     lines = [
+        card_header(meta, adapter=True).rstrip("\n"),
+        "",
         f"# {meta['num_inference_steps']}-step LoRA ({meta['method']}) for `{meta['teacher_source']}`",
         "",
         "```python",
         f"from diffusers import DiffusionPipeline, {meta['scheduler']}",
         "",
         f'pipe = DiffusionPipeline.from_pretrained("{_base_id(meta)}")  # the teacher this LoRA was distilled from',
-        'pipe.load_lora_weights("PATH_TO_THIS_FOLDER")',
+        'pipe.load_lora_weights("PATH_TO_THIS_FOLDER", weight_name="pytorch_lora_weights.safetensors", '
+        'adapter_name="student")',
+        'pipe.set_adapters(["student"], adapter_weights=[1.0])  # the trained scale; below 1 blends the teacher back',
         f'pipe.scheduler = {meta["scheduler"]}.from_pretrained("PATH_TO_THIS_FOLDER", subfolder="scheduler")',
         f'images = pipe("a photo of a cat", {call}).images',
         "```",
@@ -330,11 +381,15 @@ def lora_card(meta: dict) -> str:
 
 
 def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: Path) -> Path:
-    """Write ``out_dir`` (atomically): the stock pipeline, ``stepdistill.json`` and a model card ``README.md``."""
+    """Write ``out_dir`` (atomically): the stock pipeline, ``stepdistill.json`` and a model card ``README.md``. The
+    backbone is built in float32 (a LoRA student merged there) and cast to ``export.dtype`` last."""
     build = _family_pipeline if teacher.family is not None else _ddpm_pipeline
     pipe, fields = build(student, teacher, grid)
+    ex = recipe.export
+    pipe.to(getattr(torch, ex.dtype))
+    fields["load_kwargs"] = _load_kwargs(ex)
     with atomic_dir(out_dir) as tmp:
-        pipe.save_pretrained(tmp)
+        pipe.save_pretrained(tmp, variant=ex.variant)
         meta = _meta(recipe, teacher, grid, pipe.scheduler, fields)
         (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
         (tmp / "README.md").write_text(model_card(meta))
@@ -344,6 +399,8 @@ def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_d
 def model_card(meta: dict, metrics: dict | None = None) -> str:
     call = ", ".join(f"{k}={v!r}" for k, v in meta["call"].items())
     lines = [
+        card_header(meta, adapter=False).rstrip("\n"),
+        "",
         f"# {meta['num_inference_steps']}-step student ({meta['method']})",
         "",
         f"Distilled with stepdistill from `{meta['teacher_source']}` by {meta['method']} distillation. The scheduler "
@@ -351,9 +408,10 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         + " encodes the student grid, so the stock pipeline runs it as trained.",
         "",
         "```python",
+        "import torch" if meta.get("load_kwargs") else "",
         "from diffusers import DiffusionPipeline",
         "",
-        'pipe = DiffusionPipeline.from_pretrained("PATH_TO_THIS_FOLDER")',
+        _load_line(meta),
         f'images = pipe("a photo of a cat", {call}).images' if meta.get("family") else
         f'images = pipe(batch_size=16, {call}, output_type="np").images',
         "```",
