@@ -88,20 +88,26 @@ class TeacherError(ValueError):
 # Backbones built in code.
 
 
-def vector_unet(dim: int, *, width: int = 64, layers: int = 1, num_classes: int | None = None):
+def vector_unet(dim: int, *, width: int = 64, layers: int = 1, num_classes: int | None = None,
+                time_dim: int | None = None):
     """A residual MLP for vector data, expressed as a diffusers ``UNet2DModel`` on ``[B, dim, 1, 1]`` inputs.
 
     One block, no down/up-sampling, no attention, ``norm_num_groups=1`` (LayerNorm over channels): on a 1x1 input
     each 3x3 convolution acts through its centre tap only, so the network is an MLP with a sinusoidal time embedding.
     Being a stock ``UNet2DModel`` is what lets ``DDPMPipeline`` load and run the exported student without custom code;
-    the price is that 8/9 of each conv kernel is inert (measured cost in the README).
+    the price is that 8/9 of each conv kernel is inert (measured cost in the README). Training need not pay it:
+    ``teacher_training.PointwiseView`` trains the centre taps alone, as matrix products.
+
+    ``time_dim`` is the time embedding's width (diffusers' default, ``None``, is ``4 * width``). The fitted GMM
+    teachers use ``width``: the per-block time projections then cost as much as a conv instead of four times as much,
+    and the fit (``benchmarks/teacher_fit.py``) was no worse.
     """
     from diffusers import UNet2DModel
 
     return UNet2DModel(
         sample_size=1, in_channels=dim, out_channels=dim, block_out_channels=(width,), layers_per_block=layers,
         down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=1, add_attention=False,
-        num_class_embeds=None if num_classes is None else num_classes + 1,
+        num_class_embeds=None if num_classes is None else num_classes + 1, time_embedding_dim=time_dim,
     )
 
 
