@@ -17,9 +17,10 @@ import copy
 import torch
 from torch import nn
 
+from .backbones import vector_unet
 from .denoisers import Denoiser, RoleModule, UNet2DDenoiser
 from .lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters, consistent_checkpoint
-from .teachers import Teacher, vector_unet
+from .teachers import Teacher
 from .types import Nets, RoleSpec
 
 

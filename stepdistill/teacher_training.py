@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: N812
 from tqdm import tqdm
 
 from .atomic import atomic_dir
+from .backbones import DEFAULT_SCHEDULER, digits_unet, vector_unet
 from .denoisers import UNet2DDenoiser
 from .mixture import GaussianMixture
 from .parameterization import Coefficients, from_x0_eps
@@ -256,8 +257,6 @@ def _save_teacher(unet, scheduler_config: dict, folder: Path, record: dict, *, r
 
 def fit_vector_teacher(mixture: GaussianMixture, fit: TeacherFit, scheduler_config: dict, folder: Path):
     """Fit the MLP teacher of a Gaussian mixture and cache it in ``folder``."""
-    from .teachers import vector_unet
-
     torch.manual_seed(fit.seed)
     unet = vector_unet(mixture.dim, width=fit.width, layers=fit.layers, time_dim=fit.time_dim or fit.width)
     ema = train_denoiser(unet, lambda g: mixture.sample(fit.batch_size, g)[0], scheduler_config, steps=fit.steps,
@@ -281,8 +280,6 @@ DIGITS_CLASSIFIER = {"steps": 3000, "batch_size": 128, "lr": 2e-3, "seed": 0}
 def build_digits_teacher(folder: Path, fit: DenoiserFit = DIGITS_TEACHER):
     """Train the embedded 8x8 digits teacher on all 1797 scikit-learn digits."""
     from .data import digits_tensor
-    from .teachers import DEFAULT_SCHEDULER, digits_unet
-
     x, _ = digits_tensor()
     torch.manual_seed(fit.seed)
     unet = digits_unet(width=fit.width)

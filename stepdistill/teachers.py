@@ -20,25 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .backbones import DEFAULT_SCHEDULER, digits_unet, tiny_unet2d, vector_unet  # noqa: F401 (re-exported)
 from .denoisers import Denoiser, GMMDenoiser, UNet2DDenoiser
 from .families import BY_PIPELINE, FAMILIES, Family, family_denoiser, vae_scale
 from .mixture import DataMap, GaussianMixture, fit_data_map
 from .schedules import VPDiscrete
+from .teacher_training import TeacherFit, fit_vector_teacher
 
 
 ASSETS = Path(__file__).parent / "assets"
 
-#: the DDPM schedule the project's own teachers train on; 1024 steps so that every power-of-two student grid lands
-#: on integer timesteps (a student grid must be expressible by the teacher's schedule, DESIGN.md §6).
-DEFAULT_SCHEDULER = {
-    "_class_name": "DDPMScheduler",
-    "num_train_timesteps": 1024,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "prediction_type": "v_prediction",
-    "clip_sample": False,
-}
 
 
 @dataclass
@@ -82,55 +73,6 @@ class Teacher:
 
 class TeacherError(ValueError):
     """A teacher that cannot be loaded; the message names the key or file."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Backbones built in code.
-
-
-def vector_unet(dim: int, *, width: int = 64, layers: int = 1, num_classes: int | None = None,
-                time_dim: int | None = None):
-    """A residual MLP for vector data, expressed as a diffusers ``UNet2DModel`` on ``[B, dim, 1, 1]`` inputs.
-
-    One block, no down/up-sampling, no attention, ``norm_num_groups=1`` (LayerNorm over channels): on a 1x1 input
-    each 3x3 convolution acts through its centre tap only, so the network is an MLP with a sinusoidal time embedding.
-    Being a stock ``UNet2DModel`` is what lets ``DDPMPipeline`` load and run the exported student without custom code;
-    the price is that 8/9 of each conv kernel is inert (measured cost in the README). Training need not pay it:
-    ``teacher_training.PointwiseView`` trains the centre taps alone, as matrix products.
-
-    ``time_dim`` is the time embedding's width (diffusers' default, ``None``, is ``4 * width``). The fitted GMM
-    teachers use ``width``: the per-block time projections then cost as much as a conv instead of four times as much,
-    and the fit (``benchmarks/teacher_fit.py``) was no worse.
-    """
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=1, in_channels=dim, out_channels=dim, block_out_channels=(width,), layers_per_block=layers,
-        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=1, add_attention=False,
-        num_class_embeds=None if num_classes is None else num_classes + 1, time_embedding_dim=time_dim,
-    )
-
-
-def digits_unet(*, width: int = 32):
-    """The embedded 8x8 digits teacher's backbone: two resolutions (8, 4), no attention (a third cheaper on CPU)."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(width, 2 * width), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, add_attention=False,
-    )
-
-
-def tiny_unet2d():
-    """A random tiny UNet2DModel (16x16x3) for smoke runs and tests."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=4,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,10 +311,11 @@ def load_gmm(means, *, std=None, stds=None, weights=None, denoiser: str = "mlp",
             one affine map (``mixture.fit_data_map``), applied before the teacher is fitted and recorded with the
             export, since ``DDPMPipeline`` clamps its output to [-1, 1]; a mixture inside keeps its coordinates.
             ``off`` keeps the data's coordinates (a run that exports a pipeline then refuses data outside).
-        denoiser: ``mlp`` (default) distils from a network trained on the mixture by ``stepdistill train-teacher``'s
-            code (fitted once, cached by a fingerprint of the mixture and fit settings), ``exact`` uses the
-            closed-form ``E[x0 | x_t]`` as an oracle teacher.
-        fit: training settings for the MLP teacher (``steps``, ``batch_size``, ``lr``, ``width``, ``seed``).
+        denoiser: ``mlp`` (default) distils from a network fitted to the mixture (``teacher_training.TeacherFit``,
+            fitted once and cached by a fingerprint of the mixture and the fit settings), ``exact`` uses the
+            closed-form ``E[x0 | x_t]`` as an oracle teacher (the roles that would copy a teacher start fresh).
+        fit: overrides of ``TeacherFit``'s settings (``steps``, ``batch_size``, ``lr``, ``width``, ``layers``,
+            ``time_dim``, ``times``, ``target``, ...).
     """
     if (std is None) == (stds is None):
         raise TeacherError("teacher.gmm needs exactly one of 'std' (shared) or 'stds' (per mode)")
@@ -395,8 +338,6 @@ def load_gmm(means, *, std=None, stds=None, weights=None, denoiser: str = "mlp",
                        **maps)
     if denoiser != "mlp":
         raise TeacherError(f"teacher.gmm.denoiser must be 'mlp' or 'exact', got {denoiser!r}")
-
-    from .teacher_training import TeacherFit, fit_vector_teacher
 
     fit_cfg = TeacherFit(**(fit or {}))
     key = gmm_fingerprint(mixture, fit_cfg.__dict__)
