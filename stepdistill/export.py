@@ -271,8 +271,9 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
 
 
 def _load_kwargs(ex) -> dict:
-    """The ``from_pretrained`` keyword arguments an export needs (``torch_dtype`` by name: ``getattr(torch, ...)``)."""
-    return {k: v for k, v in (("torch_dtype", None if ex.dtype == "float32" else ex.dtype),
+    """The ``from_pretrained`` keyword arguments an export needs (``dtype`` by name: ``getattr(torch, ...)``;
+    diffusers 0.42 deprecates ``torch_dtype``)."""
+    return {k: v for k, v in (("dtype", None if ex.dtype == "float32" else ex.dtype),
                               ("variant", ex.variant)) if v is not None}
 
 
@@ -318,7 +319,7 @@ def card_header(meta: dict, *, adapter: bool) -> str:
 
 def _load_line(meta: dict) -> str:
     kwargs = meta.get("load_kwargs") or {}
-    extra = "".join(f", {k}=torch.{v}" if k == "torch_dtype" else f", {k}={v!r}" for k, v in kwargs.items())
+    extra = "".join(f", {k}=torch.{v}" if k == "dtype" else f", {k}={v!r}" for k, v in kwargs.items())
     return f'pipe = DiffusionPipeline.from_pretrained("PATH_TO_THIS_FOLDER"{extra})'
 
 

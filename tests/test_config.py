@@ -35,6 +35,10 @@ def test_accelerate_configs_parse():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"train.max_stepz": 3}, "train.max_stepz: unknown key; allowed:"),
+    ({"export.variant": "fp16"}, "export.variant: 'fp16' names the files of a lower-precision copy"),
+    ({"export.dtype": "float8"}, "export.dtype: 'float8' is not allowed"),
+    ({"optim.student.name": "sgd"}, "optim.student.name: 'sgd'; choose one of adamw, radam, adamw8bit"),
+    ({"train.attention_backend": "turbo"}, "train.attention_backend: 'turbo' is not allowed"),
     ({"train.max_steps": "many"}, "train.max_steps: expected an integer"),
     ({"train.mixed_precision": "fp8"}, "train.mixed_precision: 'fp8' is not allowed"),
     ({"method.name": "magic"}, "method.name: unknown method 'magic'; available: dmd, dmd2, progressive"),

@@ -145,3 +145,47 @@ def test_an_uneven_grid_replays_on_its_own_sigmas_whatever_the_teachers_sampler_
     t = torch.tensor([*grid.times, 0.0], dtype=torch.float64)
     want = schedule.sigma(t) / schedule.alpha(t)
     torch.testing.assert_close(scheduler.sigmas.double(), want, rtol=1e-5, atol=0)
+
+
+def test_export_dtype_and_variant_load_as_diffusers_users_expect(tmp_path):
+    """``export.dtype`` / ``export.variant``: the weights saved in float16 under diffusers' variant naming, the call to
+    load them in stepdistill.json and on the model card, and the card's Hub front matter."""
+    import yaml
+
+    recipe = gmm_recipe(**{"export.dtype": "float16", "export.variant": "fp16"})
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    trainer.train()
+    folder = trainer.export()
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    meta = json.loads((folder / "stepdistill.json").read_text())
+    assert meta["load_kwargs"] == {"dtype": "float16", "variant": "fp16"} and meta["dtype"] == "float16"
+    card = (folder / "README.md").read_text()
+    assert 'from_pretrained("PATH_TO_THIS_FOLDER", dtype=torch.float16, variant=\'fp16\')' in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "diffusers" and front["pipeline_tag"] == "unconditional-image-generation"
+    assert {"stepdistill", "progressive", "2-step"} <= set(front["tags"]) and "base_model" not in front
+    consumer = CONSUMER.replace("pipe = DiffusionPipeline.from_pretrained(folder)", "; ".join([
+        'meta = json.load(open(folder + "/stepdistill.json"))',
+        'kwargs = {k: getattr(torch, v) if k == "dtype" else v for k, v in meta["load_kwargs"].items()}',
+        "pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)", "assert pipe.unet.dtype == torch.float16"]))
+    out = tmp_path / "images.npy"
+    proc = subprocess.run([sys.executable, "-c", consumer, str(folder), str(out), "8"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.load(out), _expected(trainer), atol=0.02, rtol=0)  # float16 weights
+
+
+def test_a_model_card_carries_the_teachers_license(tmp_path):
+    from types import SimpleNamespace
+
+    from stepdistill.export import card_header, teacher_license
+
+    (tmp_path / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# a teacher\n")
+    recipe = SimpleNamespace(teacher=SimpleNamespace(pretrained=str(tmp_path)))
+    assert teacher_license(recipe) == "creativeml-openrail-m"
+    assert teacher_license(SimpleNamespace(teacher=SimpleNamespace(pretrained=None))) is None
+    meta = {"teacher_source": f"pretrained:{tmp_path}", "teacher_license": "creativeml-openrail-m",
+            "family": "sd15", "method": "dmd2", "num_inference_steps": 1}
+    header = card_header(meta, adapter=True)
+    assert "license: creativeml-openrail-m" in header and "base_model_relation: adapter" in header
+    assert "pipeline_tag: text-to-image" in header and "- lora" in header
