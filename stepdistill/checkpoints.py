@@ -26,8 +26,13 @@ class RunError(RuntimeError):
 
 
 def config_fingerprint(recipe) -> dict:
-    """What a checkpoint must agree on to be resumed by (or read under) this recipe."""
-    return {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "roles": recipe.roles.mode}
+    """What a checkpoint must agree on to be resumed by (or read under) this recipe. ``teacher.gmm.normalize`` is left
+    out: the data map it makes is recorded and checked on its own, so that a run made before the option is told how to
+    continue (``run.check_compatible``)."""
+    teacher = recipe.to_dict()["teacher"]
+    if isinstance(teacher.get("gmm"), dict):
+        teacher = {**teacher, "gmm": {k: v for k, v in teacher["gmm"].items() if k != "normalize"}}
+    return {"method": recipe.method.name, "teacher": teacher, "roles": recipe.roles.mode}
 
 
 def first_line(err: Exception) -> str:

@@ -112,7 +112,7 @@ def test_module_entry_point_exit_code_and_single_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("stepdistill: error:")]
     assert len(errors) == 1 and "unknown method 'magic'" in errors[0]
     out = subprocess.run([sys.executable, "-m", "stepdistill", "ls"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "progressive" in out.stdout and "recipes/progressive/digits.yaml" in out.stdout
+    assert out.returncode == 0 and "\n  progressive/digits\n" in out.stdout
 
 
 def test_tiny_smoke_recipe_runs_from_the_command_line(tmp_path):
