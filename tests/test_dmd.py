@@ -325,6 +325,8 @@ def test_regression_pairs_are_cached_and_a_mismatched_cache_is_refused(tmp_path)
     ({"train.update_every": {"student": 0}}, "update ratio must be >= 1"),
     ({"method.conditioning_time": 0.4, "method.student_steps": 4}, "one-step students"),
     ({"method.regression_weight": 0.25, "method.student_steps": 2}, "one-step students"),
+    ({"method.regression_warmup": 3, "method.student_steps": 2}, "regression_warmup: .*one-step students"),
+    ({"method.regression_warmup": -1}, "regression_warmup must be a number of steps >= 0"),
     ({"method.divergence": "kl"}, "divergence must be one of"),
     ({"method.time_density": "lognormal"}, "time_density must be one of"),
     ({"data.source": "gaussian"}, "the GAN term .* needs a real-data source"),
@@ -500,3 +502,28 @@ def test_the_critic_trains_on_the_student_phases_own_samples(tmp_path):
     # critic-only steps 1 and 3: one no-grad student forward per micro-batch
     assert calls[:8] == [(0, True), (0, True), (1, False), (1, False), (2, True), (2, True), (3, False), (3, False)]
     assert calls[8:] == [(4, False)]  # the final sample grid
+
+
+def test_regression_warmup_trains_the_student_on_pairs_alone_every_step_then_matches_afresh(tmp_path):
+    """DMD2's ODE pretraining of a one-step student: during ``regression_warmup`` steps the student phase is the
+    regression alone and runs every step (the two-time-scale rule waits), the critic tracks the student; distribution
+    matching then starts with the student's Adam state afresh and the usual update ratio."""
+    over = {"method.regression_warmup": 3, "method.num_pairs": 32, "method.pair_steps": 8,
+            "method.pair_cache": str(tmp_path / "pairs.safetensors"), "train.update_every": {"student": 2},
+            "train.max_steps": 7, "train.log_every": 1}
+    trainer = _trainer(tmp_path, **over)
+    seen, student_loss = [], trainer.method.student_loss
+
+    def spy(nets, batch):
+        out = student_loss(nets, batch)
+        seen.append((trainer.step, sorted(k for k in out.logs if k != "loss")))
+        return out
+
+    trainer.run.method.student_loss = spy
+    trainer.train()
+    assert seen == [(0, ["loss_reg"]), (1, ["loss_reg"]), (2, ["loss_reg"]),
+                    (4, ["dm_grad_norm", "loss_dm", "loss_gan"]), (6, ["dm_grad_norm", "loss_dm", "loss_gan"])]
+    moments = trainer.optimizers["student"].state[next(iter(trainer.optimizers["student"].state))]
+    assert moments["step"] == 2  # cleared at step 3, then the DM updates of steps 4 and 6
+    critic = trainer.optimizers["fake_score"].state[next(iter(trainer.optimizers["fake_score"].state))]
+    assert critic["step"] == 7

@@ -42,7 +42,16 @@ backward simulation; ``main/train_sd.py`` update order). One loss object serves 
   only the marginals of ``x0_k`` at ``t >= t_{k+1}`` reach the final sample, and matching at ``t_{k+1}`` gives
   the teacher's marginal there;
 * DMD2's conditioning timestep for one-step students: ``conditioning_time`` (e.g. 0.4 for DMD2's t=399 SDXL
-  student) feeds pure noise but tells the network that time.
+  student) feeds pure noise but tells the network that time;
+* DMD2's ODE-regression pretraining of its one-step SDXL student (``train_sd_ode.py``, METHODS.md §4.3):
+  ``regression_warmup`` steps of the regression loss alone, the student updated every step, before distribution
+  matching starts with the student's optimizer state afresh (as the separate run it is in DMD2). The fake score
+  trains on the student's samples meanwhile, so it models the generator when the DM gradient is first read. Why a
+  one-step student needs it: initialised from the teacher, it starts as a point mass (the teacher's x0 at pure noise
+  is the data mean); the reverse-KL gradient splits that mass by where its noisy early estimate points, and only the
+  weak high-noise part of the gradient moves mass between modes afterwards, so mode weights set at the split stay
+  (docs/experiments/dmd2-mixtures.md). The teacher's ODE map carries the noise to every mode with the teacher's
+  weights.
 
 The loss terms themselves are shared (``terms.py``); this file draws the times, makes the network calls and
 composes them. ``dmd`` and ``dmd2`` are this one class with other defaults (``methods/__init__.py``): DMD (v1)'s
@@ -60,7 +69,7 @@ DMD2 broadcasts one ``k``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -136,6 +145,8 @@ class DMD(Method):
             times ``(t_{k+1}, t_k]``; see the module docstring). One-step students ignore it.
         fake_score_target: parameterisation of the fake score's denoising MSE (``x0 | eps | v``); ``None`` uses the
             fake score's own output (the teacher's training loss).
+        regression_warmup: one-step only: steps of regression alone on the teacher ODE pairs before distribution
+            matching starts (DMD2's ODE pretraining of its one-step SDXL student; 0: none). See the module docstring.
     """
 
     phases = ("student", "fake_score")
@@ -149,7 +160,7 @@ class DMD(Method):
                  pair_sampler: str = "ddim", pair_steps: int = 64, pair_cache: str | None = None,
                  lpips_net: str = "vgg", lpips_weights: str | None = None,
                  student_prediction: str | None = None, fake_score_target: str | None = None,
-                 multistep_matching: str = "mixture"):
+                 multistep_matching: str = "mixture", regression_warmup: int = 0):
         if student_steps < 1:
             raise ValueError(f"method.student_steps must be >= 1, got {student_steps}")
         if conditioning_time is not None and (student_steps != 1 or not 0.0 < conditioning_time <= 1.0):
@@ -163,9 +174,12 @@ class DMD(Method):
             raise ValueError(f"method.regression_loss must be one of {DISTANCES}, got {regression_loss!r}")
         if lpips_net not in LPIPS_NETS:
             raise ValueError(f"method.lpips_net must be one of {sorted(LPIPS_NETS)}, got {lpips_net!r}")
-        if regression_weight > 0 and student_steps != 1:
-            raise ValueError("method.regression_weight: the ODE-pair regression is defined for one-step students "
-                             f"(DMD v1); got student_steps {student_steps}")
+        for key, value in (("regression_weight", regression_weight), ("regression_warmup", regression_warmup)):
+            if value > 0 and student_steps != 1:
+                raise ValueError(f"method.{key}: the ODE-pair regression is defined for one-step students "
+                                 f"(DMD v1, DMD2's SDXL pretraining); got student_steps {student_steps}")
+        if not isinstance(regression_warmup, int) or regression_warmup < 0:
+            raise ValueError(f"method.regression_warmup must be a number of steps >= 0, got {regression_warmup!r}")
         if pair_sampler not in TEACHER_SAMPLERS:
             raise ValueError(f"method.pair_sampler must be one of {sorted(TEACHER_SAMPLERS)}, got {pair_sampler!r}")
         if min(gan_weight, gan_critic_weight, regression_weight, dm_weight) < 0 or guidance_scale < 1.0:
@@ -188,6 +202,7 @@ class DMD(Method):
         self.t_min, self.t_max, self.dm_weight, self.divergence = t_min, t_max, dm_weight, divergence
         self.gan_weight, self.gan_critic_weight, self.gan_t_max = gan_weight, gan_critic_weight, gan_t_max
         self.regression_weight, self.regression_loss = regression_weight, regression_loss
+        self.regression_warmup = regression_warmup
         self.lpips_net, self.lpips_weights = lpips_net, lpips_weights
         self.lpips: LPIPS | None = None  # frozen, loaded in prepare(); not a role (never trained or checkpointed)
         self.num_pairs, self.pair_sampler, self.pair_steps = num_pairs, pair_sampler, pair_steps
@@ -195,6 +210,7 @@ class DMD(Method):
         self.fake_score_target, self.time_density = fake_score_target, time_density
         self.phased = multistep_matching == "phased" and student_steps > 1
         self._fakes: list = []  # the student phase's detached samples, for the critic of the same step
+        self._warming = False  # this step is in the regression warm-up (begin_step)
         self.pairs: dict[str, torch.Tensor] | None = None
         self.pair_cond: dict[str, torch.Tensor] | None = None  # text teachers: the prompt table the pairs index
         self._grid: StudentGrid | None = None
@@ -248,9 +264,18 @@ class DMD(Method):
                 self._check_gan_range(sch)
         return {}
 
+    def active_phases(self, step: int, update_every: Mapping[str, int]) -> tuple[str, ...]:
+        """During the regression warm-up the student steps every iteration (the two-time-scale rule is for the DM
+        gradient, which is not read yet); then ``train.update_every`` as usual."""
+        if step < self.regression_warmup:
+            return self.phases
+        return super().active_phases(step, update_every)
+
     def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
         self._fakes = []  # samples of an earlier step are not this step's generator any more
-        return ()
+        self._warming = step < self.regression_warmup
+        # distribution matching starts as DMD2's run after its ODE pretraining does: with a fresh student optimizer
+        return ("student",) if step == self.regression_warmup > 0 else ()
 
     def student_grid(self) -> StudentGrid:
         if self._grid is None:
@@ -287,7 +312,7 @@ class DMD(Method):
         """Make or load the teacher ODE pairs of the regression loss (DMD v1); text teachers' pairs carry their
         prompts (sampled with the CFG teacher at ``guidance_scale``)."""
         self.update_schedule(0, nets)
-        if self.regression_weight == 0:
+        if self.regression_weight == 0 and self.regression_warmup == 0:
             return
         teacher = nets.teacher
         if getattr(teacher, "num_classes", None):
@@ -382,9 +407,12 @@ class DMD(Method):
         return self.student_loss(nets, batch) if phase == "student" else self.fake_score_loss(nets, batch)
 
     def student_loss(self, nets: Nets, batch: Batch) -> LossOutput:
-        """Generator update: DM loss (+ GAN generator loss, + regression)."""
+        """Generator update: DM loss (+ GAN generator loss, + regression); the regression alone during the warm-up."""
         gen, cond, b = batch.generator, self._generation_cond(batch), batch.size
         shape, device = self._shape_device(batch)
+        if self._warming:
+            reg = self.regression(nets, b, device, gen)
+            return LossOutput(reg, {"loss_reg": reg.detach().mean(), "loss": reg.detach().mean()})
         noise = torch.randn((b, *shape), generator=gen).to(device)
         x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
         self._fakes.append((x.detach(), k, cond))  # one per micro-batch, taken in order by the critic phase
