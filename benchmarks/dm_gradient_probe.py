@@ -9,7 +9,7 @@ to fixed times t and the DM gradient of METHODS.md §4.1 is formed, ``(x0_fake -
 
 ``--reference N`` adds what the fake score *should* say on the student's samples: the exact posterior mean
 ``E[x0 | x_t]`` of the empirical distribution of N further student samples (a softmax over them of
-``-|x_t - a_t s_j|^2 / 2 s_t^2``), which is the fake score of a perfect critic up to the sampling of the reference (good
+``-|x_t - a_t s_j|^2 / 2 s_t^2``), the fake score of a perfect critic up to the sampling of the reference (good
 for low-dimensional data at noise levels above the reference's sample spacing). Printed per t: the cosine between the
 live ``x0_fake - x0_real`` and the reference's ``x0_ref - x0_real`` and the live error ``|x0_fake - x0_ref|`` against
 that signal ``|x0_ref - x0_real|`` (error/signal above 1: the DM gradient at that t is mostly the critic's error).

@@ -47,3 +47,36 @@ def test_overhead_bench_records_the_passes_the_readme_lists(tmp_path, monkeypatc
     teacher = overhead.save_teacher("tiny", tmp_path / "teacher")
     row = overhead.measure(method, teacher, tmp_path, 1, 1, 32)
     assert {p["pass"]: p["per_iter"] for p in row["passes"]} == passes and row["ratio"] > 0
+
+
+def test_the_probes_exact_fake_score_is_the_gaussian_posterior_mean():
+    """``dm_gradient_probe.empirical_x0``, the fake score of a perfect critic for a sample set, against the closed form
+    for Gaussian data: ``x0 ~ N(0, v I)`` gives ``E[x0 | x_t] = a v x_t / (a^2 v + s^2)``."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from dm_gradient_probe import empirical_x0
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    g = torch.Generator().manual_seed(0)
+    v, a, s = 0.25, 0.8, 0.6
+    reference = torch.randn(200_000, 1, generator=g, dtype=torch.float64) * v**0.5
+    x_t = torch.linspace(-1.5, 1.5, 7, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(empirical_x0(x_t, reference, a, s), a * v * x_t / (a**2 * v + s**2), atol=5e-3, rtol=0)
+
+
+def test_mixture_bench_trains_a_recipe_on_a_benchmark_mixture_and_reads_mode_weights(tmp_path, monkeypatch):
+    """``mixture_bars.run``: the recipe's mixture replaced by a benchmark family's, trained, and the student, the
+    teacher at 64 and at 4 NFE scored with mode weights that are distributions over the family's modes."""
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import mixture_bars
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    over = ["train.max_steps=2", "method.regression_warmup=1", "method.num_pairs=16", "method.pair_steps=4",
+            "teacher.gmm.fit.steps=5", "train.sample_every=0", "train.checkpoint_every=0", "data.batch_size=16"]
+    m = mixture_bars.run("dmd2/gmm.yaml", "highdim", 0, overrides=over, out=tmp_path, samples=64, eval_seeds=1,
+                         track=1)
+    assert [h["step"] for h in m["history"]] == [0, 1]
+    for who in ("student", "teacher@64", "teacher@4"):
+        assert m[who]["modes"] == 6 and abs(sum(m[who]["weights"]) - 1) < 1e-6 and 0 <= m[who]["tv_true"] <= 1
