@@ -387,7 +387,10 @@ def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_d
     build = _family_pipeline if teacher.family is not None else _ddpm_pipeline
     pipe, fields = build(student, teacher, grid)
     ex = recipe.export
-    pipe.to(getattr(torch, ex.dtype))
+    dtype = getattr(torch, ex.dtype)
+    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    if any(p.dtype != dtype for m in modules for p in m.parameters() if p.is_floating_point()):
+        pipe.to(dtype)  # only when something changes: diffusers warns on every dtype cast of a model
     fields["load_kwargs"] = _load_kwargs(ex)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, variant=ex.variant)
