@@ -34,16 +34,20 @@ from stepdistill.sampling import sample_student
 
 
 @torch.no_grad()
-def probe(run: Run, x: torch.Tensor, t: float, seed: int) -> dict[str, float]:
+def noised_predictions(run: Run, x: torch.Tensor, t: float, seed: int):
+    """``x`` noised to time ``t`` (float64) and the teacher's and the fake score's x0 there (no CFG)."""
     nets, sch = run.nets, run.nets.teacher.schedule
-    x = x.double()
-    dims = tuple(range(1, x.ndim))
     tt = torch.full((x.shape[0],), t, dtype=torch.float64)
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x_t = sch.add_noise(x, eps, tt).float()
-    real = nets.teacher(x_t, tt, None).x0_64
-    fake = nets["fake_score"](x_t, tt, None).x0_64
-    norm = (x - real).abs().mean(dims, keepdim=True)
+    x_t = sch.add_noise(x.double(), eps, tt)
+    return x_t, nets.teacher(x_t.float(), tt, None).x0_64, nets["fake_score"](x_t.float(), tt, None).x0_64
+
+
+@torch.no_grad()
+def probe(run: Run, x: torch.Tensor, t: float, seed: int) -> dict[str, float]:
+    x = x.double()
+    _, real, fake = noised_predictions(run, x, t, seed)
+    norm = (x - real).abs().mean(tuple(range(1, x.ndim)), keepdim=True)
     return {"x-real": float(norm.mean()), "fake-real": float((fake - real).abs().mean()),
             "grad_rms": float(((fake - real) / norm).pow(2).mean().sqrt())}
 
@@ -60,15 +64,9 @@ def empirical_x0(x_t: torch.Tensor, reference: torch.Tensor, a: float, s: float)
 @torch.no_grad()
 def critic_error(run: Run, x: torch.Tensor, reference: torch.Tensor, t: float, seed: int) -> dict[str, float]:
     """Live fake score against the empirical posterior mean of ``reference`` at student samples ``x`` noised to t."""
-    nets, sch = run.nets, run.nets.teacher.schedule
-    x = x.double()
-    tt = torch.full((x.shape[0],), t, dtype=torch.float64)
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x_t = sch.add_noise(x, eps, tt)
-    a, s = float(sch.alpha(tt[:1])), float(sch.sigma(tt[:1]))
-    real = nets.teacher(x_t.float(), tt, None).x0_64
-    fake = nets["fake_score"](x_t.float(), tt, None).x0_64
-    ref = empirical_x0(x_t, reference, a, s)
+    sch, tt = run.nets.teacher.schedule, torch.tensor([t], dtype=torch.float64)
+    x_t, real, fake = noised_predictions(run, x, t, seed)
+    ref = empirical_x0(x_t, reference, float(sch.alpha(tt)), float(sch.sigma(tt)))
     live, true = (fake - real).flatten(1), (ref - real).flatten(1)
     cos = torch.nn.functional.cosine_similarity(live, true, dim=1).mean()
     return {"cos": float(cos), "error/signal": float((fake - ref).norm() / (ref - real).norm())}

@@ -512,17 +512,22 @@ def test_regression_warmup_trains_the_student_on_pairs_alone_every_step_then_mat
             "method.pair_cache": str(tmp_path / "pairs.safetensors"), "train.update_every": {"student": 2},
             "train.max_steps": 7, "train.log_every": 1}
     trainer = _trainer(tmp_path, **over)
-    seen, student_loss = [], trainer.method.student_loss
+    seen, method = [], trainer.method
+    warmup_loss, student_loss = method.warmup_loss, method.student_loss
 
-    def spy(nets, batch):
-        out = student_loss(nets, batch)
-        seen.append((trainer.step, sorted(k for k in out.logs if k != "loss")))
-        return out
+    def spy(loss):
+        def call(nets, batch):
+            out = loss(nets, batch)
+            seen.append((trainer.step, sorted(k for k in out.logs if k != "loss")))
+            return out
+        return call
 
-    trainer.run.method.student_loss = spy
+    method.warmup_loss, method.student_loss = spy(warmup_loss), spy(student_loss)
     trainer.train()
     assert seen == [(0, ["loss_reg"]), (1, ["loss_reg"]), (2, ["loss_reg"]),
                     (4, ["dm_grad_norm", "loss_dm", "loss_gan"]), (6, ["dm_grad_norm", "loss_dm", "loss_gan"])]
+    assert [method.active_phases(s, {"student": 2}) for s in (2, 3, 4)] == [
+        ("regression", "fake_score"), ("fake_score",), ("student", "fake_score")]
     moments = trainer.optimizers["student"].state[next(iter(trainer.optimizers["student"].state))]
     assert moments["step"] == 2  # cleared at step 3, then the DM updates of steps 4 and 6
     critic = trainer.optimizers["fake_score"].state[next(iter(trainer.optimizers["fake_score"].state))]

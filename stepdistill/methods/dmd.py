@@ -57,14 +57,14 @@ The loss terms themselves are shared (``terms.py``); this file draws the times, 
 composes them. ``dmd`` and ``dmd2`` are this one class with other defaults (``methods/__init__.py``): DMD (v1)'s
 regression on teacher ODE pairs is on by default (weight 0.25, the paper's), DMD2's is off.
 
-Phases: ``("student", "fake_score")``, DMD2's order (generator then guidance in ``train_one_step``). The two-time-scale
-rule is ``train.update_every: {student: 5}``. During the student phase the loop keeps the fake score and the head
-frozen (``requires_grad`` off, DMD2's fix), so the GAN generator loss reaches only the student. When both phases run
-in one step, the critic trains on the student phase's own samples, detached, as DMD2's ``train_one_step`` does (one
-generator pass per iteration); otherwise it draws a no-grad sample itself. Smaller departures from the DMD2 code: the
-fake score and the head are clipped separately (DMD2 clips them jointly) and LR warmup counts a role's own updates
-(DMD2 steps every scheduler every iteration). The multi-step ``k`` comes from the stream every rank draws alike, as
-DMD2 broadcasts one ``k``.
+Phases: ``("student", "fake_score")``, DMD2's order (generator then guidance in ``train_one_step``), and
+``("regression", "fake_score")`` during the warm-up. The two-time-scale rule is ``train.update_every: {student: 5}``.
+During the student phase the loop keeps the fake score and the head frozen (``requires_grad`` off, DMD2's fix), so the
+GAN generator loss reaches only the student. When both phases run in one step, the critic trains on the student phase's
+own samples, detached, as DMD2's ``train_one_step`` does (one generator pass per iteration); otherwise it draws a
+no-grad sample itself. Smaller departures from the DMD2 code: the fake score and the head are clipped separately (DMD2
+clips them jointly) and LR warmup counts a role's own updates (DMD2 steps every scheduler every iteration). The
+multi-step ``k`` comes from the stream every rank draws alike, as DMD2 broadcasts one ``k``.
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ class DMD(Method):
             matching starts (DMD2's ODE pretraining of its one-step SDXL student; 0: none). See the module docstring.
     """
 
-    phases = ("student", "fake_score")
+    #: ``regression`` runs only during ``regression_warmup`` (``active_phases``)
+    phases = ("student", "fake_score", "regression")
 
     def __init__(self, *, student_steps: int = 1, conditioning_time: float | None = None,
                  backward_simulation: bool = True, guidance_scale: float = 1.0, t_min: float = 0.02,
@@ -210,7 +211,6 @@ class DMD(Method):
         self.fake_score_target, self.time_density = fake_score_target, time_density
         self.phased = multistep_matching == "phased" and student_steps > 1
         self._fakes: list = []  # the student phase's detached samples, for the critic of the same step
-        self._warming = False  # this step is in the regression warm-up (begin_step)
         self.pairs: dict[str, torch.Tensor] | None = None
         self.pair_cond: dict[str, torch.Tensor] | None = None  # text teachers: the prompt table the pairs index
         self._grid: StudentGrid | None = None
@@ -245,7 +245,7 @@ class DMD(Method):
         return specs
 
     def owner(self, phase: str) -> str | tuple[str, ...]:
-        if phase == "student":
+        if phase in ("student", "regression"):
             return "student"
         return ("fake_score", "discriminator") if self.uses_head else "fake_score"
 
@@ -265,15 +265,15 @@ class DMD(Method):
         return {}
 
     def active_phases(self, step: int, update_every: Mapping[str, int]) -> tuple[str, ...]:
-        """During the regression warm-up the student steps every iteration (the two-time-scale rule is for the DM
-        gradient, which is not read yet); then ``train.update_every`` as usual."""
+        """During the regression warm-up its own ``regression`` phase steps the student every iteration (the
+        two-time-scale rule is for the DM gradient, which is not read yet) and the critic tracks it; then
+        ``train.update_every`` as usual."""
         if step < self.regression_warmup:
-            return self.phases
-        return super().active_phases(step, update_every)
+            return ("regression", "fake_score")
+        return tuple(p for p in super().active_phases(step, update_every) if p != "regression")
 
     def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
         self._fakes = []  # samples of an earlier step are not this step's generator any more
-        self._warming = step < self.regression_warmup
         # distribution matching starts as DMD2's run after its ODE pretraining does: with a fresh student optimizer
         return ("student",) if step == self.regression_warmup > 0 else ()
 
@@ -404,15 +404,19 @@ class DMD(Method):
 
     # ------------------------------------------------------------------------------------------------ phases
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput | Iterator[LossOutput]:
+        if phase == "regression":
+            return self.warmup_loss(nets, batch)
         return self.student_loss(nets, batch) if phase == "student" else self.fake_score_loss(nets, batch)
 
+    def warmup_loss(self, nets: Nets, batch: Batch) -> LossOutput:
+        """The regression warm-up's student update: the ODE-pair regression alone."""
+        reg = self.regression(nets, batch.size, self._shape_device(batch)[1], batch.generator)
+        return LossOutput(reg, {"loss_reg": reg.detach().mean(), "loss": reg.detach().mean()})
+
     def student_loss(self, nets: Nets, batch: Batch) -> LossOutput:
-        """Generator update: DM loss (+ GAN generator loss, + regression); the regression alone during the warm-up."""
+        """Generator update: DM loss (+ GAN generator loss, + regression)."""
         gen, cond, b = batch.generator, self._generation_cond(batch), batch.size
         shape, device = self._shape_device(batch)
-        if self._warming:
-            reg = self.regression(nets, b, device, gen)
-            return LossOutput(reg, {"loss_reg": reg.detach().mean(), "loss": reg.detach().mean()})
         noise = torch.randn((b, *shape), generator=gen).to(device)
         x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
         self._fakes.append((x.detach(), k, cond))  # one per micro-batch, taken in order by the critic phase
