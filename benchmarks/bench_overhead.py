@@ -173,9 +173,8 @@ def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, 
 
     def iteration(step):
         trainer.method.update_schedule(step, trainer.nets)
-        for phase in trainer.method.phases:
-            if step % trainer.recipe.train.update_every.get(phase, 1) == 0:
-                trainer._run_phase(phase)
+        for phase in trainer.method.active_phases(step, trainer.recipe.train.update_every):
+            trainer._run_phase(phase)
 
     iteration(0)  # warm-up (allocations, first-call costs); records the passes and their inputs
     for h in handles:
