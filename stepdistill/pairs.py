@@ -114,3 +114,20 @@ def load_or_make_pairs(teacher: Denoiser, spec: dict, path: Path, *, device, is_
         raise ValueError(f"pair_cache: {path} was made for a different teacher or recipe (differs in {diff}); "
                          "delete it or point method.pair_cache elsewhere")
     return pairs
+
+
+def teacher_pairs(teacher: Denoiser, *, sample_shape, device, cache_dir: Path, num_pairs: int, sampler: str,
+                  steps: int, guidance: float = 1.0, conditions: dict[str, torch.Tensor] | None = None,
+                  cache: str | None = None, is_main_process: bool = True, wait_for_everyone=lambda: None):
+    """A run's teacher ODE pairs: ``(pairs, condition table on device or None)``. ``conditions`` (a text teacher's
+    prompt table) makes prompted pairs sampled with CFG scale ``guidance``. ``cache``: the file; ``None`` keys one
+    under ``cache_dir/ode_pairs`` by the teacher's weights and these settings."""
+    spec = pair_spec(teacher, sample_shape=sample_shape, num_pairs=num_pairs, sampler=sampler, steps=steps, seed=0,
+                     conditions=conditions, guidance=guidance)
+    name = f"{spec['teacher']}-{sampler}{steps}-n{num_pairs}" + \
+        (f"-p{spec['prompts']}-w{guidance:g}" if conditions is not None else "")
+    path = Path(cache) if cache else Path(cache_dir) / "ode_pairs" / f"{name}.safetensors"
+    pairs = load_or_make_pairs(teacher, spec, path, device=device, is_main_process=is_main_process,
+                               wait_for_everyone=wait_for_everyone, conditions=conditions)
+    table = None if conditions is None else {k: v.to(device) for k, v in conditions.items()}
+    return pairs, table

@@ -252,8 +252,8 @@ def make_data(run: Run, *, is_main_process: bool = True, wait_for_everyone=lambd
     source = r.data.source
     if source is None:  # derive one from the teacher; "gaussian" is a stand-in, never real data
         derived = {"gmm": "gmm", "embedded": "digits", "tiny": "gaussian"}.get(r.teacher.source())
-        if not m.reads_data:
-            derived = derived or "gaussian"  # data-free: only the batch size and shape are used
+        if not m.reads_data or m.makes_samples:
+            derived = derived or "gaussian"  # data-free, or teacher samples stand in: the batch gives size and shape
         if derived is None and needs_real is None:
             raise ConfigError("data.source: a pretrained teacher needs a data source (image_folder with data.path)")
         source = derived

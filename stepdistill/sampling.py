@@ -15,6 +15,7 @@ import torch
 
 from .denoisers import Cond, Denoiser, guided
 from .parameterization import Coefficients, Prediction, ddim_step
+from .schedules import _bcast
 from .transitions import Transition
 from .transitions import transition as transition_of
 
@@ -61,25 +62,38 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, times: torch.Tensor, *, con
     n = x.shape[0]
     for i in range(len(times) - 1):
         t, s = times[i], times[i + 1]
-        a_t, a_s = sch.alpha(t), sch.alpha(s)
         pred = guided(denoiser, x, t.expand(n), cond, w)
-        if a_t < 1e-8:
+        if sch.alpha(t) < 1e-8:
             # alpha(t) = 0 up to rounding (rectified flow and TrigFlow at t = 1): sigma_bar is infinite there and the
             # trapezoid over an infinite interval is undefined (it returned NaN/inf), so this step is Euler (= DDIM),
             # as the last step to sigma = 0 is.
             x = ddim_step(pred, sch, s.expand(n))
         else:
-            sb_t, sb_s = sch.sigma(t) / a_t, sch.sigma(s) / a_s  # sigma_bar
-            y = x.double() / a_t
-            d1 = pred.eps_64  # dy/dsigma_bar
-            y_next = y + (sb_s - sb_t) * d1
-            if s > 0:
-                pred2 = guided(denoiser, (y_next * a_s).to(x.dtype), s.expand(n), cond, w)
-                y_next = y + (sb_s - sb_t) * 0.5 * (d1 + pred2.eps_64)
-            x = (y_next * a_s).to(x.dtype)
+            x = heun_step(denoiser, x, pred, t.expand(n), s.expand(n), cond, w)
         if callback is not None:
             callback(i, x, pred)
     return x
+
+
+def heun_step(denoiser: Denoiser, x: torch.Tensor, pred, t: torch.Tensor, s: torch.Tensor, cond: Cond = None,
+              w=1.0) -> torch.Tensor:
+    """One Heun step of the scale-free PF-ODE ``dy/dsigma_bar = eps`` (``y = x / alpha``, ``sigma_bar = sigma /
+    alpha``; Karras et al. 2022, Algorithm 1) from ``t`` to ``s`` (per-sample ``[B]``, ``alpha(t) > 0``), given the
+    prediction ``pred`` at ``(x, t)``: one more evaluation, at the Euler point; a step to ``s = 0`` stays an Euler step
+    (the paper's last step). Float64 inside."""
+    sch = denoiser.schedule
+    a_t, a_s = _bcast(sch.alpha(t), x), _bcast(sch.alpha(s), x)
+    sb_t, sb_s = _bcast(sch.sigma(t), x) / a_t, _bcast(sch.sigma(s), x) / a_s  # sigma_bar
+    y = x.double() / a_t
+    d1 = pred.eps_64  # dy/dsigma_bar
+    y_next = y + (sb_s - sb_t) * d1
+    if not (s > 0).all():  # the Euler step to s = 0, or a mix the caller must split
+        if (s != 0).any():
+            raise ValueError("heun_step: per-sample end times must be all positive or all 0")
+    else:
+        pred2 = guided(denoiser, (y_next * a_s).to(x.dtype), s, cond, w)
+        y_next = y + (sb_s - sb_t) * 0.5 * (d1 + pred2.eps_64)
+    return (y_next * a_s).to(x.dtype)
 
 
 @torch.no_grad()

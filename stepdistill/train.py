@@ -187,7 +187,7 @@ class Trainer:
                              device=acc.device, is_main_process=acc.is_main_process,
                              wait_for_everyone=acc.wait_for_everyone, student_init=self.run.student_init,
                              lr_periods={role: cfg.period for role, cfg in r.optim.items()},
-                             ema_decay=r.train.ema_decay, conditions=self.conditions)
+                             ema_decay=r.train.ema_decay, conditions=self.conditions, data_source=self.data.kind)
         try:
             self.method.prepare(self.nets, ctx)
         except ValueError as err:

@@ -101,6 +101,12 @@ def _distillation_schedulers(cls, cfg: dict, grid, timesteps: list[int]):
     if own.get("prediction_type") not in ("epsilon", "v_prediction", "sample"):
         return
     yield cls.from_config({**own, "original_inference_steps": grid.steps}), {}
+    # A grid picked from a finer N-step grid as these schedulers pick it (a consistency student trained on LCM's
+    # 50-step grid samples 4 steps at 999/759/499/259): N from the spacing every timestep sits on
+    n_train = cfg.get("num_train_timesteps", 1000)
+    finer = n_train // math.gcd(n_train, *(int(ts) + 1 for ts in timesteps))
+    if finer not in (grid.steps, n_train):
+        yield cls.from_config({**own, "original_inference_steps": finer}), {}
     yield cls.from_config({**own, "original_inference_steps": cfg.get("num_train_timesteps", 1000)}), \
         {"timesteps": timesteps}
 

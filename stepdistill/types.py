@@ -159,3 +159,5 @@ class PrepareContext:
     #: the prompt table of text-conditioned teachers (``{key: [N, ...]}``), for derived data that needs conditions
     #: (teacher ODE pairs of text teachers); ``None`` otherwise
     conditions: dict[str, torch.Tensor] | None = None
+    #: the run's data source (``gmm``, ``digits``, ``image_folder``, or ``gaussian``: a stand-in that is not data)
+    data_source: str | None = None

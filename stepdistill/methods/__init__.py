@@ -6,11 +6,17 @@ import inspect
 import typing
 
 from .base import Batch, LossOutput, Method, Nets, RoleSpec
+from .consistency import Consistency
 from .dmd import DMD
 from .progressive import ProgressiveDistillation
 
 
 METHODS = {
+    # consistency distillation: LCM's defaults, CD with its Heun teacher step, PCM's phases, TCD's random endpoint
+    "cd": functools.partial(Consistency, solver="heun"),
+    "lcm": Consistency,
+    "pcm": functools.partial(Consistency, endpoint="phase", target_ema=0.0, distance="huber"),
+    "tcd": functools.partial(Consistency, endpoint="random"),
     "dmd": functools.partial(DMD, regression_weight=0.25),
     "dmd2": DMD,
     "progressive": ProgressiveDistillation,
@@ -30,5 +36,5 @@ def method_parameters(name: str) -> dict[str, tuple[object, object]]:
     return {k: (hints.get(k, typing.Any), p.default) for k, p in sig.parameters.items()}
 
 
-__all__ = ["DMD", "METHODS", "Batch", "LossOutput", "Method", "Nets", "RoleSpec", "ProgressiveDistillation",
-           "method_class", "method_parameters"]
+__all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "Method", "Nets", "RoleSpec",
+           "ProgressiveDistillation", "method_class", "method_parameters"]

@@ -37,6 +37,9 @@ class Method:
     needs_real_data: str | None = None
     #: ``False`` for data-free losses, which use only the batch size and shape
     reads_data: bool = True
+    #: the method stands its own teacher samples in for data when the run has none (consistency distillation): a run
+    #: with no data source then gets the ``gaussian`` stand-in, and ``prepare`` sees it as ``ctx.data_source``
+    makes_samples: bool = False
     #: the losses back-propagate through the frozen teacher to its input (SiD, ADD, LADD): the teacher then gets
     #: gradient checkpointing and FSDP sharding like a trained role; methods that must not (DMD) call it under
     #: ``torch.no_grad()``

@@ -70,15 +70,14 @@ multi-step ``k`` comes from the stream every rank draws alike, as DMD2 broadcast
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import torch
 
 from ..denoisers import TextConditioned, guided
 from ..nets.gan_head import GANHead
-from ..nets.lpips import LPIPS, load_lpips
+from ..nets.lpips import LPIPS, lpips_for_samples
 from ..nets.lpips import NETS as LPIPS_NETS
-from ..pairs import load_or_make_pairs, pair_spec
+from ..pairs import teacher_pairs
 from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise, sample_student
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .terms import (
@@ -319,24 +318,14 @@ class DMD(Method):
             raise ValueError("method.regression_weight: ODE pairs for class-conditional teachers are not supported "
                              "yet")
         text = isinstance(getattr(teacher, "inner", teacher), TextConditioned)  # a LoRA base wraps the teacher's own
-        conditions = ctx.conditions if text else None
-        spec = pair_spec(teacher, sample_shape=ctx.sample_shape, num_pairs=self.num_pairs, sampler=self.pair_sampler,
-                         steps=self.pair_steps, seed=0, conditions=conditions, guidance=self.guidance_scale)
-        name = f"{spec['teacher']}-{self.pair_sampler}{self.pair_steps}-n{self.num_pairs}" + \
-            (f"-p{spec['prompts']}-w{self.guidance_scale:g}" if text else "")
-        path = Path(self.pair_cache) if self.pair_cache else ctx.cache_dir / "ode_pairs" / f"{name}.safetensors"
-        self.pairs = load_or_make_pairs(teacher, spec, path, device=ctx.device, is_main_process=ctx.is_main_process,
-                                        wait_for_everyone=ctx.wait_for_everyone, conditions=conditions)
-        self.pair_cond = None if conditions is None else {k: v.to(ctx.device) for k, v in conditions.items()}
+        self.pairs, self.pair_cond = teacher_pairs(
+            teacher, sample_shape=ctx.sample_shape, device=ctx.device, cache_dir=ctx.cache_dir,
+            num_pairs=self.num_pairs, sampler=self.pair_sampler, steps=self.pair_steps, guidance=self.guidance_scale,
+            conditions=ctx.conditions if text else None, cache=self.pair_cache, is_main_process=ctx.is_main_process,
+            wait_for_everyone=ctx.wait_for_everyone)
         if self.regression_loss == "lpips":
-            shape = ctx.sample_shape
-            if len(shape) != 3 or shape[0] not in (1, 3):
-                raise ValueError(f"method.regression_loss: lpips compares pixel images with 1 or 3 channels; this "
-                                 f"teacher's samples have shape {list(shape)} (use pseudo_huber)")
-            try:
-                self.lpips = load_lpips(self.lpips_net, self.lpips_weights).to(ctx.device)
-            except FileNotFoundError as err:
-                raise ValueError(f"method.regression_loss: {err}") from None
+            self.lpips = lpips_for_samples(ctx.sample_shape, self.lpips_net, self.lpips_weights, ctx.device,
+                                           key="method.regression_loss")
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _times(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *, closed: bool = True) -> torch.Tensor:

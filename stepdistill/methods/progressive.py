@@ -42,6 +42,7 @@ from ..denoisers import guided
 from ..parameterization import ddim_step, ddim_x0_target
 from ..sampling import StudentGrid
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
+from .terms import GuidanceRange
 
 
 WEIGHTINGS = ("snr_trunc", "constant", "snr", "v_mse")
@@ -83,8 +84,6 @@ class ProgressiveDistillation(Method):
         if student_prediction not in ("x0", "v", "flow_match"):
             raise ValueError(f"method.student_prediction must be 'x0', 'v' or 'flow_match' (eps fails for PD), got "
                              f"{student_prediction!r}")
-        if guidance is not None and not (1.0 <= guidance[0] <= guidance[1]):
-            raise ValueError(f"method.guidance must be [w_min, w_max] with 1 <= w_min <= w_max, got {guidance}")
         if regression_steps < 0:
             raise ValueError(f"method.regression_steps must be >= 0, got {regression_steps}")
         if steps_per_stage < 1:
@@ -93,13 +92,8 @@ class ProgressiveDistillation(Method):
         self.steps_per_stage, self.regression_steps = steps_per_stage, regression_steps
         self.num_stages = round(math.log2(ratio))
         self.weighting, self.student_prediction = weighting, student_prediction
-        self.guidance = None if guidance is None else tuple(guidance)
-        if sample_guidance is not None and (self.guidance is None or self.guidance[0] == self.guidance[1]):
-            raise ValueError("method.sample_guidance needs method.guidance as a range [w_min, w_max] (a fixed "
-                             "scale is baked into the student)")
-        if sample_guidance is None and self.guidance is not None:
-            sample_guidance = sum(self.guidance) / 2
-        self.sample_guidance = sample_guidance
+        self.guidance = GuidanceRange.parse(guidance, sample_guidance)
+        self.sample_guidance = None if self.guidance is None else self.guidance.sample
         self.stage = 0  # the halving under way; -1 during the regression stage
         self._schedule = None  # the student's (prepare / update_schedule): its snap() rounds times to its timesteps
 
@@ -145,7 +139,7 @@ class ProgressiveDistillation(Method):
     @property
     def _takes_w(self) -> bool:
         """A guidance range: the student takes w as an input (a fixed scale is baked in instead)."""
-        return self.guidance is not None and self.guidance[1] > self.guidance[0]
+        return self.guidance is not None and self.guidance.takes_w
 
     def owner(self, phase: str) -> str:
         return "student"
@@ -210,10 +204,8 @@ class ProgressiveDistillation(Method):
         cond = batch.x0_cond if batch.x0_cond is not None else batch.cond
         student_cond, w = cond, 1.0
         if self.guidance is not None:
-            w = self.guidance[0] + (self.guidance[1] - self.guidance[0]) * torch.rand(b, generator=gen,
-                                                                                    dtype=torch.float64)
-            if self._takes_w:
-                student_cond = {**(cond or {}), "guidance": w.to(x0.device, torch.float32)}
+            w = self.guidance.draw(b, gen)
+            student_cond = self.guidance.student_cond(cond, w, x0.device)
         if self.stage <= 0:
             teacher, teacher_cond, teacher_w = nets.teacher, cond, w
         else:

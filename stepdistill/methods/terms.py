@@ -10,7 +10,9 @@ them with their own roles, times and weights.
 * ``regression_loss``: a distance between a student output and a teacher target (DMD v1's ODE-pair regression;
   consistency targets), pseudo-Huber, MSE or LPIPS;
 * ``time_range`` / ``band_times``: DMD2's time axis, a part of the schedule drawn uniformly over a discrete teacher's
-  timesteps (or a Karras grid).
+  timesteps (or a Karras grid);
+* ``GuidanceRange``: CFG inside the teacher's target at a per-sample scale ``w ~ U[w_min, w_max]`` (guided PD, LCM,
+  PCM, TCD), and the w input of a student that takes it.
 
 Each term takes and returns tensors; the network calls belong to the method.
 """
@@ -18,6 +20,7 @@ Each term takes and returns tensors; the network calls belong to the method.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,7 @@ from ..schedules import KarrasGrid, UniformIndex, UniformTime, VPDiscrete
 
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js")
-DISTANCES = ("pseudo_huber", "mse", "lpips")
+DISTANCES = ("pseudo_huber", "huber", "mse", "lpips")
 TIME_DENSITIES = ("uniform", "karras")
 
 
@@ -115,12 +118,16 @@ def gan_critic_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> tor
 # Regression.
 
 
-def regression_loss(x: torch.Tensor, y: torch.Tensor, distance: str, lpips=None) -> torch.Tensor:
-    """Per-sample distance of ``x`` to the target ``y``: ``pseudo_huber`` (``sqrt(|x - y|^2 + c^2) - c`` with iCT's
-    ``c = 0.00054 sqrt(dim)``, Song & Dhariwal 2023 §3.3), ``mse`` (mean over elements) or ``lpips`` (the network
-    ``lpips``, ``nets/lpips.py``)."""
+def regression_loss(x: torch.Tensor, y: torch.Tensor, distance: str, lpips=None, *,
+                    huber_c: float = 1e-3) -> torch.Tensor:
+    """Per-sample distance of ``x`` to the target ``y``: ``pseudo_huber`` (``sqrt(|x - y|^2 + c^2) - c`` of the whole
+    sample with iCT's ``c = 0.00054 sqrt(dim)``, Song & Dhariwal 2023 §3.3), ``huber`` (the same per element, averaged,
+    with ``c = huber_c``: the LCM/PCM scripts' ``--loss_type huber``), ``mse`` (mean over elements) or ``lpips`` (the
+    network ``lpips``, ``nets/lpips.py``)."""
     if distance == "lpips":
         return lpips(x.float(), y.float())
+    if distance == "huber":
+        return (((x - y) ** 2 + huber_c**2).sqrt() - huber_c).flatten(1).mean(1)
     sq = ((x - y) ** 2).flatten(1).sum(1)
     if distance == "mse":
         return sq / x[0].numel()
@@ -156,3 +163,47 @@ def band_times(schedule, lo: float, hi: float, n: int, gen) -> torch.Tensor:
             return torch.empty(0, dtype=torch.float64)
         return UniformIndex(max(first, 0), last + 1).sample(n, schedule, gen)
     return UniformTime(lo, hi).sample(n, schedule, gen)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guidance inside the target.
+
+
+@dataclass(frozen=True)
+class GuidanceRange:
+    """CFG scales ``w ~ U[lo, hi]`` for the teacher inside a distillation target (DESIGN.md §2 convention, 1 = none):
+    guided PD (Meng et al. 2023) and LCM's CFG-augmented solver (Luo et al. 2023, whose ``(1 + omega)`` convention is
+    ``w = 1 + omega``). With a range the student takes ``w`` as the input ``cond["guidance"]`` and samples at
+    ``sample`` (default: the middle); with ``lo == hi`` the scale is baked in and the student takes no input."""
+
+    lo: float
+    hi: float
+    sample: float | None = None
+
+    @classmethod
+    def parse(cls, guidance, sample_guidance: float | None) -> GuidanceRange | None:
+        """From a recipe's ``method.guidance`` ``[w_min, w_max]`` (or ``None``) and ``method.sample_guidance``."""
+        if guidance is None:
+            if sample_guidance is not None:
+                raise ValueError("method.sample_guidance needs method.guidance as a range [w_min, w_max]")
+            return None
+        lo, hi = (float(v) for v in guidance)
+        if not 1.0 <= lo <= hi:
+            raise ValueError(f"method.guidance must be [w_min, w_max] with 1 <= w_min <= w_max, got {list(guidance)}")
+        if sample_guidance is not None and lo == hi:
+            raise ValueError("method.sample_guidance needs method.guidance as a range [w_min, w_max] (a fixed "
+                             "scale is baked into the student)")
+        return cls(lo, hi, (lo + hi) / 2 if sample_guidance is None and hi > lo else sample_guidance)
+
+    @property
+    def takes_w(self) -> bool:
+        """A range: the student takes ``w`` as an input."""
+        return self.hi > self.lo
+
+    def draw(self, b: int, gen) -> torch.Tensor:
+        """Per-sample scales ``[B]`` (float64)."""
+        return self.lo + (self.hi - self.lo) * torch.rand(b, generator=gen, dtype=torch.float64)
+
+    def student_cond(self, cond: dict | None, w: torch.Tensor, device) -> dict | None:
+        """The student's condition: ``cond`` plus ``w`` when it takes it."""
+        return {**(cond or {}), "guidance": w.to(device, torch.float32)} if self.takes_w else cond

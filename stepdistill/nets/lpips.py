@@ -148,3 +148,16 @@ def load_lpips(net: str = "vgg", folder: str | Path | None = None) -> LPIPS:
     if missing:
         raise FileNotFoundError(f"LPIPS needs local weights, nothing is downloaded; missing: {'; '.join(missing)}")
     return LPIPS.from_files(net, backbone, heads)
+
+
+def lpips_for_samples(sample_shape, net: str, folder: str | Path | None, device, *, key: str) -> LPIPS:
+    """LPIPS for a distance between a teacher's samples (a recipe's ``key``), or ``ValueError`` with one line: the
+    samples must be pixel images with 1 or 3 channels and the weights must be on disk."""
+    shape = tuple(sample_shape)
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"{key}: lpips compares pixel images with 1 or 3 channels; this teacher's samples have shape "
+                         f"{list(shape)} (use pseudo_huber)")
+    try:
+        return load_lpips(net, folder).to(device)
+    except FileNotFoundError as err:
+        raise ValueError(f"{key}: {err}") from None

@@ -1,0 +1,266 @@
+"""Consistency distillation: CD (Song et al., ICML 2023), LCM / LCM-LoRA (Luo et al. 2023), PCM (Wang et al.,
+NeurIPS 2024) and TCD (Zheng et al. 2024) as settings of one loss (METHODS.md §3.1, §3.2, §3.6, §3.7, §1.7).
+
+Followed: diffusers ``examples/consistency_distillation/train_lcm_distill_sd_wds.py`` (LCM), G-U-N/Phased-Consistency-
+Model ``train_pcm_lora_sd15.py`` (PCM), openai/consistency_models ``consistency_losses`` (CD's Heun step, target EMA,
+shared dropout RNG); TCD has no released training code, so its target follows the paper (§4.2). Per step:
+
+    the teacher ladder: N + 1 times tau_0 < tau_1 < ... < tau_N, tau_j the trailing N-step grid (LCM's
+        20 (j+1) - 1 on 1000 timesteps for N = 50, the skipping step k = T / N) and tau_0 the boundary: timestep 0 of a
+        discrete teacher (LCM's ``max(t - k, 0)``), t = 0 of a continuous one
+    j ~ U{1..N},  t = tau_j,  t_n = tau_{j-1},  x_t = a_t x0 + s_t eps      (x0: data, or the teacher's ODE samples)
+    w ~ U[w_min, w_max]  (CFG inside the solver, our convention: LCM's omega is w - 1)
+    x_prev = one teacher step t -> t_n with CFG w (DDIM, or Heun: CD)                               (no grad)
+    loss = d( f_theta(x_t, t), sg f_target(x_prev, t_n) )      f_target: an EMA of the student, or the student itself
+
+The consistency function ``f`` is where the variants differ (``endpoint``):
+
+* ``data`` (CD, LCM): the clean estimate with LCM's boundary scalings, ``f = c_skip(n) x + c_out(n) x0_hat`` at the
+  backbone's timestep ``n`` (``parameterization.consistency_output``; ``f = x`` at timestep 0, ``c_skip < 7e-6`` from
+  timestep 19 on), what diffusers' ``LCMScheduler`` applies, so the exported pipeline replays the student;
+* ``phase`` (PCM): the DDIM jump of the prediction to the end of the phase the online time lies in; the ``M =
+  student_steps`` phases split the ladder evenly (tau_0, tau_{N/M}, ...), so the phase ends are the trailing M-step
+  grid that DDIM replays. At a phase edge (``t_n`` is the end) the target is ``x_prev`` itself (PCM's ``c_skip = 1``);
+* ``random`` (TCD): the DDIM jump to ``s ~ U[0, t_n]`` (on a discrete teacher, the nearest timestep), the same ``s``
+  for both sides: the trajectory-consistency function ``f(x, t, s)`` of TCD's first-order form.
+
+Sampling: ``data`` re-noises the clean estimate between the steps LCMScheduler takes for ``student_steps`` on the
+N-step grid (999/759/499/259 for 4 of 50); ``random`` uses TCD's strategic stochastic sampling (``gamma``);
+``phase`` jumps deterministically along the phase ends. Departures: CD runs on the teacher's own (VP) time ladder with
+LCM's boundary scalings rather than on an EDM Karras grid with EDM's, so that stock schedulers replay it; PCM's phases
+are even on the ladder (the official ``floor(linspace(0, 50, M))`` edges are uneven for N = 50, M = 4).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..denoisers import TextConditioned, guided
+from ..nets.lpips import LPIPS, lpips_for_samples
+from ..pairs import teacher_pairs
+from ..parameterization import consistency_output, ddim_step
+from ..sampling import StudentGrid, heun_step
+from ..schedules import VPDiscrete, _bcast
+from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
+from .terms import DISTANCES, GuidanceRange, regression_loss
+
+
+ENDPOINTS = ("data", "phase", "random")
+SOLVERS = ("ddim", "heun")
+X0_SOURCES = ("auto", "data", "teacher")
+
+
+class Consistency(Method):
+    """Consistency distillation loss object (CD, LCM, PCM, TCD; ``methods/__init__.py`` names their defaults).
+
+    Args:
+        student_steps: the student's sampling steps (PCM: its phases, each one step).
+        teacher_steps: N, the teacher ladder's steps (LCM's ``num_ddim_timesteps``, 50 on SD); on a discrete teacher
+            it must divide the T timesteps (the skipping step ``k = T / N``).
+        endpoint: ``data`` (CD, LCM), ``phase`` (PCM) or ``random`` (TCD); see the module docstring.
+        solver: the teacher step, ``ddim`` (LCM, PCM, TCD) or ``heun`` (CD: two teacher passes per step).
+        target_ema: decay of the target network, an EMA of the student updated after each student update (CD and
+            LCM: 0.95); 0 takes the target from the student itself under no grad (PCM, iCT).
+        distance: ``mse`` (LCM's default), ``huber`` (LCM/PCM's ``--loss_type huber``, per element with
+            ``huber_c``), ``pseudo_huber`` (iCT's, over the whole sample) or ``lpips`` (CD's; pixel images only).
+        huber_c: ``c`` of ``huber`` (0.001 in the LCM/PCM scripts).
+        guidance: ``[w_min, w_max]`` of the CFG-augmented solver in our convention (the diffusers script's
+            ``w_min=5, w_max=15`` are 6..16 here), or ``None`` (no CFG in the target: PCM's ``--not_apply_cfg_solver``,
+            the student then takes ordinary CFG at inference). A range gives the student a w input (LCM's
+            w-embedding); ``[w, w]`` bakes one scale in (LCM-LoRA).
+        sample_guidance: the scale a w-conditioned student samples and exports with; default the middle of the range.
+        timestep_scaling: LCM's boundary-scaling factor (10); ``endpoint: data`` only.
+        gamma: TCD's sampling stochasticity (``eta`` of ``TCDScheduler``), in [0, 1]; ``endpoint: random`` only.
+        x0_source: where ``x_t``'s clean sample comes from: ``data`` (the run's data source), ``teacher`` (the
+            teacher's ODE samples, made once and cached as DMD's pairs are) or ``auto`` (data when the run has a data
+            source, else teacher samples).
+        num_pairs, pair_sampler, pair_steps, pair_cache, pair_guidance: the teacher samples (``x0_source: teacher``):
+            how many, the sampler and its steps, the cache file, and the CFG scale of text teachers (default the
+            middle of ``guidance``, else 1).
+        student_prediction: the student's output parameterisation; ``None`` keeps the teacher's.
+        lpips_net, lpips_weights: the LPIPS backbone and its weights folder (``distance: lpips``).
+    """
+
+    phases = ("student",)
+    makes_samples = True
+
+    def __init__(self, *, student_steps: int = 4, teacher_steps: int = 64, endpoint: str = "data",
+                 solver: str = "ddim", target_ema: float = 0.95, distance: str = "mse", huber_c: float = 1e-3,
+                 guidance: tuple[float, float] | None = None, sample_guidance: float | None = None,
+                 timestep_scaling: float = 10.0, gamma: float = 0.3, x0_source: str = "auto", num_pairs: int = 4096,
+                 pair_sampler: str = "heun", pair_steps: int = 32, pair_cache: str | None = None,
+                 pair_guidance: float | None = None, student_prediction: str | None = None,
+                 lpips_net: str = "vgg", lpips_weights: str | None = None):
+        for key, value, allowed in (("endpoint", endpoint, ENDPOINTS), ("solver", solver, SOLVERS),
+                                    ("distance", distance, DISTANCES), ("x0_source", x0_source, X0_SOURCES)):
+            if value not in allowed:
+                raise ValueError(f"method.{key} must be one of {allowed}, got {value!r}")
+        if not 1 <= student_steps <= teacher_steps:
+            raise ValueError(f"method.student_steps must be in [1, method.teacher_steps = {teacher_steps}], got "
+                             f"{student_steps}")
+        if endpoint == "phase" and teacher_steps % student_steps:
+            raise ValueError(f"method.student_steps: PCM's {student_steps} phases must split the teacher's "
+                             f"{teacher_steps} steps evenly")
+        if not 0.0 <= target_ema < 1.0:
+            raise ValueError(f"method.target_ema must be in [0, 1), got {target_ema}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"method.gamma (TCD's eta) must be in [0, 1], got {gamma}")
+        if huber_c <= 0 or num_pairs < 1 or pair_steps < 1:
+            raise ValueError("method.huber_c, method.num_pairs and method.pair_steps must be positive")
+        self.student_steps, self.teacher_steps, self.endpoint, self.solver = (student_steps, teacher_steps, endpoint,
+                                                                              solver)
+        self.target_ema, self.distance, self.huber_c = target_ema, distance, huber_c
+        self.guidance = GuidanceRange.parse(guidance, sample_guidance)
+        self.timestep_scaling, self.gamma, self.x0_source = timestep_scaling, gamma, x0_source
+        self.num_pairs, self.pair_sampler, self.pair_steps, self.pair_cache = (num_pairs, pair_sampler, pair_steps,
+                                                                               pair_cache)
+        self.pair_guidance = pair_guidance
+        self.student_prediction, self.lpips_net, self.lpips_weights = student_prediction, lpips_net, lpips_weights
+        self.ladder: torch.Tensor | None = None  # tau_0..tau_N (float64), from the schedule (``_use_schedule``)
+        self.pairs: dict[str, torch.Tensor] | None = None  # teacher samples when they stand in for data
+        self.pair_cond: dict[str, torch.Tensor] | None = None
+        self.lpips: LPIPS | None = None
+
+    @property
+    def needs_real_data(self) -> str | None:
+        return "consistency distillation with method.x0_source: data" if self.x0_source == "data" else None
+
+    @property
+    def reads_data(self) -> bool:
+        return self.x0_source != "teacher"
+
+    def roles(self) -> dict[str, RoleSpec]:
+        takes_w = self.guidance is not None and self.guidance.takes_w
+        roles = {"student": RoleSpec(init="teacher", prediction=self.student_prediction,
+                                     guidance=self.guidance.sample if takes_w else None)}
+        if self.target_ema > 0:
+            roles["target"] = RoleSpec(ema_of="student", decay=self.target_ema)
+        return roles
+
+    # ------------------------------------------------------------------------------------------------ the ladder
+    def _use_schedule(self, schedule) -> None:
+        """The teacher ladder tau_0..tau_N on ``schedule``: the trailing N-step grid, with the boundary first."""
+        n = self.teacher_steps
+        if isinstance(schedule, VPDiscrete) and schedule.num_train_timesteps % n:
+            raise ValueError(f"method.teacher_steps: {n} steps do not divide the teacher's "
+                             f"{schedule.num_train_timesteps} timesteps (the skipping step T / N must be whole)")
+        ladder = schedule.grid(n).flip(0)
+        ladder[0] = schedule.t_min  # timestep 0 of a discrete teacher, where LCM's boundary scalings give f = x
+        self.ladder = ladder
+
+    def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
+        if self.ladder is None:
+            self._use_schedule(nets.student.schedule)
+        return {}
+
+    def student_grid(self) -> StudentGrid:
+        if self.ladder is None:
+            raise RuntimeError("Consistency.student_grid() before prepare() or update_schedule(): the grid needs the "
+                               "schedule")
+        n, k = self.teacher_steps, self.student_steps
+        if self.endpoint == "phase":  # one deterministic jump per phase, from the top of each
+            steps = [n - m * (n // k) for m in range(k)]
+            return StudentGrid(times=tuple(self.ladder[steps].tolist()), transition="ddim")
+        steps = [n - (m * n) // k for m in range(k)]  # LCMScheduler's pick: floor(linspace(0, N, K, endpoint=False))
+        move = {"name": "tcd", "gamma": self.gamma} if self.endpoint == "random" else "renoise"
+        return StudentGrid(times=tuple(self.ladder[steps].tolist()), transition=move)
+
+    # ------------------------------------------------------------------------------------------------ prepare
+    def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
+        """The ladder; teacher samples when they stand in for data (said in the log); LPIPS."""
+        teacher = nets.teacher
+        self._use_schedule(nets.student.schedule)
+        if self.solver == "heun" and float(teacher.schedule.alpha(torch.tensor(1.0))) < 1e-8:
+            raise ValueError("method.solver: heun divides by the signal scale, which is 0 at the start of this "
+                             "teacher's schedule (a flow teacher); use ddim (Euler)")
+        use_teacher = self.x0_source == "teacher" or (self.x0_source == "auto" and ctx.data_source in (None,
+                                                                                                       "gaussian"))
+        if use_teacher:
+            if getattr(teacher, "num_classes", None):
+                raise ValueError("method.x0_source: a class-conditional teacher's samples are not made yet; give a "
+                                 "data source with labels (data.labels: true)")
+            text = isinstance(getattr(teacher, "inner", teacher), TextConditioned)
+            w = self.pair_guidance
+            if w is None:
+                w = 1.0 if self.guidance is None else (self.guidance.lo + self.guidance.hi) / 2
+            self.pairs, self.pair_cond = teacher_pairs(
+                teacher, sample_shape=ctx.sample_shape, device=ctx.device, cache_dir=ctx.cache_dir,
+                num_pairs=self.num_pairs, sampler=self.pair_sampler, steps=self.pair_steps, guidance=w,
+                conditions=ctx.conditions if text else None, cache=self.pair_cache,
+                is_main_process=ctx.is_main_process, wait_for_everyone=ctx.wait_for_everyone)
+        if ctx.is_main_process:
+            where = (f"{self.num_pairs} teacher samples ({self.pair_sampler}, {self.pair_steps} steps)" if use_teacher
+                     else f"the data source ({ctx.data_source})")
+            print(f"consistency: x_t is noised from {where}", file=sys.stderr)
+        if self.distance == "lpips":
+            self.lpips = lpips_for_samples(ctx.sample_shape, self.lpips_net, self.lpips_weights, ctx.device,
+                                           key="method.distance")
+
+    # ------------------------------------------------------------------------------------------------ the loss
+    def _clean(self, batch: Batch) -> tuple[torch.Tensor, dict | None]:
+        """The clean samples and their conditions: the batch's data (with its own labels/captions where it has them)
+        or cached teacher samples (with their prompts)."""
+        if self.pairs is None:
+            return batch.x0, batch.x0_cond if batch.x0_cond is not None else batch.cond
+        idx = torch.randint(0, self.pairs["target"].shape[0], (batch.size,), generator=batch.generator)
+        x0 = self.pairs["target"][idx].to(batch.x0.device)
+        cond = None if self.pair_cond is None else {k: v[self.pairs["rows"][idx]] for k, v in self.pair_cond.items()}
+        return x0, cond
+
+    def consistency_fn(self, net, x: torch.Tensor, t: torch.Tensor, end: torch.Tensor | None, cond) -> torch.Tensor:
+        """``f(x, t)`` of network ``net`` (float64): with ``end`` (per-sample times <= ``t``), the DDIM jump of its
+        prediction to ``end`` (exactly ``x`` where ``end = t``); without, the clean estimate with LCM's boundary
+        scalings."""
+        pred = net(x, t, cond)
+        if end is None:
+            return consistency_output("lcm", net.schedule, x, pred.x0_64, t, timestep_scaling=self.timestep_scaling)
+        sch = net.schedule
+        a, s = _bcast(sch.alpha(end), pred.x0_64), _bcast(sch.sigma(end), pred.x0_64)
+        jump = a * pred.x0_64 + s * pred.eps_64
+        stay = (end >= t).to(jump.device).view(-1, *([1] * (jump.ndim - 1)))
+        return torch.where(stay, x.double(), jump)
+
+    def _end(self, j: torch.Tensor, t_n: torch.Tensor, schedule, gen) -> torch.Tensor | None:
+        """The time both sides of the loss map to: none (data), the phase end, or TCD's ``s ~ U[0, t_n]``."""
+        if self.endpoint == "phase":
+            per = self.teacher_steps // self.student_steps
+            return self.ladder[((j - 1) // per) * per]
+        if self.endpoint == "random":
+            s = torch.rand(j.shape[0], generator=gen, dtype=torch.float64) * t_n
+            return schedule.snap(s)
+        return None
+
+    @torch.no_grad()
+    def teacher_step(self, teacher, x_t: torch.Tensor, t: torch.Tensor, t_n: torch.Tensor, cond, w) -> torch.Tensor:
+        """``x_prev``: one step of the CFG teacher (scale ``w``, per sample) from ``t`` to ``t_n`` by ``solver``."""
+        pred = guided(teacher, x_t, t, cond, w)
+        if self.solver == "heun":
+            return heun_step(teacher, x_t, pred, t, t_n, cond, w)
+        return ddim_step(pred, teacher.schedule, t_n)
+
+    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
+        gen, sch, teacher = batch.generator, nets.student.schedule, nets.teacher
+        x0, cond = self._clean(batch)
+        b, device = x0.shape[0], x0.device
+        j = torch.randint(1, self.teacher_steps + 1, (b,), generator=gen)
+        t, t_n = self.ladder[j], self.ladder[j - 1]
+        end = self._end(j, t_n, sch, gen)
+        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(device)
+        x_t = sch.add_noise(x0, eps, t)
+        w, student_cond = 1.0, cond
+        if self.guidance is not None:
+            w = self.guidance.draw(b, gen)
+            student_cond = self.guidance.student_cond(cond, w, device)
+
+        target_net = nets["target"] if "target" in nets else nets.student
+        with torch.no_grad():
+            x_prev = self.teacher_step(teacher, x_t, t, t_n, cond, w)
+            # the target pass draws its dropout masks from the RNG state the online pass then starts from (CD's
+            # shared dropout RNG): fork_rng restores the state on exit
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                target = self.consistency_fn(target_net, x_prev, t_n, end, student_cond)
+        online = self.consistency_fn(nets.student, x_t, t, end, student_cond)
+        loss = regression_loss(online, target, self.distance, self.lpips, huber_c=self.huber_c).float()
+        return LossOutput(loss, {"loss": loss.detach().mean()})
