@@ -22,6 +22,7 @@ The grid is checked against what the scheduler actually produces before anything
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def student_scheduler(teacher_scheduler_config: dict, prediction: str, grid: Stu
     needs. ``call_timesteps``: whether the pipeline's call takes ``timesteps=`` (SD pipelines do, DDPMPipeline not)."""
     tried, uneven = [], None
     for scheduler, call in _scheduler_candidates(teacher_scheduler_config, prediction, grid, timesteps):
+        if not call_timesteps:  # DDPMPipeline passes no step arguments: the step's own defaults must be ours
+            call = {k: v for k, v in call.items() if _step_default(scheduler, k) != v}
         if call and not call_timesteps:
             tried.append(f"{type(scheduler).__name__} needs call arguments {sorted(call)}, which DDPMPipeline does "
                          "not take")
@@ -81,6 +84,12 @@ def student_scheduler(teacher_scheduler_config: dict, prediction: str, grid: Stu
     hint = "" if uneven is None else f"; choose a step count that divides {uneven}, or export.pipeline: false"
     raise ExportError(f"export: no stock scheduler reproduces the {grid.transition} student grid {timesteps} "
                       f"({'; '.join(tried)}){hint}")
+
+
+def _step_default(scheduler, name: str):
+    """The default of ``scheduler.step``'s argument ``name`` (``TCDScheduler``'s ``eta`` is 0.3), or ``None``."""
+    param = inspect.signature(scheduler.step).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def _ddim_landings(scheduler, timesteps: list[int]) -> list[int] | None:
