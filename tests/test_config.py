@@ -41,7 +41,7 @@ def test_accelerate_configs_parse():
     ({"train.attention_backend": "turbo"}, "train.attention_backend: 'turbo' is not allowed"),
     ({"train.max_steps": "many"}, "train.max_steps: expected an integer"),
     ({"train.mixed_precision": "fp8"}, "train.mixed_precision: 'fp8' is not allowed"),
-    ({"method.name": "magic"}, "method.name: unknown method 'magic'; available: dmd, dmd2, progressive"),
+    ({"method.name": "magic"}, "method.name: unknown method 'magic'; available: cd, dmd, dmd2, lcm, pcm, progressive, tcd"),
     ({"method.halve_every": 2}, "method.halve_every: unknown key for method 'progressive'"),
     ({"optim.student.schedule": "zigzag"}, "optim.student.schedule: 'zigzag'"),
     ({"train.update_every": {"student": 0}}, "train.update_every.student: update ratio must be >= 1"),

@@ -156,10 +156,18 @@ class Consistency(Method):
         return {}
 
     def student_grid(self) -> StudentGrid:
+        return self.grid_for(self.student_steps)
+
+    def grid_for(self, k: int) -> StudentGrid:
+        """The grid of ``k`` sampling steps: a consistency student samples at any step count (``student_grid`` is
+        ``student_steps``'); PCM's, trained for its phases, only at ``student_steps``."""
         if self.ladder is None:
             raise RuntimeError("Consistency.student_grid() before prepare() or update_schedule(): the grid needs the "
                                "schedule")
-        n, k = self.teacher_steps, self.student_steps
+        n = self.teacher_steps
+        if not 1 <= k <= n or (self.endpoint == "phase" and k != self.student_steps):
+            raise ValueError(f"a consistency student samples 1 to {n} steps (PCM only its {self.student_steps} "
+                             f"phases), not {k}")
         if self.endpoint == "phase":  # one deterministic jump per phase, from the top of each
             steps = [n - m * (n // k) for m in range(k)]
             return StudentGrid(times=tuple(self.ladder[steps].tolist()), transition="ddim")
