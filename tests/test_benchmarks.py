@@ -1,6 +1,7 @@
 """The README's benchmark scripts still run against the current library (on the tiny models, one repeat): a change
 that breaks them would leave the README's figures without a way to reproduce them. The timings are not checked."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -80,3 +81,24 @@ def test_mixture_bench_trains_a_recipe_on_a_benchmark_mixture_and_reads_mode_wei
     assert [h["step"] for h in m["history"]] == [0, 1]
     for who in ("student", "teacher@64", "teacher@4"):
         assert m[who]["modes"] == 6 and abs(sum(m[who]["weights"]) - 1) < 1e-6 and 0 <= m[who]["tv_true"] <= 1
+
+
+def test_quality_bars_evaluate_one_consistency_student_at_several_step_counts(tmp_path, monkeypatch):
+    """``quality_bars``: the 1- and 2-step LCM benches share one trained student (one run directory), each bench's
+    metrics are its own step count's, and the one-step bench checks coverage only."""
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import quality_bars
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    over = ["teacher.gmm.fit.steps=5", "train.max_steps=2", "train.sample_every=0", "train.checkpoint_every=0",
+            "data.batch_size=16"]
+    monkeypatch.setattr(sys, "argv", ["quality_bars.py", "lcm-gmm-1step", "lcm-gmm-2step", "--out", str(tmp_path),
+                                      "--samples", "64", "--seeds", "1", "--set", *over])
+    quality_bars.main()
+    assert (tmp_path / "lcm-gmm-1step" / "pipeline").is_dir()
+    assert not (tmp_path / "lcm-gmm-2step" / "pipeline").exists()
+    one, two = (json.loads((tmp_path / f"lcm-gmm-{k}step" / "metrics.json").read_text()) for k in (1, 2))
+    assert one["student"]["nfe"] == 1 and two["student"]["nfe"] == 2
+    assert list(one["bars"]) == ["all modes covered"] and len(two["bars"]) == 3
