@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from stepdistill.config import ConfigError, build_recipe
 from stepdistill.denoisers import GMMDenoiser
 from stepdistill.methods import METHODS
+from stepdistill.methods.base import Batch, Nets
 from stepdistill.mixture import GaussianMixture
 from stepdistill.schedules import VPDiscrete
 from stepdistill.teachers import DEFAULT_SCHEDULER
@@ -168,3 +169,18 @@ def test_bad_consistency_settings_are_one_line(tmp_path, overrides, message):
 def test_pcm_has_no_target_network_and_lcm_an_ema_one():
     assert "target" not in METHODS["pcm"]().roles()
     assert METHODS["lcm"]().roles()["target"].ema_of == "student"
+
+
+def test_ict_weighting_divides_each_sample_by_its_link_in_edm_sigma():
+    teacher, student = GMMDenoiser(MIX, SCHEDULE), GMMDenoiser(MIX, SCHEDULE)
+    nets = Nets(student=student, teacher=teacher)
+    x0, _ = MIX.sample(32, torch.Generator().manual_seed(0))
+    losses = {}
+    for weighting in ("uniform", "ict"):
+        method = _method("pcm", SCHEDULE, teacher_steps=16, student_steps=2, weighting=weighting)
+        batch = Batch(x0=x0, cond=None, generator=torch.Generator().manual_seed(3))
+        losses[weighting] = method("student", nets, batch).loss
+    j = torch.randint(1, 17, (32,), generator=torch.Generator().manual_seed(3))  # the method's first draw
+    sigma = SCHEDULE.sigma(method.ladder) / SCHEDULE.alpha(method.ladder)
+    torch.testing.assert_close(losses["ict"].double(), losses["uniform"].double() / (sigma[j] - sigma[j - 1]),
+                               rtol=1e-5, atol=0)

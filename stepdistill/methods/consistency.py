@@ -48,6 +48,7 @@ from .terms import DISTANCES, GuidanceRange, regression_loss
 
 
 ENDPOINTS = ("data", "phase", "random")
+WEIGHTINGS = ("uniform", "ict")
 SOLVERS = ("ddim", "heun")
 X0_SOURCES = ("auto", "data", "teacher")
 
@@ -66,6 +67,9 @@ class Consistency(Method):
         distance: ``mse`` (LCM's default), ``huber`` (LCM/PCM's ``--loss_type huber``, per element with
             ``huber_c``), ``pseudo_huber`` (iCT's, over the whole sample) or ``lpips`` (CD's; pixel images only).
         huber_c: ``c`` of ``huber`` (0.001 in the LCM/PCM scripts).
+        weighting: per-sample loss weight, ``uniform`` (CD, LCM, PCM) or ``ict``: ``1 / (sigma_t - sigma_{t_n})`` in
+            EDM's sigma (Song & Dhariwal 2023, §3.2), which keeps the low-noise links of the ladder from being
+            unlearnt under the far larger high-noise errors (docs/experiments/consistency.md).
         guidance: ``[w_min, w_max]`` of the CFG-augmented solver in our convention (the diffusers script's
             ``w_min=5, w_max=15`` are 6..16 here), or ``None`` (no CFG in the target: PCM's ``--not_apply_cfg_solver``,
             the student then takes ordinary CFG at inference). A range gives the student a w input (LCM's
@@ -88,13 +92,15 @@ class Consistency(Method):
 
     def __init__(self, *, student_steps: int = 4, teacher_steps: int = 64, endpoint: str = "data",
                  solver: str = "ddim", target_ema: float = 0.95, distance: str = "mse", huber_c: float = 1e-3,
+                 weighting: str = "uniform",
                  guidance: tuple[float, float] | None = None, sample_guidance: float | None = None,
                  timestep_scaling: float = 10.0, gamma: float = 0.3, x0_source: str = "auto", num_pairs: int = 4096,
                  pair_sampler: str = "heun", pair_steps: int = 32, pair_cache: str | None = None,
                  pair_guidance: float | None = None, student_prediction: str | None = None,
                  lpips_net: str = "vgg", lpips_weights: str | None = None):
         for key, value, allowed in (("endpoint", endpoint, ENDPOINTS), ("solver", solver, SOLVERS),
-                                    ("distance", distance, DISTANCES), ("x0_source", x0_source, X0_SOURCES)):
+                                    ("distance", distance, DISTANCES), ("x0_source", x0_source, X0_SOURCES),
+                                    ("weighting", weighting, WEIGHTINGS)):
             if value not in allowed:
                 raise ValueError(f"method.{key} must be one of {allowed}, got {value!r}")
         if not 1 <= student_steps <= teacher_steps:
@@ -111,7 +117,7 @@ class Consistency(Method):
             raise ValueError("method.huber_c, method.num_pairs and method.pair_steps must be positive")
         self.student_steps, self.teacher_steps, self.endpoint, self.solver = (student_steps, teacher_steps, endpoint,
                                                                               solver)
-        self.target_ema, self.distance, self.huber_c = target_ema, distance, huber_c
+        self.target_ema, self.distance, self.huber_c, self.weighting = target_ema, distance, huber_c, weighting
         self.guidance = GuidanceRange.parse(guidance, sample_guidance)
         self.timestep_scaling, self.gamma, self.x0_source = timestep_scaling, gamma, x0_source
         self.num_pairs, self.pair_sampler, self.pair_steps, self.pair_cache = (num_pairs, pair_sampler, pair_steps,
@@ -270,5 +276,9 @@ class Consistency(Method):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 target = self.consistency_fn(target_net, x_prev, t_n, end, student_cond)
         online = self.consistency_fn(nets.student, x_t, t, end, student_cond)
-        loss = regression_loss(online, target, self.distance, self.lpips, huber_c=self.huber_c).float()
+        loss = regression_loss(online, target, self.distance, self.lpips, huber_c=self.huber_c)
+        if self.weighting == "ict":  # 1 / (sigma_t - sigma_{t_n}), EDM's sigma = s / a
+            edm_sigma = (sch.sigma(t) / sch.alpha(t)) - (sch.sigma(t_n) / sch.alpha(t_n))
+            loss = loss / edm_sigma.to(loss.device)
+        loss = loss.float()
         return LossOutput(loss, {"loss": loss.detach().mean()})
