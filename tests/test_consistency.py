@@ -159,6 +159,7 @@ def test_teacher_samples_stand_in_for_a_missing_data_source(tmp_path, capsys):
     ({"method.gamma": 1.5}, "gamma"),
     ({"method.x0_source": "data", "data.source": "gaussian"}, "needs a real-data source"),
     ({"method.distance": "l1"}, "method.distance must be one of"),
+    ({"method.weight_power": -1}, "method.weight_power must be in"),
 ])
 def test_bad_consistency_settings_are_one_line(tmp_path, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
@@ -171,16 +172,17 @@ def test_pcm_has_no_target_network_and_lcm_an_ema_one():
     assert METHODS["lcm"]().roles()["target"].ema_of == "student"
 
 
-def test_ict_weighting_divides_each_sample_by_its_link_in_edm_sigma():
+def test_the_loss_weight_is_a_power_of_each_samples_link_in_edm_sigma():
     teacher, student = GMMDenoiser(MIX, SCHEDULE), GMMDenoiser(MIX, SCHEDULE)
     nets = Nets(student=student, teacher=teacher)
     x0, _ = MIX.sample(32, torch.Generator().manual_seed(0))
     losses = {}
-    for weighting in ("uniform", "ict"):
-        method = _method("pcm", SCHEDULE, teacher_steps=16, student_steps=2, weighting=weighting)
+    for power in (0.0, 1.0, 0.5):
+        method = _method("pcm", SCHEDULE, teacher_steps=16, student_steps=2, weight_power=power)
         batch = Batch(x0=x0, cond=None, generator=torch.Generator().manual_seed(3))
-        losses[weighting] = method("student", nets, batch).loss
+        losses[power] = method("student", nets, batch).loss
     j = torch.randint(1, 17, (32,), generator=torch.Generator().manual_seed(3))  # the method's first draw
     sigma = SCHEDULE.sigma(method.ladder) / SCHEDULE.alpha(method.ladder)
-    torch.testing.assert_close(losses["ict"].double(), losses["uniform"].double() / (sigma[j] - sigma[j - 1]),
-                               rtol=1e-5, atol=0)
+    link = sigma[j] - sigma[j - 1]
+    torch.testing.assert_close(losses[1.0].double(), losses[0.0].double() / link, rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses[0.5].double(), losses[0.0].double() / link.sqrt(), rtol=1e-5, atol=0)

@@ -48,7 +48,6 @@ from .terms import DISTANCES, GuidanceRange, regression_loss
 
 
 ENDPOINTS = ("data", "phase", "random")
-WEIGHTINGS = ("uniform", "ict")
 SOLVERS = ("ddim", "heun")
 X0_SOURCES = ("auto", "data", "teacher")
 
@@ -67,9 +66,10 @@ class Consistency(Method):
         distance: ``mse`` (LCM's default), ``huber`` (LCM/PCM's ``--loss_type huber``, per element with
             ``huber_c``), ``pseudo_huber`` (iCT's, over the whole sample) or ``lpips`` (CD's; pixel images only).
         huber_c: ``c`` of ``huber`` (0.001 in the LCM/PCM scripts).
-        weighting: per-sample loss weight, ``uniform`` (CD, LCM, PCM) or ``ict``: ``1 / (sigma_t - sigma_{t_n})`` in
-            EDM's sigma (Song & Dhariwal 2023, §3.2), which keeps the low-noise links of the ladder from being
-            unlearnt under the far larger high-noise errors (docs/experiments/consistency.md).
+        weight_power: ``p`` of the per-sample loss weight ``(sigma_t - sigma_{t_n})^-p`` in EDM's sigma: 0 is uniform
+            (CD, LCM, PCM), 1 is iCT's ``1 / (sigma_{i+1} - sigma_i)`` (Song & Dhariwal 2023, §3.2). Positive powers
+            keep the low-noise links of the ladder from being unlearnt under the larger high-noise errors, which
+            multi-step sampling needs, at the cost of the one-step map (docs/experiments/consistency.md).
         guidance: ``[w_min, w_max]`` of the CFG-augmented solver in our convention (the diffusers script's
             ``w_min=5, w_max=15`` are 6..16 here), or ``None`` (no CFG in the target: PCM's ``--not_apply_cfg_solver``,
             the student then takes ordinary CFG at inference). A range gives the student a w input (LCM's
@@ -92,15 +92,14 @@ class Consistency(Method):
 
     def __init__(self, *, student_steps: int = 4, teacher_steps: int = 64, endpoint: str = "data",
                  solver: str = "ddim", target_ema: float = 0.95, distance: str = "mse", huber_c: float = 1e-3,
-                 weighting: str = "uniform",
+                 weight_power: float = 0.0,
                  guidance: tuple[float, float] | None = None, sample_guidance: float | None = None,
                  timestep_scaling: float = 10.0, gamma: float = 0.3, x0_source: str = "auto", num_pairs: int = 4096,
                  pair_sampler: str = "heun", pair_steps: int = 32, pair_cache: str | None = None,
                  pair_guidance: float | None = None, student_prediction: str | None = None,
                  lpips_net: str = "vgg", lpips_weights: str | None = None):
         for key, value, allowed in (("endpoint", endpoint, ENDPOINTS), ("solver", solver, SOLVERS),
-                                    ("distance", distance, DISTANCES), ("x0_source", x0_source, X0_SOURCES),
-                                    ("weighting", weighting, WEIGHTINGS)):
+                                    ("distance", distance, DISTANCES), ("x0_source", x0_source, X0_SOURCES)):
             if value not in allowed:
                 raise ValueError(f"method.{key} must be one of {allowed}, got {value!r}")
         if not 1 <= student_steps <= teacher_steps:
@@ -113,11 +112,13 @@ class Consistency(Method):
             raise ValueError(f"method.target_ema must be in [0, 1), got {target_ema}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"method.gamma (TCD's eta) must be in [0, 1], got {gamma}")
+        if not 0.0 <= weight_power <= 2.0:
+            raise ValueError(f"method.weight_power must be in [0, 2], got {weight_power}")
         if huber_c <= 0 or num_pairs < 1 or pair_steps < 1:
             raise ValueError("method.huber_c, method.num_pairs and method.pair_steps must be positive")
         self.student_steps, self.teacher_steps, self.endpoint, self.solver = (student_steps, teacher_steps, endpoint,
                                                                               solver)
-        self.target_ema, self.distance, self.huber_c, self.weighting = target_ema, distance, huber_c, weighting
+        self.target_ema, self.distance, self.huber_c, self.weight_power = target_ema, distance, huber_c, weight_power
         self.guidance = GuidanceRange.parse(guidance, sample_guidance)
         self.timestep_scaling, self.gamma, self.x0_source = timestep_scaling, gamma, x0_source
         self.num_pairs, self.pair_sampler, self.pair_steps, self.pair_cache = (num_pairs, pair_sampler, pair_steps,
@@ -277,8 +278,8 @@ class Consistency(Method):
                 target = self.consistency_fn(target_net, x_prev, t_n, end, student_cond)
         online = self.consistency_fn(nets.student, x_t, t, end, student_cond)
         loss = regression_loss(online, target, self.distance, self.lpips, huber_c=self.huber_c)
-        if self.weighting == "ict":  # 1 / (sigma_t - sigma_{t_n}), EDM's sigma = s / a
-            edm_sigma = (sch.sigma(t) / sch.alpha(t)) - (sch.sigma(t_n) / sch.alpha(t_n))
-            loss = loss / edm_sigma.to(loss.device)
+        if self.weight_power:  # (sigma_t - sigma_{t_n})^-p, EDM's sigma = s / a
+            link = (sch.sigma(t) / sch.alpha(t)) - (sch.sigma(t_n) / sch.alpha(t_n))
+            loss = loss / link.to(loss.device) ** self.weight_power
         loss = loss.float()
         return LossOutput(loss, {"loss": loss.detach().mean()})
