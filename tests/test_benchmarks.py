@@ -1,6 +1,7 @@
 """The README's benchmark scripts still run against the current library (on the tiny models, one repeat): a change
 that breaks them would leave the README's figures without a way to reproduce them. The timings are not checked."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -65,15 +66,20 @@ def test_the_probes_exact_fake_score_is_the_gaussian_posterior_mean():
     torch.testing.assert_close(empirical_x0(x_t, reference, a, s), a * v * x_t / (a**2 * v + s**2), atol=5e-3, rtol=0)
 
 
-def test_mixture_bench_trains_a_recipe_on_a_benchmark_mixture_and_reads_mode_weights(tmp_path, monkeypatch):
-    """``mixture_bars.run``: the recipe's mixture replaced by a benchmark family's, trained, and the student, the
-    teacher at 64 and at 4 NFE scored with mode weights that are distributions over the family's modes."""
+def _bench_module(name: str, tmp_path, monkeypatch):
+    """A script of benchmarks/ imported as a module, with the run's caches under ``tmp_path``."""
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import mixture_bars
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+def test_mixture_bench_trains_a_recipe_on_a_benchmark_mixture_and_reads_mode_weights(tmp_path, monkeypatch):
+    """``mixture_bars.run``: the recipe's mixture replaced by a benchmark family's, trained, and the student, the
+    teacher at 64 and at 4 NFE scored with mode weights that are distributions over the family's modes."""
+    mixture_bars = _bench_module("mixture_bars", tmp_path, monkeypatch)
     over = ["train.max_steps=2", "method.regression_warmup=1", "method.num_pairs=16", "method.pair_steps=4",
             "teacher.gmm.fit.steps=5", "train.sample_every=0", "train.checkpoint_every=0", "data.batch_size=16"]
     m = mixture_bars.run("dmd2/gmm.yaml", "highdim", 0, overrides=over, out=tmp_path, samples=64, eval_seeds=1,
@@ -86,12 +92,7 @@ def test_mixture_bench_trains_a_recipe_on_a_benchmark_mixture_and_reads_mode_wei
 def test_quality_bars_evaluate_one_consistency_student_at_several_step_counts(tmp_path, monkeypatch):
     """``quality_bars``: the 1- and 2-step LCM benches share one trained student (one run directory), each bench's
     metrics are its own step count's, and the one-step bench checks coverage only."""
-    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import quality_bars
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    quality_bars = _bench_module("quality_bars", tmp_path, monkeypatch)
     over = ["teacher.gmm.fit.steps=5", "train.max_steps=2", "train.sample_every=0", "train.checkpoint_every=0",
             "data.batch_size=16"]
     monkeypatch.setattr(sys, "argv", ["quality_bars.py", "lcm-gmm-1step", "lcm-gmm-2step", "--out", str(tmp_path),
