@@ -166,8 +166,8 @@ class Consistency(Method):
         return self.grid_for(self.student_steps)
 
     def grid_for(self, k: int) -> StudentGrid:
-        """The grid of ``k`` sampling steps: a consistency student samples at any step count (``student_grid`` is
-        ``student_steps``'); PCM's, trained for its phases, only at ``student_steps``."""
+        """The grid of ``k`` sampling steps: a consistency student samples at any step count (``student_grid`` is the
+        grid of ``student_steps``); PCM's, trained for its phases, only at ``student_steps``."""
         if self.ladder is None:
             raise RuntimeError("Consistency.student_grid() before prepare() or update_schedule(): the grid needs the "
                                "schedule")
