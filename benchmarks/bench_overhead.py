@@ -1,6 +1,6 @@
 """Training-loop overhead: one iteration against the sum of the network passes it needs, measured in one run.
 
-    python benchmarks/bench_overhead.py [--methods progressive dmd2] [--iters 6] [--batch 2] [--size mid|full]
+    python benchmarks/bench_overhead.py [--methods progressive dmd2 lcm] [--iters 6] [--batch 2] [--size mid|full]
                                         [--roles full|lora] [--gan-weight 0.003]
 
 On a mid-size random SD1.5-type teacher (``bench_family_speed.mid_pipeline``, 34M-parameter UNet, 32x32 latents) a
@@ -50,6 +50,9 @@ def recipe(method: str, teacher_dir: Path, batch: int, px: int, roles: str = "fu
     if method == "progressive":
         return {**common, "method": {"name": "progressive", "teacher_steps": 8, "final_steps": 4,
                                      "steps_per_stage": 1000, "guidance": [3.0, 3.0]}}
+    if method == "lcm":  # LCM-LoRA's step (recipes/lcm_lora): CFG teacher DDIM step, target = the student, no grad
+        return {**common, "method": {"name": "lcm", "teacher_steps": 50, "guidance": [3.0, 3.0], "target_ema": 0.0,
+                                     "distance": "huber", "x0_source": "teacher", "num_pairs": 8, "pair_steps": 2}}
     return {**common, "method": {"name": "dmd2", "student_steps": 1, "guidance_scale": 3.0, "gan_weight": gan}}
 
 

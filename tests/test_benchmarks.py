@@ -42,6 +42,8 @@ def test_family_speed_bench_distils_exports_and_times(tmp_path, monkeypatch, ben
     ("progressive", {"teacher fwd": 2, "student fwd+bwd": 1}),
     # the critic trains on the student phase's own samples: no second student pass (DMD2's train_one_step)
     ("dmd2", {"student fwd+bwd": 1, "teacher fwd": 1, "fake_score fwd": 1, "fake_score fwd+bwd": 1}),
+    # LCM-LoRA's step: the CFG teacher's DDIM step, the target from the student under no grad, the student trained
+    ("lcm", {"teacher fwd": 1, "student fwd": 1, "student fwd+bwd": 1}),
 ])
 def test_overhead_bench_records_the_passes_the_readme_lists(tmp_path, monkeypatch, benches, method, passes):
     _, overhead = benches
