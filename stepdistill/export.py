@@ -291,7 +291,22 @@ def _meta(recipe, teacher, grid: StudentGrid, scheduler, fields: dict) -> dict:
     return {"method": recipe.method.name, "teacher": recipe.to_dict()["teacher"], "teacher_source": teacher.source,
             "teacher_license": teacher_license(recipe), **fields, "transition": grid.transition.name,
             "transition_config": grid.transition.config(), "scheduler": type(scheduler).__name__,
-            "dtype": recipe.export.dtype}
+            "dtype": recipe.export.dtype, "method_config": recipe.to_dict()["method"]}
+
+
+def _guidance_lines(meta: dict) -> list[str]:
+    """How the distilled CFG scale is used (METHODS.md §9.1: one convention, recorded): a baked-in scale, a scale the
+    student takes as an input, or none."""
+    g = (meta.get("method_config") or {}).get("guidance")
+    if not g:
+        return []
+    lo, hi = g
+    convention = "`p = p_u + w (p_c - p_u)`; the LCM paper's omega is w - 1"
+    if lo == hi:
+        return [f"- CFG scale w = {lo:g} ({convention}) is distilled in: call with `guidance_scale` <= 1 "
+                "(no CFG pass)"]
+    return [f"- the student takes the CFG scale as an input (its w-embedding), trained on w in [{lo:g}, {hi:g}] "
+            f"({convention}): `guidance_scale` sets it, and the pipeline runs no CFG pass"]
 
 
 def teacher_license(recipe) -> str | None:
@@ -384,6 +399,7 @@ def lora_card(meta: dict) -> str:
         "file carries the adapter config as metadata, so alpha != rank reloads exactly",
         "- `pipe.fuse_lora()` merges it; `stepdistill export RUN --fuse` writes the merged pipeline directly",
         *_timesteps_line(meta),
+        *_guidance_lines(meta),
     ]
     if meta["lora"]["kohya"]:
         lines.append(f"- `{meta['lora']['kohya']}`: the same LoRA in the kohya/webui layout (A1111, ComfyUI)")
@@ -436,6 +452,7 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
          "call `torch.manual_seed(...)` first for a reproducible result" if "sigmas" in meta else
          "- the pipeline's `generator` also drives the re-noising, so a seeded call is reproducible")
         if _stochastic(meta) else "- deterministic given the initial noise",
+        *_guidance_lines(meta),
         f"- prediction type: `{meta['prediction_type']}`",
         f"- output: {meta['output']}",
         *_data_map_lines(meta),

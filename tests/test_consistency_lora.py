@@ -85,6 +85,8 @@ def test_an_lcm_lora_student_reloads_as_lcm_lora_is_used(tmp_path, tiny):
     card = (lora_dir / "README.md").read_text()
     assert "from diffusers import DiffusionPipeline, LCMScheduler" in card
     assert "num_inference_steps=4, guidance_scale=0.0" in card
+    w = meta["method_config"]["guidance"]  # the distilled CFG scale, recorded with its convention (METHODS.md §9.1)
+    assert w[0] == w[1] and f"CFG scale w = {w[0]:g} (`p = p_u + w (p_c - p_u)`" in card
 
     trainer.teacher.load_pipeline().save_pretrained(tmp_path / "base")
     noise = torch.randn(2, *trainer.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
