@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_file
-from .denoisers import Denoiser
+from .denoisers import Denoiser, TextConditioned
 from .sampling import TEACHER_SAMPLERS, prior_noise
 
 
@@ -116,12 +116,17 @@ def load_or_make_pairs(teacher: Denoiser, spec: dict, path: Path, *, device, is_
     return pairs
 
 
-def teacher_pairs(teacher: Denoiser, *, sample_shape, device, cache_dir: Path, num_pairs: int, sampler: str,
-                  steps: int, guidance: float = 1.0, conditions: dict[str, torch.Tensor] | None = None,
+def teacher_pairs(teacher: Denoiser, *, key: str, sample_shape, device, cache_dir: Path, num_pairs: int,
+                  sampler: str, steps: int, guidance: float = 1.0, conditions: dict[str, torch.Tensor] | None = None,
                   cache: str | None = None, is_main_process: bool = True, wait_for_everyone=lambda: None):
-    """A run's teacher ODE pairs: ``(pairs, condition table on device or None)``. ``conditions`` (a text teacher's
-    prompt table) makes prompted pairs sampled with CFG scale ``guidance``. ``cache``: the file; ``None`` keys one
-    under ``cache_dir/ode_pairs`` by the teacher's weights and these settings."""
+    """A run's teacher ODE pairs: ``(pairs, condition table on device or None)``. ``conditions``: the run's prompt
+    table; a text-conditioned teacher's pairs are prompted from it and sampled with CFG scale ``guidance``. ``cache``:
+    the file; ``None`` keys one under ``cache_dir/ode_pairs`` by the teacher's weights and these settings. ``key``: the
+    recipe key a refusal names (class-conditional teachers have no pairs yet)."""
+    if getattr(teacher, "num_classes", None):
+        raise ValueError(f"{key}: teacher ODE pairs of class-conditional teachers are not made yet")
+    if not isinstance(getattr(teacher, "inner", teacher), TextConditioned):  # a LoRA base wraps the teacher's own
+        conditions = None
     spec = pair_spec(teacher, sample_shape=sample_shape, num_pairs=num_pairs, sampler=sampler, steps=steps, seed=0,
                      conditions=conditions, guidance=guidance)
     name = f"{spec['teacher']}-{sampler}{steps}-n{num_pairs}" + \

@@ -87,12 +87,11 @@ def heun_step(denoiser: Denoiser, x: torch.Tensor, pred, t: torch.Tensor, s: tor
     y = x.double() / a_t
     d1 = pred.eps_64  # dy/dsigma_bar
     y_next = y + (sb_s - sb_t) * d1
-    if not (s > 0).all():  # the Euler step to s = 0, or a mix the caller must split
-        if (s != 0).any():
-            raise ValueError("heun_step: per-sample end times must be all positive or all 0")
-    else:
+    if (s > 0).all():
         pred2 = guided(denoiser, (y_next * a_s).to(x.dtype), s, cond, w)
         y_next = y + (sb_s - sb_t) * 0.5 * (d1 + pred2.eps_64)
+    elif (s != 0).any():  # a mix of Euler and Heun rows: the caller must split them
+        raise ValueError("heun_step: per-sample end times must be all positive or all 0")
     return (y_next * a_s).to(x.dtype)
 
 

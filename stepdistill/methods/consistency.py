@@ -37,7 +37,7 @@ import sys
 
 import torch
 
-from ..denoisers import TextConditioned, guided
+from ..denoisers import guided
 from ..nets.lpips import LPIPS, lpips_for_samples
 from ..pairs import teacher_pairs
 from ..parameterization import consistency_output, ddim_step
@@ -192,19 +192,15 @@ class Consistency(Method):
                              "teacher's schedule (a flow teacher); use ddim (Euler)")
         use_teacher = self.x0_source == "teacher" or (self.x0_source == "auto" and ctx.data_source in (None,
                                                                                                        "gaussian"))
-        if use_teacher:
-            if getattr(teacher, "num_classes", None):
-                raise ValueError("method.x0_source: a class-conditional teacher's samples are not made yet; give a "
-                                 "data source with labels (data.labels: true)")
-            text = isinstance(getattr(teacher, "inner", teacher), TextConditioned)
+        if use_teacher:  # a class-conditional teacher is refused there: give it a data source with labels instead
             w = self.pair_guidance
             if w is None:
                 w = 1.0 if self.guidance is None else (self.guidance.lo + self.guidance.hi) / 2
             self.pairs, self.pair_cond = teacher_pairs(
-                teacher, sample_shape=ctx.sample_shape, device=ctx.device, cache_dir=ctx.cache_dir,
-                num_pairs=self.num_pairs, sampler=self.pair_sampler, steps=self.pair_steps, guidance=w,
-                conditions=ctx.conditions if text else None, cache=self.pair_cache,
-                is_main_process=ctx.is_main_process, wait_for_everyone=ctx.wait_for_everyone)
+                teacher, key="method.x0_source", sample_shape=ctx.sample_shape, device=ctx.device,
+                cache_dir=ctx.cache_dir, num_pairs=self.num_pairs, sampler=self.pair_sampler, steps=self.pair_steps,
+                guidance=w, conditions=ctx.conditions, cache=self.pair_cache, is_main_process=ctx.is_main_process,
+                wait_for_everyone=ctx.wait_for_everyone)
         if ctx.is_main_process:
             where = (f"{self.num_pairs} teacher samples ({self.pair_sampler}, {self.pair_steps} steps)" if use_teacher
                      else f"the data source ({ctx.data_source})")

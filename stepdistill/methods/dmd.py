@@ -73,7 +73,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from ..denoisers import TextConditioned, guided
+from ..denoisers import guided
 from ..nets.gan_head import GANHead
 from ..nets.lpips import LPIPS, lpips_for_samples
 from ..nets.lpips import NETS as LPIPS_NETS
@@ -313,16 +313,11 @@ class DMD(Method):
         self.update_schedule(0, nets)
         if self.regression_weight == 0 and self.regression_warmup == 0:
             return
-        teacher = nets.teacher
-        if getattr(teacher, "num_classes", None):
-            raise ValueError("method.regression_weight: ODE pairs for class-conditional teachers are not supported "
-                             "yet")
-        text = isinstance(getattr(teacher, "inner", teacher), TextConditioned)  # a LoRA base wraps the teacher's own
         self.pairs, self.pair_cond = teacher_pairs(
-            teacher, sample_shape=ctx.sample_shape, device=ctx.device, cache_dir=ctx.cache_dir,
-            num_pairs=self.num_pairs, sampler=self.pair_sampler, steps=self.pair_steps, guidance=self.guidance_scale,
-            conditions=ctx.conditions if text else None, cache=self.pair_cache, is_main_process=ctx.is_main_process,
-            wait_for_everyone=ctx.wait_for_everyone)
+            nets.teacher, key="method.regression_weight", sample_shape=ctx.sample_shape, device=ctx.device,
+            cache_dir=ctx.cache_dir, num_pairs=self.num_pairs, sampler=self.pair_sampler, steps=self.pair_steps,
+            guidance=self.guidance_scale, conditions=ctx.conditions, cache=self.pair_cache,
+            is_main_process=ctx.is_main_process, wait_for_everyone=ctx.wait_for_everyone)
         if self.regression_loss == "lpips":
             self.lpips = lpips_for_samples(ctx.sample_shape, self.lpips_net, self.lpips_weights, ctx.device,
                                            key="method.regression_loss")
