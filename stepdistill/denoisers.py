@@ -581,7 +581,7 @@ class Reparameterized(Denoiser):
 
     def inner_time(self, t: torch.Tensor) -> torch.Tensor:
         """The inner schedule's time with the SNR of ``t`` on this one."""
-        if float(t.max()) > self.t_max + 1e-9:
+        if float(t.detach().max()) > self.t_max + 1e-9:
             raise ValueError(f"Reparameterized: time {float(t.max()):.4g} is noisier than the inner schedule reaches "
                              f"(its SNR ends at time {self.t_max:.4g} here); draw times up to t_max")
         return _MappedTime.apply(t, self.schedule, self.inner.schedule)

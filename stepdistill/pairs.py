@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -136,3 +137,62 @@ def teacher_pairs(teacher: Denoiser, *, key: str, sample_shape, device, cache_di
                                wait_for_everyone=wait_for_everyone, conditions=conditions)
     table = None if conditions is None else {k: v.to(device) for k, v in conditions.items()}
     return pairs, table
+
+
+#: where a loss that noises clean samples takes them from (``CleanSamples``)
+X0_SOURCES = ("auto", "data", "teacher")
+
+
+class CleanSamples:
+    """The clean samples ``x0`` of losses that noise them to ``x_t`` (consistency distillation, sCM, MeanFlow): the
+    run's data, or the teacher's ODE samples, made once before training and cached as DMD's pairs are
+    (``teacher_pairs``), when the run has no data. ``prepare`` says in the log which it is.
+
+    Args:
+        source: ``data`` (the run's data source: a real one is required), ``teacher`` (teacher samples) or ``auto``
+            (data when the run has a data source, else teacher samples).
+        num, sampler, steps, cache: the teacher samples: how many, the sampler and its steps, the cache file.
+    """
+
+    def __init__(self, source: str = "auto", *, num: int = 4096, sampler: str = "heun", steps: int = 32,
+                 cache: str | None = None):
+        if source not in X0_SOURCES:
+            raise ValueError(f"method.x0_source must be one of {X0_SOURCES}, got {source!r}")
+        if num < 1 or steps < 1:
+            raise ValueError("method.num_pairs and method.pair_steps must be positive")
+        self.source, self.num, self.sampler, self.steps, self.cache = source, num, sampler, steps, cache
+        self.pairs: dict[str, torch.Tensor] | None = None  # teacher samples when they stand in for data
+        self.cond: dict[str, torch.Tensor] | None = None  # their prompt table (text teachers)
+
+    def needs_real_data(self, what: str) -> str | None:
+        """``Method.needs_real_data``'s answer: ``what`` needs real data when ``source`` is ``data``."""
+        return f"{what} with method.x0_source: data" if self.source == "data" else None
+
+    @property
+    def reads_data(self) -> bool:
+        return self.source != "teacher"
+
+    def prepare(self, teacher: Denoiser, ctx, *, who: str, guidance: float = 1.0) -> None:
+        """Makes (or loads) the teacher samples when they stand in for data, sampled with CFG scale ``guidance`` on
+        text teachers. ``who`` names the method in the log line."""
+        use_teacher = self.source == "teacher" or (self.source == "auto" and ctx.data_source in (None, "gaussian"))
+        if use_teacher:  # a class-conditional teacher is refused there: give it a data source with labels instead
+            self.pairs, self.cond = teacher_pairs(
+                teacher, key="method.x0_source", sample_shape=ctx.sample_shape, device=ctx.device,
+                cache_dir=ctx.cache_dir, num_pairs=self.num, sampler=self.sampler, steps=self.steps,
+                guidance=guidance, conditions=ctx.conditions, cache=self.cache, is_main_process=ctx.is_main_process,
+                wait_for_everyone=ctx.wait_for_everyone)
+        if ctx.is_main_process:
+            where = (f"{self.num} teacher samples ({self.sampler}, {self.steps} steps)" if use_teacher
+                     else f"the data source ({ctx.data_source})")
+            print(f"{who}: x_t is noised from {where}", file=sys.stderr)
+
+    def draw(self, batch) -> tuple[torch.Tensor, dict | None]:
+        """A batch's clean samples and their conditions: its data (with their own labels or captions where it has
+        them) or cached teacher samples (with their prompts), drawn with the batch's generator."""
+        if self.pairs is None:
+            return batch.x0, batch.x0_cond if batch.x0_cond is not None else batch.cond
+        idx = torch.randint(0, self.pairs["target"].shape[0], (batch.size,), generator=batch.generator)
+        x0 = self.pairs["target"][idx].to(batch.x0.device)
+        cond = None if self.cond is None else {k: v[self.pairs["rows"][idx]] for k, v in self.cond.items()}
+        return x0, cond

@@ -147,7 +147,7 @@ def test_the_target_network_is_the_ema_of_the_student_and_takes_no_gradient(tmp_
 
 def test_teacher_samples_stand_in_for_a_missing_data_source(tmp_path, capsys):
     trainer = _lcm_run(tmp_path, **{"data.source": "gaussian", "method.num_pairs": 64, "method.pair_steps": 4})
-    assert trainer.method.pairs["target"].shape == (64, 2)
+    assert trainer.method.clean.pairs["target"].shape == (64, 2)
     assert "x_t is noised from 64 teacher samples" in capsys.readouterr().err
     trainer.train()
 

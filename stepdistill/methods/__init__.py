@@ -9,6 +9,7 @@ from .base import Batch, LossOutput, Method, Nets, RoleSpec
 from .consistency import Consistency
 from .dmd import DMD
 from .progressive import ProgressiveDistillation
+from .scm import SCM
 
 
 METHODS = {
@@ -20,6 +21,7 @@ METHODS = {
     "dmd": functools.partial(DMD, regression_weight=0.25),
     "dmd2": DMD,
     "progressive": ProgressiveDistillation,
+    "scm": SCM,
 }
 
 
@@ -37,4 +39,4 @@ def method_parameters(name: str) -> dict[str, tuple[object, object]]:
 
 
 __all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "Method", "Nets", "RoleSpec",
-           "ProgressiveDistillation", "method_class", "method_parameters"]
+           "ProgressiveDistillation", "SCM", "method_class", "method_parameters"]

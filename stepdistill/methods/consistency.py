@@ -33,13 +33,11 @@ are even on the ladder (the official ``floor(linspace(0, 50, M))`` edges are une
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ..denoisers import guided
 from ..nets.lpips import LPIPS, lpips_for_samples
-from ..pairs import teacher_pairs
+from ..pairs import CleanSamples
 from ..parameterization import consistency_output, ddim_step
 from ..sampling import StudentGrid, heun_step
 from ..schedules import VPDiscrete, _bcast
@@ -49,7 +47,6 @@ from .terms import DISTANCES, GuidanceRange, regression_loss
 
 ENDPOINTS = ("data", "phase", "random")
 SOLVERS = ("ddim", "heun")
-X0_SOURCES = ("auto", "data", "teacher")
 
 
 class Consistency(Method):
@@ -99,7 +96,7 @@ class Consistency(Method):
                  pair_guidance: float | None = None, student_prediction: str | None = None,
                  lpips_net: str = "vgg", lpips_weights: str | None = None):
         for key, value, allowed in (("endpoint", endpoint, ENDPOINTS), ("solver", solver, SOLVERS),
-                                    ("distance", distance, DISTANCES), ("x0_source", x0_source, X0_SOURCES)):
+                                    ("distance", distance, DISTANCES)):
             if value not in allowed:
                 raise ValueError(f"method.{key} must be one of {allowed}, got {value!r}")
         if not 1 <= student_steps <= teacher_steps:
@@ -114,29 +111,26 @@ class Consistency(Method):
             raise ValueError(f"method.gamma (TCD's eta) must be in [0, 1], got {gamma}")
         if not 0.0 <= weight_power <= 2.0:
             raise ValueError(f"method.weight_power must be in [0, 2], got {weight_power}")
-        if huber_c <= 0 or num_pairs < 1 or pair_steps < 1:
-            raise ValueError("method.huber_c, method.num_pairs and method.pair_steps must be positive")
+        if huber_c <= 0:
+            raise ValueError(f"method.huber_c must be positive, got {huber_c}")
         self.student_steps, self.teacher_steps, self.endpoint, self.solver = (student_steps, teacher_steps, endpoint,
                                                                               solver)
         self.target_ema, self.distance, self.huber_c, self.weight_power = target_ema, distance, huber_c, weight_power
         self.guidance = GuidanceRange.parse(guidance, sample_guidance)
-        self.timestep_scaling, self.gamma, self.x0_source = timestep_scaling, gamma, x0_source
-        self.num_pairs, self.pair_sampler, self.pair_steps, self.pair_cache = (num_pairs, pair_sampler, pair_steps,
-                                                                               pair_cache)
+        self.timestep_scaling, self.gamma = timestep_scaling, gamma
+        self.clean = CleanSamples(x0_source, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
         self.pair_guidance = pair_guidance
         self.student_prediction, self.lpips_net, self.lpips_weights = student_prediction, lpips_net, lpips_weights
         self.ladder: torch.Tensor | None = None  # tau_0..tau_N (float64), from the schedule (``_use_schedule``)
-        self.pairs: dict[str, torch.Tensor] | None = None  # teacher samples when they stand in for data
-        self.pair_cond: dict[str, torch.Tensor] | None = None
         self.lpips: LPIPS | None = None
 
     @property
     def needs_real_data(self) -> str | None:
-        return "consistency distillation with method.x0_source: data" if self.x0_source == "data" else None
+        return self.clean.needs_real_data("consistency distillation")
 
     @property
     def reads_data(self) -> bool:
-        return self.x0_source != "teacher"
+        return self.clean.reads_data
 
     def roles(self) -> dict[str, RoleSpec]:
         takes_w = self.guidance is not None and self.guidance.takes_w
@@ -190,36 +184,15 @@ class Consistency(Method):
         if self.solver == "heun" and float(teacher.schedule.alpha(torch.tensor(1.0))) < 1e-8:
             raise ValueError("method.solver: heun divides by the signal scale, which is 0 at the start of this "
                              "teacher's schedule (a flow teacher); use ddim (Euler)")
-        use_teacher = self.x0_source == "teacher" or (self.x0_source == "auto" and ctx.data_source in (None,
-                                                                                                       "gaussian"))
-        if use_teacher:  # a class-conditional teacher is refused there: give it a data source with labels instead
-            w = self.pair_guidance
-            if w is None:
-                w = 1.0 if self.guidance is None else (self.guidance.lo + self.guidance.hi) / 2
-            self.pairs, self.pair_cond = teacher_pairs(
-                teacher, key="method.x0_source", sample_shape=ctx.sample_shape, device=ctx.device,
-                cache_dir=ctx.cache_dir, num_pairs=self.num_pairs, sampler=self.pair_sampler, steps=self.pair_steps,
-                guidance=w, conditions=ctx.conditions, cache=self.pair_cache, is_main_process=ctx.is_main_process,
-                wait_for_everyone=ctx.wait_for_everyone)
-        if ctx.is_main_process:
-            where = (f"{self.num_pairs} teacher samples ({self.pair_sampler}, {self.pair_steps} steps)" if use_teacher
-                     else f"the data source ({ctx.data_source})")
-            print(f"consistency: x_t is noised from {where}", file=sys.stderr)
+        w = self.pair_guidance
+        if w is None:
+            w = 1.0 if self.guidance is None else (self.guidance.lo + self.guidance.hi) / 2
+        self.clean.prepare(teacher, ctx, who="consistency", guidance=w)
         if self.distance == "lpips":
             self.lpips = lpips_for_samples(ctx.sample_shape, self.lpips_net, self.lpips_weights, ctx.device,
                                            key="method.distance")
 
     # ------------------------------------------------------------------------------------------------ the loss
-    def _clean(self, batch: Batch) -> tuple[torch.Tensor, dict | None]:
-        """The clean samples and their conditions: the batch's data (with its own labels/captions where it has them)
-        or cached teacher samples (with their prompts)."""
-        if self.pairs is None:
-            return batch.x0, batch.x0_cond if batch.x0_cond is not None else batch.cond
-        idx = torch.randint(0, self.pairs["target"].shape[0], (batch.size,), generator=batch.generator)
-        x0 = self.pairs["target"][idx].to(batch.x0.device)
-        cond = None if self.pair_cond is None else {k: v[self.pairs["rows"][idx]] for k, v in self.pair_cond.items()}
-        return x0, cond
-
     def consistency_fn(self, net, x: torch.Tensor, t: torch.Tensor, end: torch.Tensor | None, cond) -> torch.Tensor:
         """``f(x, t)`` of network ``net`` (float64): with ``end`` (per-sample times <= ``t``), the DDIM jump of its
         prediction to ``end`` (exactly ``x`` where ``end = t``); without, the clean estimate with LCM's boundary
@@ -253,7 +226,7 @@ class Consistency(Method):
 
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
         gen, sch, teacher = batch.generator, nets.student.schedule, nets.teacher
-        x0, cond = self._clean(batch)
+        x0, cond = self.clean.draw(batch)
         b, device = x0.shape[0], x0.device
         j = torch.randint(1, self.teacher_steps + 1, (b,), generator=gen)
         t, t_n = self.ladder[j], self.ladder[j - 1]

@@ -1,0 +1,213 @@
+"""Continuous-time consistency distillation on TrigFlow: sCM (Lu & Song, "Simplifying, Stabilizing and Scaling
+Continuous-Time Consistency Models", ICLR 2025), METHODS.md §3.5, §1.3, §1.7.
+
+Followed: FastGen ``methods/consistency_model/sCM.py`` (the "JVP rearrangement" of the tangent, per-sample tangent
+normalisation by the root-mean-square of ``g`` (its ``g_norm_spatial_invariance``: the paper's ``|g|`` would shrink
+the per-element tangent with the image size), prior weight ``1 / sigma``, the warm-up factor on the second term only)
+and the paper (Eq. 8-9, §4); the squared error is a mean over elements (the paper's ``|.|^2 / D``; FastGen divides
+by ``D`` once more, which the learned weight absorbs).
+Per step, in TrigFlow angle ``theta`` (``x = cos(theta) x0 + sin(theta) z``, ``z ~ N(0, sd^2)``):
+
+    tan(theta) = exp(tau) / sd,  tau ~ N(p_mean, p_std^2)                 (sigma = sd tan(theta) is log-normal)
+    x_theta = cos x0 + sin z                                              (x0: data, or the teacher's ODE samples)
+    dx/dtheta = sd F_T(x_theta, theta)                                    (the teacher's PF-ODE, with CFG scale w)
+    cs dF/dtheta = JVP of F_theta- along (cs dx/dtheta, cs),  cs = cos sin     (no grad; ``denoisers.jvp``)
+    g = -cos^2 (sd F_theta- - dx/dtheta) - r (cs x_theta + sd cs dF/dtheta)   (r: the tangent warm-up, 0 -> 1)
+    g <- g / (rms(g) + c)                                          (tangent normalisation, c = 0.1, per sample)
+    loss = exp(-u(theta)) / sigma * mean (F_theta - F_theta- - g)^2 + u(theta)     (u: learned log-variance, EDM2)
+
+where ``F`` is the network's TrigFlow output (``f(x, theta) = cos x - sd sin F = x0``: the consistency function is
+the clean estimate, and ``f(x, 0) = x`` holds without boundary scalings) and ``F_theta-`` is the same network's
+output under stop-grad. With ``r = 1``, ``g`` is ``cos(theta)`` times the total derivative ``df-/dtheta`` along the
+teacher's ODE, so the loss's gradient is that of the continuous-time consistency loss (sCM Eq. 8).
+
+The student is the teacher's own backbone seen in TrigFlow time (``denoisers.Reparameterized``: the SNR-matched
+time change of METHODS.md §1.3), so it keeps its native output (epsilon, v, flow) and timesteps and exports as the
+stock model it is. It samples on the teacher's trailing grid (one step from its noisiest time; two steps add the
+middle timestep, e.g. 511 of 1024, at TrigFlow angle 1.27 on SD-type betas, near FastGen's 1.1), re-noising between
+steps as LCMScheduler does: ``x = cos x0 + sin z``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..denoisers import JVPError, Reparameterized, guided, jvp
+from ..nets.log_variance import LogVariance
+from ..pairs import CleanSamples
+from ..sampling import StudentGrid
+from ..schedules import LogNormalSigma, TrigFlow, _bcast
+from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
+
+
+JVP_MODES = {"auto": "auto", "exact": "exact", "finite_difference": "fd"}
+
+
+def tangent(F_minus: torch.Tensor, dF: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, theta: torch.Tensor,
+            sigma_data: float, r: float) -> torch.Tensor:
+    """sCM's tangent ``g`` before normalisation (Lu & Song 2024, Eq. 8 with the warm-up factor ``r``; FastGen's
+    "JVP rearrangement"): ``dF`` is ``cos sin dF-/dtheta`` and ``dx`` is ``dx/dtheta``, all float64. With ``r = 1``
+    it is ``cos(theta) df-/dtheta``, ``f- = cos x - sd sin F-`` (tests/test_scm.py checks this by autograd)."""
+    cos, sin = _bcast(torch.cos(theta), x), _bcast(torch.sin(theta), x)
+    return -cos**2 * (sigma_data * F_minus - dx) - r * (cos * sin * x + sigma_data * dF)
+
+
+class SCM(Method):
+    """sCM loss object (continuous-time consistency distillation).
+
+    Args:
+        student_steps: the student's sampling steps on the teacher's trailing grid (sCM: 1 or 2).
+        sigma_data: TrigFlow's ``sd``, the data's standard deviation (0.5 for images in [-1, 1]).
+        p_mean, p_std: the time density, ``ln(sd tan theta) ~ N(p_mean, p_std^2)`` (sCM on CIFAR-10: -1.0, 1.4).
+        tangent_warmup: student updates over which ``r`` rises linearly from 0 to 1 (FastGen: 10000).
+        tangent_c: the tangent normalisation's ``c`` (0.1); 0 turns normalisation off.
+        adaptive_weight: learn ``u(theta)`` (a ``LogVariance`` role, ``weight``); off: ``u = 0``.
+        prior_weight: the prior weight ``1 / sigma = 1 / (sd tan theta)`` (sCM §4.3).
+        guidance: the teacher's CFG scale in its velocity (our convention ``p_u + w (p_c - p_u)``; 1: none).
+        jvp: ``auto`` (forward-mode AD where the backbone allows it, else a central difference, said once in the
+            log), ``exact`` (refused at start where the backbone cannot) or ``finite_difference``.
+        jvp_step: the central difference's step along the tangent (``denoisers.jvp``).
+        x0_source, num_pairs, pair_sampler, pair_steps, pair_cache: where ``x0`` comes from (``pairs.CleanSamples``).
+        student_prediction: the student's output parameterisation; ``None`` keeps the teacher's.
+    """
+
+    phases = ("student",)
+    makes_samples = True
+
+    def __init__(self, *, student_steps: int = 2, sigma_data: float = 0.5, p_mean: float = -1.0, p_std: float = 1.4,
+                 tangent_warmup: int = 10000, tangent_c: float = 0.1, adaptive_weight: bool = True,
+                 prior_weight: bool = True, guidance: float = 1.0, jvp: str = "auto", jvp_step: float = 1e-4,
+                 x0_source: str = "auto", num_pairs: int = 4096, pair_sampler: str = "heun", pair_steps: int = 32,
+                 pair_cache: str | None = None, student_prediction: str | None = None):
+        if jvp not in JVP_MODES:
+            raise ValueError(f"method.jvp must be one of {tuple(JVP_MODES)}, got {jvp!r}")
+        if student_steps < 1:
+            raise ValueError(f"method.student_steps must be at least 1, got {student_steps}")
+        for key, value in (("sigma_data", sigma_data), ("p_std", p_std), ("jvp_step", jvp_step)):
+            if not value > 0:
+                raise ValueError(f"method.{key} must be positive, got {value}")
+        if tangent_warmup < 0 or tangent_c < 0:
+            raise ValueError("method.tangent_warmup and method.tangent_c must be >= 0")
+        self.student_steps, self.sigma_data, self.p_mean, self.p_std = student_steps, sigma_data, p_mean, p_std
+        self.tangent_warmup, self.tangent_c = tangent_warmup, tangent_c
+        self.adaptive_weight, self.prior_weight, self.guidance = adaptive_weight, prior_weight, guidance
+        self.jvp_mode, self.jvp_step = JVP_MODES[jvp], jvp_step
+        self.clean = CleanSamples(x0_source, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
+        self.student_prediction = student_prediction
+        self.trig = TrigFlow(sigma_data=sigma_data)
+        self.r = 0.0 if tangent_warmup else 1.0
+        self._grid: StudentGrid | None = None
+        self._schedule = None  # the student's own schedule (``_use_schedule``)
+        self._span: tuple[float, float] | None = None  # the TrigFlow times the student is trained at
+
+    @property
+    def needs_real_data(self) -> str | None:
+        return self.clean.needs_real_data("sCM")
+
+    @property
+    def reads_data(self) -> bool:
+        return self.clean.reads_data
+
+    def roles(self) -> dict[str, RoleSpec]:
+        roles = {"student": RoleSpec(init="teacher", prediction=self.student_prediction)}
+        if self.adaptive_weight:
+            roles["weight"] = RoleSpec(build=lambda nets: LogVariance())
+        return roles
+
+    def owner(self, phase: str) -> tuple[str, ...]:
+        return ("student", "weight") if self.adaptive_weight else ("student",)
+
+    # ------------------------------------------------------------------------------------------------ schedule
+    def _use_schedule(self, schedule) -> None:
+        """The student grid and the TrigFlow times the backbone reaches, from its own schedule."""
+        self._schedule = schedule
+        self._grid = self.grid_for(self.student_steps)
+        ends = torch.tensor([schedule.t_min, 1.0], dtype=torch.float64)
+        lo, hi = self.trig.t_from_logsnr(schedule.logsnr(ends).clamp(max=40.0)).tolist()
+        self._span = (lo, hi)
+
+    def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
+        if self._grid is None:
+            self._use_schedule(nets.student.schedule)
+        self.r = min(1.0, step / self.tangent_warmup) if self.tangent_warmup else 1.0
+        return {"tangent_r": self.r}
+
+    def student_grid(self) -> StudentGrid:
+        if self._grid is None:
+            raise RuntimeError("SCM.student_grid() before prepare() or update_schedule(): the grid needs the schedule")
+        return self._grid
+
+    def grid_for(self, k: int) -> StudentGrid:
+        """The trailing ``k``-step grid with re-noising: a consistency student samples at any step count."""
+        times = self._schedule.grid(k)
+        self._schedule.check_grid(times)
+        return StudentGrid(times=tuple(times[:-1].tolist()), transition="renoise")
+
+    def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
+        """The grid and time span; teacher samples when they stand in for data; an ``exact`` JVP tried once."""
+        self._use_schedule(nets.student.schedule)
+        self.clean.prepare(nets.teacher, ctx, who="sCM", guidance=self.guidance)
+        if self.jvp_mode == "exact":  # refused now, in one line, rather than at the first step
+            x = torch.zeros(1, *ctx.sample_shape, device=ctx.device)
+            t = torch.full((1,), 0.5 * sum(self._span), dtype=torch.float64)
+            cond = None if ctx.conditions is None else {k: v[:1] for k, v in ctx.conditions.items()}
+            try:
+                jvp(self._view(nets.student), (x, t), (x, torch.ones_like(t)), cond=cond, output="trigflow",
+                    mode="exact")
+            except JVPError as err:
+                raise ValueError(f"method.jvp: exact: {err}; method.jvp: auto falls back to a central difference") \
+                    from None
+
+    def _view(self, net) -> Reparameterized:
+        return Reparameterized(net, self.trig, prediction="trigflow")
+
+    # ------------------------------------------------------------------------------------------------ the loss
+    def draw_times(self, b: int, gen) -> torch.Tensor:
+        """TrigFlow times ``t = 2 theta / pi`` with ``ln(sd tan theta) ~ N(p_mean, p_std^2)``, kept inside the span
+        the backbone was trained on (SD's betas end at angle 1.536; timestep 0 starts at 0.047)."""
+        t = LogNormalSigma(self.p_mean, self.p_std).sample(b, self.trig, gen)
+        return t.clamp(*self._span)
+
+    @torch.no_grad()
+    def derivatives(self, student: Reparameterized, teacher: Reparameterized, x_t: torch.Tensor, t: torch.Tensor,
+                    cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dx/dtheta, cos sin dF-/dtheta)`` at TrigFlow time ``t``: the teacher's PF-ODE velocity with CFG, and
+        the student's time derivative along it (in the angle: ``dtheta = pi/2 dt``), float64."""
+        theta = 0.5 * math.pi * t
+        dx = self.sigma_data * guided(teacher, x_t, t, cond, self.guidance).get("trigflow", exact=True)
+        cs = torch.cos(theta) * torch.sin(theta)
+        # the JVP's evaluations draw the dropout masks the online pass then draws again (fork_rng restores the
+        # state): the derivative is that of the network the loss trains
+        with torch.random.fork_rng(devices=[x_t.device] if x_t.device.type == "cuda" else []):
+            _, dF = jvp(student, (x_t, t), (_bcast(cs, dx) * dx, cs / (0.5 * math.pi)), cond=cond,
+                        output="trigflow", mode=self.jvp_mode, step=self.jvp_step)
+        return dx, dF
+
+    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
+        gen, sd = batch.generator, self.sigma_data
+        x0, cond = self.clean.draw(batch)
+        b, device = x0.shape[0], x0.device
+        t = self.draw_times(b, gen)
+        theta = 0.5 * math.pi * t
+        z = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(device)
+        x_t = self.trig.add_noise(x0, z, t)
+        student = self._view(nets.student)
+        dx, dF = self.derivatives(student, self._view(nets.teacher), x_t, t, cond)
+        F = student(x_t, t, cond).get("trigflow", exact=True)
+        F_minus = F.detach()
+        with torch.no_grad():
+            g = tangent(F_minus, dF, x_t.double(), dx, theta.to(device), sd, self.r)
+            norm = g.flatten(1).square().mean(1).sqrt()  # per element (FastGen's g_norm_spatial_invariance)
+            if self.tangent_c:
+                g = g / _bcast(norm + self.tangent_c, g)
+        mse = (F - F_minus - g).square().flatten(1).mean(1)
+        log_sigma = torch.log(sd * torch.tan(theta)).to(device)
+        weight = torch.exp(-log_sigma) if self.prior_weight else torch.ones_like(log_sigma)
+        u = nets["weight"](log_sigma).double() if self.adaptive_weight else torch.zeros_like(log_sigma)
+        loss = (weight * torch.exp(-u) * mse + u).float()
+        logs = {"loss": loss.detach().mean(), "mse": mse.detach().mean(), "tangent_norm": norm.mean()}
+        if self.adaptive_weight:
+            logs["log_variance"] = u.detach().mean()
+        return LossOutput(loss, logs)
