@@ -44,7 +44,7 @@ class Bench:
     overrides: tuple[str, ...] = ()
     factor: float = 1.5
     beat_nfe: int | None = None
-    #: a consistency student evaluated at this many steps (``Consistency.grid_for``); ``None``: the recipe's grid
+    #: a consistency student evaluated at this many steps (its method's ``grid_for``); ``None``: the recipe's grid
     steps: int | None = None
     #: a recipe whose teacher replaces the bench recipe's (the 16-D mixture of ``progressive/gmm16.yaml``)
     teacher: str | None = None
@@ -86,7 +86,21 @@ def _consistency_benches() -> dict[str, Bench]:
     return out
 
 
+def _continuous_consistency_benches() -> dict[str, Bench]:
+    """Continuous-time consistency issue: sCM at 1 and 2 steps (one trained student serves both). GMM: SW <= 1.5x at
+    1 step and 1.2x at 2, every mode covered, beating the teacher at equal NFE (4 NFE at one step); digits: FD <= 1.5x
+    / 1.2x."""
+    out = {}
+    for k, factor in ((1, 1.5), (2, 1.2)):
+        beat = 4 if k == 1 else None
+        for data, teacher in (("gmm", None), ("gmm16", "progressive/gmm16.yaml")):
+            out[f"scm-{data}-{k}step"] = Bench("scm/gmm.yaml", factor=factor, beat_nfe=beat, steps=k, teacher=teacher)
+        out[f"scm-digits-{k}step"] = Bench("scm/digits.yaml", factor=factor, steps=k)
+    return out
+
+
 BENCHES.update(_consistency_benches())
+BENCHES.update(_continuous_consistency_benches())
 
 
 def bars(bench: Bench, m: dict) -> dict[str, bool]:

@@ -300,7 +300,9 @@ def _guidance_lines(meta: dict) -> list[str]:
     g = (meta.get("method_config") or {}).get("guidance")
     if not g:
         return []
-    lo, hi = g
+    lo, hi = (g, g) if isinstance(g, (int, float)) else g  # a scalar: the teacher's one scale (sCM)
+    if lo == hi == 1:
+        return []
     convention = "`p = p_u + w (p_c - p_u)`; the LCM paper's omega is w - 1"
     if lo == hi:
         return [f"- CFG scale w = {lo:g} ({convention}) is distilled in: call with `guidance_scale` <= 1 "

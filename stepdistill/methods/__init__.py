@@ -18,6 +18,9 @@ METHODS = {
     "lcm": Consistency,
     "pcm": functools.partial(Consistency, endpoint="phase", target_ema=0.0, distance="huber"),
     "tcd": functools.partial(Consistency, endpoint="random"),
+    # ECT: consistency training (no teacher) on its continuous pairs, from the teacher's weights (method.solver: ddim
+    # makes it distillation)
+    "ect": functools.partial(Consistency, times="ect", solver="forward", target_ema=0.0, distance="l2"),
     "dmd": functools.partial(DMD, regression_weight=0.25),
     "dmd2": DMD,
     "progressive": ProgressiveDistillation,

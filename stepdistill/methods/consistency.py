@@ -1,5 +1,7 @@
 """Consistency distillation: CD (Song et al., ICML 2023), LCM / LCM-LoRA (Luo et al. 2023), PCM (Wang et al.,
-NeurIPS 2024) and TCD (Zheng et al. 2024) as settings of one loss (METHODS.md §3.1, §3.2, §3.6, §3.7, §1.7).
+NeurIPS 2024) and TCD (Zheng et al. 2024) as settings of one loss (METHODS.md §3.1, §3.2, §3.6, §3.7, §1.7); and ECT
+(Geng et al., ICLR 2025, §3.4), the same loss on continuous time pairs (``time_pairs.ECTPairs``), as consistency
+training (``solver: forward``, no teacher) or distillation.
 
 Followed: diffusers ``examples/consistency_distillation/train_lcm_distill_sd_wds.py`` (LCM), G-U-N/Phased-Consistency-
 Model ``train_pcm_lora_sd15.py`` (PCM), openai/consistency_models ``consistency_losses`` (CD's Heun step, target EMA,
@@ -43,10 +45,11 @@ from ..sampling import StudentGrid, heun_step
 from ..schedules import VPDiscrete, _bcast
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .terms import DISTANCES, GuidanceRange, regression_loss
+from .time_pairs import ECTPairs
 
 
 ENDPOINTS = ("data", "phase", "random")
-SOLVERS = ("ddim", "heun")
+SOLVERS = ("ddim", "heun", "forward")
 
 
 class Consistency(Method):
@@ -57,12 +60,18 @@ class Consistency(Method):
         teacher_steps: N, the teacher ladder's steps (LCM's ``num_ddim_timesteps``, 50 on SD); on a discrete teacher
             it must divide the T timesteps (the skipping step ``k = T / N``).
         endpoint: ``data`` (CD, LCM), ``phase`` (PCM) or ``random`` (TCD); see the module docstring.
-        solver: the teacher step, ``ddim`` (LCM, PCM, TCD) or ``heun`` (CD: two teacher passes per step).
+        solver: the teacher step, ``ddim`` (LCM, PCM, TCD) or ``heun`` (CD: two teacher passes per step); or
+            ``forward``: no teacher, ``x_{t_n}`` is the same data and noise at ``t_n`` (consistency *training*: ECT,
+            iCT; a real data source is required).
         target_ema: decay of the target network, an EMA of the student updated after each student update (CD and
             LCM: 0.95); 0 takes the target from the student itself under no grad (PCM, iCT).
         distance: ``mse`` (LCM's default), ``huber`` (LCM/PCM's ``--loss_type huber``, per element with
-            ``huber_c``), ``pseudo_huber`` (iCT's, over the whole sample) or ``lpips`` (CD's; pixel images only).
+            ``huber_c``), ``pseudo_huber`` (iCT's, over the whole sample), ``l2`` (ECT's norm) or ``lpips`` (CD's;
+            pixel images only).
         huber_c: ``c`` of ``huber`` (0.001 in the LCM/PCM scripts).
+        times: where ``(t, t_n)`` come from: ``ladder`` (a link of the teacher ladder) or ECT's continuous pairs,
+            ``ect`` or ``{name: ect, stage_steps: ..., q: ..., k: ..., b: ..., p_mean: ..., p_std: ...,
+            sigma_data: ...}`` (``time_pairs.ECTPairs``), each sample weighted by ECT's ``1 / sigma^2 + 1 / sd^2``.
         weight_power: ``p`` of the per-sample loss weight ``(sigma_t - sigma_{t_n})^-p`` in EDM's sigma: 0 is uniform
             (CD, LCM, PCM), 1 is iCT's ``1 / (sigma_{i+1} - sigma_i)`` (Song & Dhariwal 2023, §3.2). Positive powers
             keep the low-noise links of the ladder from being unlearnt under the larger high-noise errors, which
@@ -89,7 +98,7 @@ class Consistency(Method):
 
     def __init__(self, *, student_steps: int = 4, teacher_steps: int = 64, endpoint: str = "data",
                  solver: str = "ddim", target_ema: float = 0.95, distance: str = "mse", huber_c: float = 1e-3,
-                 weight_power: float = 0.0,
+                 weight_power: float = 0.0, times: str | dict = "ladder",
                  guidance: tuple[float, float] | None = None, sample_guidance: float | None = None,
                  timestep_scaling: float = 10.0, gamma: float = 0.3, x0_source: str = "auto", num_pairs: int = 4096,
                  pair_sampler: str = "heun", pair_steps: int = 32, pair_cache: str | None = None,
@@ -113,6 +122,13 @@ class Consistency(Method):
             raise ValueError(f"method.weight_power must be in [0, 2], got {weight_power}")
         if huber_c <= 0:
             raise ValueError(f"method.huber_c must be positive, got {huber_c}")
+        self.ect = ECTPairs.parse(times)
+        if self.ect is not None and endpoint != "data":
+            raise ValueError(f"method.times: ECT's pairs need method.endpoint: data (the {endpoint!r} endpoint lives "
+                             "on the teacher's ladder)")
+        if solver == "forward" and x0_source == "teacher":
+            raise ValueError("method.solver: forward is consistency training on real data; it cannot take "
+                             "method.x0_source: teacher")
         self.student_steps, self.teacher_steps, self.endpoint, self.solver = (student_steps, teacher_steps, endpoint,
                                                                               solver)
         self.target_ema, self.distance, self.huber_c, self.weight_power = target_ema, distance, huber_c, weight_power
@@ -121,11 +137,14 @@ class Consistency(Method):
         self.clean = CleanSamples(x0_source, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
         self.pair_guidance = pair_guidance
         self.student_prediction, self.lpips_net, self.lpips_weights = student_prediction, lpips_net, lpips_weights
+        self.stage = 0  # ECT's stage (``update_schedule``)
         self.ladder: torch.Tensor | None = None  # tau_0..tau_N (float64), from the schedule (``_use_schedule``)
         self.lpips: LPIPS | None = None
 
     @property
     def needs_real_data(self) -> str | None:
+        if self.solver == "forward":
+            return "consistency training (method.solver: forward)"
         return self.clean.needs_real_data("consistency distillation")
 
     @property
@@ -154,7 +173,10 @@ class Consistency(Method):
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
         if self.ladder is None:
             self._use_schedule(nets.student.schedule)
-        return {}
+        if self.ect is None:
+            return {}
+        self.stage = self.ect.stage(step)
+        return {"ect_stage": float(self.stage)}
 
     def student_grid(self) -> StudentGrid:
         return self.grid_for(self.student_steps)
@@ -228,9 +250,13 @@ class Consistency(Method):
         gen, sch, teacher = batch.generator, nets.student.schedule, nets.teacher
         x0, cond = self.clean.draw(batch)
         b, device = x0.shape[0], x0.device
-        j = torch.randint(1, self.teacher_steps + 1, (b,), generator=gen)
-        t, t_n = self.ladder[j], self.ladder[j - 1]
-        end = self._end(j, t_n, sch, gen)
+        if self.ect is None:  # a link of the teacher's ladder
+            j = torch.randint(1, self.teacher_steps + 1, (b,), generator=gen)
+            t, t_n = self.ladder[j], self.ladder[j - 1]
+            end, weight = self._end(j, t_n, sch, gen), None
+        else:  # ECT's continuous pair at this stage, with its weight
+            t, t_n, weight = self.ect.draw(b, sch, self.stage, gen)
+            end = None
         eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(device)
         x_t = sch.add_noise(x0, eps, t)
         w, student_cond = 1.0, cond
@@ -240,7 +266,10 @@ class Consistency(Method):
 
         target_net = nets["target"] if "target" in nets else nets.student
         with torch.no_grad():
-            x_prev = self.teacher_step(teacher, x_t, t, t_n, cond, w)
+            if self.solver == "forward":  # consistency training: the same data and noise at t_n, no teacher
+                x_prev = sch.add_noise(x0, eps, t_n)
+            else:
+                x_prev = self.teacher_step(teacher, x_t, t, t_n, cond, w)
             # the target pass draws its dropout masks from the RNG state the online pass then starts from (CD's
             # shared dropout RNG): fork_rng restores the state on exit
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -250,5 +279,7 @@ class Consistency(Method):
         if self.weight_power:  # (sigma_t - sigma_{t_n})^-p, EDM's sigma = s / a
             link = (sch.sigma(t) / sch.alpha(t)) - (sch.sigma(t_n) / sch.alpha(t_n))
             loss = loss / link.to(loss.device) ** self.weight_power
+        if weight is not None:
+            loss = loss * weight.to(loss.device)
         loss = loss.float()
         return LossOutput(loss, {"loss": loss.detach().mean()})

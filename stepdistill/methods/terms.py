@@ -30,7 +30,7 @@ from ..schedules import KarrasGrid, UniformIndex, UniformTime, VPDiscrete
 
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js")
-DISTANCES = ("pseudo_huber", "huber", "mse", "lpips")
+DISTANCES = ("pseudo_huber", "huber", "mse", "l2", "lpips")
 TIME_DENSITIES = ("uniform", "karras")
 
 
@@ -122,8 +122,9 @@ def regression_loss(x: torch.Tensor, y: torch.Tensor, distance: str, lpips=None,
                     huber_c: float = 1e-3) -> torch.Tensor:
     """Per-sample distance of ``x`` to the target ``y``: ``pseudo_huber`` (``sqrt(|x - y|^2 + c^2) - c`` of the whole
     sample with iCT's ``c = 0.00054 sqrt(dim)``, Song & Dhariwal 2023 §3.3), ``huber`` (the same per element, averaged,
-    with ``c = huber_c``: the LCM/PCM scripts' ``--loss_type huber``), ``mse`` (mean over elements) or ``lpips`` (the
-    network ``lpips``, ``nets/lpips.py``)."""
+    with ``c = huber_c``: the LCM/PCM scripts' ``--loss_type huber``), ``mse`` (mean over elements), ``l2`` (the norm
+    of the whole sample: ECT's pseudo-Huber with ``c = 0``, an adaptive weight of power 0.5 on the squared error) or
+    ``lpips`` (the network ``lpips``, ``nets/lpips.py``)."""
     if distance == "lpips":
         return lpips(x.float(), y.float())
     if distance == "huber":
@@ -131,7 +132,8 @@ def regression_loss(x: torch.Tensor, y: torch.Tensor, distance: str, lpips=None,
     sq = ((x - y) ** 2).flatten(1).sum(1)
     if distance == "mse":
         return sq / x[0].numel()
-    c = 0.00054 * math.sqrt(x[0].numel())
+    # l2: a 1e-8 floor keeps the derivative finite where both sides agree exactly (sqrt's is infinite at 0)
+    c = 1e-8 if distance == "l2" else 0.00054 * math.sqrt(x[0].numel())
     return (sq + c * c).sqrt() - c
 
 
