@@ -89,7 +89,7 @@ def test_the_log_variance_starts_uniform_and_learns_the_log_of_the_loss():
     """EDM2's learned uncertainty: exp(-u) L + u is minimised at u = log L, per time."""
     net = LogVariance()
     log_sigma = torch.linspace(-3, 3, 64)
-    assert float(net(log_sigma).abs().max()) == 0.0
+    assert float(net(log_sigma).detach().abs().max()) == 0.0
     target = 0.5 * log_sigma  # a loss whose magnitude grows with the noise level: L = exp(0.5 ln sigma)
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     for _ in range(600):
@@ -116,6 +116,22 @@ def test_a_run_warms_the_tangent_up_trains_the_weight_and_samples_at_any_step_co
     assert trainer.method.grid_for(1).times == (1.0,)
     weight = trainer.nets["weight"].net.linear.weight
     assert float(weight.abs().max()) > 0  # the adaptive weight took its updates with the student
+
+
+def test_rcm_runs_scm_alone_during_the_warm_up_then_dmds_critic_every_step_and_the_student_every_kth(tmp_path):
+    trainer = _scm(tmp_path, **{"method.name": "rcm", "method.tangent_warmup": 2, "method.dmd_every": 2,
+                                "train.max_steps": 5})
+    method = trainer.method
+    assert [method.active_phases(s, {}) for s in range(5)] == [
+        ("student",), ("student",), ("student", "fake_score"), ("fake_score",), ("student", "fake_score")]
+    assert set(method.roles()) == {"student", "weight", "fake_score"} and method.owner("fake_score") == "fake_score"
+    before = {k: v.clone() for k, v in trainer.nets["fake_score"].state_dict().items()}
+    trainer.train()
+    rows = [json.loads(row) for row in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "loss_dm/student" in rows[2] and "loss_dm/student" not in rows[1]
+    assert "loss_denoise/fake_score" in rows[2]  # (a log row keeps the last values of roles that did not run)
+    after = trainer.nets["fake_score"].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_scm_has_a_weight_role_only_when_adaptive():

@@ -24,6 +24,8 @@ METHODS = {
     "dmd": functools.partial(DMD, regression_weight=0.25),
     "dmd2": DMD,
     "progressive": ProgressiveDistillation,
+    # rCM: sCM with DMD's distribution-matching loss (and its fake score) as a regulariser after the warm-up
+    "rcm": functools.partial(SCM, dmd={}),
     "scm": SCM,
 }
 

@@ -21,6 +21,10 @@ the clean estimate, and ``f(x, 0) = x`` holds without boundary scalings) and ``F
 output under stop-grad. With ``r = 1``, ``g`` is ``cos(theta)`` times the total derivative ``df-/dtheta`` along the
 teacher's ODE, so the loss's gradient is that of the continuous-time consistency loss (sCM Eq. 8).
 
+rCM (``method.dmd``, registered as ``rcm``; NVlabs/rcm ``t2v_model_distill_rcm.py``) adds DMD's distribution-matching
+loss on the student's own samples after the warm-up, composing ``methods/dmd.py`` (its fake score, critic phase and
+DM term) rather than copying it.
+
 The student is the teacher's own backbone seen in TrigFlow time (``denoisers.Reparameterized``: the SNR-matched
 time change of METHODS.md §1.3), so it keeps its native output (epsilon, v, flow) and timesteps and exports as the
 stock model it is. It samples on the teacher's trailing grid (one step from its noisiest time; two steps add the
@@ -31,6 +35,7 @@ steps as LCMScheduler does: ``x = cos x0 + sin z``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -40,6 +45,7 @@ from ..pairs import CleanSamples
 from ..sampling import StudentGrid
 from ..schedules import LogNormalSigma, TrigFlow, _bcast
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
+from .dmd import DMD
 
 
 JVP_MODES = {"auto": "auto", "exact": "exact", "finite_difference": "fd"}
@@ -71,6 +77,12 @@ class SCM(Method):
         jvp_step: the central difference's step along the tangent (``denoisers.jvp``).
         x0_source, num_pairs, pair_sampler, pair_steps, pair_cache: where ``x0`` comes from (``pairs.CleanSamples``).
         student_prediction: the student's output parameterisation; ``None`` keeps the teacher's.
+        dmd: rCM (Zheng et al. 2025, METHODS.md §3.5): DMD's distribution-matching loss as a regulariser of the same
+            student, with these ``DMD`` settings (``{}``: its defaults; ``dm_weight`` scales it against the sCM loss,
+            ``guidance_scale`` defaults to ``guidance``); ``None``: plain sCM. Its fake score (and any GAN head) are
+            DMD's roles and its critic phase is DMD's own (``methods/dmd.py``), run after the tangent warm-up.
+        dmd_every: after the warm-up, the student (sCM + DM loss) updates every ``dmd_every`` steps and the fake score
+            every step (rCM's ``student_update_freq`` 5); before it, the student alone every step.
     """
 
     phases = ("student",)
@@ -80,7 +92,8 @@ class SCM(Method):
                  tangent_warmup: int = 10000, tangent_c: float = 0.1, adaptive_weight: bool = True,
                  prior_weight: bool = True, guidance: float = 1.0, jvp: str = "auto", jvp_step: float = 1e-4,
                  x0_source: str = "auto", num_pairs: int = 4096, pair_sampler: str = "heun", pair_steps: int = 32,
-                 pair_cache: str | None = None, student_prediction: str | None = None):
+                 pair_cache: str | None = None, student_prediction: str | None = None, dmd: dict | None = None,
+                 dmd_every: int = 5):
         if jvp not in JVP_MODES:
             raise ValueError(f"method.jvp must be one of {tuple(JVP_MODES)}, got {jvp!r}")
         if student_steps < 1:
@@ -100,6 +113,11 @@ class SCM(Method):
         self.r = 0.0 if tangent_warmup else 1.0
         self._grid: StudentGrid | None = None
         self._schedule = None  # the student's own schedule (``_use_schedule``)
+        if dmd_every < 1:
+            raise ValueError(f"method.dmd_every must be at least 1, got {dmd_every}")
+        self.dmd = None if dmd is None else DMD(**{"student_steps": student_steps, "guidance_scale": guidance, **dmd})
+        self.dmd_every, self.step = dmd_every, 0
+        self.phases = ("student",) if self.dmd is None else ("student", "fake_score")
         self._span: tuple[float, float] | None = None  # the TrigFlow times the student is trained at
 
     @property
@@ -114,10 +132,27 @@ class SCM(Method):
         roles = {"student": RoleSpec(init="teacher", prediction=self.student_prediction)}
         if self.adaptive_weight:
             roles["weight"] = RoleSpec(build=lambda nets: LogVariance())
+        if self.dmd is not None:
+            roles.update({k: v for k, v in self.dmd.roles().items() if k != "student"})
         return roles
 
-    def owner(self, phase: str) -> tuple[str, ...]:
+    def owner(self, phase: str) -> str | tuple[str, ...]:
+        if phase != "student":
+            return self.dmd.owner(phase)
         return ("student", "weight") if self.adaptive_weight else ("student",)
+
+    def _dmd_on(self, step: int) -> bool:
+        return self.dmd is not None and step >= self.tangent_warmup
+
+    def active_phases(self, step: int, update_every) -> tuple[str, ...]:
+        """rCM's schedule: sCM alone during the tangent warm-up, then the critic every step and the student every
+        ``dmd_every``."""
+        if not self._dmd_on(step):
+            return ("student",)
+        return ("student", "fake_score") if step % self.dmd_every == 0 else ("fake_score",)
+
+    def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
+        return () if self.dmd is None else self.dmd.begin_step(step, nets)
 
     # ------------------------------------------------------------------------------------------------ schedule
     def _use_schedule(self, schedule) -> None:
@@ -132,6 +167,9 @@ class SCM(Method):
         if self._grid is None:
             self._use_schedule(nets.student.schedule)
         self.r = min(1.0, step / self.tangent_warmup) if self.tangent_warmup else 1.0
+        self.step = step
+        if self.dmd is not None:
+            self.dmd.update_schedule(step, nets)
         return {"tangent_r": self.r}
 
     def student_grid(self) -> StudentGrid:
@@ -149,6 +187,8 @@ class SCM(Method):
         """The grid and time span; teacher samples when they stand in for data; an ``exact`` JVP tried once."""
         self._use_schedule(nets.student.schedule)
         self.clean.prepare(nets.teacher, ctx, who="sCM", guidance=self.guidance)
+        if self.dmd is not None:
+            self.dmd.prepare(nets, ctx)
         if self.jvp_mode == "exact":  # refused now, in one line, rather than at the first step
             x = torch.zeros(1, *ctx.sample_shape, device=ctx.device)
             t = torch.full((1,), 0.5 * sum(self._span), dtype=torch.float64)
@@ -185,7 +225,15 @@ class SCM(Method):
                         output="trigflow", mode=self.jvp_mode, step=self.jvp_step)
         return dx, dF
 
-    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
+    def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput | Iterator[LossOutput]:
+        if phase == "fake_score":
+            return self.dmd.fake_score_loss(nets, batch)
+        if not self._dmd_on(self.step):
+            return self.scm_loss(nets, batch)
+        return iter((self.scm_loss(nets, batch), self.dmd.student_loss(nets, batch)))
+
+    def scm_loss(self, nets: Nets, batch: Batch) -> LossOutput:
+        """The sCM loss of the module docstring, per sample."""
         gen, sd = batch.generator, self.sigma_data
         x0, cond = self.clean.draw(batch)
         b, device = x0.shape[0], x0.device
