@@ -587,7 +587,7 @@ def test_gan_reals_without_captions_are_refused_before_training(tmp_path, captio
     assert not (tmp_path / "run").exists()
 
 
-FAMILY_RECIPES = sorted(p for folder in ("progressive", "dmd2", "lcm", "lcm_lora", "pcm", "tcd", "scm")
+FAMILY_RECIPES = sorted(p for folder in ("progressive", "dmd2", "lcm", "lcm_lora", "pcm", "tcd", "scm", "rcm")
                         for p in (Path(__file__).resolve().parents[1] / "recipes" / folder).glob("*.yaml")
                         if p.stem in FAMILIES)
 

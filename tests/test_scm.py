@@ -149,3 +149,17 @@ def test_bad_scm_settings_are_one_line(tmp_path, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         _scm(tmp_path, **overrides)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_exact_jvp_the_backbone_cannot_do_is_refused_at_start_naming_the_module_and_the_fallback(tmp_path,
+                                                                                                  monkeypatch):
+    """Forward-mode AD failing inside the backbone (here: torch.func.jvp raising as for an op without a forward-AD
+    formula) stops ``method.jvp: exact`` before anything is written; ``auto`` would fall back."""
+    def no_forward_ad(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with _cdist_forward that does not support it")
+
+    monkeypatch.setattr(torch.func, "jvp", no_forward_ad)
+    with pytest.raises(ValueError, match="method.jvp: exact: forward-mode AD fails on .*_cdist_forward.*auto falls "
+                                         "back to a central difference"):
+        _scm(tmp_path, **{"method.jvp": "exact", "student.init": "new"})
+    assert not (tmp_path / "run").exists()
