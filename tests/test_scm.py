@@ -3,7 +3,6 @@ time density and the span, the adaptive weight, the warm-up, sampling grids, and
 
 import json
 import math
-
 from types import SimpleNamespace
 
 import pytest
