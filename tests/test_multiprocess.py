@@ -92,7 +92,8 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path,
 
     if kind.endswith("lora"):  # the export reloaded the base and put the consolidated student adapter on it
         assert (fsdp / "lora" / "pytorch_lora_weights.safetensors").exists()
-    if kind.startswith(("dmd2", "pd", "rcm")) or kind.endswith("lora"):  # sharded roles and their optimizers: exact resume
+    # sharded roles and their optimizers: exact resume
+    if kind.startswith(("dmd2", "pd", "rcm")) or kind.endswith("lora"):
         shutil.rmtree(step4)
         (fsdp / "weights-rank0.npy").unlink()
         _launch([str(ROOT / "tests" / "_ddp_job.py"), str(fsdp), f"{kind}-fsdp", "resume"], fsdp)
