@@ -21,6 +21,8 @@ METHODS = {
     # ECT: consistency training (no teacher) on its continuous pairs, from the teacher's weights (method.solver: ddim
     # makes it distillation)
     "ect": functools.partial(Consistency, times="ect", solver="forward", target_ema=0.0, distance="l2"),
+    # iCT: consistency training on its doubling Karras grid, pseudo-Huber, no target EMA
+    "ict": functools.partial(Consistency, times="ict", solver="forward", target_ema=0.0, distance="pseudo_huber"),
     "dmd": functools.partial(DMD, regression_weight=0.25),
     "dmd2": DMD,
     "progressive": ProgressiveDistillation,

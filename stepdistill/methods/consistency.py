@@ -45,7 +45,7 @@ from ..sampling import StudentGrid, heun_step
 from ..schedules import VPDiscrete, _bcast
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .terms import DISTANCES, GuidanceRange, regression_loss
-from .time_pairs import ECTPairs
+from .time_pairs import parse_times
 
 
 ENDPOINTS = ("data", "phase", "random")
@@ -69,9 +69,10 @@ class Consistency(Method):
             ``huber_c``), ``pseudo_huber`` (iCT's, over the whole sample), ``l2`` (ECT's norm) or ``lpips`` (CD's;
             pixel images only).
         huber_c: ``c`` of ``huber`` (0.001 in the LCM/PCM scripts).
-        times: where ``(t, t_n)`` come from: ``ladder`` (a link of the teacher ladder) or ECT's continuous pairs,
-            ``ect`` or ``{name: ect, stage_steps: ..., q: ..., k: ..., b: ..., p_mean: ..., p_std: ...,
-            sigma_data: ...}`` (``time_pairs.ECTPairs``), each sample weighted by ECT's ``1 / sigma^2 + 1 / sd^2``.
+        times: where ``(t, t_n)`` come from: ``ladder`` (a link of the teacher ladder), ECT's continuous pairs
+            (``ect`` or ``{name: ect, stage_steps: ..., q: ..., ...}``, ``time_pairs.ECTPairs``, weighted
+            ``1 / sigma^2 + 1 / sd^2``) or iCT's (``ict`` or ``{name: ict, total_steps: ..., ...}``,
+            ``time_pairs.ICTPairs``, weighted ``1 / (sigma_{i+1} - sigma_i)``).
         weight_power: ``p`` of the per-sample loss weight ``(sigma_t - sigma_{t_n})^-p`` in EDM's sigma: 0 is uniform
             (CD, LCM, PCM), 1 is iCT's ``1 / (sigma_{i+1} - sigma_i)`` (Song & Dhariwal 2023, §3.2). Positive powers
             keep the low-noise links of the ladder from being unlearnt under the larger high-noise errors, which
@@ -122,10 +123,10 @@ class Consistency(Method):
             raise ValueError(f"method.weight_power must be in [0, 2], got {weight_power}")
         if huber_c <= 0:
             raise ValueError(f"method.huber_c must be positive, got {huber_c}")
-        self.ect = ECTPairs.parse(times)
-        if self.ect is not None and endpoint != "data":
-            raise ValueError(f"method.times: ECT's pairs need method.endpoint: data (the {endpoint!r} endpoint lives "
-                             "on the teacher's ladder)")
+        self.pairs = parse_times(times)
+        if self.pairs is not None and endpoint != "data":
+            raise ValueError(f"method.times: continuous pairs need method.endpoint: data (the {endpoint!r} endpoint "
+                             "lives on the teacher's ladder)")
         if solver == "forward" and x0_source == "teacher":
             raise ValueError("method.solver: forward is consistency training on real data; it cannot take "
                              "method.x0_source: teacher")
@@ -137,7 +138,7 @@ class Consistency(Method):
         self.clean = CleanSamples(x0_source, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
         self.pair_guidance = pair_guidance
         self.student_prediction, self.lpips_net, self.lpips_weights = student_prediction, lpips_net, lpips_weights
-        self.stage = 0  # ECT's stage (``update_schedule``)
+        self.step = 0  # the curricula's step (``update_schedule``)
         self.ladder: torch.Tensor | None = None  # tau_0..tau_N (float64), from the schedule (``_use_schedule``)
         self.lpips: LPIPS | None = None
 
@@ -173,10 +174,12 @@ class Consistency(Method):
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
         if self.ladder is None:
             self._use_schedule(nets.student.schedule)
-        if self.ect is None:
+        self.step = step
+        if self.pairs is None:
             return {}
-        self.stage = self.ect.stage(step)
-        return {"ect_stage": float(self.stage)}
+        if hasattr(self.pairs, "stage"):
+            return {"ect_stage": float(self.pairs.stage(step))}
+        return {"ict_intervals": float(self.pairs.intervals(step))}
 
     def student_grid(self) -> StudentGrid:
         return self.grid_for(self.student_steps)
@@ -250,12 +253,12 @@ class Consistency(Method):
         gen, sch, teacher = batch.generator, nets.student.schedule, nets.teacher
         x0, cond = self.clean.draw(batch)
         b, device = x0.shape[0], x0.device
-        if self.ect is None:  # a link of the teacher's ladder
+        if self.pairs is None:  # a link of the teacher's ladder
             j = torch.randint(1, self.teacher_steps + 1, (b,), generator=gen)
             t, t_n = self.ladder[j], self.ladder[j - 1]
             end, weight = self._end(j, t_n, sch, gen), None
-        else:  # ECT's continuous pair at this stage, with its weight
-            t, t_n, weight = self.ect.draw(b, sch, self.stage, gen)
+        else:  # ECT's or iCT's pair at this step of its curriculum, with its weight
+            t, t_n, weight = self.pairs.draw(b, sch, self.step, gen)
             end = None
         eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(device)
         x_t = sch.add_noise(x0, eps, t)
