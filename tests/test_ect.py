@@ -59,8 +59,13 @@ def _ect(tmp_path, **overrides):
     return Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
 
 
-def test_consistency_training_never_calls_the_teacher_and_its_stages_advance(tmp_path, monkeypatch):
-    trainer = _ect(tmp_path)
+@pytest.mark.parametrize("name,times,key,expected", [
+    ("ect", {"name": "ect", "stage_steps": 2}, "schedule/ect_stage", [0.0, 0.0, 1.0, 1.0]),
+    ("ict", {"name": "ict", "total_steps": 4}, "schedule/ict_intervals", [10.0, 20.0, 40.0, 80.0]),
+])
+def test_consistency_training_never_calls_the_teacher_and_its_curriculum_advances(tmp_path, monkeypatch, name, times,
+                                                                                  key, expected):
+    trainer = _ect(tmp_path, **{"method.name": name, "method.times": times})
 
     def refuse(*args, **kwargs):
         raise AssertionError("consistency training called the teacher")
@@ -68,7 +73,7 @@ def test_consistency_training_never_calls_the_teacher_and_its_stages_advance(tmp
     monkeypatch.setattr(type(trainer.nets.teacher), "forward", refuse)
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["schedule/ect_stage"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    assert [r[key] for r in rows] == expected
     assert all(torch.isfinite(torch.tensor(r["loss/student"])) for r in rows)
 
 
@@ -107,14 +112,3 @@ def test_icts_grid_doubles_from_s0_to_s1_over_the_run_and_its_pairs_follow_the_d
     observed = torch.bincount(idx, minlength=10).double() / 20000
     assert float((observed - expected).abs().max()) < 0.01
 
-
-def test_ict_trains_without_the_teacher(tmp_path, monkeypatch):
-    trainer = _ect(tmp_path, **{"method.name": "ict", "method.times": {"name": "ict", "total_steps": 4}})
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("consistency training called the teacher")
-
-    monkeypatch.setattr(type(trainer.nets.teacher), "forward", refuse)
-    trainer.train()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["schedule/ict_intervals"] for r in rows] == [10.0, 20.0, 40.0, 80.0]
