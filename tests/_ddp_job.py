@@ -36,8 +36,8 @@ make = {"pd": gmm_recipe, "pd-ema": lambda **o: gmm_recipe(**{"train.ema_decay":
         "sd15": lambda **o: family_recipe("sd15", **o),
         "sd3": lambda **o: family_recipe("sd3", **o),
         "sd15-dmd2-lora": lambda **o: family_dmd_recipe("sd15", **o),
-        "rcm": lambda **o: gmm_recipe(**{"method": {"name": "rcm", "tangent_warmup": 2, "dmd_every": 2},
-                                         "data.batch_size": 16, **o})}[base]
+        "rcm": lambda **o: gmm_recipe(**{"method": {"name": "rcm", "tangent_warmup": 2},
+                                         "train.update_every": {"student": 2}, "data.batch_size": 16, **o})}[base]
 overrides = {"train.max_steps": 4, "train.checkpoint_every": 2, **({"train.fsdp": True} if fsdp else {})}
 trainer = Trainer(build_recipe(make(**overrides)), out, show_progress=False, resume=resume).setup()
 acc = trainer.accelerator

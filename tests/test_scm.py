@@ -139,10 +139,10 @@ def test_a_run_warms_the_tangent_up_trains_the_weight_and_samples_at_any_step_co
 
 
 def test_rcm_runs_scm_alone_during_the_warm_up_then_dmds_critic_every_step_and_the_student_every_kth(tmp_path):
-    trainer = _scm(tmp_path, **{"method.name": "rcm", "method.tangent_warmup": 2, "method.dmd_every": 2,
+    trainer = _scm(tmp_path, **{"method.name": "rcm", "method.tangent_warmup": 2, "train.update_every": {"student": 2},
                                 "train.max_steps": 5})
     method = trainer.method
-    assert [method.active_phases(s, {}) for s in range(5)] == [
+    assert [method.active_phases(s, {"student": 2}) for s in range(5)] == [
         ("student",), ("student",), ("student", "fake_score"), ("fake_score",), ("student", "fake_score")]
     assert set(method.roles()) == {"student", "weight", "fake_score"} and method.owner("fake_score") == "fake_score"
     before = {k: v.clone() for k, v in trainer.nets["fake_score"].state_dict().items()}

@@ -175,11 +175,7 @@ class Consistency(Method):
         if self.ladder is None:
             self._use_schedule(nets.student.schedule)
         self.step = step
-        if self.pairs is None:
-            return {}
-        if hasattr(self.pairs, "stage"):
-            return {"ect_stage": float(self.pairs.stage(step))}
-        return {"ict_intervals": float(self.pairs.intervals(step))}
+        return {} if self.pairs is None else self.pairs.curriculum(step)
 
     def student_grid(self) -> StudentGrid:
         return self.grid_for(self.student_steps)

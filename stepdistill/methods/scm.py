@@ -80,9 +80,8 @@ class SCM(Method):
         dmd: rCM (Zheng et al. 2025, METHODS.md §3.5): DMD's distribution-matching loss as a regulariser of the same
             student, with these ``DMD`` settings (``{}``: its defaults; ``dm_weight`` scales it against the sCM loss,
             ``guidance_scale`` defaults to ``guidance``); ``None``: plain sCM. Its fake score (and any GAN head) are
-            DMD's roles and its critic phase is DMD's own (``methods/dmd.py``), run after the tangent warm-up.
-        dmd_every: after the warm-up, the student (sCM + DM loss) updates every ``dmd_every`` steps and the fake score
-            every step (rCM's ``student_update_freq`` 5); before it, the student alone every step.
+            DMD's roles and its critic phase is DMD's own (``methods/dmd.py``), run after the tangent warm-up; from
+            then on ``train.update_every`` sets the two time scales, as for DMD2.
     """
 
     phases = ("student",)
@@ -92,8 +91,7 @@ class SCM(Method):
                  tangent_warmup: int = 10000, tangent_c: float = 0.1, adaptive_weight: bool = True,
                  prior_weight: bool = True, guidance: float = 1.0, jvp: str = "auto", jvp_step: float = 1e-4,
                  x0_source: str = "auto", num_pairs: int = 4096, pair_sampler: str = "heun", pair_steps: int = 32,
-                 pair_cache: str | None = None, student_prediction: str | None = None, dmd: dict | None = None,
-                 dmd_every: int = 5):
+                 pair_cache: str | None = None, student_prediction: str | None = None, dmd: dict | None = None):
         if jvp not in JVP_MODES:
             raise ValueError(f"method.jvp must be one of {tuple(JVP_MODES)}, got {jvp!r}")
         if student_steps < 1:
@@ -113,10 +111,8 @@ class SCM(Method):
         self.r = 0.0 if tangent_warmup else 1.0
         self._grid: StudentGrid | None = None
         self._schedule = None  # the student's own schedule (``_use_schedule``)
-        if dmd_every < 1:
-            raise ValueError(f"method.dmd_every must be at least 1, got {dmd_every}")
         self.dmd = None if dmd is None else DMD(**{"student_steps": student_steps, "guidance_scale": guidance, **dmd})
-        self.dmd_every, self.step = dmd_every, 0
+        self.step = 0
         self.phases = ("student",) if self.dmd is None else ("student", "fake_score")
         self._span: tuple[float, float] | None = None  # the TrigFlow times the student is trained at
 
@@ -145,11 +141,11 @@ class SCM(Method):
         return self.dmd is not None and step >= self.tangent_warmup
 
     def active_phases(self, step: int, update_every) -> tuple[str, ...]:
-        """rCM's schedule: sCM alone during the tangent warm-up, then the critic every step and the student every
-        ``dmd_every``."""
-        if not self._dmd_on(step):
+        """rCM's schedule: sCM alone every step during the tangent warm-up, then ``train.update_every`` as for DMD2
+        (rCM's ``student_update_freq`` 5 is ``update_every: {student: 5}``: the critic every step)."""
+        if self.dmd is not None and not self._dmd_on(step):
             return ("student",)
-        return ("student", "fake_score") if step % self.dmd_every == 0 else ("fake_score",)
+        return super().active_phases(step, update_every)
 
     def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
         return () if self.dmd is None else self.dmd.begin_step(step, nets)

@@ -52,6 +52,10 @@ class ECTPairs:
     def stage(self, step: int) -> int:
         return step // self.stage_steps
 
+    def curriculum(self, step: int) -> dict[str, float]:
+        """Where the curriculum is at ``step``, for the log."""
+        return {"ect_stage": float(self.stage(step))}
+
     def gap_ratio(self, sigma: torch.Tensor, stage: int) -> torch.Tensor:
         """``sigma_r / sigma_t`` at ``stage`` (ECT's ``t_to_r_sigmoid``), at least 0."""
         decay = self.q ** -(stage + 1)
@@ -100,6 +104,9 @@ class ICTPairs:
         """``N(k) - 1``: the grid's intervals at update ``step``."""
         per = max(1, self.total_steps // (int(math.log2(self.s1 // self.s0)) + 1))
         return min(self.s0 * 2 ** (step // per), self.s1)
+
+    def curriculum(self, step: int) -> dict[str, float]:
+        return {"ict_intervals": float(self.intervals(step))}
 
     def sigmas(self, step: int) -> torch.Tensor:
         lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
