@@ -87,11 +87,11 @@ def _consistency_benches() -> dict[str, Bench]:
 
 
 def _continuous_consistency_benches() -> dict[str, Bench]:
-    """Continuous-time consistency issue: sCM, rCM and ECT at 1 and 2 steps (one trained student serves both). GMM: SW
-    <= 1.5x at 1 step and 1.2x at 2, every mode covered, beating the teacher at equal NFE (4 NFE at one step); digits:
-    FD <= 1.5x / 1.2x (the issue's sCM/rCM bars; ECT is held to the same)."""
+    """Continuous-time consistency issue: sCM, rCM, ECT and MeanFlow at 1 and 2 steps (one trained student serves
+    both). GMM: SW <= 1.5x at 1 step and 1.2x at 2, every mode covered, beating the teacher at equal NFE (4 NFE at one
+    step); digits: FD <= 1.5x / 1.2x (the issue's sCM/rCM/MeanFlow bars; ECT is held to the same)."""
     out = {}
-    for method in ("scm", "rcm", "ect"):
+    for method in ("scm", "rcm", "ect", "meanflow"):
         for k, factor in ((1, 1.5), (2, 1.2)):
             beat = 4 if k == 1 else None
             for data, teacher in (("gmm", None), ("gmm16", "progressive/gmm16.yaml")):

@@ -168,6 +168,16 @@ class Denoiser(RoleModule):
                          f"{type(self).__name__}: diffusers has no w-embedding for its backbone; distil one fixed "
                          f"scale instead (guidance: [w, w])")
 
+    def with_end_time(self) -> Denoiser:
+        """This adapter around a backbone that takes a second time: the end time ``cond["r"]`` of a flow-map jump
+        (MeanFlow's average velocity ``u(x, r, t)``, Geng et al. 2025), fed as the gap ``t - r`` in the backbone's
+        timestep units; without ``r`` the gap is 0 (``r = t``: the instantaneous velocity, a plain diffusion model).
+        Backbones without such an input get a new one whose output layer starts at zero, so the network is unchanged
+        until it trains."""
+        raise ValueError(f"a flow-map student (MeanFlow) needs a second time input, and stepdistill can give one only "
+                         f"to unconditional UNet2DModel backbones (their 'timestep' class embedding), not to "
+                         f"{type(self).__name__}; no stock or pipelines/ export passes it for other backbones")
+
     def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standard normal noise shaped like ``like``, drawn (on CPU) in the layout the family's stock pipeline
         draws it, so a seeded re-noising sampler and the exported pipeline see the same numbers."""
@@ -229,6 +239,23 @@ class UNet2DDenoiser(Denoiser):
     def with_backbone(self, backbone: nn.Module, prediction: str) -> Denoiser:
         return UNet2DDenoiser(backbone, self.schedule, prediction)
 
+    @property
+    def takes_end_time(self) -> bool:
+        """Whether the backbone's class embedding is a second timestep (``class_embed_type="timestep"``): the gap
+        ``t - r`` of a flow-map student (``with_end_time``)."""
+        return getattr(getattr(self.unet, "config", None), "class_embed_type", None) == "timestep"
+
+    def with_end_time(self) -> Denoiser:
+        if self.num_classes is not None:
+            raise ValueError("a flow-map student (MeanFlow) takes its second time through UNet2DModel's class "
+                             "embedding, which this class-conditional UNet uses for its labels; distil an "
+                             "unconditional UNet2DModel")
+        if self.takes_end_time:
+            return self
+        unet = _grown(self.unet, {"class_embed_type": "timestep"},
+                      zero=("class_embedding.linear_2.weight", "class_embedding.linear_2.bias"))
+        return self.with_backbone(unet, self.prediction)
+
     def null_cond(self, cond: Cond) -> Cond:
         if self.num_classes is None:
             return super().null_cond(cond)
@@ -245,8 +272,14 @@ class UNet2DDenoiser(Denoiser):
         vector = x_t.ndim == 2
         x = x_t[:, :, None, None] if vector else x_t
         param = next(self.unet.parameters())
-        out = self.unet(x.to(param.dtype), model_time.to(device=x.device, dtype=torch.float32),
-                                    **(cond or {})).sample
+        cond = dict(cond or {})
+        r = cond.pop("r", None)
+        if self.takes_end_time:  # the gap t - r in timesteps (the clean end r = 0 is timestep -1, as DDIM's last step)
+            end = model_time if r is None else self.schedule.model_time(r).to(model_time.device)
+            cond["class_labels"] = (model_time - end).float()
+        elif r is not None:
+            raise ValueError("cond['r'] (a flow-map end time) given to a UNet2DModel without a second time input")
+        out = self.unet(x.to(param.dtype), model_time.to(device=x.device, dtype=torch.float32), **cond).sample
         return out[:, :, 0, 0] if vector else out
 
 
@@ -591,6 +624,10 @@ class Reparameterized(Denoiser):
         t_in = self.inner_time(t)
         scale = self.inner.schedule.alpha(t_in) / self.schedule.alpha(t)
         x_in = (x_t.double() * scale.view(-1, *([1] * (x_t.ndim - 1)))).to(x_t.dtype)
+        if cond is not None and "r" in cond:  # a flow-map end time: the inner schedule's time too (0 stays 0)
+            r = torch.as_tensor(cond["r"], dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
+            inner_r = _MappedTime.apply(r.clamp(min=1e-12), self.schedule, self.inner.schedule)
+            cond = {**cond, "r": torch.where(r > 0, inner_r, torch.zeros_like(r))}
         pred = self.inner(x_in, t_in, cond)
         return Prediction(pred.x0_64, pred.eps_64, Coefficients.at(self.schedule, t, x_t), x_t.dtype)
 

@@ -17,11 +17,16 @@ UNet2DModel students are saved as ``DDPMPipeline(unet, scheduler)`` on the teach
 * re-noising grids (DMD2 multi-step): ``LCMScheduler(original_inference_steps=K)``, whose step denoises and then
   re-noises with fresh noise from the pipeline's generator; a grid its own spacing misses goes as ``timesteps=``.
 
+* flow-map jumps (MeanFlow: the network takes the jump's end as a second time): no stock pipeline passes it, so the
+  folder holds the single-file pipeline ``pipelines/<name>.py`` of the grid's transition (``Transition.pipeline``),
+  loaded with ``trust_remote_code=True``, with ``DDIMScheduler`` (trailing spacing) giving its timesteps.
+
 The grid is checked against what the scheduler actually produces before anything is written.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 from pathlib import Path
@@ -36,8 +41,31 @@ from .sampling import StudentGrid
 from .schedules import VPDiscrete
 
 
+#: the single-file pipelines (``pipelines/`` in the source tree, ``stepdistill/pipelines`` in a wheel)
+PIPELINES = next((p for p in (Path(__file__).resolve().parent / "pipelines",
+                              Path(__file__).resolve().parent.parent / "pipelines") if p.is_dir()), None)
+
+
 class ExportError(ValueError):
     """The student cannot be expressed by a stock pipeline; the message says why."""
+
+
+def custom_pipeline_class(name: str):
+    """The ``DiffusionPipeline`` subclass defined in ``pipelines/<name>.py``, imported from the file (what diffusers'
+    ``trust_remote_code`` loading does with the copy in an exported folder)."""
+    from diffusers import DiffusionPipeline
+
+    path = None if PIPELINES is None else PIPELINES / f"{name}.py"
+    if path is None or not path.is_file():
+        raise ExportError(f"export: the pipeline file pipelines/{name}.py is missing from this installation")
+    spec = importlib.util.spec_from_file_location(f"stepdistill_pipeline_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, DiffusionPipeline)
+             and v.__module__ == module.__name__]
+    if len(found) != 1:
+        raise ExportError(f"export: pipelines/{name}.py must define exactly one DiffusionPipeline, found {found}")
+    return found[0]
 
 
 def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid: StudentGrid, timesteps: list[int]):
@@ -123,6 +151,23 @@ def check_exportable(student: Denoiser, teacher) -> None:
                           "has no stock pipeline; set export.pipeline: false (the checkpoints hold the student)")
 
 
+def check_grid_exportable(student: Denoiser, teacher, grid: StudentGrid) -> None:
+    """Refuse, before training, a grid on a discrete VP teacher that the export cannot replay: no stock scheduler
+    reproduces it, or its transition's own pipeline (``pipelines/``) does not fit the student."""
+    schedule = teacher.denoiser.schedule
+    if not isinstance(schedule, VPDiscrete):
+        return
+    timesteps = grid_timesteps(schedule, grid)
+    if grid.transition.pipeline is None:
+        student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps,
+                          call_timesteps=teacher.family is not None)
+    elif teacher.family is not None:
+        raise ExportError(f"export: {grid.transition} grids run in pipelines/{grid.transition.pipeline}.py, written "
+                          f"for UNet2DModel students, not {teacher.family.name}; set export.pipeline: false")
+    else:
+        _trailing_ddim(teacher.scheduler_config, student.prediction, grid.steps, timesteps)
+
+
 def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     """UNet2DModel students: ``DDPMPipeline`` on the teacher's betas, the grid in the scheduler config."""
     from diffusers import DDPMPipeline
@@ -133,9 +178,14 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     check_exportable(student, teacher)
     _check_renoise_prediction(student, grid)
     timesteps = grid_timesteps(schedule, grid)
-    scheduler, _ = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps,
-                                     call_timesteps=False)
-    pipe = DDPMPipeline(unet=student.plain_backbone().float().eval(), scheduler=scheduler)
+    custom = grid.transition.pipeline
+    if custom is None:
+        scheduler, _ = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps,
+                                         call_timesteps=False)
+        pipe = DDPMPipeline(unet=student.plain_backbone().float().eval(), scheduler=scheduler)
+    else:  # its own pipeline runs the scheduler's timesteps: DDIM's trailing spacing is the teacher's trailing grid
+        scheduler = _trailing_ddim(teacher.scheduler_config, student.prediction, grid.steps, timesteps)
+        pipe = custom_pipeline_class(custom)(unet=student.plain_backbone().float().eval(), scheduler=scheduler)
     vector = len(teacher.sample_shape) == 1
     fields = {
         "prediction_type": OURS_TO_DIFFUSERS[student.prediction],
@@ -148,12 +198,29 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
         "output": "DDPMPipeline returns (x / 2 + 0.5).clamp(0, 1); x = 2 * output - 1 recovers the sample"
                   + ("; vector samples come as [B, 1, 1, D] arrays" if vector else ""),
     }
+    if custom is not None:
+        fields.update(custom_pipeline=f"{custom}.py", pipeline_class=type(pipe).__name__)
+        fields["output"] = fields["output"].replace("DDPMPipeline", type(pipe).__name__)
     data_map = getattr(teacher, "data_map", None)
     if data_map is not None and not data_map.identity:  # teacher.gmm.normalize: the data's own coordinates back
         fields["data_map"] = data_map.config()
         fields["output"] += (f"; the model works in normalised coordinates: data = x * {data_map.scale!r} + shift "
                              f"(stepdistill.json data_map)")
     return pipe, fields
+
+
+def _trailing_ddim(teacher_scheduler_config: dict, prediction: str, steps: int, timesteps: list[int]):
+    """``DDIMScheduler`` on the teacher's betas whose ``set_timesteps(steps)`` gives ``timesteps`` (checked)."""
+    from diffusers import DDIMScheduler
+
+    cfg = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
+    scheduler = DDIMScheduler.from_config({
+        **cfg, "set_alpha_to_one": True, "clip_sample": False, "thresholding": False,
+        "prediction_type": OURS_TO_DIFFUSERS[prediction], "timestep_spacing": "trailing", "steps_offset": 1})
+    ran = replay(scheduler, steps, {})
+    if ran != timesteps:
+        raise ExportError(f"export: DDIMScheduler's trailing spacing gives {ran}, not the student grid {timesteps}")
+    return scheduler
 
 
 def _check_renoise_prediction(student: Denoiser, grid: StudentGrid) -> None:
@@ -419,12 +486,26 @@ def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_d
     if any(p.dtype != dtype for m in modules for p in m.parameters() if p.is_floating_point()):
         pipe.to(dtype)  # only when something changes: diffusers warns on every dtype cast of a model
     fields["load_kwargs"] = _load_kwargs(ex)
+    if "custom_pipeline" in fields:
+        fields["load_kwargs"]["trust_remote_code"] = True
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, variant=ex.variant)
+        if "custom_pipeline" in fields:
+            _ship_pipeline_file(tmp, fields["custom_pipeline"], type(pipe).__name__)
         meta = _meta(recipe, teacher, grid, pipe.scheduler, fields)
         (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
         (tmp / "README.md").write_text(model_card(meta))
     return Path(out_dir)
+
+
+def _ship_pipeline_file(folder: Path, filename: str, class_name: str) -> None:
+    """Copy ``pipelines/<filename>`` into the folder and name it in ``model_index.json`` as diffusers' loader wants
+    (``_class_name: [module, class]``; ``save_pretrained`` writes the bare class name, which the loader would look up
+    in diffusers itself, ECOSYSTEM.md §1.6)."""
+    (folder / filename).write_text((PIPELINES / filename).read_text())
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = [Path(filename).stem, class_name]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def model_card(meta: dict, metrics: dict | None = None) -> str:
@@ -436,10 +517,13 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         "",
         f"Distilled with stepdistill from `{meta['teacher_source']}` by {meta['method']} distillation. The scheduler "
         "config" + (", with the `call` arguments below," if set(meta["call"]) & {"sigmas", "timesteps"} else "")
-        + " encodes the student grid, so the stock pipeline runs it as trained.",
+        + " encodes the student grid, so the " + (
+            f"folder's own pipeline (`{meta['custom_pipeline']}`, `{meta['pipeline_class']}`: no stock pipeline "
+            "passes the second time this student takes; diffusers runs it with `trust_remote_code=True`)"
+            if meta.get("custom_pipeline") else "stock pipeline") + " runs it as trained.",
         "",
         "```python",
-        "import torch" if meta.get("load_kwargs") else "",
+        "import torch" if "dtype" in (meta.get("load_kwargs") or {}) else "",
         "from diffusers import DiffusionPipeline",
         "",
         _load_line(meta),
@@ -478,12 +562,13 @@ def _data_map_lines(meta: dict) -> list[str]:
 
 _MOVES = {"ddim": "deterministic jumps, no added noise", "renoise": "denoise, then re-noise with fresh noise",
           "cm": "denoise, then re-noise to the consistency model's noise level",
-          "tcd": "TCD's strategic stochastic sampling, `eta` in the call"}
+          "tcd": "TCD's strategic stochastic sampling, `eta` in the call",
+          "flow_map": "flow-map jumps: the network is told each jump's end, no added noise"}
 
 
 def _stochastic(meta: dict) -> bool:
     config = meta.get("transition_config") or {"name": meta.get("transition", "ddim")}
-    return config["name"] != "ddim" and config.get("gamma", 1.0) > 0
+    return config["name"] not in ("ddim", "flow_map") and config.get("gamma", 1.0) > 0
 
 
 def card_with_metrics(pipeline_dir: Path, metrics: dict) -> None:

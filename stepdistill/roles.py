@@ -158,7 +158,8 @@ def _build_full_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
                                                        spec.prediction or made["student"].prediction)
         else:
             den = make_denoiser(_backbone_copy(teacher, init), teacher, spec.prediction or teacher.denoiser.prediction)
-            made[role] = den.guidance_conditioned(spec.guidance) if spec.guidance is not None else den
+            den = den.guidance_conditioned(spec.guidance) if spec.guidance is not None else den
+            made[role] = den.with_end_time() if spec.end_time else den
         made[role].requires_grad_(spec.trainable).train(spec.trainable)
     for role, spec in specs.items():
         if spec.init == "ema":  # starts as its source; frozen, eval mode
@@ -191,6 +192,9 @@ def _build_lora_nets(teacher: Teacher, specs: dict[str, RoleSpec], *, student_in
             raise ValueError(f"roles.mode: lora: role {role!r} takes a guidance-scale input (method.guidance as a "
                              f"range); use roles.mode: full, which gives the student its own w-embedding, or a "
                              f"fixed scale (guidance: [w, w])")
+        if spec.end_time:  # the same: a second time embedding is a new part of the base
+            raise ValueError(f"roles.mode: lora: role {role!r} takes a second time input (a flow-map student), a new "
+                             f"embedding the shared base does not have; use roles.mode: full")
         init = student_init if role == "student" else spec.init
         if init == "new":
             raise ValueError(f"roles.mode: lora: role {role!r} starts from scratch (init: new); use roles.mode: full")

@@ -252,7 +252,7 @@ def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *,
     n = x.shape[0]
     draw = new_noise or (lambda like: student.fresh_noise(like, generator))
     for i in range(grid.steps if steps is None else steps):
-        pred = guided(student, x, times[i].expand(n), cond, w)
+        pred = guided(student, x, times[i].expand(n), move.inputs(cond, times[i + 1].expand(n)), w)
         if times[i + 1] == 0:  # the last step lands on the data (its clean estimate, or TCD's timestep 0)
             x = move.last(pred, sch)
         else:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .atomic import atomic_file
 from .checkpoints import CheckpointStore, RunError, config_fingerprint, first_line
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
-from .export import check_exportable, grid_timesteps, student_scheduler
+from .export import check_exportable, check_grid_exportable
 from .families import latents_to_images
 from .methods.base import loss_terms
 from .optim import check_optimizer, lr_factor, make_lr_schedule, make_optimizer
@@ -42,7 +42,6 @@ from .run import (
     probe_grid,
 )
 from .sampling import sample_student
-from .schedules import VPDiscrete
 from .sharding import full, load_local, reshard_optimizer_state, shard_backbone
 from .stop import StopRequest
 from .teachers import cache_root
@@ -167,10 +166,8 @@ class Trainer:
         try:
             grid = probe_grid(run)
             schedule.check_grid(grid.with_end())
-            if isinstance(schedule, VPDiscrete) and r.export.pipeline:  # export must replay it too
-                student_scheduler(self.teacher.scheduler_config, self.nets.student.prediction, grid,
-                                  grid_timesteps(schedule, grid), call_timesteps=self.teacher.family is not None)
-            if r.export.pipeline:
+            if r.export.pipeline:  # export must replay it too
+                check_grid_exportable(self.nets.student, self.teacher, grid)
                 check_exportable(self.nets.student, self.teacher)
         except ValueError as err:  # ExportError is a ValueError
             raise method_error(err) from None

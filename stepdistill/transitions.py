@@ -9,6 +9,7 @@ A transition takes the student's prediction at time ``t`` and gives the sample a
   Song et al. 2023, Algorithm 1 on a VP schedule; LCM; DMD2's multi-step student);
 * ``CM(sigma_min)``: the consistency models' re-noise to ``sqrt(sigma_s^2 - sigma_min^2)`` in EDM's sigma (Song et al.
   2023, Algorithm 1: the clean estimate already sits at ``sigma_min``); ``Renoise`` is ``sigma_min = 0``;
+* ``FlowMap``: the DDIM jump of a network told the jump's end time (MeanFlow's average velocity);
 * ``TCD(gamma)``: strategic stochastic sampling (Zheng et al. 2024, §4.3): a DDIM jump to ``s' = (1 - gamma) s``, then
   ``noise_travel`` forward from ``s'`` to ``s``; ``gamma = 0`` is DDIM, ``gamma = 1`` is ``Renoise``.
 
@@ -49,6 +50,8 @@ class Transition:
     name = ""
     #: whether FlowMatchEulerDiscreteScheduler replays it (``stochastic_sampling`` value), ``None`` if it does not
     flow: bool | None = None
+    #: the single-file pipeline under ``pipelines/`` that replays it where no stock one can (``None``: stock ones)
+    pipeline: str | None = None
 
     def step(self, pred: Prediction, schedule: NoiseSchedule, s: torch.Tensor, noise) -> torch.Tensor:
         """The sample at ``s`` (``[B]`` times) from the prediction at the current step; ``noise()`` draws fresh
@@ -66,6 +69,11 @@ class Transition:
     def call_kwargs(self) -> dict:
         """Pipeline call arguments the transition itself needs (TCD's ``eta``)."""
         return {}
+
+    def inputs(self, cond, s: torch.Tensor):
+        """The condition the network takes a step to ``s`` with (``[B]`` times; 0 at the last step): ``cond`` itself,
+        except for flow maps, which are told where they jump (``FlowMap``)."""
+        return cond
 
     def vp_schedulers(self, cfg: dict, grid, timesteps: list[int]):
         """Stock schedulers on the teacher's betas (``cfg``: its scheduler config with the student's prediction type)
@@ -145,6 +153,25 @@ class DDIM(Transition):
                  "final_sigmas_type": "zero", "interpolation_type": "linear", "timestep_type": "discrete",
                  "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
         yield EulerDiscreteScheduler.from_config(euler), {"timesteps": timesteps}
+
+
+class FlowMap(DDIM):
+    """The jump of a flow-map student (MeanFlow, Geng et al. 2025): the network takes the step's end time ``s`` as
+    ``cond["r"]`` and its prediction, read as the average velocity over ``[s, t]``, moves the sample there:
+    ``x_s = x_t - (t - s) u`` on rectified flow, which is the DDIM jump of the same prediction on any schedule (the
+    jump's clean estimate and noise are the prediction's own). No stock scheduler passes ``r`` to the network, so the
+    export is the single-file pipeline ``pipelines/flow_map.py`` (``pipeline``)."""
+
+    name = "flow_map"
+    flow = None
+    #: the file under pipelines/ that replays it (``export.py``)
+    pipeline = "flow_map"
+
+    def inputs(self, cond, s):
+        return {**(cond or {}), "r": s}
+
+    def vp_schedulers(self, cfg, grid, timesteps):
+        return iter(())
 
 
 class CM(Transition):
@@ -250,7 +277,7 @@ class TCD(Transition):
         return _distillation_schedulers(TCDScheduler, cfg, grid, timesteps)
 
 
-TRANSITIONS = {"ddim": DDIM, "renoise": Renoise, "cm": CM, "tcd": TCD}
+TRANSITIONS = {"ddim": DDIM, "renoise": Renoise, "cm": CM, "tcd": TCD, "flow_map": FlowMap}
 
 
 def transition(spec) -> Transition:

@@ -37,6 +37,8 @@ class RoleSpec:
             source's.
         guidance: the role takes a per-sample guidance scale ``cond["guidance"]`` and samples at this one when none
             is given (the w-conditioned student of guided distillation); ``None``: no guidance input.
+        end_time: the role takes a second time, the end ``cond["r"]`` of a flow-map jump (MeanFlow's average
+            velocity; ``Denoiser.with_end_time``).
         ema_of: an exponential moving average of that role's weights, updated by the loop after each update the
             source really made (never after a skipped one). Frozen; with ``roles.mode: lora`` a frozen adapter on the
             shared base; sharded like its source under FSDP. Give ``decay`` or ``halflife``.
@@ -54,6 +56,7 @@ class RoleSpec:
     checkpointed: bool = True
     prediction: str | None = None
     guidance: float | None = None
+    end_time: bool = False
     ema_of: str | None = None
     decay: float | None = None
     halflife: float | None = None

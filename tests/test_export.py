@@ -25,8 +25,10 @@ CONSUMER = textwrap.dedent("""
     from diffusers import DiffusionPipeline
 
     folder, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    call = json.load(open(folder + "/stepdistill.json"))["call"]
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    meta = json.load(open(folder + "/stepdistill.json"))
+    call = meta["call"]
+    remote = meta.get("load_kwargs", {}).get("trust_remote_code", False)  # a folder with its own pipeline file
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=remote)
     images = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), output_type="np", **call).images
     np.save(out, images)
     print(type(pipe).__name__, type(pipe.scheduler).__name__, pipe.scheduler.timesteps.tolist())
@@ -164,7 +166,8 @@ def test_export_dtype_and_variant_load_as_diffusers_users_expect(tmp_path):
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "diffusers" and front["pipeline_tag"] == "unconditional-image-generation"
     assert {"stepdistill", "progressive", "2-step"} <= set(front["tags"]) and "base_model" not in front
-    consumer = CONSUMER.replace("pipe = DiffusionPipeline.from_pretrained(folder)", "; ".join([
+    plain_load = "pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=remote)"
+    consumer = CONSUMER.replace(plain_load, "; ".join([
         'meta = json.load(open(folder + "/stepdistill.json"))',
         'kwargs = {k: getattr(torch, v) if k == "dtype" else v for k, v in meta["load_kwargs"].items()}',
         "pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)", "assert pipe.unet.dtype == torch.float16"]))

@@ -1,5 +1,5 @@
-"""The wheel: ``pip install .`` (not editable) ships the recipes and assets, so ``stepdistill ls`` and ``stepdistill
-distill <shipped recipe name>`` work from any directory."""
+"""The wheel: ``pip install .`` (not editable) ships the recipes, assets and pipelines, so ``stepdistill ls`` and
+``stepdistill distill <shipped recipe name>`` work from any directory."""
 
 import subprocess
 import sys
@@ -36,3 +36,6 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs_a_shipped_recipe(t
                 "teacher.gmm.denoiser=exact", "train.max_steps=2", "train.checkpoint_every=0",
                 "train.sample_every=0", "data.batch_size=16"], cwd=elsewhere)
     assert (elsewhere / "run" / "pipeline" / "model_index.json").is_file() and "pipeline:" in out
+    shipped = _run([str(python), "-c", "from stepdistill.export import PIPELINES; print(PIPELINES / 'flow_map.py')"],
+                   cwd=elsewhere).strip()
+    assert str(env) in shipped and Path(shipped).is_file()  # the single-file pipelines ship with the wheel

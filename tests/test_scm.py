@@ -97,7 +97,7 @@ def test_times_are_log_normal_in_sigma_and_stay_inside_the_teachers_span():
     method = SCM(p_mean=-1.0, p_std=1.4)
     method._use_schedule(VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER))
     t = method.draw_times(20000, torch.Generator().manual_seed(0))
-    lo, hi = method._span
+    lo, hi = method.view.span
     assert lo <= float(t.min()) and float(t.max()) <= hi and 0 < lo < 0.05 and 0.95 < hi < 1
     inside = (t > lo) & (t < hi)
     log_sigma = torch.log(0.5 * torch.tan(0.5 * math.pi * t[inside]))

@@ -8,6 +8,7 @@ import typing
 from .base import Batch, LossOutput, Method, Nets, RoleSpec
 from .consistency import Consistency
 from .dmd import DMD
+from .meanflow import MeanFlow
 from .progressive import ProgressiveDistillation
 from .scm import SCM
 
@@ -25,6 +26,8 @@ METHODS = {
     "ict": functools.partial(Consistency, times="ict", solver="forward", target_ema=0.0, distance="pseudo_huber"),
     "dmd": functools.partial(DMD, regression_weight=0.25),
     "dmd2": DMD,
+    # MeanFlow: the average velocity u(z, r, t) of the teacher's flow, by its JVP identity (one- and two-step jumps)
+    "meanflow": MeanFlow,
     "progressive": ProgressiveDistillation,
     # rCM: sCM with DMD's distribution-matching loss (and its fake score) as a regulariser after the warm-up
     "rcm": functools.partial(SCM, dmd={}),
@@ -45,5 +48,5 @@ def method_parameters(name: str) -> dict[str, tuple[object, object]]:
     return {k: (hints.get(k, typing.Any), p.default) for k, p in sig.parameters.items()}
 
 
-__all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "Method", "Nets", "RoleSpec",
+__all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "MeanFlow", "Method", "Nets", "RoleSpec",
            "ProgressiveDistillation", "SCM", "method_class", "method_parameters"]

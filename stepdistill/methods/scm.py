@@ -39,16 +39,14 @@ from collections.abc import Iterator
 
 import torch
 
-from ..denoisers import JVPError, Reparameterized, guided, jvp
+from ..denoisers import Reparameterized, guided
 from ..nets.log_variance import LogVariance
 from ..pairs import CleanSamples
 from ..sampling import StudentGrid
 from ..schedules import LogNormalSigma, TrigFlow, _bcast
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .dmd import DMD
-
-
-JVP_MODES = {"auto": "auto", "exact": "exact", "finite_difference": "fd"}
+from .time_view import TimeView
 
 
 def tangent(F_minus: torch.Tensor, dF: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, theta: torch.Tensor,
@@ -92,11 +90,9 @@ class SCM(Method):
                  prior_weight: bool = True, guidance: float = 1.0, jvp: str = "auto", jvp_step: float = 1e-4,
                  x0_source: str = "auto", num_pairs: int = 4096, pair_sampler: str = "heun", pair_steps: int = 32,
                  pair_cache: str | None = None, student_prediction: str | None = None, dmd: dict | None = None):
-        if jvp not in JVP_MODES:
-            raise ValueError(f"method.jvp must be one of {tuple(JVP_MODES)}, got {jvp!r}")
         if student_steps < 1:
             raise ValueError(f"method.student_steps must be at least 1, got {student_steps}")
-        for key, value in (("sigma_data", sigma_data), ("p_std", p_std), ("jvp_step", jvp_step)):
+        for key, value in (("sigma_data", sigma_data), ("p_std", p_std)):
             if not value > 0:
                 raise ValueError(f"method.{key} must be positive, got {value}")
         if tangent_warmup < 0 or tangent_c < 0:
@@ -104,17 +100,15 @@ class SCM(Method):
         self.student_steps, self.sigma_data, self.p_mean, self.p_std = student_steps, sigma_data, p_mean, p_std
         self.tangent_warmup, self.tangent_c = tangent_warmup, tangent_c
         self.adaptive_weight, self.prior_weight, self.guidance = adaptive_weight, prior_weight, guidance
-        self.jvp_mode, self.jvp_step = JVP_MODES[jvp], jvp_step
         self.clean = CleanSamples(x0_source, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
         self.student_prediction = student_prediction
         self.trig = TrigFlow(sigma_data=sigma_data)
+        self.view = TimeView(self.trig, "trigflow", transition="renoise", jvp=jvp, jvp_step=jvp_step)
         self.r = 0.0 if tangent_warmup else 1.0
         self._grid: StudentGrid | None = None
-        self._schedule = None  # the student's own schedule (``_use_schedule``)
         self.dmd = None if dmd is None else DMD(**{"student_steps": student_steps, "guidance_scale": guidance, **dmd})
         self.step = 0
         self.phases = ("student",) if self.dmd is None else ("student", "fake_score")
-        self._span: tuple[float, float] | None = None  # the TrigFlow times the student is trained at
 
     @property
     def needs_real_data(self) -> str | None:
@@ -153,11 +147,8 @@ class SCM(Method):
     # ------------------------------------------------------------------------------------------------ schedule
     def _use_schedule(self, schedule) -> None:
         """The student grid and the TrigFlow times the backbone reaches, from its own schedule."""
-        self._schedule = schedule
+        self.view.use(schedule)
         self._grid = self.grid_for(self.student_steps)
-        ends = torch.tensor([schedule.t_min, 1.0], dtype=torch.float64)
-        lo, hi = self.trig.t_from_logsnr(schedule.logsnr(ends).clamp(max=40.0)).tolist()
-        self._span = (lo, hi)
 
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
         if self._grid is None:
@@ -175,9 +166,7 @@ class SCM(Method):
 
     def grid_for(self, k: int) -> StudentGrid:
         """The trailing ``k``-step grid with re-noising: a consistency student samples at any step count."""
-        times = self._schedule.grid(k)
-        self._schedule.check_grid(times)
-        return StudentGrid(times=tuple(times[:-1].tolist()), transition="renoise")
+        return self.view.grid_for(k)
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
         """The grid and time span; teacher samples when they stand in for data; an ``exact`` JVP tried once."""
@@ -185,26 +174,14 @@ class SCM(Method):
         self.clean.prepare(nets.teacher, ctx, who="sCM", guidance=self.guidance)
         if self.dmd is not None:
             self.dmd.prepare(nets, ctx)
-        if self.jvp_mode == "exact":  # refused now, in one line, rather than at the first step
-            x = torch.zeros(1, *ctx.sample_shape, device=ctx.device)
-            t = torch.full((1,), 0.5 * sum(self._span), dtype=torch.float64)
-            cond = None if ctx.conditions is None else {k: v[:1] for k, v in ctx.conditions.items()}
-            try:
-                jvp(self._view(nets.student), (x, t), (x, torch.ones_like(t)), cond=cond, output="trigflow",
-                    mode="exact")
-            except JVPError as err:
-                raise ValueError(f"method.jvp: exact: {err}; method.jvp: auto falls back to a central difference") \
-                    from None
-
-    def _view(self, net) -> Reparameterized:
-        return Reparameterized(net, self.trig, prediction="trigflow")
+        self.view.check_exact(nets.student, ctx)
 
     # ------------------------------------------------------------------------------------------------ the loss
     def draw_times(self, b: int, gen) -> torch.Tensor:
         """TrigFlow times ``t = 2 theta / pi`` with ``ln(sd tan theta) ~ N(p_mean, p_std^2)``, kept inside the span
         the backbone was trained on (SD's betas end at angle 1.536; timestep 0 starts at 0.047)."""
         t = LogNormalSigma(self.p_mean, self.p_std).sample(b, self.trig, gen)
-        return t.clamp(*self._span)
+        return t.clamp(*self.view.span)
 
     @torch.no_grad()
     def derivatives(self, student: Reparameterized, teacher: Reparameterized, x_t: torch.Tensor, t: torch.Tensor,
@@ -214,11 +191,7 @@ class SCM(Method):
         theta = 0.5 * math.pi * t
         dx = self.sigma_data * guided(teacher, x_t, t, cond, self.guidance).get("trigflow", exact=True)
         cs = torch.cos(theta) * torch.sin(theta)
-        # the JVP's evaluations draw the dropout masks the online pass then draws again (fork_rng restores the
-        # state): the derivative is that of the network the loss trains
-        with torch.random.fork_rng(devices=[x_t.device] if x_t.device.type == "cuda" else []):
-            _, dF = jvp(student, (x_t, t), (_bcast(cs, dx) * dx, cs / (0.5 * math.pi)), cond=cond,
-                        output="trigflow", mode=self.jvp_mode, step=self.jvp_step)
+        _, dF = self.view.derivative(student, x_t, t, _bcast(cs, dx) * dx, cs / (0.5 * math.pi), cond)
         return dx, dF
 
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput | Iterator[LossOutput]:
@@ -237,8 +210,8 @@ class SCM(Method):
         theta = 0.5 * math.pi * t
         z = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(device)
         x_t = self.trig.add_noise(x0, z, t)
-        student = self._view(nets.student)
-        dx, dF = self.derivatives(student, self._view(nets.teacher), x_t, t, cond)
+        student = self.view(nets.student)
+        dx, dF = self.derivatives(student, self.view(nets.teacher), x_t, t, cond)
         F = student(x_t, t, cond).get("trigflow", exact=True)
         F_minus = F.detach()
         with torch.no_grad():
