@@ -1,7 +1,7 @@
 """Training-loop overhead: one iteration against the sum of the network passes it needs, measured in one run.
 
-    python benchmarks/bench_overhead.py [--methods progressive dmd2 lcm] [--iters 6] [--batch 2] [--size mid|full]
-                                        [--roles full|lora] [--gan-weight 0.003]
+    python benchmarks/bench_overhead.py [--methods progressive dmd2 lcm scm scm-fd] [--iters 6] [--batch 2]
+                                        [--size mid|full] [--roles full|lora] [--gan-weight 0.003]
 
 On a mid-size random SD1.5-type teacher (``bench_family_speed.mid_pipeline``, 34M-parameter UNet, 32x32 latents) a
 real ``Trainer`` runs a few iterations of each method while forward hooks on every backbone count the passes an
@@ -16,7 +16,10 @@ shows at full cost; at full size the GPU is busy and host work overlaps it, as i
 Each pass is re-run in the state it was recorded in: the active LoRA adapter (``--roles lora``: every role is an
 adapter on one base, the teacher that base with adapters off), the parameters' ``requires_grad`` flags (a GAN pass
 through a frozen fake score computes input gradients only) and the inputs' (the student's sample carries its graph),
-and, for DMD2's GAN passes (``--gan-weight``), the stop at the bottleneck (``Denoiser.features``).
+and, for DMD2's GAN passes (``--gan-weight``), the stop at the bottleneck (``Denoiser.features``). sCM's forward-mode
+JVP (``scm``: ``method.jvp: exact``) is recorded from inside ``torch.func.jvp`` and timed bare as a JVP of the backbone
+(``torch.func.jvp`` on the math attention kernel, as ``denoisers.jvp`` runs it), so its bar compares the iteration with
+forward + JVP + backward; ``scm-fd`` takes the central difference instead (three forwards).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def recipe(method: str, teacher_dir: Path, batch: int, px: int, roles: str = "fu
     if method == "progressive":
         return {**common, "method": {"name": "progressive", "teacher_steps": 8, "final_steps": 4,
                                      "steps_per_stage": 1000, "guidance": [3.0, 3.0]}}
+    if method in ("scm", "scm-fd"):  # CFG teacher velocity, student JVP (exact or central difference), fwd + bwd
+        return {**common, "method": {"name": "scm", "guidance": 3.0, "tangent_warmup": 0, "x0_source": "teacher",
+                                     "num_pairs": 8, "pair_steps": 2,
+                                     "jvp": "exact" if method == "scm" else "finite_difference"}}
     if method == "lcm":  # LCM-LoRA's step (recipes/lcm_lora): CFG teacher DDIM step, target = the student, no grad
         return {**common, "method": {"name": "lcm", "teacher_steps": 50, "guidance": [3.0, 3.0], "target_ema": 0.0,
                                      "distance": "huber", "x0_source": "teacher", "num_pairs": 8, "pair_steps": 2}}
@@ -100,8 +107,41 @@ def as_recorded(backbone, adapter, flags, whole: bool):
             p.requires_grad_(flag)
 
 
+def _unwrapped(a):
+    """A tensor recorded inside ``torch.func.jvp`` without its functorch wrappers (a plain tensor as is)."""
+    from torch._C import _functorch
+
+    while _functorch.is_functorch_wrapped_tensor(a):
+        a = _functorch.get_unwrapped(a)
+    return a
+
+
+def _kept(a, jvp: bool):
+    """A recorded input, detached, keeping whether it needed a gradient (inside ``torch.func.jvp`` no tensor may be
+    given one, and none needs it: the derivative runs without a graph)."""
+    if not torch.is_tensor(a):
+        return a
+    return a.detach().clone() if jvp else a.detach().requires_grad_(a.requires_grad)
+
+
+def _bare_jvp(backbone, args, kwargs):
+    """One JVP of the backbone along its sample and timestep, as ``denoisers.jvp`` runs it."""
+    from types import SimpleNamespace
+
+    from stepdistill.denoisers import forward_ad_friendly
+
+    x, t, *rest = args
+
+    def f(x_, t_):
+        out = backbone(x_, t_, *rest, **kwargs)
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    with torch.no_grad(), forward_ad_friendly(SimpleNamespace(backbone=backbone)):
+        return torch.func.jvp(f, (x, t), (torch.randn_like(x), torch.ones_like(t)))[1]
+
+
 def bare_time(backbone, key, args, kwargs, repeats: int = 1) -> float:
-    _role, adapter, grad, whole, _trains, flags = key
+    _role, adapter, grad, whole, _trains, flags, jvp = key
     times = []
     for _ in range(repeats):
         args_ = [a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args]
@@ -110,13 +150,16 @@ def bare_time(backbone, key, args, kwargs, repeats: int = 1) -> float:
         with as_recorded(backbone, adapter, flags, whole), torch.set_grad_enabled(grad):
             _sync()
             start = time.perf_counter()
-            try:
-                out = backbone(*args_, **kwargs_)
-                out = out.sample if hasattr(out, "sample") else out[0]
-            except _Stop as caught:
-                out = caught.args[0]
-            if grad:
-                out.float().square().mean().backward()
+            if jvp:
+                _bare_jvp(backbone, args_, kwargs_)
+            else:
+                try:
+                    out = backbone(*args_, **kwargs_)
+                    out = out.sample if hasattr(out, "sample") else out[0]
+                except _Stop as caught:
+                    out = caught.args[0]
+                if grad:
+                    out.float().square().mean().backward()
             _sync()
             times.append(time.perf_counter() - start)
             backbone.zero_grad(set_to_none=True)
@@ -127,9 +170,11 @@ _PLAIN = "-"  # a backbone without LoRA roles
 
 
 def _label(key) -> str:
-    role, adapter, grad, whole, trains, _flags = key
+    role, adapter, grad, whole, trains, _flags, jvp = key
     who = role if adapter == _PLAIN else f"base[{adapter or 'adapters off'}]"
     part = "" if whole else " to bottleneck"
+    if jvp:
+        return f"{who} jvp"
     if not grad:
         return f"{who}{part} fwd"
     return f"{who}{part} fwd+bwd" + ("" if trains else " (input grad only)")
@@ -154,17 +199,18 @@ def measure(method: str, teacher_dir: Path, work: Path, iters: int, batch: int, 
 
     def pre(name):
         def record(module, args, kwargs):
+            jvp = torch._C._functorch.maybe_current_level() is not None  # inside torch.func.jvp (sCM's derivative)
+            if jvp:
+                args = [_unwrapped(a) if torch.is_tensor(a) else a for a in args]
+                kwargs = {k: _unwrapped(v) if torch.is_tensor(v) else v for k, v in kwargs.items()}
             flags = tuple(p.requires_grad for p in module.parameters())
             tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
             grad = torch.is_grad_enabled() and (any(flags) or any(a.requires_grad for a in tensors))
             adapter = module.__dict__.get("_stepdistill_adapter", _PLAIN)
             trains = any(p.requires_grad for n, p in module.named_parameters()
                          if adapter == _PLAIN or f".{adapter}." in n)  # does this pass train the weights it uses?
-            calls.append({"key": [name, adapter, grad, False, trains, flags],
-                          "inputs": ([a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
-                                      for a in args],
-                                     {k: (v.detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
-                                      for k, v in kwargs.items()})})
+            calls.append({"key": [name, adapter, grad, False, trains, flags, jvp],
+                          "inputs": ([_kept(a, jvp) for a in args], {k: _kept(v, jvp) for k, v in kwargs.items()})})
         return record
 
     def post(_module, _args, _kwargs, _out):

@@ -44,6 +44,10 @@ def test_family_speed_bench_distils_exports_and_times(tmp_path, monkeypatch, ben
     ("dmd2", {"student fwd+bwd": 1, "teacher fwd": 1, "fake_score fwd": 1, "fake_score fwd+bwd": 1}),
     # LCM-LoRA's step: the CFG teacher's DDIM step, the target from the student under no grad, the student trained
     ("lcm", {"teacher fwd": 1, "student fwd": 1, "student fwd+bwd": 1}),
+    # sCM: the CFG teacher's velocity, the student's time derivative (forward-mode JVP, or a central difference's three
+    # forwards: value, plus and minus), the student trained
+    ("scm", {"teacher fwd": 1, "student jvp": 1, "student fwd+bwd": 1}),
+    ("scm-fd", {"teacher fwd": 1, "student fwd": 3, "student fwd+bwd": 1}),
 ])
 def test_overhead_bench_records_the_passes_the_readme_lists(tmp_path, monkeypatch, benches, method, passes):
     _, overhead = benches
