@@ -11,6 +11,7 @@ from .dmd import DMD
 from .meanflow import MeanFlow
 from .progressive import ProgressiveDistillation
 from .scm import SCM
+from .sid import SiD
 
 
 METHODS = {
@@ -32,6 +33,10 @@ METHODS = {
     # rCM: sCM with DMD's distribution-matching loss (and its fake score) as a regulariser after the warm-up
     "rcm": functools.partial(SCM, dmd={}),
     "scm": SCM,
+    # SiD: score identity distillation (through the inputs of the teacher and the fake score); SiDA adds DMD2's GAN
+    # term on the fake score's bottleneck
+    "sid": SiD,
+    "sida": functools.partial(SiD, gan_weight=3e-3),
 }
 
 
@@ -49,4 +54,4 @@ def method_parameters(name: str) -> dict[str, tuple[object, object]]:
 
 
 __all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "MeanFlow", "Method", "Nets", "RoleSpec",
-           "ProgressiveDistillation", "SCM", "method_class", "method_parameters"]
+           "ProgressiveDistillation", "SCM", "SiD", "method_class", "method_parameters"]

@@ -146,6 +146,9 @@ class DMD(Method):
             fake score's own output (the teacher's training loss).
         regression_warmup: one-step only: steps of regression alone on the teacher ODE pairs before distribution
             matching starts (DMD2's ODE pretraining of its one-step SDXL student; 0: none). See the module docstring.
+        fake_guidance: CFG scale of the fake score's own output in its denoising loss (SiD-LSG's kappa_1; 1: none,
+            DMD2's), with ``cond_dropout``, the share of rows trained on the null condition so that its unconditional
+            output means something (SiD-LSG: 10% when kappa_1 or kappa_2 is not 1).
     """
 
     #: ``regression`` runs only during ``regression_warmup`` (``active_phases``)
@@ -160,7 +163,8 @@ class DMD(Method):
                  pair_sampler: str = "ddim", pair_steps: int = 64, pair_cache: str | None = None,
                  lpips_net: str = "vgg", lpips_weights: str | None = None,
                  student_prediction: str | None = None, fake_score_target: str | None = None,
-                 multistep_matching: str = "mixture", regression_warmup: int = 0):
+                 multistep_matching: str = "mixture", regression_warmup: int = 0, fake_guidance: float = 1.0,
+                 cond_dropout: float = 0.0):
         if student_steps < 1:
             raise ValueError(f"method.student_steps must be >= 1, got {student_steps}")
         if conditioning_time is not None and (student_steps != 1 or not 0.0 < conditioning_time <= 1.0):
@@ -182,8 +186,11 @@ class DMD(Method):
             raise ValueError(f"method.regression_warmup must be a number of steps >= 0, got {regression_warmup!r}")
         if pair_sampler not in TEACHER_SAMPLERS:
             raise ValueError(f"method.pair_sampler must be one of {sorted(TEACHER_SAMPLERS)}, got {pair_sampler!r}")
-        if min(gan_weight, gan_critic_weight, regression_weight, dm_weight) < 0 or guidance_scale < 1.0:
-            raise ValueError("method: loss weights must be >= 0 and guidance_scale >= 1")
+        weights = (gan_weight, gan_critic_weight, regression_weight, dm_weight)
+        if min(weights) < 0 or min(guidance_scale, fake_guidance) < 1:
+            raise ValueError("method: loss weights must be >= 0 and guidance scales >= 1")
+        if not 0.0 <= cond_dropout < 1.0:
+            raise ValueError(f"method.cond_dropout must be in [0, 1), got {cond_dropout}")
         if fake_score_target not in (None, "x0", "eps", "v"):
             raise ValueError(f"method.fake_score_target must be x0, eps, v or null (the fake score's own output), "
                              f"got {fake_score_target!r}")
@@ -208,6 +215,7 @@ class DMD(Method):
         self.num_pairs, self.pair_sampler, self.pair_steps = num_pairs, pair_sampler, pair_steps
         self.pair_cache, self.student_prediction = pair_cache, student_prediction
         self.fake_score_target, self.time_density = fake_score_target, time_density
+        self.fake_guidance, self.cond_dropout = fake_guidance, cond_dropout
         self.phased = multistep_matching == "phased" and student_steps > 1
         self._fakes: list = []  # the student phase's detached samples, for the critic of the same step
         self.pairs: dict[str, torch.Tensor] | None = None
@@ -323,7 +331,8 @@ class DMD(Method):
                                            key="method.regression_loss")
 
     # ------------------------------------------------------------------------------------------------ pieces
-    def _times(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *, closed: bool = True) -> torch.Tensor:
+    def times_for(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *,
+                  closed: bool = True) -> torch.Tensor:
         """``n`` times in ``[lo, hi]`` (``closed=False``: ``hi`` left out, ``terms.time_range``) at which step ``k``'s
         output is judged (``_band``)."""
         if self.phased:
@@ -362,7 +371,7 @@ class DMD(Method):
         """The DM loss of step ``k``'s output ``x`` (``terms.dm_loss``): the teacher with CFG and the fake score at a
         noised copy; with an f-divergence, the head's density ratio weights each sample."""
         sch, b = nets.teacher.schedule, x.shape[0]
-        t = self._times(sch, b, self.t_min, self.t_max, gen, k)
+        t = self.times_for(sch, b, self.t_min, self.t_max, gen, k)
         with torch.no_grad():
             x_t = self._noised(x.detach(), sch, t, gen)
             real = guided(nets.teacher, x_t, t, cond, self.guidance_scale).x0_64
@@ -375,6 +384,14 @@ class DMD(Method):
                 fake = pred.x0_64
                 weight = density_ratio_weight(head(feats).sum(1), t, self.divergence, self.t_min, self.t_max)
         return dm_loss(x, real, fake, weight)
+
+    def gan_term(self, x: torch.Tensor, nets: Nets, cond, gen, k: int = 0) -> torch.Tensor:
+        """DMD2's GAN generator loss of step ``k``'s output ``x`` (graph kept): the head on the fake score's features
+        of a diffusion-noised copy, ``t_gan ~ U[0, gan_t_max)``."""
+        head, sch = nets["discriminator"], nets.teacher.schedule
+        t_gan = self.times_for(sch, x.shape[0], 0.0, self.gan_t_max, gen, k, closed=False)
+        x_gan = self._noised(x, sch, t_gan, gen)
+        return gan_generator_loss(head(nets["fake_score"].features(x_gan, t_gan, cond, head.layers)))
 
     def regression(self, nets: Nets, b: int, device, gen) -> torch.Tensor:
         """DMD (v1) regression on cached teacher ODE pairs: one student step from ``z`` against the teacher's ``y``."""
@@ -394,13 +411,13 @@ class DMD(Method):
 
     def warmup_loss(self, nets: Nets, batch: Batch) -> LossOutput:
         """The regression warm-up's student update: the ODE-pair regression alone."""
-        reg = self.regression(nets, batch.size, self._shape_device(batch)[1], batch.generator)
+        reg = self.regression(nets, batch.size, self.shape_device(batch)[1], batch.generator)
         return LossOutput(reg, {"loss_reg": reg.detach().mean(), "loss": reg.detach().mean()})
 
     def student_loss(self, nets: Nets, batch: Batch) -> LossOutput:
         """Generator update: DM loss (+ GAN generator loss, + regression)."""
         gen, cond, b = batch.generator, self._generation_cond(batch), batch.size
-        shape, device = self._shape_device(batch)
+        shape, device = self.shape_device(batch)
         noise = torch.randn((b, *shape), generator=gen).to(device)
         x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
         self._fakes.append((x.detach(), k, cond))  # one per micro-batch, taken in order by the critic phase
@@ -408,10 +425,7 @@ class DMD(Method):
         loss = self.dm_weight * dm
         logs["loss_dm"] = dm.detach().mean()
         if self.gan_weight > 0:
-            head, sch = nets["discriminator"], nets.teacher.schedule
-            t_gan = self._times(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
-            x_gan = self._noised(x, sch, t_gan, gen)
-            gan = gan_generator_loss(head(nets["fake_score"].features(x_gan, t_gan, cond, head.layers)))
+            gan = self.gan_term(x, nets, cond, gen, k)
             loss = loss + self.gan_weight * gan
             logs["loss_gan"] = gan.detach().mean()
         if self.regression_weight > 0:
@@ -431,7 +445,7 @@ class DMD(Method):
         that sum. The samples are the student phase's of this step when it ran (DMD2's ``train_one_step``: one
         generator pass per iteration, ``.detach()`` for the guidance loss), else a no-grad sample drawn here."""
         gen, b = batch.generator, batch.size
-        shape, device = self._shape_device(batch)
+        shape, device = self.shape_device(batch)
         if self._fakes:
             x, k, cond = self._fakes.pop(0)
         else:
@@ -441,7 +455,7 @@ class DMD(Method):
                 x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
         fake_net = nets["fake_score"]
         sch = fake_net.schedule
-        t = self._times(sch, b, 0.0, 1.0, gen, k)
+        t = self.times_for(sch, b, 0.0, 1.0, gen, k)
         eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
         x_t = sch.add_noise(x, eps, t.to(device))
         if self.uses_head:
@@ -449,9 +463,9 @@ class DMD(Method):
             # in the same band, each classified with its own condition (DMD2: the image's caption), each fake with its
             # prompt.
             head = nets["discriminator"]
-            t_fake = self._times(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
+            t_fake = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
             x_fake = self._noised(x, sch, t_fake, gen)
-            t_real = self._times(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
+            t_real = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
             x_real = self._noised(batch.x0, sch, t_real, gen)
             both = None if cond is None else {key: torch.cat([v, batch.x0_cond[key]]) for key, v in cond.items()}
             feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), both, head.layers)
@@ -460,8 +474,17 @@ class DMD(Method):
             gan = self.gan_critic_weight * cls
             yield LossOutput(gan, {"loss_cls": cls.detach().mean(), "d_real": logits_real.detach().mean(),
                                    "d_fake": logits_fake.detach().mean(), "loss": gan.detach().mean()})
-        loss = denoising_loss(fake_net(x_t, t, cond), x, eps, self.fake_score_target or fake_net.prediction)
+        pred = guided(fake_net, x_t, t, self._dropped(fake_net, cond, gen), self.fake_guidance)
+        loss = denoising_loss(pred, x, eps, self.fake_score_target or fake_net.prediction)
         yield LossOutput(loss, {"loss_denoise": loss.detach().mean(), "loss": loss.detach().mean()})
+
+    def _dropped(self, fake_net, cond, gen):
+        """``cond`` with a ``cond_dropout`` share of rows replaced by the null condition (drawn only when set)."""
+        if cond is None or self.cond_dropout == 0:
+            return cond
+        null = fake_net.null_cond(cond)
+        drop = torch.rand(next(iter(cond.values())).shape[0], generator=gen) < self.cond_dropout
+        return {k: torch.where(drop.to(v.device).view(-1, *[1] * (v.ndim - 1)), null[k], v) for k, v in cond.items()}
 
     def _generation_cond(self, batch: Batch):
         """The condition the student generates with: the batch's prompts, or, when multi-step training starts from
@@ -471,7 +494,7 @@ class DMD(Method):
         return batch.cond
 
     @staticmethod
-    def _shape_device(batch: Batch):
+    def shape_device(batch: Batch):
         """Sample shape and device from the batch (data-free runs get the ``gaussian`` stand-in batch)."""
         if batch.x0 is None:
             raise ValueError("DMD needs batches with x0 for the sample shape")

@@ -3,6 +3,7 @@ them with their own roles, times and weights.
 
 * ``dm_loss``: the distribution-matching gradient of DMD / DMD2 (and the per-phase DM loss of phased DMD, rCM's DMD
   part) as a loss whose gradient with respect to the sample is exactly that gradient;
+* ``sid_loss``: SiD's generator loss, through the inputs of the teacher and the fake score;
 * ``density_ratio_weight``: f-distill's per-sample weight of the DM gradient from a discriminator's logits;
 * ``denoising_loss``: the score-matching loss that trains a fake score (critic) on generator samples;
 * ``gan_generator_loss`` / ``gan_critic_loss``: the non-saturating GAN term of DMD2 (and SiDA), on logits of one or
@@ -60,6 +61,28 @@ def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
         grad = torch.nan_to_num(grad).to(x.dtype)
     loss = 0.5 * ((x - (x - grad).detach()) ** 2).mean(_dims(x))
     return loss, {"dm_grad_norm": grad.detach().flatten(1).norm(dim=1).mean()}
+
+
+def sid_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict]:
+    """SiD's generator loss (Zhou et al. 2024, Eq. 9 / the official ``SID_EDMLoss.generator_loss``) per sample:
+
+        L = (y_r - y_f) . ((y_r - x) - alpha (y_r - y_f)) / sg(mean|x - y_r|)
+          = (1 - alpha) |y_r - y_f|^2 w + (y_r - y_f) . (y_f - x) w
+
+    where ``y_r`` / ``y_f`` are the teacher's and the fake score's x0 at a noised copy of ``x``, *with their graphs*:
+    unlike ``dm_loss``, the gradient flows through both networks' inputs (their parameters frozen in the phase), which
+    is what separates SiD from DMD's stop-gradient surrogate (METHODS.md §9.6). Rows with a NaN in ``x``, ``y_r`` or
+    ``y_f`` are dropped, as the official code does. The product is averaged over a sample's elements (the official
+    code sums them; the mean puts it on ``dm_loss``'s scale, and Adam does not see the constant). Returns the loss of
+    the kept rows and logs (``nan_rows``: how many were dropped)."""
+    bad = torch.isnan(x).flatten(1).any(1) | torch.isnan(real_x0).flatten(1).any(1) | \
+        torch.isnan(fake_x0).flatten(1).any(1)
+    x, real_x0, fake_x0 = x[~bad], real_x0[~bad], fake_x0[~bad]
+    with torch.no_grad():
+        norm = (x.detach() - real_x0.detach()).abs().float().mean(_dims(x), keepdim=True).clip(min=1e-5)
+    gap = real_x0 - fake_x0
+    loss = (gap * ((real_x0 - x) - alpha * gap) / norm).mean(_dims(x))
+    return loss, {"nan_rows": bad.sum().float(), "score_gap": gap.detach().square().mean()}
 
 
 def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:

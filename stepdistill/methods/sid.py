@@ -1,0 +1,153 @@
+"""SiD: Score identity Distillation (Zhou et al., ICML 2024), SiD-LSG (Zhou et al., ICLR 2025) and SiDA (the
+diffusion-GAN term of the official ``sida`` branch), METHODS.md §5 and §9.6.
+
+Followed: mingyuanzhou/SiD ``training/sid_loss.py`` (``SID_EDMLoss.generator_loss``: the loss, the NaN-row filter,
+the detached per-sample ``mean|x_g - y_r|`` clipped at 1e-5) and METHODS.md §5 for SiD-LSG's four guidance scales.
+Per training step, in SiD's order (one fake-score update, then one generator update, each on a fresh generator
+sample; ratios through ``train.update_every``):
+
+    fake score:  denoising loss on detached generator samples (DMD's critic phase, ``DMD.fake_score_loss``), its
+                 output guided by kappa_1, a share of null conditions (``cond_dropout``) when kappa_1 or kappa_2 != 1
+    generator:   x_g = G(z)  (through ``DMD.generate``: one step, or backward simulation for multi-step students)
+                 t ~ U[t_min, t_max],  x_t = a_t x_g + s_t n                 (the graph kept through x_g)
+                 y_r = teacher(x_t) with CFG kappa_4,  y_f = fake(x_t) with CFG kappa_2   (x0, graphs kept)
+                 L = (1 - alpha) |y_r - y_f|^2 w + (y_r - y_f) . (y_f - x_g) w,   w = 1 / sg(mean|x_g - y_r|)
+
+The generator loss back-propagates *through the inputs* of the teacher and the fake score, whose parameters the loop
+keeps frozen in this phase (``teacher_grad``: the teacher then gets gradient checkpointing and sharding like a trained
+role); DMD's surrogate stops the gradient there instead, and porting SiD onto it would silently change the method
+(``terms.sid_loss``; tests/test_sid.py proves the path). The gradient reaching the generator goes through
+``nan_to_num(0, +-1e5)`` as the official code does to its parameters' gradients. SiDA adds DMD2's GAN term on the fake
+score's bottleneck (``DMD.gan_term`` and the head's loss in the critic phase), reused rather than copied.
+
+Departures, written down: the fake score's loss is DMD's (uniform timesteps over the whole schedule; ``eps`` MSE by
+default as SiD-LSG's SD code, without its ``snr / (snr + 1)`` weight for v-prediction teachers); the one-step
+generator's input at ``init_time`` is pure noise told that time (DMD2's conditioning-timestep convention), where
+SiD-LSG feeds ``sqrt(1 - abar_625) z`` (7% smaller on SD's betas); multi-step students train by DMD2's backward
+simulation on the trailing grid (SiD-LSG re-noises untrained).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..denoisers import guided
+from ..sampling import StudentGrid
+from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
+from .dmd import DMD
+from .terms import sid_loss
+
+
+def _finite_gradient(grad: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(grad, nan=0.0, posinf=1e5, neginf=-1e5)
+
+
+class SiD(Method):
+    """SiD loss object (score identity distillation; SiD-LSG's guidance scales; SiDA's GAN term).
+
+    Args:
+        alpha: the weight of SiD's ``|y_r - y_f|^2`` term (``L`` above), in (0, 2]; 1.2 for EDM-type teachers, 1.0
+            for SD (SiD-LSG).
+        student_steps: the generator's steps (1: SiD; more: DMD2's backward simulation on the trailing grid).
+        init_time: one-step only: the time the generator is told while fed pure noise (SiD-LSG: timestep 625 of
+            1000, 0.625); ``None``: the start of the schedule.
+        t_min, t_max: the generator loss's time range, a fraction of the time axis (SiD-LSG: timesteps 20 to 979).
+        time_density: ``uniform`` over the teacher's timesteps or ``karras`` (``DMD``).
+        guidance_real: kappa_4, the teacher's CFG scale inside the generator loss (our convention; 1: none).
+        guidance_fake: kappa_2 = kappa_3, the fake score's CFG scale inside the generator loss.
+        guidance_fake_train: kappa_1, the CFG scale of the fake score's output in its own denoising loss.
+        cond_dropout: the share of the fake score's training rows on the null condition; ``None``: 0.1 when kappa_1
+            or kappa_2 is not 1 (SiD-LSG), else 0.
+        gan_weight, gan_critic_weight, gan_t_max: SiDA's GAN term on the fake score's bottleneck (``DMD``; 0: SiD).
+        fake_score_target: the fake score's denoising target (``eps``: SiD-LSG's; ``None``: its own output).
+        backward_simulation: multi-step inputs from the student's own rollout (``DMD``).
+        student_prediction: the generator's output parameterisation; ``None`` keeps the teacher's.
+    """
+
+    phases = ("fake_score", "student")
+    teacher_grad = True
+
+    def __init__(self, *, alpha: float = 1.2, student_steps: int = 1, init_time: float | None = None,
+                 t_min: float = 0.02, t_max: float = 0.98, time_density: str = "uniform", guidance_real: float = 1.0,
+                 guidance_fake: float = 1.0, guidance_fake_train: float = 1.0, cond_dropout: float | None = None,
+                 gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_t_max: float = 1.0,
+                 fake_score_target: str | None = "eps", backward_simulation: bool = True,
+                 student_prediction: str | None = None):
+        if not 0.0 < alpha <= 2.0:
+            raise ValueError(f"method.alpha must be in (0, 2], got {alpha}")
+        if init_time is not None and not 0.0 < init_time <= 1.0:
+            raise ValueError(f"method.init_time must be in (0, 1] (a fraction of the time axis), got {init_time}")
+        if guidance_fake < 1.0:
+            raise ValueError(f"method.guidance_fake (kappa_2) must be >= 1 (1: no guidance), got {guidance_fake}")
+        if cond_dropout is None:
+            cond_dropout = 0.1 if guidance_fake_train != 1.0 or guidance_fake != 1.0 else 0.0
+        self.alpha, self.guidance_real, self.guidance_fake = alpha, guidance_real, guidance_fake
+        self.dmd = DMD(student_steps=student_steps, conditioning_time=init_time,
+                       backward_simulation=backward_simulation, guidance_scale=guidance_real, t_min=t_min,
+                       t_max=t_max, time_density=time_density, gan_weight=gan_weight,
+                       gan_critic_weight=gan_critic_weight, gan_t_max=gan_t_max, fake_score_target=fake_score_target,
+                       student_prediction=student_prediction, fake_guidance=guidance_fake_train,
+                       cond_dropout=cond_dropout)
+
+    # ------------------------------------------------------------------------------------------------ interface
+    @property
+    def needs_real_data(self) -> str | None:
+        return self.dmd.needs_real_data
+
+    @property
+    def reads_data(self) -> bool:
+        return self.dmd.reads_data
+
+    def roles(self) -> dict[str, RoleSpec]:
+        return self.dmd.roles()
+
+    def owner(self, phase: str) -> str | tuple[str, ...]:
+        return self.dmd.owner(phase)
+
+    def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
+        return self.dmd.update_schedule(step, nets)
+
+    def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
+        return self.dmd.begin_step(step, nets)
+
+    def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
+        self.dmd.prepare(nets, ctx)
+
+    def student_grid(self) -> StudentGrid:
+        return self.dmd.student_grid()
+
+    def grid_for(self, k: int) -> StudentGrid:
+        """A generator samples on the grid it was trained for only."""
+        if k != self.dmd.student_steps:
+            raise ValueError(f"a SiD student samples its trained {self.dmd.student_steps} step(s), not {k}")
+        return self.student_grid()
+
+    # ------------------------------------------------------------------------------------------------ phases
+    def __call__(self, phase: str, nets: Nets, batch: Batch):
+        if phase == "fake_score":
+            return self.dmd.fake_score_loss(nets, batch)
+        return self.generator_loss(nets, batch)
+
+    def generator_loss(self, nets: Nets, batch: Batch) -> LossOutput:
+        """SiD's generator update (module docstring), plus SiDA's GAN term."""
+        gen, cond, b = batch.generator, batch.cond, batch.size
+        shape, device = self.dmd.shape_device(batch)
+        noise = torch.randn((b, *shape), generator=gen).to(device)
+        x, k = self.dmd.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
+        if x.requires_grad:
+            x.register_hook(_finite_gradient)
+        sch = nets.teacher.schedule
+        t = self.dmd.times_for(sch, b, self.dmd.t_min, self.dmd.t_max, gen, k).to(device)
+        n = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
+        x_t = sch.add_noise(x, n, t)  # with x's graph: the loss reaches the generator through both networks' inputs
+        real = guided(nets.teacher, x_t, t, cond, self.guidance_real).x0
+        fake = guided(nets["fake_score"], x_t, t, cond, self.guidance_fake).x0
+        sid, logs = sid_loss(x, real, fake, self.alpha)
+        loss = sid
+        logs["loss_sid"] = sid.detach().mean()
+        if self.dmd.gan_weight > 0:
+            gan = self.dmd.gan_term(x, nets, cond, gen, k)
+            loss = sid.mean() + self.dmd.gan_weight * gan.mean()
+            logs["loss_gan"] = gan.detach().mean()
+        logs["loss"] = loss.detach().mean()
+        return LossOutput(loss, logs)

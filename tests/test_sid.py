@@ -1,0 +1,123 @@
+"""SiD (methods/sid.py, terms.sid_loss): the generator's gradient runs through the inputs of the teacher and the fake
+score (checked by hand on Gaussian scores, against DMD's stop-gradient surrogate), their weights take none, the loss
+vanishes when the fake score is the teacher, NaN rows go, SiD-LSG's guidance scales reach their calls; bad input."""
+
+import pytest
+import torch
+
+from stepdistill.config import ConfigError, build_recipe
+from stepdistill.denoisers import GMMDenoiser
+from stepdistill.methods import sid as sid_module
+from stepdistill.methods.base import Batch
+from stepdistill.methods.terms import dm_loss, sid_loss
+from stepdistill.mixture import GaussianMixture
+from stepdistill.schedules import VPDiscrete
+from stepdistill.teachers import DEFAULT_SCHEDULER
+from stepdistill.train import Trainer
+
+from ._recipes import _apply, gmm_recipe
+
+
+def _gaussian_score(mean, std):
+    """The exact denoiser of one Gaussian, ``x0 = mu + k (x_t - a mu)``, ``k = a std^2 / (a^2 std^2 + s^2)``."""
+    schedule = VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER)
+    return GMMDenoiser(GaussianMixture(torch.tensor([mean], dtype=torch.float64), [std]), schedule)
+
+
+@pytest.mark.parametrize("alpha", [1.2, 1.0, 0.5])
+def test_the_generator_gradient_runs_through_both_scores_inputs_as_computed_by_hand(alpha):
+    real, fake = _gaussian_score([0.3, -0.2], 0.5), _gaussian_score([0.1, 0.2], 0.7)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    n = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    t = torch.full((6,), 0.4, dtype=torch.float64)
+    sch = real.schedule
+    x_t = sch.add_noise(x, n, t)
+    y_r, y_f = real(x_t, t).x0, fake(x_t, t).x0
+    loss, _ = sid_loss(x, y_r, y_f, alpha)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    # by hand: dy/dx = a k I for each score; w = mean|x - y_r| held constant; the loss is a mean over D = 2 elements
+    a, s = float(sch.alpha(t[0])), float(sch.sigma(t[0]))
+    k_r, k_f = (a * 0.5**2 / (a**2 * 0.5**2 + s**2)), (a * 0.7**2 / (a**2 * 0.7**2 + s**2))
+    with torch.no_grad():
+        d, w = y_r - y_f, (x - y_r).abs().mean(1, keepdim=True)
+        by_hand = (a * (k_r - k_f) * ((y_r - x) - alpha * d) + d * (a * k_r - 1 - alpha * a * (k_r - k_f))) / (2 * w)
+    torch.testing.assert_close(grad, by_hand, rtol=1e-6, atol=1e-9)  # w in float32, as the official code
+    # DMD's surrogate stops the gradient at the scores: (fake - real) / mean|x - real| per element, another direction
+    x2 = x.detach().clone().requires_grad_(True)
+    dm, _ = dm_loss(x2, y_r.detach(), y_f.detach())
+    (dmd_grad,) = torch.autograd.grad(dm.sum(), x2)
+    assert float((grad - dmd_grad).abs().max()) > 1e-3
+
+
+def test_nan_rows_are_dropped_and_counted():
+    x = torch.randn(4, 3, requires_grad=True)
+    real, fake = torch.randn(4, 3), torch.randn(4, 3)
+    real[2, 1] = float("nan")
+    loss, logs = sid_loss(x, real, fake, 1.2)
+    assert loss.shape == (3,) and torch.isfinite(loss).all() and float(logs["nan_rows"]) == 1
+
+
+def _sid(tmp_path, **overrides):
+    recipe = _apply(gmm_recipe(), {"teacher": {"tiny": "unet2d"}, "student.init": "teacher",
+                                   "method": {"name": "sid"}, "data": {"batch_size": 4}, "train.max_steps": 2,
+                                   **overrides})
+    return Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+
+
+def _generator_batch(trainer, b=4):
+    shape = trainer.teacher.sample_shape
+    return Batch(x0=torch.zeros(b, *shape), cond=None, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_loss_vanishes_while_the_fake_score_is_the_teacher_and_no_score_weight_takes_gradient(tmp_path):
+    trainer = _sid(tmp_path)
+    method, nets = trainer.method, trainer.nets
+    method.update_schedule(0, nets)
+    out = method(phase="student", nets=nets, batch=_generator_batch(trainer))
+    assert float(out.loss.detach().abs().max()) == 0.0  # fake score initialised from the teacher: y_r = y_f exactly
+    trainer.train()  # both phases run; the loop freezes the fake score during the generator phase
+    for p in nets.teacher.parameters():
+        assert p.grad is None
+    trainer2 = _sid(tmp_path / "again")
+    trainer2.method.update_schedule(0, trainer2.nets)
+    with torch.no_grad():  # a fake score that differs from the teacher
+        for p in trainer2.nets["fake_score"].backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    trainer2._run_phase("student")
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0 for p in trainer2.nets["fake_score"].parameters())
+    assert all(p.grad is None for p in trainer2.nets.teacher.parameters())
+
+
+def test_lsg_guidance_scales_reach_the_teacher_the_fake_score_and_its_training(monkeypatch, tmp_path):
+    trainer = _sid(tmp_path, **{"method.guidance_real": 4.5, "method.guidance_fake": 2.0,
+                                "method.guidance_fake_train": 1.5})
+    method, nets = trainer.method, trainer.nets
+    assert method.dmd.cond_dropout == 0.1  # SiD-LSG's context dropout once a fake-score scale is not 1
+    calls = []
+
+    def recording(denoiser, x_t, t, cond, w):
+        calls.append((denoiser, w))
+        return denoiser(x_t, t, cond)
+
+    monkeypatch.setattr(sid_module, "guided", recording)
+    monkeypatch.setattr("stepdistill.methods.dmd.guided", recording)
+    method.update_schedule(0, nets)
+    method("student", nets, _generator_batch(trainer))
+    list(method("fake_score", nets, _generator_batch(trainer)))
+    assert [(d is nets.teacher, d is nets["fake_score"], w) for d, w in calls] == [
+        (True, False, 4.5), (False, True, 2.0), (False, True, 1.5)]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"method.alpha": 0.0}, "method.alpha must be in \\(0, 2\\]"),
+    ({"method.alpha": 2.5}, "method.alpha must be in \\(0, 2\\]"),
+    ({"method.guidance_fake": 0.5}, "method.guidance_fake .* must be >= 1"),
+    ({"method.guidance_real": 0.5}, "guidance scales >= 1"),
+    ({"method.init_time": 1.5}, "method.init_time must be in \\(0, 1\\]"),
+    ({"method.name": "sida", "data": {"source": "gaussian", "batch_size": 4}}, "needs a real-data source"),
+])
+def test_bad_sid_settings_are_one_line(tmp_path, overrides, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        _sid(tmp_path, **overrides)
+    assert not (tmp_path / "run").exists()
