@@ -587,7 +587,8 @@ def test_gan_reals_without_captions_are_refused_before_training(tmp_path, captio
     assert not (tmp_path / "run").exists()
 
 
-FAMILY_RECIPES = sorted(p for folder in ("progressive", "dmd2", "lcm", "lcm_lora", "pcm", "tcd", "scm", "rcm")
+FAMILY_RECIPES = sorted(p for folder in ("progressive", "dmd2", "lcm", "lcm_lora", "pcm", "tcd", "scm", "rcm", "sid",
+                                          "sida")
                         for p in (Path(__file__).resolve().parents[1] / "recipes" / folder).glob("*.yaml")
                         if p.stem in FAMILIES)
 
@@ -598,6 +599,7 @@ def _tiny_overrides(path: Path, tmp_path: Path, family: str) -> list[str]:
     from PIL import Image
 
     from stepdistill.config import load_recipe
+    from stepdistill.methods import method_class
 
     images = tmp_path / "images"
     images.mkdir(exist_ok=True)
@@ -612,6 +614,8 @@ def _tiny_overrides(path: Path, tmp_path: Path, family: str) -> list[str]:
                  *([] if real else ["data.source=gaussian"]),
                  "train.max_steps=2", "train.mixed_precision='no'", "train.sample_every=0", "train.checkpoint_every=0",
                  "train.num_sample_images=2"]
+    if method_class(load_recipe(path).method.name).teacher_grad:  # bf16 teacher gradients need autocast, off here
+        overrides.append("roles.teacher_dtype=float32")
     if load_recipe(path).method.name == "progressive":
         overrides += ["method.teacher_steps=8", "method.final_steps=4", "method.steps_per_stage=1"]
         if "regression_steps" in load_recipe(path).method.params:  # SD1.5/SDXL: one regression step, one halving

@@ -121,3 +121,19 @@ def test_bad_sid_settings_are_one_line(tmp_path, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         _sid(tmp_path, **overrides)
     assert not (tmp_path / "run").exists()
+
+
+def test_with_lora_roles_the_generator_phase_reaches_only_the_students_adapter(tmp_path):
+    """On one frozen base the generator loss runs through the teacher (adapters off) and the fake score's adapter: the
+    student's adapter moves, the fake score's takes no gradient, the base none."""
+    trainer = _sid(tmp_path, **{"roles.mode": "lora", "roles.rank": 4, "roles.alpha": 4.0})
+    nets = trainer.nets
+    trainer.method.update_schedule(0, nets)
+    with torch.no_grad():  # the fake score's adapter away from zero, so that it differs from the teacher
+        for p in nets["fake_score"].trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student = [p.detach().clone() for p in nets.student.trainable_parameters()]
+    trainer._run_phase("student")
+    assert any(not torch.equal(a, p) for a, p in zip(student, nets.student.trainable_parameters()))
+    assert all(p.grad is None for p in nets["fake_score"].trainable_parameters())
+    assert all(p.grad is None for n, p in nets.student.backbone.named_parameters() if "lora_" not in n)
