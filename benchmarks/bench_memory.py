@@ -1,4 +1,4 @@
-"""Peak memory of a DMD2 step with LoRA roles vs a plain LoRA fine-tune step vs full copies, measured in one run.
+"""Peak memory of a DMD2 (or SiD) step with LoRA roles vs a plain LoRA fine-tune step vs full copies, in one run.
 
     python benchmarks/bench_memory.py [--width 128] [--batch 8] [--rank 16] [--gradient-checkpointing]
                                       [--family sd15 | sd15-full] [--modes lora_finetune dmd2_lora] [--iters 3]
@@ -13,7 +13,9 @@ activations) while its training steps run (``peak_of_steps``; loading the models
 * ``lora_finetune``: the base frozen plus one LoRA adapter, one denoising step (forward, backward, AdamW): the
   reference the DMD/DMD2 issue's bar compares against;
 * ``dmd2_lora``: a DMD2 iteration (student phase and fake-score phase, GAN head on) with ``roles.mode: lora``;
-* ``dmd2_full``: the same with ``roles.mode: full`` (a copy of the network per role).
+* ``dmd2_full``: the same with ``roles.mode: full`` (a copy of the network per role);
+* ``sid_lora`` / ``sid_full``: a SiD iteration (fake-score phase, then the generator's loss through the inputs of the
+  teacher and the fake score, no GAN term) with LoRA roles / full copies.
 
 ``--family sd15`` uses the mid-size random SD1.5-type pipeline of ``bench_family_speed.py`` instead (34M-parameter
 UNet2DConditionModel, 32x32x4 latents, prompt-conditioned, the LoRA targets of ``families.py``); prompts and image
@@ -106,7 +108,7 @@ def peak_of_steps(setup, iters: int, how: str) -> float:
     return (resident + peak) / 2**20
 
 
-MODES = ("lora_finetune", "dmd2_lora", "dmd2_full")
+MODES = ("lora_finetune", "dmd2_lora", "dmd2_full", "sid_lora", "sid_full")
 PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "smoke.txt"
 #: pixel resolution of each teacher (None: the UNet2DModel)
 RESOLUTION = {None: 32, "sd15": 64, "sd15-full": 512}
@@ -155,11 +157,13 @@ def _family_data(folder: Path, batch: int, resolution: int):
 
 
 def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
-           family: str | None = None, base_dtype: str = "float32") -> dict:
+           family: str | None = None, base_dtype: str = "float32", method: str = "dmd2") -> dict:
     bf16 = base_dtype == "bfloat16"
+    method = ({"name": "dmd2", "student_steps": 1, "gan_weight": gan} if method == "dmd2" else
+              {"name": "sid", "alpha": 1.0})
     return {
         "teacher": {"pretrained": str(folder / "teacher"), **({"resolution": RESOLUTION[family]} if family else {})},
-        "method": {"name": "dmd2", "student_steps": 1, "gan_weight": gan},
+        "method": method,
         "roles": {"mode": mode, "rank": rank, "alpha": rank, "teacher_dtype": base_dtype},
         "data": {"source": "image_folder", "path": str(folder / "images"), "batch_size": batch,
                  **({"prompts": str(PROMPTS)} if family else {})},
@@ -171,7 +175,7 @@ def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: floa
 
 def run_mode(mode: str, folder: Path, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
              family: str | None = None, how: str = "tensors", iters: int = 3, base_dtype: str = "float32") -> dict:
-    setup = _lora_finetune if mode == "lora_finetune" else _dmd2
+    setup = _lora_finetune if mode == "lora_finetune" else _iteration
     peak = peak_of_steps(lambda: setup(mode, folder, batch, rank, ckpt, gan, family, base_dtype), iters, how)
     return {"mode": mode, "peak_mib": round(peak, 1)}
 
@@ -224,20 +228,23 @@ def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family, base_dtype):
     return step
 
 
-def _dmd2(mode, folder, batch, rank, ckpt, gan, family, base_dtype):
-    """A real Trainer with roles as in ``mode``; a step is one DMD2 iteration (student phase, fake-score phase)."""
+def _iteration(mode, folder, batch, rank, ckpt, gan, family, base_dtype):
+    """A real Trainer with the method and roles of ``mode`` (``dmd2_lora``: DMD2, LoRA roles); a step is one iteration
+    (DMD2: student phase, fake-score phase; SiD: fake-score phase, generator phase)."""
     import torch
 
     from stepdistill.config import build_recipe
     from stepdistill.train import Trainer
 
     torch.manual_seed(0)
-    cfg = build_recipe(recipe(folder, mode.split("_")[1], batch, rank, ckpt, gan, family, base_dtype))
+    method, roles = mode.split("_")
+    cfg = build_recipe(recipe(folder, roles, batch, rank, ckpt, gan, family, base_dtype, method))
     trainer = Trainer(cfg, folder / f"run-{mode}", overwrite=True, show_progress=False).setup()
+    phases = trainer.method.active_phases(1, trainer.recipe.train.update_every)
 
     def step():
-        trainer._run_phase("student")
-        trainer._run_phase("fake_score")
+        for phase in phases:
+            trainer._run_phase(phase)
 
     return step
 

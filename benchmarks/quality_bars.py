@@ -101,7 +101,20 @@ def _continuous_consistency_benches() -> dict[str, Bench]:
     return out
 
 
+def _sid_benches() -> dict[str, Bench]:
+    """SiD issue: one-step SiD students cover every mode with SW <= 1.3x the teacher's at 64 NFE and beat it at 4 NFE
+    (2-D and 16-D mixtures); digits FD <= 1.3x (SiD), 1.2x (SiDA), and the 4-step SiD student <= 1.1x."""
+    return {
+        "sid-gmm": Bench("sid/gmm.yaml", factor=1.3, beat_nfe=4),
+        "sid-gmm16": Bench("sid/gmm.yaml", factor=1.3, beat_nfe=4, teacher="progressive/gmm16.yaml"),
+        "sid-digits": Bench("sid/digits.yaml", factor=1.3),
+        "sida-digits": Bench("sida/digits.yaml", factor=1.2),
+        "sid-digits-4step": Bench("sid/digits.yaml", ("method.student_steps=4",), factor=1.1),
+    }
+
+
 BENCHES.update(_consistency_benches())
+BENCHES.update(_sid_benches())
 BENCHES.update(_continuous_consistency_benches())
 
 

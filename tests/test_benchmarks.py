@@ -48,6 +48,10 @@ def test_family_speed_bench_distils_exports_and_times(tmp_path, monkeypatch, ben
     # forwards: value, plus and minus), the student trained
     ("scm", {"teacher fwd": 1, "student jvp": 1, "student fwd+bwd": 1}),
     ("scm-fd", {"teacher fwd": 1, "student fwd": 3, "student fwd+bwd": 1}),
+    # SiD: the critic's update on a no-grad generator sample, then the generator's loss through the inputs of the CFG
+    # teacher and the CFG fake score (their weights frozen: input gradients only)
+    ("sid", {"student fwd": 1, "fake_score fwd+bwd": 1, "student fwd+bwd": 1,
+             "teacher fwd+bwd (input grad only)": 1, "fake_score fwd+bwd (input grad only)": 1}),
 ])
 def test_overhead_bench_records_the_passes_the_readme_lists(tmp_path, monkeypatch, benches, method, passes):
     _, overhead = benches

@@ -137,3 +137,21 @@ def test_with_lora_roles_the_generator_phase_reaches_only_the_students_adapter(t
     assert any(not torch.equal(a, p) for a, p in zip(student, nets.student.trainable_parameters()))
     assert all(p.grad is None for p in nets["fake_score"].trainable_parameters())
     assert all(p.grad is None for n, p in nets.student.backbone.named_parameters() if "lora_" not in n)
+
+
+def test_a_one_step_generator_samples_sid_lsgs_untrained_renoising_baseline_at_more_steps():
+    from types import SimpleNamespace
+
+    from stepdistill.methods import METHODS
+
+    method = METHODS["sid"](init_time=0.625)
+    method.update_schedule(0, SimpleNamespace(student=SimpleNamespace(
+        schedule=VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER))))
+    assert method.grid_for(1).times == (0.625,) and method.grid_for(1).transition == "ddim"
+    two = method.grid_for(2)
+    assert two.times == (0.625, 0.3125) and two.transition == "renoise"  # t_init (1 - i / k), on the timesteps
+    with pytest.raises(ValueError, match="samples its trained grid only"):
+        multi = METHODS["sid"](student_steps=4)
+        multi.update_schedule(0, SimpleNamespace(student=SimpleNamespace(
+            schedule=VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER))))
+        multi.grid_for(2)

@@ -24,7 +24,8 @@ Departures, written down: the fake score's loss is DMD's (uniform timesteps over
 default as SiD-LSG's SD code, without its ``snr / (snr + 1)`` weight for v-prediction teachers); the one-step
 generator's input at ``init_time`` is pure noise told that time (DMD2's conditioning-timestep convention), where
 SiD-LSG feeds ``sqrt(1 - abar_625) z`` (7% smaller on SD's betas); multi-step students train by DMD2's backward
-simulation on the trailing grid (SiD-LSG re-noises untrained).
+simulation on the trailing grid (SiD-LSG's untrained re-noising of a one-step generator is ``grid_for(k)``, the
+baseline to report beside them).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class SiD(Method):
         return self.dmd.owner(phase)
 
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
+        self._schedule = nets.student.schedule
         return self.dmd.update_schedule(step, nets)
 
     def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
@@ -117,10 +119,16 @@ class SiD(Method):
         return self.dmd.student_grid()
 
     def grid_for(self, k: int) -> StudentGrid:
-        """A generator samples on the grid it was trained for only."""
-        if k != self.dmd.student_steps:
-            raise ValueError(f"a SiD student samples its trained {self.dmd.student_steps} step(s), not {k}")
-        return self.student_grid()
+        """The trained grid, or for a one-step generator SiD-LSG's untrained multi-step baseline: ``k`` steps that
+        re-noise the clean estimate to ``t_init (1 - i / k)`` (on a discrete teacher's timesteps)."""
+        grid = self.student_grid()
+        if k == grid.steps:
+            return grid
+        if grid.steps != 1 or k < 1:
+            raise ValueError(f"a {grid.steps}-step SiD student samples its trained grid only, not {k} steps")
+        t0 = torch.tensor(grid.times[0], dtype=torch.float64)
+        times = tuple(float(self._schedule.snap(t0 * (1 - i / k))) for i in range(k))
+        return StudentGrid(times=times, transition="renoise")
 
     # ------------------------------------------------------------------------------------------------ phases
     def __call__(self, phase: str, nets: Nets, batch: Batch):
