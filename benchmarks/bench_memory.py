@@ -15,7 +15,8 @@ activations) while its training steps run (``peak_of_steps``; loading the models
 * ``dmd2_lora``: a DMD2 iteration (student phase and fake-score phase, GAN head on) with ``roles.mode: lora``;
 * ``dmd2_full``: the same with ``roles.mode: full`` (a copy of the network per role);
 * ``sid_lora`` / ``sid_full``: a SiD iteration (fake-score phase, then the generator's loss through the inputs of the
-  teacher and the fake score, no GAN term) with LoRA roles / full copies.
+  teacher and the fake score, no GAN term) with LoRA roles / full copies; ``sidseq_*``: the same with
+  ``method.backward: sequential`` (one score network's graph alive at a time).
 
 ``--family sd15`` uses the mid-size random SD1.5-type pipeline of ``bench_family_speed.py`` instead (34M-parameter
 UNet2DConditionModel, 32x32x4 latents, prompt-conditioned, the LoRA targets of ``families.py``); prompts and image
@@ -108,7 +109,7 @@ def peak_of_steps(setup, iters: int, how: str) -> float:
     return (resident + peak) / 2**20
 
 
-MODES = ("lora_finetune", "dmd2_lora", "dmd2_full", "sid_lora", "sid_full")
+MODES = ("lora_finetune", "dmd2_lora", "dmd2_full", "sid_lora", "sid_full", "sidseq_lora", "sidseq_full")
 PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "smoke.txt"
 #: pixel resolution of each teacher (None: the UNet2DModel)
 RESOLUTION = {None: 32, "sd15": 64, "sd15-full": 512}
@@ -160,7 +161,7 @@ def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: floa
            family: str | None = None, base_dtype: str = "float32", method: str = "dmd2") -> dict:
     bf16 = base_dtype == "bfloat16"
     method = ({"name": "dmd2", "student_steps": 1, "gan_weight": gan} if method == "dmd2" else
-              {"name": "sid", "alpha": 1.0})
+              {"name": "sid", "alpha": 1.0, "backward": "sequential" if method == "sidseq" else "joint"})
     return {
         "teacher": {"pretrained": str(folder / "teacher"), **({"resolution": RESOLUTION[family]} if family else {})},
         "method": method,
@@ -187,9 +188,9 @@ def _lora_finetune(mode, folder, batch, rank, ckpt, gan, family, base_dtype):
 
     from stepdistill.data import DataSource
     from stepdistill.lora import UNET2D_TARGETS, AdapterDenoiser, add_adapters
+    from stepdistill.optim import _fusable
     from stepdistill.roles import cast_frozen, enable_gradient_checkpointing
     from stepdistill.teachers import load_pretrained
-    from stepdistill.train import _fusable
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

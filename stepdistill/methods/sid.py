@@ -36,7 +36,11 @@ from ..denoisers import guided
 from ..sampling import StudentGrid
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .dmd import DMD
-from .terms import sid_loss
+from .terms import sid_loss, sid_partials
+
+
+#: how the generator loss reaches the generator (``SiD.backward``)
+BACKWARDS = ("joint", "sequential")
 
 
 def _finite_gradient(grad: torch.Tensor) -> torch.Tensor:
@@ -63,6 +67,11 @@ class SiD(Method):
         fake_score_target: the fake score's denoising target (``eps``: SiD-LSG's; ``None``: its own output).
         backward_simulation: multi-step inputs from the student's own rollout (``DMD``).
         student_prediction: the generator's output parameterisation; ``None`` keeps the teacher's.
+        backward: ``joint`` (one backward through the student, the teacher and the fake score together) or
+            ``sequential``: the teacher's and then the fake score's input gradients are taken one at a time into a
+            detached copy of the generator output (``terms.sid_partials`` gives the loss's partials from a no-grad
+            fake-score pass), then the student's backward runs once; the same gradient, with one score network's
+            graph alive at a time instead of both, for one more fake-score forward.
     """
 
     phases = ("fake_score", "student")
@@ -73,7 +82,9 @@ class SiD(Method):
                  guidance_fake: float = 1.0, guidance_fake_train: float = 1.0, cond_dropout: float | None = None,
                  gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_t_max: float = 1.0,
                  fake_score_target: str | None = "eps", backward_simulation: bool = True,
-                 student_prediction: str | None = None):
+                 student_prediction: str | None = None, backward: str = "joint"):
+        if backward not in BACKWARDS:
+            raise ValueError(f"method.backward must be one of {BACKWARDS}, got {backward!r}")
         if not 0.0 < alpha <= 2.0:
             raise ValueError(f"method.alpha must be in (0, 2], got {alpha}")
         if init_time is not None and not 0.0 < init_time <= 1.0:
@@ -83,6 +94,7 @@ class SiD(Method):
         if cond_dropout is None:
             cond_dropout = 0.1 if guidance_fake_train != 1.0 or guidance_fake != 1.0 else 0.0
         self.alpha, self.guidance_real, self.guidance_fake = alpha, guidance_real, guidance_fake
+        self.backward = backward
         self.dmd = DMD(student_steps=student_steps, conditioning_time=init_time,
                        backward_simulation=backward_simulation, guidance_scale=guidance_real, t_min=t_min,
                        t_max=t_max, time_density=time_density, gan_weight=gan_weight,
@@ -136,26 +148,58 @@ class SiD(Method):
             return self.dmd.fake_score_loss(nets, batch)
         return self.generator_loss(nets, batch)
 
-    def generator_loss(self, nets: Nets, batch: Batch) -> LossOutput:
-        """SiD's generator update (module docstring), plus SiDA's GAN term."""
-        gen, cond, b = batch.generator, batch.cond, batch.size
+    def _draw(self, nets: Nets, batch: Batch):
+        """The generator sample (with its graph), its step ``k``, and the loss's time and noise."""
+        gen, b = batch.generator, batch.size
         shape, device = self.dmd.shape_device(batch)
         noise = torch.randn((b, *shape), generator=gen).to(device)
-        x, k = self.dmd.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
+        x, k = self.dmd.generate(nets.student, noise, batch.cond, gen, data=batch.x0, shared=batch.shared)
         if x.requires_grad:
             x.register_hook(_finite_gradient)
-        sch = nets.teacher.schedule
-        t = self.dmd.times_for(sch, b, self.dmd.t_min, self.dmd.t_max, gen, k).to(device)
-        n = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
-        x_t = sch.add_noise(x, n, t)  # with x's graph: the loss reaches the generator through both networks' inputs
-        real = guided(nets.teacher, x_t, t, cond, self.guidance_real).x0
-        fake = guided(nets["fake_score"], x_t, t, cond, self.guidance_fake).x0
-        sid, logs = sid_loss(x, real, fake, self.alpha)
-        loss = sid
-        logs["loss_sid"] = sid.detach().mean()
+        t = self.dmd.times_for(nets.teacher.schedule, b, self.dmd.t_min, self.dmd.t_max, gen, k).to(device)
+        return x, k, t, torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
+
+    def _scores(self, nets: Nets, x_t, t, cond):
+        return (lambda: guided(nets.teacher, x_t, t, cond, self.guidance_real).x0,
+                lambda: guided(nets["fake_score"], x_t, t, cond, self.guidance_fake).x0)
+
+    def generator_loss(self, nets: Nets, batch: Batch) -> LossOutput:
+        """SiD's generator update (module docstring), plus SiDA's GAN term."""
+        cond, sch = batch.cond, nets.teacher.schedule
+        x, k, t, n = self._draw(nets, batch)
+        if self.backward == "sequential":
+            loss, logs = self._sequential(nets, x, t, n, cond)
+        else:
+            x_t = sch.add_noise(x, n, t)  # with x's graph: the loss reaches the generator through both scores' inputs
+            real, fake = (score() for score in self._scores(nets, x_t, t, cond))
+            loss, logs = sid_loss(x, real, fake, self.alpha)
+        logs["loss_sid"] = logs.pop("loss_value", loss.detach()).mean()
         if self.dmd.gan_weight > 0:
-            gan = self.dmd.gan_term(x, nets, cond, gen, k)
-            loss = sid.mean() + self.dmd.gan_weight * gan.mean()
+            gan = self.dmd.gan_term(x, nets, cond, batch.generator, k)
+            loss = loss.mean() + self.dmd.gan_weight * gan.mean()
             logs["loss_gan"] = gan.detach().mean()
         logs["loss"] = loss.detach().mean()
         return LossOutput(loss, logs)
+
+    def _sequential(self, nets: Nets, x, t, n, cond):
+        """``backward="sequential"``: the loss's gradient with respect to the generator output, ``G = J_r^T dL/dy_r +
+        J_f^T dL/dy_f + dL/dx``, one score network's graph at a time (``torch.autograd.grad`` into a detached copy:
+        input gradients only, the networks' weights are frozen in this phase), then the surrogate ``G . x`` whose
+        gradient through the student is the joint one. The fake score's no-grad pass and its graph pass draw the same
+        dropout masks (``fork_rng``)."""
+        sch, leaf = nets.teacher.schedule, x.detach().requires_grad_(True)
+        real_of, fake_of = self._scores(nets, sch.add_noise(leaf, n, t), t, cond)
+        real = real_of()
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            fake_value = fake_of()
+        g_real, g_fake, g_x, keep = sid_partials(leaf.detach(), real.detach(), fake_value, self.alpha)
+        value, logs = sid_loss(leaf.detach(), real.detach(), fake_value, self.alpha)
+        (grad,) = torch.autograd.grad(real, leaf, grad_outputs=g_real.to(real.dtype))
+        del real
+        _, fake_of = self._scores(nets, sch.add_noise(leaf, n, t), t, cond)
+        fake = fake_of()
+        grad = grad + torch.autograd.grad(fake, leaf, grad_outputs=g_fake.to(fake.dtype))[0] + g_x.to(grad.dtype)
+        surrogate = (grad.detach()[keep] * x[keep]).flatten(1).sum(1)
+        logs["loss_value"] = value
+        return surrogate, logs

@@ -85,6 +85,24 @@ def sid_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, alph
     return loss, {"nan_rows": bad.sum().float(), "score_gap": gap.detach().square().mean()}
 
 
+def sid_partials(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
+                 alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The partial derivatives of ``sid_loss``'s per-sample value with respect to ``y_r``, ``y_f`` and ``x`` (its
+    direct appearance), with ``u = y_r - x``, ``d = y_r - y_f``, ``w = mean|x - y_r|`` held fixed, ``D`` elements:
+
+        dL/dy_r = (u + (1 - 2 alpha) d) / (D w),   dL/dy_f = (2 alpha d - u) / (D w),   dL/dx = -d / (D w)
+
+    and the mask of rows ``sid_loss`` keeps (the dropped rows' partials are 0). What lets SiD back-propagate its two
+    score networks one after the other (``SiD(backward="sequential")``), all without a graph."""
+    keep = ~(torch.isnan(x).flatten(1).any(1) | torch.isnan(real_x0).flatten(1).any(1) |
+             torch.isnan(fake_x0).flatten(1).any(1))
+    shape = (-1, *([1] * (x.ndim - 1)))
+    norm = (x - real_x0).abs().float().mean(_dims(x), keepdim=True).clip(min=1e-5)
+    scale = torch.where(keep.view(shape), 1.0 / (norm * x[0].numel()), torch.zeros_like(norm))
+    u, d = torch.nan_to_num(real_x0 - x), torch.nan_to_num(real_x0 - fake_x0)
+    return (u + (1 - 2 * alpha) * d) * scale, (2 * alpha * d - u) * scale, -d * scale, keep
+
+
 def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
     """``h(r) = f''(r) r^2`` of f-distill for the density ratio ``r = p_real / p_fake`` (reverse KL: 1)."""
     if divergence == "reverse_kl":
