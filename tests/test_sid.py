@@ -75,7 +75,7 @@ def test_the_loss_vanishes_while_the_fake_score_is_the_teacher_and_no_score_weig
     method, nets = trainer.method, trainer.nets
     method.update_schedule(0, nets)
     out = method(phase="student", nets=nets, batch=_generator_batch(trainer))
-    assert float(out.loss.detach().abs().max()) == 0.0  # fake score initialised from the teacher: y_r = y_f exactly
+    assert float(out.loss.detach().abs().max()) < 1e-6  # fake score = teacher: y_r = y_f up to the kernels chosen
     trainer.train()  # both phases run; the loop freezes the fake score during the generator phase
     for p in nets.teacher.parameters():
         assert p.grad is None

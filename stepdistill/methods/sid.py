@@ -166,10 +166,10 @@ class SiD(Method):
     def generator_loss(self, nets: Nets, batch: Batch) -> LossOutput:
         """SiD's generator update (module docstring), plus SiDA's GAN term."""
         cond, sch = batch.cond, nets.teacher.schedule
-        x, k, t, n = self._draw(nets, batch)
         if self.backward == "sequential":
-            loss, logs = self._sequential(nets, x, t, n, cond)
+            x, k, loss, logs = self._sequential(nets, batch)
         else:
+            x, k, t, n = self._draw(nets, batch)
             x_t = sch.add_noise(x, n, t)  # with x's graph: the loss reaches the generator through both scores' inputs
             real, fake = (score() for score in self._scores(nets, x_t, t, cond))
             loss, logs = sid_loss(x, real, fake, self.alpha)
@@ -181,16 +181,21 @@ class SiD(Method):
         logs["loss"] = loss.detach().mean()
         return LossOutput(loss, logs)
 
-    def _sequential(self, nets: Nets, x, t, n, cond):
-        """``backward="sequential"``: the loss's gradient with respect to the generator output, ``G = J_r^T dL/dy_r +
-        J_f^T dL/dy_f + dL/dx``, one score network's graph at a time (``torch.autograd.grad`` into a detached copy:
-        input gradients only, the networks' weights are frozen in this phase), then the surrogate ``G . x`` whose
-        gradient through the student is the joint one. The fake score's no-grad pass and its graph pass draw the same
-        dropout masks (``fork_rng``)."""
-        sch, leaf = nets.teacher.schedule, x.detach().requires_grad_(True)
+    def _sequential(self, nets: Nets, batch: Batch):
+        """``backward="sequential"``: one network's graph alive at a time. The generator sample is drawn without a
+        graph; the loss's gradient with respect to it, ``G = J_r^T dL/dy_r + J_f^T dL/dy_f + dL/dx``, is taken one
+        score network at a time (``torch.autograd.grad`` into a detached copy: input gradients only, their weights are
+        frozen in this phase); then the sample is drawn again, with its graph, from the same random states (the same
+        sample), and the surrogate ``G . x`` carries the joint gradient into the student. Costs a no-grad generator
+        pass and a no-grad fake-score pass more; dropout draws the same masks in each pair (``fork_rng``)."""
+        sch, cond = nets.teacher.schedule, batch.cond
+        states = [g.get_state() for g in (batch.generator, batch.shared) if g is not None]
+        devices = [batch.x0.device] if batch.x0.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            x_value, _, t, n = self._draw(nets, batch)
+        leaf = x_value.requires_grad_(True)
         real_of, fake_of = self._scores(nets, sch.add_noise(leaf, n, t), t, cond)
         real = real_of()
-        devices = [x.device] if x.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             fake_value = fake_of()
         g_real, g_fake, g_x, keep = sid_partials(leaf.detach(), real.detach(), fake_value, self.alpha)
@@ -200,6 +205,9 @@ class SiD(Method):
         _, fake_of = self._scores(nets, sch.add_noise(leaf, n, t), t, cond)
         fake = fake_of()
         grad = grad + torch.autograd.grad(fake, leaf, grad_outputs=g_fake.to(fake.dtype))[0] + g_x.to(grad.dtype)
-        surrogate = (grad.detach()[keep] * x[keep]).flatten(1).sum(1)
+        del fake
+        for g, state in zip((g for g in (batch.generator, batch.shared) if g is not None), states):
+            g.set_state(state)
+        x, k, _, _ = self._draw(nets, batch)
         logs["loss_value"] = value
-        return surrogate, logs
+        return x, k, (grad.detach()[keep] * x[keep]).flatten(1).sum(1), logs
