@@ -189,3 +189,13 @@ def test_the_sequential_backward_gives_the_joint_gradient(tmp_path):
     assert len(grads["joint"]) == len(grads["sequential"]) > 0
     for a, b in zip(grads["joint"], grads["sequential"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_the_regression_warm_up_runs_before_sid_in_its_order():
+    from stepdistill.methods import METHODS
+
+    method = METHODS["sid"](regression_warmup=2)
+    warm, sid = ("regression", "fake_score"), ("fake_score", "student")
+    assert [method.active_phases(s, {}) for s in range(4)] == [warm, warm, sid, sid]
+    assert METHODS["sid"]().active_phases(0, {"student": 2}) == ("fake_score", "student")
+    assert METHODS["sid"]().active_phases(1, {"student": 2}) == ("fake_score",)

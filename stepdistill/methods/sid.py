@@ -67,6 +67,9 @@ class SiD(Method):
         fake_score_target: the fake score's denoising target (``eps``: SiD-LSG's; ``None``: its own output).
         backward_simulation: multi-step inputs from the student's own rollout (``DMD``).
         student_prediction: the generator's output parameterisation; ``None`` keeps the teacher's.
+        regression_warmup: one-step only: steps of regression on cached teacher ODE pairs before SiD starts (DMD2's
+            ODE pretraining, ``DMD``: the generator then starts from the teacher's own noise-to-data map rather than
+            its one-step point mass); num_pairs, pair_sampler, pair_steps, pair_cache: those pairs (``DMD``).
         backward: ``joint`` (one backward through the student, the teacher and the fake score together) or
             ``sequential``: the teacher's and then the fake score's input gradients are taken one at a time into a
             detached copy of the generator output (``terms.sid_partials`` gives the loss's partials from a no-grad
@@ -74,7 +77,8 @@ class SiD(Method):
             graph alive at a time instead of both, for one more fake-score forward.
     """
 
-    phases = ("fake_score", "student")
+    #: ``regression`` runs only during ``regression_warmup`` (``active_phases``)
+    phases = ("fake_score", "student", "regression")
     teacher_grad = True
 
     def __init__(self, *, alpha: float = 1.2, student_steps: int = 1, init_time: float | None = None,
@@ -82,7 +86,9 @@ class SiD(Method):
                  guidance_fake: float = 1.0, guidance_fake_train: float = 1.0, cond_dropout: float | None = None,
                  gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_t_max: float = 1.0,
                  fake_score_target: str | None = "eps", backward_simulation: bool = True,
-                 student_prediction: str | None = None, backward: str = "joint"):
+                 student_prediction: str | None = None, backward: str = "joint", regression_warmup: int = 0,
+                 num_pairs: int = 2048, pair_sampler: str = "ddim", pair_steps: int = 64,
+                 pair_cache: str | None = None):
         if backward not in BACKWARDS:
             raise ValueError(f"method.backward must be one of {BACKWARDS}, got {backward!r}")
         if not 0.0 < alpha <= 2.0:
@@ -100,7 +106,8 @@ class SiD(Method):
                        t_max=t_max, time_density=time_density, gan_weight=gan_weight,
                        gan_critic_weight=gan_critic_weight, gan_t_max=gan_t_max, fake_score_target=fake_score_target,
                        student_prediction=student_prediction, fake_guidance=guidance_fake_train,
-                       cond_dropout=cond_dropout)
+                       cond_dropout=cond_dropout, regression_warmup=regression_warmup, num_pairs=num_pairs,
+                       pair_sampler=pair_sampler, pair_steps=pair_steps, pair_cache=pair_cache)
 
     # ------------------------------------------------------------------------------------------------ interface
     @property
@@ -116,6 +123,12 @@ class SiD(Method):
 
     def owner(self, phase: str) -> str | tuple[str, ...]:
         return self.dmd.owner(phase)
+
+    def active_phases(self, step: int, update_every) -> tuple[str, ...]:
+        """The regression warm-up's phases (``DMD.active_phases``), then SiD's order: fake score, generator."""
+        if step < self.dmd.regression_warmup:
+            return self.dmd.active_phases(step, update_every)
+        return tuple(p for p in super().active_phases(step, update_every) if p != "regression")
 
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
         self._schedule = nets.student.schedule
@@ -146,6 +159,8 @@ class SiD(Method):
     def __call__(self, phase: str, nets: Nets, batch: Batch):
         if phase == "fake_score":
             return self.dmd.fake_score_loss(nets, batch)
+        if phase == "regression":
+            return self.dmd.warmup_loss(nets, batch)
         return self.generator_loss(nets, batch)
 
     def _draw(self, nets: Nets, batch: Batch):
