@@ -1,6 +1,6 @@
 """Training-loop overhead: one iteration against the sum of the network passes it needs, measured in one run.
 
-    python benchmarks/bench_overhead.py [--methods progressive dmd2 lcm scm scm-fd sid] [--iters 6] [--batch 2]
+    python benchmarks/bench_overhead.py [--methods progressive dmd2 lcm scm scm-fd sid sid-seq] [--iters 6] [--batch 2]
                                         [--size mid|full] [--roles full|lora] [--gan-weight 0.003]
 
 On a mid-size random SD1.5-type teacher (``bench_family_speed.mid_pipeline``, 34M-parameter UNet, 32x32 latents) a
@@ -57,9 +57,10 @@ def recipe(method: str, teacher_dir: Path, batch: int, px: int, roles: str = "fu
         return {**common, "method": {"name": "scm", "guidance": 3.0, "tangent_warmup": 0, "x0_source": "teacher",
                                      "num_pairs": 8, "pair_steps": 2,
                                      "jvp": "exact" if method == "scm" else "finite_difference"}}
-    if method == "sid":  # SiD-LSG's step: the fake score's update, then the generator's through both scores' inputs
+    if method in ("sid", "sid-seq"):  # SiD-LSG's step: the critic's update, then the generator's through both scores
         return {**common, "method": {"name": "sid", "alpha": 1.0, "guidance_real": 3.0, "guidance_fake": 3.0,
-                                     "guidance_fake_train": 3.0}}
+                                     "guidance_fake_train": 3.0,
+                                     "backward": "sequential" if method == "sid-seq" else "joint"}}
     if method == "lcm":  # LCM-LoRA's step (recipes/lcm_lora): CFG teacher DDIM step, target = the student, no grad
         return {**common, "method": {"name": "lcm", "teacher_steps": 50, "guidance": [3.0, 3.0], "target_ema": 0.0,
                                      "distance": "huber", "x0_source": "teacher", "num_pairs": 8, "pair_steps": 2}}
