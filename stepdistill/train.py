@@ -27,6 +27,7 @@ from .checkpoints import CheckpointStore, RunError, config_fingerprint, first_li
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
 from .export import check_exportable, check_grid_exportable
 from .families import latents_to_images
+from .methods import method_class
 from .methods.base import loss_terms
 from .optim import check_optimizer, lr_factor, make_lr_schedule, make_optimizer
 from .roles import broadcast_parameters, enable_gradient_checkpointing, frozen, sync_gradients, update_ema
@@ -103,6 +104,10 @@ class Trainer:
         set_seed(r.seed)  # identical initialisation on every rank
         # FSDP2 sharding of the trainable roles (sharding.py): asked for by the recipe or by an accelerate FSDP config
         self.sharded = r.train.fsdp or acc.distributed_type == DistributedType.FSDP
+        if method_class(r.method.name).teacher_grad and self.sharded:  # checked before the roles are built
+            raise ConfigError(f"train.fsdp: {r.method.name} back-propagates through the inputs of other roles, and "
+                              "under FSDP2 the student's root-level parameters then get no gradient (a known bug, "
+                              "docs/experiments/sid.md); train it with DDP (train.fsdp: false)")
         if self.sharded and not torch.distributed.is_initialized():
             raise ConfigError("train.fsdp: sharding needs a multi-process launch (accelerate launch "
                               "--num_processes N, or --config_file recipes/accelerate/fsdp.yaml)")
