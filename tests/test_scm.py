@@ -95,7 +95,7 @@ def test_the_teachers_velocity_is_its_pf_ode_in_the_angle():
 
 def test_times_are_log_normal_in_sigma_and_stay_inside_the_teachers_span():
     method = SCM(p_mean=-1.0, p_std=1.4)
-    method._use_schedule(VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER))
+    method.view.use(VPDiscrete.from_scheduler_config(DEFAULT_SCHEDULER), method.student_steps)
     t = method.draw_times(20000, torch.Generator().manual_seed(0))
     lo, hi = method.view.span
     assert lo <= float(t.min()) and float(t.max()) <= hi and 0 < lo < 0.05 and 0.95 < hi < 1

@@ -80,7 +80,6 @@ class MeanFlow(Method):
         self.clean = CleanSamples(x0_source, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
         self.rf = RectifiedFlow()
         self.view = TimeView(self.rf, "flow_match", transition="flow_map", jvp=jvp, jvp_step=jvp_step)
-        self._grid: StudentGrid | None = None
 
     @property
     def needs_real_data(self) -> str | None:
@@ -94,20 +93,13 @@ class MeanFlow(Method):
         return {"student": RoleSpec(init="teacher", prediction=self.student_prediction, end_time=True)}
 
     # ------------------------------------------------------------------------------------------------ schedule
-    def _use_schedule(self, schedule) -> None:
-        self.view.use(schedule)
-        self._grid = self.grid_for(self.student_steps)
-
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
-        if self._grid is None:
-            self._use_schedule(nets.student.schedule)
+        if self.view.grid is None:
+            self.view.use(nets.student.schedule, self.student_steps)
         return {}
 
     def student_grid(self) -> StudentGrid:
-        if self._grid is None:
-            raise RuntimeError("MeanFlow.student_grid() before prepare() or update_schedule(): the grid needs the "
-                               "schedule")
-        return self._grid
+        return self.view.student_grid()
 
     def grid_for(self, k: int) -> StudentGrid:
         """The trailing ``k``-step grid of flow-map jumps: the student samples at any step count."""
@@ -115,7 +107,7 @@ class MeanFlow(Method):
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
         """The grid and time span; teacher samples when they stand in for data; an ``exact`` JVP tried once."""
-        self._use_schedule(nets.student.schedule)
+        self.view.use(nets.student.schedule, self.student_steps)
         self.clean.prepare(nets.teacher, ctx, who="MeanFlow", guidance=self.guidance)
         self.view.check_exact(nets.student, ctx, {"r": torch.zeros(1, dtype=torch.float64)})
 

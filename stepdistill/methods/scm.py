@@ -105,7 +105,6 @@ class SCM(Method):
         self.trig = TrigFlow(sigma_data=sigma_data)
         self.view = TimeView(self.trig, "trigflow", transition="renoise", jvp=jvp, jvp_step=jvp_step)
         self.r = 0.0 if tangent_warmup else 1.0
-        self._grid: StudentGrid | None = None
         self.dmd = None if dmd is None else DMD(**{"student_steps": student_steps, "guidance_scale": guidance, **dmd})
         self.step = 0
         self.phases = ("student",) if self.dmd is None else ("student", "fake_score")
@@ -145,14 +144,9 @@ class SCM(Method):
         return () if self.dmd is None else self.dmd.begin_step(step, nets)
 
     # ------------------------------------------------------------------------------------------------ schedule
-    def _use_schedule(self, schedule) -> None:
-        """The student grid and the TrigFlow times the backbone reaches, from its own schedule."""
-        self.view.use(schedule)
-        self._grid = self.grid_for(self.student_steps)
-
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
-        if self._grid is None:
-            self._use_schedule(nets.student.schedule)
+        if self.view.grid is None:
+            self.view.use(nets.student.schedule, self.student_steps)
         self.r = min(1.0, step / self.tangent_warmup) if self.tangent_warmup else 1.0
         self.step = step
         if self.dmd is not None:
@@ -160,9 +154,7 @@ class SCM(Method):
         return {"tangent_r": self.r}
 
     def student_grid(self) -> StudentGrid:
-        if self._grid is None:
-            raise RuntimeError("SCM.student_grid() before prepare() or update_schedule(): the grid needs the schedule")
-        return self._grid
+        return self.view.student_grid()
 
     def grid_for(self, k: int) -> StudentGrid:
         """The trailing ``k``-step grid with re-noising: a consistency student samples at any step count."""
@@ -170,7 +162,7 @@ class SCM(Method):
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
         """The grid and time span; teacher samples when they stand in for data; an ``exact`` JVP tried once."""
-        self._use_schedule(nets.student.schedule)
+        self.view.use(nets.student.schedule, self.student_steps)
         self.clean.prepare(nets.teacher, ctx, who="sCM", guidance=self.guidance)
         if self.dmd is not None:
             self.dmd.prepare(nets, ctx)

@@ -41,17 +41,24 @@ class TimeView:
         self.mode, self.step = JVP_MODES[jvp], jvp_step
         self.native: NoiseSchedule | None = None  # the student's own schedule (``use``)
         self.span: tuple[float, float] | None = None  # the view's times the backbone reaches
+        self.grid: StudentGrid | None = None  # the grid the student trains for
 
     def __call__(self, net) -> Reparameterized:
         return Reparameterized(net, self.schedule, prediction=self.prediction)
 
-    def use(self, native: NoiseSchedule) -> None:
-        """Take the student's own schedule: its grid, and the span of view times its backbone was trained on (SD's
-        betas end at TrigFlow angle 1.536; timestep 0 starts at 0.047)."""
+    def use(self, native: NoiseSchedule, steps: int) -> None:
+        """Take the student's own schedule: its ``steps``-step grid, and the span of view times its backbone was
+        trained on (SD's betas end at TrigFlow angle 1.536; timestep 0 starts at 0.047)."""
         self.native = native
         ends = torch.tensor([native.t_min, 1.0], dtype=torch.float64)
         lo, hi = self.schedule.t_from_logsnr(native.logsnr(ends).clamp(max=40.0)).tolist()
         self.span = (lo, hi - 2 * self.step)  # room for the central difference's step along a unit time tangent
+        self.grid = self.grid_for(steps)
+
+    def student_grid(self) -> StudentGrid:
+        if self.grid is None:
+            raise RuntimeError("student_grid() before prepare() or update_schedule(): the grid needs the schedule")
+        return self.grid
 
     def grid_for(self, k: int) -> StudentGrid:
         """The teacher's trailing ``k``-step grid: these students sample at any step count."""
