@@ -626,8 +626,7 @@ class Reparameterized(Denoiser):
         x_in = (x_t.double() * scale.view(-1, *([1] * (x_t.ndim - 1)))).to(x_t.dtype)
         if cond is not None and "r" in cond:  # a flow-map end time: the inner schedule's time too (0 stays 0)
             r = torch.as_tensor(cond["r"], dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
-            inner_r = _MappedTime.apply(r.clamp(min=1e-12), self.schedule, self.inner.schedule)
-            cond = {**cond, "r": torch.where(r > 0, inner_r, torch.zeros_like(r))}
+            cond = {**cond, "r": torch.where(r > 0, self.inner_time(r.clamp(min=1e-12)), torch.zeros_like(r))}
         pred = self.inner(x_in, t_in, cond)
         return Prediction(pred.x0_64, pred.eps_64, Coefficients.at(self.schedule, t, x_t), x_t.dtype)
 

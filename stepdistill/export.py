@@ -39,6 +39,8 @@ from .mixture import data_range
 from .parameterization import OURS_TO_DIFFUSERS
 from .sampling import StudentGrid
 from .schedules import VPDiscrete
+from .transitions import DDIM
+from .transitions import transition as transition_of
 
 
 #: the single-file pipelines (``pipelines/`` in the source tree, ``stepdistill/pipelines`` in a wheel)
@@ -195,12 +197,11 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
         "call": {"num_inference_steps": grid.steps},
         "sample_shape": list(teacher.sample_shape),
         "data": "vector" if vector else "image",
-        "output": "DDPMPipeline returns (x / 2 + 0.5).clamp(0, 1); x = 2 * output - 1 recovers the sample"
+        "output": f"{type(pipe).__name__} returns (x / 2 + 0.5).clamp(0, 1); x = 2 * output - 1 recovers the sample"
                   + ("; vector samples come as [B, 1, 1, D] arrays" if vector else ""),
     }
     if custom is not None:
         fields.update(custom_pipeline=f"{custom}.py", pipeline_class=type(pipe).__name__)
-        fields["output"] = fields["output"].replace("DDPMPipeline", type(pipe).__name__)
     data_map = getattr(teacher, "data_map", None)
     if data_map is not None and not data_map.identity:  # teacher.gmm.normalize: the data's own coordinates back
         fields["data_map"] = data_map.config()
@@ -567,8 +568,8 @@ _MOVES = {"ddim": "deterministic jumps, no added noise", "renoise": "denoise, th
 
 
 def _stochastic(meta: dict) -> bool:
-    config = meta.get("transition_config") or {"name": meta.get("transition", "ddim")}
-    return config["name"] not in ("ddim", "flow_map") and config.get("gamma", 1.0) > 0
+    move = transition_of(meta.get("transition_config") or meta.get("transition", "ddim"))
+    return not isinstance(move, DDIM) and getattr(move, "gamma", 1.0) > 0  # DDIM and flow-map jumps add no noise
 
 
 def card_with_metrics(pipeline_dir: Path, metrics: dict) -> None:

@@ -174,9 +174,13 @@ class SiD(Method):
         t = self.dmd.times_for(nets.teacher.schedule, b, self.dmd.t_min, self.dmd.t_max, gen, k).to(device)
         return x, k, t, torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
 
-    def _scores(self, nets: Nets, x_t, t, cond):
-        return (lambda: guided(nets.teacher, x_t, t, cond, self.guidance_real).x0,
-                lambda: guided(nets["fake_score"], x_t, t, cond, self.guidance_fake).x0)
+    def _real(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
+        """``y_r``: the teacher's x0 with CFG kappa_4."""
+        return guided(nets.teacher, x_t, t, cond, self.guidance_real).x0
+
+    def _fake(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
+        """``y_f``: the fake score's x0 with CFG kappa_2."""
+        return guided(nets["fake_score"], x_t, t, cond, self.guidance_fake).x0
 
     def generator_loss(self, nets: Nets, batch: Batch) -> LossOutput:
         """SiD's generator update (module docstring), plus SiDA's GAN term."""
@@ -186,8 +190,7 @@ class SiD(Method):
         else:
             x, k, t, n = self._draw(nets, batch)
             x_t = sch.add_noise(x, n, t)  # with x's graph: the loss reaches the generator through both scores' inputs
-            real, fake = (score() for score in self._scores(nets, x_t, t, cond))
-            loss, logs = sid_loss(x, real, fake, self.alpha)
+            loss, logs = sid_loss(x, self._real(nets, x_t, t, cond), self._fake(nets, x_t, t, cond), self.alpha)
         logs["loss_sid"] = logs.pop("loss_value", loss.detach()).mean()
         if self.dmd.gan_weight > 0:
             gan = self.dmd.gan_term(x, nets, cond, batch.generator, k)
@@ -209,16 +212,15 @@ class SiD(Method):
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             x_value, _, t, n = self._draw(nets, batch)
         leaf = x_value.requires_grad_(True)
-        real_of, fake_of = self._scores(nets, sch.add_noise(leaf, n, t), t, cond)
-        real = real_of()
+        x_t = sch.add_noise(leaf, n, t)
+        real = self._real(nets, x_t, t, cond)
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            fake_value = fake_of()
+            fake_value = self._fake(nets, x_t, t, cond)
         g_real, g_fake, g_x, keep = sid_partials(leaf.detach(), real.detach(), fake_value, self.alpha)
         value, logs = sid_loss(leaf.detach(), real.detach(), fake_value, self.alpha)
         (grad,) = torch.autograd.grad(real, leaf, grad_outputs=g_real.to(real.dtype))
         del real
-        _, fake_of = self._scores(nets, sch.add_noise(leaf, n, t), t, cond)
-        fake = fake_of()
+        fake = self._fake(nets, sch.add_noise(leaf, n, t), t, cond)  # x_t's graph went with the teacher's gradient
         grad = grad + torch.autograd.grad(fake, leaf, grad_outputs=g_fake.to(fake.dtype))[0] + g_x.to(grad.dtype)
         del fake
         for g, state in zip((g for g in (batch.generator, batch.shared) if g is not None), states):

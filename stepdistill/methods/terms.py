@@ -63,6 +63,16 @@ def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
     return loss, {"dm_grad_norm": grad.detach().flatten(1).norm(dim=1).mean()}
 
 
+def _sid_rows(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows SiD keeps (no NaN in ``x``, ``y_r`` or ``y_f``) and its detached weight's denominator
+    ``mean|x - y_r|`` per row, in float32 and clipped at 1e-5 as the official code computes it."""
+    keep = ~(torch.isnan(x).flatten(1).any(1) | torch.isnan(real_x0).flatten(1).any(1) |
+             torch.isnan(fake_x0).flatten(1).any(1))
+    with torch.no_grad():
+        norm = (x.detach() - real_x0.detach()).abs().float().mean(_dims(x), keepdim=True).clip(min=1e-5)
+    return keep, norm
+
+
 def sid_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict]:
     """SiD's generator loss (Zhou et al. 2024, Eq. 9 / the official ``SID_EDMLoss.generator_loss``) per sample:
 
@@ -75,14 +85,11 @@ def sid_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, alph
     ``y_f`` are dropped, as the official code does. The product is averaged over a sample's elements (the official
     code sums them; the mean puts it on ``dm_loss``'s scale, and Adam does not see the constant). Returns the loss of
     the kept rows and logs (``nan_rows``: how many were dropped)."""
-    bad = torch.isnan(x).flatten(1).any(1) | torch.isnan(real_x0).flatten(1).any(1) | \
-        torch.isnan(fake_x0).flatten(1).any(1)
-    x, real_x0, fake_x0 = x[~bad], real_x0[~bad], fake_x0[~bad]
-    with torch.no_grad():
-        norm = (x.detach() - real_x0.detach()).abs().float().mean(_dims(x), keepdim=True).clip(min=1e-5)
+    keep, norm = _sid_rows(x, real_x0, fake_x0)
+    x, real_x0, fake_x0, norm = x[keep], real_x0[keep], fake_x0[keep], norm[keep]
     gap = real_x0 - fake_x0
     loss = (gap * ((real_x0 - x) - alpha * gap) / norm).mean(_dims(x))
-    return loss, {"nan_rows": bad.sum().float(), "score_gap": gap.detach().square().mean()}
+    return loss, {"nan_rows": (~keep).sum().float(), "score_gap": gap.detach().square().mean()}
 
 
 def sid_partials(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
@@ -94,10 +101,8 @@ def sid_partials(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
 
     and the mask of rows ``sid_loss`` keeps (the dropped rows' partials are 0). What lets SiD back-propagate its two
     score networks one after the other (``SiD(backward="sequential")``), all without a graph."""
-    keep = ~(torch.isnan(x).flatten(1).any(1) | torch.isnan(real_x0).flatten(1).any(1) |
-             torch.isnan(fake_x0).flatten(1).any(1))
+    keep, norm = _sid_rows(x, real_x0, fake_x0)
     shape = (-1, *([1] * (x.ndim - 1)))
-    norm = (x - real_x0).abs().float().mean(_dims(x), keepdim=True).clip(min=1e-5)
     scale = torch.where(keep.view(shape), 1.0 / (norm * x[0].numel()), torch.zeros_like(norm))
     u, d = torch.nan_to_num(real_x0 - x), torch.nan_to_num(real_x0 - fake_x0)
     return (u + (1 - 2 * alpha) * d) * scale, (2 * alpha * d - u) * scale, -d * scale, keep
