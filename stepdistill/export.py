@@ -48,6 +48,10 @@ PIPELINES = next((p for p in (Path(__file__).resolve().parent / "pipelines",
                               Path(__file__).resolve().parent.parent / "pipelines") if p.is_dir()), None)
 
 
+#: the most experts ``pipelines/experts.py`` holds (its ``unet``, ``unet_1`` .. ``unet_7`` components)
+EXPERTS_MAX = 8
+
+
 class ExportError(ValueError):
     """The student cannot be expressed by a stock pipeline; the message says why."""
 
@@ -157,6 +161,14 @@ def check_grid_exportable(student: Denoiser, teacher, grid: StudentGrid) -> None
     """Refuse, before training, a grid on a discrete VP teacher that the export cannot replay: no stock scheduler
     reproduces it, or its transition's own pipeline (``pipelines/``) does not fit the student."""
     schedule = teacher.denoiser.schedule
+    experts = len(grid.roles())
+    if experts > 1 and (teacher.family is not None or grid.transition.pipeline is not None):
+        raise ExportError(f"export: a student of {experts} experts runs in pipelines/experts.py, written for "
+                          f"UNet2DModel students with stock transitions, not "
+                          f"{teacher.family.name if teacher.family else grid.transition}; set export.pipeline: "
+                          "false (the checkpoints hold every expert) or method.experts: shared")
+    if experts > EXPERTS_MAX:
+        raise ExportError(f"export: pipelines/experts.py holds at most {EXPERTS_MAX} experts, not {experts}")
     if not isinstance(schedule, VPDiscrete):
         return
     timesteps = grid_timesteps(schedule, grid)
@@ -181,7 +193,15 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     _check_renoise_prediction(student, grid)
     timesteps = grid_timesteps(schedule, grid)
     custom = grid.transition.pipeline
-    if custom is None:
+    if len(grid.roles()) > 1:  # one UNet per phase, switched by timestep: the stock scheduler, its own pipeline
+        custom = "experts"
+        scheduler, _ = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps,
+                                         call_timesteps=False)
+        unets = [student.experts[role].plain_backbone().float().eval() for role in grid.roles()]
+        starts = [timesteps[grid.experts.index(role)] for role in grid.roles()[1:]]
+        pipe = custom_pipeline_class(custom)(unet=unets[0], scheduler=scheduler, expert_from=starts,
+                                             **{f"unet_{k}": u for k, u in enumerate(unets[1:], 1)})
+    elif custom is None:
         scheduler, _ = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps,
                                          call_timesteps=False)
         pipe = DDPMPipeline(unet=student.plain_backbone().float().eval(), scheduler=scheduler)
@@ -202,6 +222,10 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     }
     if custom is not None:
         fields.update(custom_pipeline=f"{custom}.py", pipeline_class=type(pipe).__name__)
+    if custom == "experts":
+        fields["experts"] = {"roles": list(grid.roles()), "components": ["unet"] + [f"unet_{k}" for k in
+                                                                                     range(1, len(unets))],
+                             "expert_from": starts}
     data_map = getattr(teacher, "data_map", None)
     if data_map is not None and not data_map.identity:  # teacher.gmm.normalize: the data's own coordinates back
         fields["data_map"] = data_map.config()
@@ -519,8 +543,9 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         f"Distilled with stepdistill from `{meta['teacher_source']}` by {meta['method']} distillation. The scheduler "
         "config" + (", with the `call` arguments below," if set(meta["call"]) & {"sigmas", "timesteps"} else "")
         + " encodes the student grid, so the " + (
-            f"folder's own pipeline (`{meta['custom_pipeline']}`, `{meta['pipeline_class']}`: no stock pipeline "
-            "passes the second time this student takes; diffusers runs it with `trust_remote_code=True`)"
+            f"folder's own pipeline (`{meta['custom_pipeline']}`, `{meta['pipeline_class']}`: "
+            f"{_WHY_CUSTOM.get(meta['custom_pipeline'], 'no stock pipeline runs this student')}; diffusers runs it "
+            "with `trust_remote_code=True`)"
             if meta.get("custom_pipeline") else "stock pipeline") + " runs it as trained.",
         "",
         "```python",
@@ -561,6 +586,10 @@ def _data_map_lines(meta: dict) -> list[str]:
             "```"]
 
 
+#: why an export carries its own pipeline file, by file
+_WHY_CUSTOM = {"flow_map.py": "no stock pipeline passes the second time this student takes",
+               "experts.py": "a stock pipeline holds one network, and this student has one per phase of its grid"}
+
 _MOVES = {"ddim": "deterministic jumps, no added noise", "renoise": "denoise, then re-noise with fresh noise",
           "cm": "denoise, then re-noise to the consistency model's noise level",
           "tcd": "TCD's strategic stochastic sampling, `eta` in the call",
@@ -588,10 +617,17 @@ def load_exported_student(pipeline_dir: Path, teacher) -> tuple[Denoiser, Studen
     from .denoisers import UNet2DDenoiser
     from .parameterization import DIFFUSERS_PREDICTION
 
+    from .sampling import Piecewise
+
     meta = json.loads((Path(pipeline_dir) / "stepdistill.json").read_text())
-    unet = UNet2DModel.from_pretrained(Path(pipeline_dir) / "unet").eval()
-    schedule = teacher.denoiser.schedule
-    student = UNet2DDenoiser(unet, schedule, DIFFUSERS_PREDICTION[meta["prediction_type"]])
+    schedule, prediction = teacher.denoiser.schedule, DIFFUSERS_PREDICTION[meta["prediction_type"]]
+    experts = meta.get("experts") or {"roles": ["student"], "components": ["unet"], "expert_from": []}
+    nets = {role: UNet2DDenoiser(UNet2DModel.from_pretrained(Path(pipeline_dir) / folder).eval(), schedule,
+                                 prediction) for role, folder in zip(experts["roles"], experts["components"])}
     times = tuple(float(v) for v in schedule.index_to_t(torch.tensor(meta["timesteps"], dtype=torch.float64)))
     transition = meta.get("transition_config") or meta.get("transition", "ddim")
-    return student, StudentGrid(times=times, transition=transition), meta
+    if len(nets) == 1:
+        return next(iter(nets.values())), StudentGrid(times=times, transition=transition), meta
+    owners = tuple(experts["roles"][sum(t <= b for b in experts["expert_from"])] for t in meta["timesteps"])
+    grid = StudentGrid(times=times, transition=transition, experts=owners)
+    return Piecewise(nets, grid), grid, meta

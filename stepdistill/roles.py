@@ -57,13 +57,14 @@ def check_specs(specs: dict[str, RoleSpec]) -> None:
                                  "network; an EMA follows a denoiser role")
 
 
-def with_recipe_roles(specs: dict[str, RoleSpec], ema_decay: float,
-                      emas: dict[str, dict] | None = None) -> dict[str, RoleSpec]:
-    """The method's roles plus the EMAs the recipe asks for: ``student_ema`` (``train.ema_decay``), the EMA that
-    samples and exports use (``export.use_ema``), unless the method declares it itself; and ``roles.ema``."""
+def with_recipe_roles(specs: dict[str, RoleSpec], ema_decay: float, emas: dict[str, dict] | None = None,
+                      sampling: tuple[str, ...] = ("student",)) -> dict[str, RoleSpec]:
+    """The method's roles plus the EMAs the recipe asks for: ``<role>_ema`` of every role that samples (``sampling``:
+    the student, or each phase's expert) at ``train.ema_decay``, the EMAs that samples and exports use
+    (``export.use_ema``), unless the method declares them itself; and ``roles.ema``."""
     specs = dict(specs)
-    if ema_decay > 0 and "student_ema" not in specs:
-        specs["student_ema"] = RoleSpec(ema_of="student", decay=ema_decay)
+    for role in sampling if ema_decay > 0 else ():
+        specs.setdefault(f"{role}_ema", RoleSpec(ema_of=role, decay=ema_decay))
     for name, settings in (emas or {}).items():
         if name in specs:
             raise ValueError(f"roles.ema.{name}: the method already has a role of that name")

@@ -98,7 +98,7 @@ def build_run(recipe: Recipe, *, is_main_process: bool = True, wait_for_everyone
     except (TypeError, ValueError) as err:
         raise method_error(err) from None
     try:
-        specs = with_recipe_roles(method.roles(), recipe.train.ema_decay, recipe.roles.ema)
+        specs = with_recipe_roles(method.roles(), recipe.train.ema_decay, recipe.roles.ema, method.sampling_roles())
         keep = method.sampling_roles() if sampling_only else tuple(specs)
         built = {k: s for k, s in specs.items() if k in keep or s.ema_of in keep}
         student_init = effective_student_init(teacher, recipe.student.init)

@@ -239,7 +239,7 @@ class Trainer:
             params = list(self.nets[role].trainable_parameters())
             if acc.num_processes > 1 and not self.sharded:
                 broadcast_parameters(params)
-            cfg = r.optim.get(role, OptimizerConfig())
+            cfg = r.optim.get(role) or r.optim.get(specs[role].optim_of) or OptimizerConfig()
             try:
                 self.optimizers[role] = make_optimizer(params, cfg, role)
             except ValueError as err:

@@ -46,6 +46,8 @@ class RoleSpec:
         halflife: EMA half-life in source updates (``decay = 0.5 ** (1 / halflife)``), optionally ramped up as EDM
             does (``rampup``: the half-life is at most ``rampup`` times the updates made so far).
         rampup: see ``halflife``.
+        optim_of: the role whose ``optim.<role>`` recipe settings this one takes when the recipe names none for it
+            (phased DMD's per-phase experts train like the student).
         build: ``build(nets) -> nn.Module``, for networks that are not backbone copies (a GAN head on another role's
             features, an MLP, a feature network); ``nets`` holds the roles built so far. Any ``nn.Module`` works;
             it is trained, checkpointed and sharded like the other roles.
@@ -62,6 +64,7 @@ class RoleSpec:
     halflife: float | None = None
     rampup: float | None = None
     build: Callable[[Nets], nn.Module] | None = None
+    optim_of: str | None = None
 
     def __post_init__(self):
         if self.ema_of is not None:

@@ -9,6 +9,7 @@ from .base import Batch, LossOutput, Method, Nets, RoleSpec
 from .consistency import Consistency
 from .dmd import DMD
 from .meanflow import MeanFlow
+from .phased_dmd import PhasedDMD
 from .progressive import ProgressiveDistillation
 from .scm import SCM
 from .sid import SiD
@@ -29,6 +30,8 @@ METHODS = {
     "dmd2": DMD,
     # MeanFlow: the average velocity u(z, r, t) of the teacher's flow, by its JVP identity (one- and two-step jumps)
     "meanflow": MeanFlow,
+    # phased DMD: DMD per SNR phase of a deterministic few-step grid, an expert and a critic per phase
+    "phased_dmd": PhasedDMD,
     "progressive": ProgressiveDistillation,
     # rCM: sCM with DMD's distribution-matching loss (and its fake score) as a regulariser after the warm-up
     "rcm": functools.partial(SCM, dmd={}),
@@ -53,5 +56,5 @@ def method_parameters(name: str) -> dict[str, tuple[object, object]]:
     return {k: (hints.get(k, typing.Any), p.default) for k, p in sig.parameters.items()}
 
 
-__all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "MeanFlow", "Method", "Nets", "RoleSpec",
+__all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "MeanFlow", "Method", "Nets", "PhasedDMD", "RoleSpec",
            "ProgressiveDistillation", "SCM", "SiD", "method_class", "method_parameters"]

@@ -6,6 +6,8 @@ them with their own roles, times and weights.
 * ``sid_loss``: SiD's generator loss, through the inputs of the teacher and the fake score;
 * ``density_ratio_weight``: f-distill's per-sample weight of the DM gradient from a discriminator's logits;
 * ``denoising_loss``: the score-matching loss that trains a fake score (critic) on generator samples;
+* ``subinterval_target``: the denoising target of a critic whose "data" are noisy intermediate samples ``x_s``
+  (phased DMD's subinterval score matching); at ``s = 0`` the ordinary one;
 * ``gan_generator_loss`` / ``gan_critic_loss``: the non-saturating GAN term of DMD2 (and SiDA), on logits of one or
   several discriminator heads;
 * ``regression_loss``: a distance between a student output and a teacher target (DMD v1's ODE-pair regression;
@@ -27,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..parameterization import Prediction, from_x0_eps
-from ..schedules import KarrasGrid, UniformIndex, UniformTime, VPDiscrete
+from ..schedules import KarrasGrid, UniformIndex, UniformTime, VPDiscrete, _bcast
+from ..transitions import noise_travel
 
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js")
@@ -142,6 +145,31 @@ def denoising_loss(pred: Prediction, x0: torch.Tensor, eps: torch.Tensor, kind: 
     float64 (DMD2's ``compute_loss_fake``: eps on SD; the network's own output is the teacher's training loss)."""
     target = from_x0_eps(kind, x0.double(), eps.double(), pred.coeffs)
     return ((pred.get(kind, exact=True) - target) ** 2).mean(_dims(x0)).float()
+
+
+def subinterval_target(x_s: torch.Tensor, schedule, s, t: torch.Tensor,
+                       noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Subinterval score matching (Phased DMD, Fan et al. 2025; METHODS.md §6): ``x_s`` are samples at time ``s``
+    (a phase's end, not clean data), noised forward to ``t > s`` by the kernel ``q(x_t | x_s)`` (``noise_travel``):
+
+        x_t = (a_t / a_s) x_s + beta n,   beta^2 = s_t^2 - (a_t / a_s)^2 s_s^2,   grad log q(x_t | x_s) = -n / beta
+
+    By Vincent's identity the network whose score regresses onto ``-n / beta`` learns the score of the marginal of
+    ``x_s``'s distribution at ``t``. Read in the network's (global) parameterisation, score = ``-eps / s_t``:
+
+        eps* = s_t n / beta,   x0* = (x_t - s_t eps*) / a_t
+
+    which is ``(x_s, n)`` at ``s = 0`` (ordinary denoising) and, for a rectified flow (a = 1 - sigma, s = sigma), gives
+    the official code's ``phased_velocity_target`` as ``eps* - x0*``. Any schedule works: the pair is consistent
+    (``x_t = a_t x0* + s_t eps*``), so ``denoising_loss(pred, x0*, eps*, kind)`` takes it in any parameterisation.
+    ``s`` is a scalar or ``[B]``; returns ``(x_t, x0*, eps*)`` in float64."""
+    x_s, noise = x_s.double(), noise.double()
+    x_t = noise_travel(x_s, schedule, s, t, noise)
+    a_t, s_t = _bcast(schedule.alpha(t), x_s), _bcast(schedule.sigma(t), x_s)
+    a_s, s_s = _bcast(schedule.alpha(s), x_s), _bcast(schedule.sigma(s), x_s)
+    beta = (s_t**2 - (a_t / a_s) ** 2 * s_s**2).sqrt()
+    eps = s_t * noise / beta
+    return x_t, (x_t - s_t * eps) / a_t, eps
 
 
 # ---------------------------------------------------------------------------------------------------------------
