@@ -616,7 +616,6 @@ def load_exported_student(pipeline_dir: Path, teacher) -> tuple[Denoiser, Studen
 
     from .denoisers import UNet2DDenoiser
     from .parameterization import DIFFUSERS_PREDICTION
-
     from .sampling import Piecewise
 
     meta = json.loads((Path(pipeline_dir) / "stepdistill.json").read_text())

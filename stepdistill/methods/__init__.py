@@ -56,5 +56,5 @@ def method_parameters(name: str) -> dict[str, tuple[object, object]]:
     return {k: (hints.get(k, typing.Any), p.default) for k, p in sig.parameters.items()}
 
 
-__all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "MeanFlow", "Method", "Nets", "PhasedDMD", "RoleSpec",
-           "ProgressiveDistillation", "SCM", "SiD", "method_class", "method_parameters"]
+__all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "MeanFlow", "Method", "Nets", "PhasedDMD",
+           "RoleSpec", "ProgressiveDistillation", "SCM", "SiD", "method_class", "method_parameters"]

@@ -3,10 +3,10 @@
 Followed: METHODS.md §6 and ModelTC/LightX2V ``lightx2v_train/trainers/phased_dmd`` (``math.py``, ``rollout.py``,
 ``trainer.py``), the authors' organisation's two-region implementation, generalised to K phases and any schedule.
 
-The student's grid of N deterministic (DDIM) steps is cut into K phases at grid times ``1 >= t_0 > t_1 > ... > t_K = 0``
-(``phase_boundaries`` or an even split); phase k takes the steps from ``t_k`` down to ``t_{k+1}``, with its own expert
-G_k (``experts: per_phase``) or one shared student, and its own fake score F_k (``fake_scores: per_phase``). For
-phase k, per training step:
+The student's grid of N deterministic (DDIM) steps is cut into K phases at grid times
+``1 >= t_0 > t_1 > ... > t_K = 0`` (``phase_boundaries`` or an even split); phase k takes the steps from ``t_k``
+down to ``t_{k+1}``, with its own expert G_k (``experts: per_phase``) or one shared student, and its own fake score F_k
+(``fake_scores: per_phase``). For phase k, per training step:
 
     rollout:  x_j = the no-grad rollout of the earlier experts from pure noise to step j ~ U{steps of phase k}
               (SGTS restricted to the phase), then p = G_k(x_j, t_j) with its graph
@@ -17,9 +17,9 @@ phase k, per training step:
     critic:   F_k trained on the detached anchor by subinterval score matching (``terms.subinterval_target``),
               t drawn alike
 
-Why the loss sits on ``x0_p`` and not on the anchor (as the official code does): ``x_s`` depends on ``x0_p`` through the
-positive scalar ``a_s - s_s a_j / s_j`` (``x_j`` is fixed), so the gradient direction is the same and DMD's per-sample
-normaliser absorbs the scale. Why matching at ``t > s`` suffices: the marginal at ``t`` of ``x_s`` noised forward is the
+The loss sits on ``x0_p``, as in the official code, not on the anchor: ``x_s`` depends on ``x0_p`` through the positive
+scalar ``a_s - s_s a_j / s_j`` (``x_j`` is fixed), so the gradient direction is the same and DMD's per-sample
+normaliser absorbs the scale. Matching at ``t > s`` suffices: the marginal at ``t`` of ``x_s`` noised forward is the
 teacher's ``p_t`` exactly when ``x_s ~ p_s``; the critic never sees ``t`` at or below ``s`` (the margin keeps
 ``1 / beta`` of its target finite).
 
@@ -28,8 +28,11 @@ student's ``train.update_every`` ratio (one student update of a phase, then ``ev
 LightX2V's ``fake_update_ratio``), or ``all`` phases every step. The loop's phases are ``student@k`` and
 ``fake_score@k``; ``train.update_every`` names them ``student`` and ``fake_score``.
 
-Departures, written down: the official low region also alternates between Wan 2.2's two teacher experts (our teacher
-is one network); its optional ``fake_low_high`` critic is not built; no GAN term.
+Departures, written down: the critic trains on the anchors the DM loss queries it around (the student phase's own,
+detached, as DMD2's critic trains on the backward-simulation step's output), where the official critic trains on the
+state of a full no-grad rollout at the boundary: the DM gradient needs the score of the distribution it moves. The
+official low region also alternates between Wan 2.2's two teacher experts (our teacher is one network); its optional
+``fake_low_high`` critic is not built; no GAN term.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ class PhasedDMD(Method):
             student grid (the official config's check), e.g. ``[0.5]`` for two phases of a 4-step student.
         experts: ``per_phase`` (phase k's own student ``student_k``; ``student`` is phase 0's) or ``shared`` (one
             student for every phase, exported like any few-step student).
-        fake_scores: ``per_phase`` (``fake_score_k``, the paper's F_k; ``fake_score`` is phase 0's) or ``shared`` (one time-conditioned critic: the
-            phases' bands are disjoint, so it models each phase's output on its own band).
+        fake_scores: ``per_phase`` (``fake_score_k``, the paper's F_k; ``fake_score`` is phase 0's) or ``shared``
+            (one time-conditioned critic: the phases' bands are disjoint, so it models each phase's output on its own
+            band).
         schedule: ``alternate`` (one phase per block of steps, the official trainer) or ``all`` (every phase every
             step).
         guidance_scale: CFG scale of the teacher inside the DM loss (1: none; LightX2V ``guidance_distill`` 6.0).
