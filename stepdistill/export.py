@@ -48,17 +48,17 @@ PIPELINES = next((p for p in (Path(__file__).resolve().parent / "pipelines",
                               Path(__file__).resolve().parent.parent / "pipelines") if p.is_dir()), None)
 
 
-#: the most experts ``pipelines/experts.py`` holds (its ``unet``, ``unet_1`` .. ``unet_7`` components)
-EXPERTS_MAX = 8
+#: the most experts ``pipelines/experts.py`` holds (the stock component, then ``<component>_1`` .. ``_3``)
+EXPERTS_MAX = 4
 
 
 class ExportError(ValueError):
     """The student cannot be expressed by a stock pipeline; the message says why."""
 
 
-def custom_pipeline_class(name: str):
-    """The ``DiffusionPipeline`` subclass defined in ``pipelines/<name>.py``, imported from the file (what diffusers'
-    ``trust_remote_code`` loading does with the copy in an exported folder)."""
+def custom_pipeline_class(name: str, class_name: str | None = None):
+    """The ``DiffusionPipeline`` subclass ``class_name`` (``None``: the only one) defined in ``pipelines/<name>.py``,
+    imported from the file (what diffusers' ``trust_remote_code`` loading does with the copy in an exported folder)."""
     from diffusers import DiffusionPipeline
 
     path = None if PIPELINES is None else PIPELINES / f"{name}.py"
@@ -68,10 +68,36 @@ def custom_pipeline_class(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     found = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, DiffusionPipeline)
-             and v.__module__ == module.__name__]
+             and v.__module__ == module.__name__ and (class_name is None or v.__name__ == class_name)]
     if len(found) != 1:
-        raise ExportError(f"export: pipelines/{name}.py must define exactly one DiffusionPipeline, found {found}")
+        raise ExportError(f"export: pipelines/{name}.py must define exactly one DiffusionPipeline"
+                          f"{'' if class_name is None else ' named ' + class_name}, found {found}")
     return found[0]
+
+
+def _with_experts(pipe, student: Denoiser, grid: StudentGrid, fields: dict):
+    """A student of several experts (``StudentGrid.experts``): the stock ``pipe`` (expert 0's backbone in it) rebuilt
+    as its ``pipelines/experts.py`` counterpart holding every expert's backbone (LoRA experts merged, each a copy) and
+    the scheduler timestep at which each takes over, read from the scheduler as the pipeline will run it."""
+    roles = grid.roles()
+    if len(roles) == 1:
+        return pipe
+    name = "unet" if isinstance(pipe.components.get("unet"), torch.nn.Module) else "transformer"
+    stock = type(pipe).__name__
+    cls = custom_pipeline_class("experts", f"Experts{stock.removesuffix('Pipeline')}Pipeline"
+                                if stock != "DDPMPipeline" else "ExpertsPipeline")
+    call = fields["call"]
+    if "sigmas" in call:
+        pipe.scheduler.set_timesteps(sigmas=call["sigmas"])
+        ran = pipe.scheduler.timesteps.tolist()
+    else:
+        ran = replay(pipe.scheduler, grid.steps, call)
+    starts = [float(ran[grid.experts.index(role)]) for role in roles[1:]]
+    experts = {f"{name}_{k}": student.experts[role].plain_backbone().float().eval()
+               for k, role in enumerate(roles[1:], 1)}
+    fields.update(custom_pipeline="experts.py", pipeline_class=cls.__name__,
+                  experts={"roles": list(roles), "components": [name, *experts], "expert_from": starts})
+    return cls(**pipe.components, **experts, expert_from=starts)
 
 
 def _scheduler_candidates(teacher_scheduler_config: dict, prediction: str, grid: StudentGrid, timesteps: list[int]):
@@ -162,11 +188,10 @@ def check_grid_exportable(student: Denoiser, teacher, grid: StudentGrid) -> None
     reproduces it, or its transition's own pipeline (``pipelines/``) does not fit the student."""
     schedule = teacher.denoiser.schedule
     experts = len(grid.roles())
-    if experts > 1 and (teacher.family is not None or grid.transition.pipeline is not None):
-        raise ExportError(f"export: a student of {experts} experts runs in pipelines/experts.py, written for "
-                          f"UNet2DModel students with stock transitions, not "
-                          f"{teacher.family.name if teacher.family else grid.transition}; set export.pipeline: "
-                          "false (the checkpoints hold every expert) or method.experts: shared")
+    if experts > 1 and grid.transition.pipeline is not None:
+        raise ExportError(f"export: a student of {experts} experts runs in pipelines/experts.py, which steps stock "
+                          f"schedulers, not {grid.transition} jumps; set export.pipeline: false (the checkpoints "
+                          "hold every expert) or method.experts: shared")
     if experts > EXPERTS_MAX:
         raise ExportError(f"export: pipelines/experts.py holds at most {EXPERTS_MAX} experts, not {experts}")
     if not isinstance(schedule, VPDiscrete):
@@ -193,18 +218,10 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     _check_renoise_prediction(student, grid)
     timesteps = grid_timesteps(schedule, grid)
     custom = grid.transition.pipeline
-    if len(grid.roles()) > 1:  # one UNet per phase, switched by timestep: the stock scheduler, its own pipeline
-        custom = "experts"
+    if custom is None:
         scheduler, _ = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps,
                                          call_timesteps=False)
-        unets = [student.experts[role].plain_backbone().float().eval() for role in grid.roles()]
-        starts = [timesteps[grid.experts.index(role)] for role in grid.roles()[1:]]
-        pipe = custom_pipeline_class(custom)(unet=unets[0], scheduler=scheduler, expert_from=starts,
-                                             **{f"unet_{k}": u for k, u in enumerate(unets[1:], 1)})
-    elif custom is None:
-        scheduler, _ = student_scheduler(teacher.scheduler_config, student.prediction, grid, timesteps,
-                                         call_timesteps=False)
-        pipe = DDPMPipeline(unet=student.plain_backbone().float().eval(), scheduler=scheduler)
+        pipe = DDPMPipeline(unet=_first_expert(student).plain_backbone().float().eval(), scheduler=scheduler)
     else:  # its own pipeline runs the scheduler's timesteps: DDIM's trailing spacing is the teacher's trailing grid
         scheduler = _trailing_ddim(teacher.scheduler_config, student.prediction, grid.steps, timesteps)
         pipe = custom_pipeline_class(custom)(unet=student.plain_backbone().float().eval(), scheduler=scheduler)
@@ -222,16 +239,18 @@ def _ddpm_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     }
     if custom is not None:
         fields.update(custom_pipeline=f"{custom}.py", pipeline_class=type(pipe).__name__)
-    if custom == "experts":
-        fields["experts"] = {"roles": list(grid.roles()), "components": ["unet"] + [f"unet_{k}" for k in
-                                                                                     range(1, len(unets))],
-                             "expert_from": starts}
     data_map = getattr(teacher, "data_map", None)
     if data_map is not None and not data_map.identity:  # teacher.gmm.normalize: the data's own coordinates back
         fields["data_map"] = data_map.config()
         fields["output"] += (f"; the model works in normalised coordinates: data = x * {data_map.scale!r} + shift "
                              f"(stepdistill.json data_map)")
     return pipe, fields
+
+
+def _first_expert(student: Denoiser) -> Denoiser:
+    """The student, or the first expert of a student of several (``sampling.Piecewise``)."""
+    experts = getattr(student, "experts", None)
+    return student if experts is None else experts[student.grid.experts[0]]
 
 
 def _trailing_ddim(teacher_scheduler_config: dict, prediction: str, steps: int, timesteps: list[int]):
@@ -318,7 +337,7 @@ def _family_pipeline(student: Denoiser, teacher, grid: StudentGrid):
     """SD1.5 / SDXL / SD3 / FLUX students: the teacher's stock pipeline class with the student backbone (LoRA
     students merged) and a scheduler that replays the grid."""
     scheduler, fields = _family_sampling(student, teacher, grid)
-    backbone = student.plain_backbone().float().eval()  # a copy already (LoRA: the merged one, not a second)
+    backbone = _first_expert(student).plain_backbone().float().eval()  # a copy already (LoRA: the merged one)
     pipe = teacher.load_pipeline(**{teacher.family.backbone: backbone, "scheduler": scheduler})
     if "timesteps" in fields:  # pipelines may rewrite scheduler settings at construction (SD's steps_offset)
         ran = replay(pipe.scheduler, grid.steps, fields["call"])
@@ -347,6 +366,10 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
     if adapter is None:
         raise ExportError("export --lora: this run trained full weights (roles.mode: full); a LoRA file needs a run "
                           "with roles.mode: lora")
+    if len(grid.roles()) > 1:
+        raise ExportError(f"export --lora: a student of {len(grid.roles())} experts ({', '.join(grid.roles())}) needs "
+                          "a pipeline that switches them by timestep; `stepdistill export RUN` (without --lora) "
+                          "writes it, each expert's LoRA merged")
     if kohya and family.flow:
         raise ExportError(f"export --kohya: kohya/webui files are written for SD1.5 and SDXL; diffusers has no "
                           f"converter to the original {family.name} LoRA format")
@@ -505,6 +528,7 @@ def export_pipeline(student: Denoiser, teacher, grid: StudentGrid, recipe, out_d
     backbone is built in float32 (a LoRA student merged there) and cast to ``export.dtype`` last."""
     build = _family_pipeline if teacher.family is not None else _ddpm_pipeline
     pipe, fields = build(student, teacher, grid)
+    pipe = _with_experts(pipe, student, grid, fields)
     ex = recipe.export
     dtype = getattr(torch, ex.dtype)
     modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]

@@ -70,8 +70,9 @@ class Run:
         return sampling_denoiser(self.nets, self.grid, use_ema=self.recipe.export.use_ema)
 
     def writes_lora(self) -> bool:
-        """Whether the student is a LoRA that stock pipelines can load (``roles.mode: lora`` on a family)."""
-        return self.recipe.roles.mode == "lora" and self.teacher.family is not None
+        """Whether the student is a LoRA that stock pipelines can load (``roles.mode: lora`` on a family; one network,
+        not a student of several experts, which a stock pipeline cannot switch between)."""
+        return self.recipe.roles.mode == "lora" and self.teacher.family is not None and len(self.grid.roles()) == 1
 
 
 def load_dtype(recipe: Recipe) -> str:

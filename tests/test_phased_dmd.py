@@ -18,7 +18,7 @@ from stepdistill.mixture import GaussianMixture
 from stepdistill.schedules import RectifiedFlow, VPCosine, map_time
 from stepdistill.train import Trainer
 
-from ._recipes import GMM_2D, _apply
+from ._recipes import GMM_2D, _apply, family_dmd_recipe
 from .test_export import _consume, _expected
 
 
@@ -152,9 +152,7 @@ def test_phases_alternate_in_blocks_of_the_student_ratio_or_all_run():
     ({"method.num_phases": 5}, "5 phases for a 4-step student"),
     ({"method.num_phases": 3}, "do not split evenly"),
     ({"method.margin": 0.5}, "leaves phase 0 .* no time"),
-    ({"teacher": {"tiny": "sd15"}, "data": {"source": "gaussian", "prompts": str(__import__("pathlib").Path(
-        __file__).parents[1] / "recipes" / "prompts" / "smoke.txt"), "batch_size": 2}},
-     "2 experts runs in pipelines/experts.py, written for UNet2DModel students"),
+    ({"method.student_steps": 8, "method.num_phases": 8}, "holds at most 4 experts, not 8"),
 ])
 def test_bad_phased_settings_are_one_line(tmp_path, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
@@ -181,3 +179,36 @@ def test_the_experts_pipeline_reproduces_the_student(tmp_path, overrides):
     images, stdout = _consume(folder, tmp_path)
     assert stdout.startswith("ExpertsPipeline")
     np.testing.assert_allclose(images, _expected(trainer), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_a_family_experts_pipeline_reproduces_the_lora_experts(tmp_path, family):
+    """Two LoRA experts on a tiny SD1.5 (UNet) / FLUX (transformer, packed latents) teacher, merged into the experts
+    pipeline's two backbones: ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)(prompts, **call)`` in a
+    process that never imports stepdistill lands on our sampler's latents, the switch happening inside the stock
+    loop."""
+    from stepdistill.denoisers import pack_latents, unpack_latents
+    from stepdistill.sampling import sample_student
+
+    from ._recipes import stock_pipeline_latents
+    from .test_families import CONSUMER, _first_two
+
+    recipe = family_dmd_recipe(family, **{"method": {"name": "phased_dmd", "student_steps": 2, "num_phases": 2,
+                                                     **({} if family == "flux" else {"guidance_scale": 3.0})},
+                                          "train.max_steps": 4})  # each critic trains before its expert reads it
+    trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+    trainer.train()
+    folder = trainer.export()
+    meta = json.loads((folder / "stepdistill.json").read_text())
+    assert meta["pipeline_class"] == f"Experts{trainer.teacher.family.pipeline}"
+    prompts, noise, cond = _first_two(trainer)
+    grid = trainer.method.student_grid()
+    expected = sample_student(trainer.sampling_student(), noise, grid, cond=cond)
+    one = sample_student(trainer.nets.student, noise, grid, cond=cond)  # expert 0 alone differs: the switch matters
+    assert (one - expected).abs().max() > 1e-4
+    fed = pack_latents(noise) if family == "flux" else noise
+    consumer = CONSUMER.replace("from_pretrained(folder)", "from_pretrained(folder, trust_remote_code=True)")
+    got, stdout = stock_pipeline_latents(consumer, folder, fed, prompts, tmp_path)
+    got = unpack_latents(got, *noise.shape[2:]) if family == "flux" else got
+    assert stdout.startswith(meta["pipeline_class"])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
