@@ -16,7 +16,11 @@ activations) while its training steps run (``peak_of_steps``; loading the models
 * ``dmd2_full``: the same with ``roles.mode: full`` (a copy of the network per role);
 * ``sid_lora`` / ``sid_full``: a SiD iteration (fake-score phase, then the generator's loss through the inputs of the
   teacher and the fake score, no GAN term) with LoRA roles / full copies; ``sidseq_*``: the same with
-  ``method.backward: sequential`` (one score network's graph alive at a time).
+  ``method.backward: sequential`` (one score network's graph alive at a time);
+* ``phased1_lora``: a phased DMD iteration of a 4-step student with one phase (one LoRA expert, one LoRA critic), the
+  reference of the phased DMD issue's bar; ``phased4_lora`` / ``phased4_full``: four phases, an expert and a critic
+  per phase, as LoRA adapters on the one base / as full copies (``schedule: all``: every phase's update each
+  iteration, so every expert's and critic's optimizer state is resident).
 
 ``--family sd15`` uses the mid-size random SD1.5-type pipeline of ``bench_family_speed.py`` instead (34M-parameter
 UNet2DConditionModel, 32x32x4 latents, prompt-conditioned, the LoRA targets of ``families.py``); prompts and image
@@ -109,7 +113,8 @@ def peak_of_steps(setup, iters: int, how: str) -> float:
     return (resident + peak) / 2**20
 
 
-MODES = ("lora_finetune", "dmd2_lora", "dmd2_full", "sid_lora", "sid_full", "sidseq_lora", "sidseq_full")
+MODES = ("lora_finetune", "dmd2_lora", "dmd2_full", "sid_lora", "sid_full", "sidseq_lora", "sidseq_full",
+         "phased1_lora", "phased4_lora", "phased4_full")
 PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "smoke.txt"
 #: pixel resolution of each teacher (None: the UNet2DModel)
 RESOLUTION = {None: 32, "sd15": 64, "sd15-full": 512}
@@ -160,8 +165,11 @@ def _family_data(folder: Path, batch: int, resolution: int):
 def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
            family: str | None = None, base_dtype: str = "float32", method: str = "dmd2") -> dict:
     bf16 = base_dtype == "bfloat16"
-    method = ({"name": "dmd2", "student_steps": 1, "gan_weight": gan} if method == "dmd2" else
-              {"name": "sid", "alpha": 1.0, "backward": "sequential" if method == "sidseq" else "joint"})
+    if method.startswith("phased"):  # every phase every iteration: each expert's and critic's optimizer state lives
+        method = {"name": "phased_dmd", "student_steps": 4, "num_phases": int(method[-1]), "schedule": "all"}
+    else:
+        method = ({"name": "dmd2", "student_steps": 1, "gan_weight": gan} if method == "dmd2" else
+                  {"name": "sid", "alpha": 1.0, "backward": "sequential" if method == "sidseq" else "joint"})
     return {
         "teacher": {"pretrained": str(folder / "teacher"), **({"resolution": RESOLUTION[family]} if family else {})},
         "method": method,
@@ -298,7 +306,9 @@ def main() -> int:
                       "rank": args.rank, "gan_weight": args.gan_weight,
                       "gradient_checkpointing": args.gradient_checkpointing,
                       "measure": "cuda max_memory_allocated" if _cuda() else f"cpu {args.cpu_measure}",
-                      "peak_mib": out, "ratio_to_lora_finetune": {k: round(v / ref, 2) for k, v in out.items()}},
+                      "peak_mib": out, "ratio_to_lora_finetune": {k: round(v / ref, 2) for k, v in out.items()},
+                      **({"ratio_to_phased1_lora": {k: round(v / out["phased1_lora"], 2) for k, v in out.items()
+                                                    if k.startswith("phased")}} if "phased1_lora" in out else {})},
                      indent=2))
     return 0
 

@@ -171,6 +171,9 @@ class PhasedDMD(Method):
             self._check_bands(nets.teacher.schedule)
         return {}
 
+    def prepare(self, nets: Nets, ctx) -> None:
+        self.update_schedule(0, nets)  # the grid (and its checks) before anything samples or is written
+
     def _phase_starts(self, times: tuple[float, ...]) -> tuple[int, ...]:
         if self.boundaries is None:
             per = len(times) // self.num_phases
