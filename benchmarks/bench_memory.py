@@ -269,8 +269,8 @@ def main() -> int:
                    help="a mid-size (sd15) or SD1.5-sized (sd15-full) SD1.5-type teacher instead of the UNet2DModel")
     p.add_argument("--cpu-measure", choices=["tensors", "rss"], default="tensors",
                    help="on CPU: peak of live tensors (profiler memory events, as CUDA's allocator counts) or RSS")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                   help="which to measure (lora_finetune, the reference, always runs)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if not m.startswith("phased")],
+                   help="which to measure (lora_finetune, the reference, always runs; default: all but phased*)")
     p.add_argument("--iters", type=int, default=3,
                    help="steps per mode (AdamW's states exist from the first; 2 is enough for the peak)")
     p.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32",

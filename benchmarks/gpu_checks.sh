@@ -70,7 +70,8 @@ if wanted memory-full; then
     FULL_PARTS=$(mktemp -d)
     (run memory-full 100 280 bash -c "$(declare -f memory); PARTS=$FULL_PARTS; memory \
         '--family sd15-full --batch 1 --gradient-checkpointing' '--family sd15-full --batch 1' \
-        '--family sd15-full --batch 1 --gradient-checkpointing --base-dtype bfloat16'"
+        '--family sd15-full --batch 1 --gradient-checkpointing --base-dtype bfloat16' \
+        '--family sd15-full --batch 4 --gradient-checkpointing --base-dtype bfloat16 --modes phased1_lora phased4_lora'"
      cat "$FULL_PARTS"/*.part >>"$OUT/memory-full.log") &
 fi
 wait

@@ -58,7 +58,8 @@ def test_two_ranks_end_with_identical_weights(tmp_path, kind):
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4  # one writer
 
 
-@pytest.mark.parametrize("kind", ["dmd2", "pd-ema", "sd15", "sd15-dmd2-lora", "rcm", "phased-lora"])
+@pytest.mark.parametrize("kind", ["dmd2", "pd-ema", "sd15", "sd15-dmd2-lora", "rcm",
+                                  pytest.param("phased-lora", marks=pytest.mark.slow)])  # ~45 s: slow tier
 def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path, kind):
     """``train.fsdp``: every trainable role sharded with FSDP2 over 2 real gloo ranks. The result equals the DDP run
     of the same recipe (same batches, same averaged gradients), a resume from the sharded step-2 checkpoint lands
