@@ -212,3 +212,30 @@ def test_a_family_experts_pipeline_reproduces_the_lora_experts(tmp_path, family)
     got = unpack_latents(got, *noise.shape[2:]) if family == "flux" else got
     assert stdout.startswith(meta["pipeline_class"])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(expected.abs().mean())))
+
+
+def test_the_gmm_recipe_runs_on_the_exact_mixture_resumes_exactly_and_exports(tmp_path):
+    """``recipes/phased_dmd/gmm.yaml`` with the true mixture as teacher and fresh roles (``teacher.gmm.denoiser=exact
+    student.init=new``): two steps, the same two steps as one then a resume, the experts pipeline."""
+    from pathlib import Path
+
+    from stepdistill.config import load_recipe
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "phased_dmd" / "gmm.yaml"
+    common = ["teacher.gmm.denoiser=exact", "student.init=new", "data.batch_size=16", "train.checkpoint_every=1",
+              "train.log_every=1",
+              "train.sample_every=0", "train.num_sample_images=4", "eval.num_samples=16", "train.update_every={}"]
+
+    def run(out, steps, resume=False):
+        recipe = load_recipe(path, [*common, f"train.max_steps={steps}"])
+        trainer = Trainer(recipe, tmp_path / out, resume=resume, show_progress=False).setup()
+        trainer.train()
+        return trainer
+
+    full = run("full", 2)
+    run("part", 1)
+    run("part", 2, resume=True)
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "it_per_s"}
+             for line in (tmp_path / out / "log.jsonl").read_text().splitlines()] for out in ("full", "part")]
+    assert rows[0] == rows[1] and {"loss/student@0", "loss/student@1"} <= set(rows[0][0]) | set(rows[0][1])
+    assert json.loads((full.export() / "stepdistill.json").read_text())["pipeline_class"] == "ExpertsPipeline"
