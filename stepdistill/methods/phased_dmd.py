@@ -14,8 +14,8 @@ down to ``t_{k+1}``, with its own expert G_k (``experts: per_phase``) or one sha
               (the last phase: x_s = x0_p)
     DM loss:  t ~ U(s + margin, t_k] (the teacher's timesteps),  x_t = q(x_t | x_s) (``noise_travel``)
               L = dm_loss(x0_p, teacher_cfg(x_t).x0, F_k(x_t).x0)           (``terms.dm_loss``)
-    critic:   F_k trained on the detached anchor by subinterval score matching (``terms.subinterval_target``),
-              t drawn alike
+    critic:   F_k trained by subinterval score matching (``terms.subinterval_target``), t drawn alike, on the
+              phase's real output: a full no-grad rollout to its end (the last phase: the sample)
 
 The loss sits on ``x0_p``, as in the official code, not on the anchor: ``x_s`` depends on ``x0_p`` through the positive
 scalar ``a_s - s_s a_j / s_j`` (``x_j`` is fixed), so the gradient direction is the same and DMD's per-sample
@@ -28,11 +28,15 @@ student's ``train.update_every`` ratio (one student update of a phase, then ``ev
 LightX2V's ``fake_update_ratio``), or ``all`` phases every step. The loop's phases are ``student@k`` and
 ``fake_score@k``; ``train.update_every`` names them ``student`` and ``fake_score``.
 
-Departures, written down: the critic trains on the anchors the DM loss queries it around (the student phase's own,
-detached, as DMD2's critic trains on the backward-simulation step's output), where the official critic trains on the
-state of a full no-grad rollout at the boundary: the DM gradient needs the score of the distribution it moves. The
-official low region also alternates between Wan 2.2's two teacher experts (our teacher is one network); its optional
-``fake_low_high`` critic is not built; no GAN term.
+Why the critic sees the rollout's output and not the anchors the DM loss moves (as DMD2's critic sees the
+backward-simulation step's output): a phase of several steps makes a mixture of projections, one per ``j``, and a
+critic of that mixture stops the gradient once the mixture matches, with its parts erring in opposite directions. On
+the 2-D ring they did: the last phase's two steps put the modes at radius 0.67 and 0.73 (teacher 0.695), the sample
+at 0.73 (docs/experiments/phased-dmd.md). With the rollout's output as the critic's data, the gradient vanishes only
+when the sample itself matches.
+
+Departures, written down: the official low region also alternates between Wan 2.2's two teacher experts (our teacher
+is one network); its optional ``fake_low_high`` critic is not built; no GAN term.
 """
 
 from __future__ import annotations
@@ -113,7 +117,6 @@ class PhasedDMD(Method):
         self.fake_score_target, self.student_prediction = fake_score_target, student_prediction
         self._grid: StudentGrid | None = None
         self._starts: tuple[int, ...] = ()  # the first grid step of each phase, then N
-        self._anchors: list = []  # the student phases' detached anchors, for the critics of the same step
 
     # ------------------------------------------------------------------------------------------------ roles
     def expert(self, k: int) -> str:
@@ -153,10 +156,6 @@ class PhasedDMD(Method):
             out += [f"student@{k}"] if step % every == 0 else []
             out += [f"fake_score@{k}"] if step % every_fake == 0 else []
         return tuple(out)
-
-    def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
-        self._anchors = []
-        return ()
 
     # ------------------------------------------------------------------------------------------------ grid
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
@@ -242,7 +241,6 @@ class PhasedDMD(Method):
         shape, device = DMD.shape_device(batch)
         noise = torch.randn((b, *shape), generator=gen).to(device)
         pred, anchor, end = self.rollout(nets, k, noise, cond, gen, batch.shared)
-        self._anchors.append((k, anchor.detach(), end, cond))
         sch = nets.teacher.schedule
         t, (x_t, _, _) = self.draw(sch, k, anchor, end, gen)
         x_t = x_t.to(anchor.dtype)
@@ -254,21 +252,17 @@ class PhasedDMD(Method):
         return LossOutput(loss, {**logs, "loss_dm": dm.detach().mean(), "loss": loss.detach().mean()})
 
     def fake_score_loss(self, k: int, nets: Nets, batch: Batch) -> LossOutput:
-        """Phase ``k``'s critic update: subinterval score matching on the phase's detached anchors (the student phase's
-        of this step when it ran, else a no-grad rollout drawn here)."""
-        gen, b = batch.generator, batch.size
-        mine = [a for a in self._anchors if a[0] == k]
-        if mine:
-            self._anchors.remove(mine[0])
-            _, anchor, end, cond = mine[0]
-        else:
-            cond = batch.cond
-            shape, device = DMD.shape_device(batch)
-            with torch.no_grad():
-                noise = torch.randn((b, *shape), generator=gen).to(device)
-                _, anchor, end = self.rollout(nets, k, noise, cond, gen, batch.shared)
+        """Phase ``k``'s critic update: subinterval score matching on the phase's output, a full no-grad rollout of the
+        experts to the phase's end (the official trainer's ``_run_full_fake_rollout``)."""
+        gen, b, cond = batch.generator, batch.size, batch.cond
+        shape, device = DMD.shape_device(batch)
+        grid, last = self.student_grid(), self._starts[k + 1]
+        with torch.no_grad():
+            noise = torch.randn((b, *shape), generator=gen).to(device)
+            x_end = sample_student(sampling_denoiser(nets, grid, use_ema=False), noise, grid, cond=cond,
+                                   steps=None if last == grid.steps else last)
         critic = nets[self.critic(k)]
-        t, (x_t, x0, eps) = self.draw(critic.schedule, k, anchor, end, gen)
-        pred = critic(x_t.to(anchor.dtype), t, cond)
+        t, (x_t, x0, eps) = self.draw(critic.schedule, k, x_end, self.phase_times(k)[1], gen)
+        pred = critic(x_t.to(x_end.dtype), t, cond)
         loss = denoising_loss(pred, x0, eps, self.fake_score_target or critic.prediction)
         return LossOutput(loss, {"loss_denoise": loss.detach().mean(), "loss": loss.detach().mean()})
