@@ -115,8 +115,8 @@ def _sid_benches() -> dict[str, Bench]:
 
 def _phased_benches() -> dict[str, Bench]:
     """Phased DMD issue: 4-step students in K = 2 and K = 4 phases. GMM (2-D and 16-D): SW <= 1.2x the teacher's at
-    64 NFE, every mode covered; digits: FD <= 1.1x, 10/10 classes. The diversity claim (mode weights against DMD2's
-    4-step student on the same budget) is ``benchmarks/mixture_bars.py``'s weight TV."""
+    64 NFE, every mode covered; digits: FD <= 1.1x, 10/10 classes. The diversity claim: each student's
+    ``mode_weight_tv`` beside DMD2's 4-step student's on the same budget (``dmd2-gmm*-4step-budget``)."""
     out = {}
     for k in (2, 4):
         phases = (f"method.num_phases={k}",)
@@ -124,6 +124,12 @@ def _phased_benches() -> dict[str, Bench]:
         out[f"phased-gmm16-k{k}"] = Bench("phased_dmd/gmm.yaml", phases, factor=1.2,
                                           teacher="progressive/gmm16.yaml")
         out[f"phased-digits-k{k}"] = Bench("phased_dmd/digits.yaml", phases, factor=1.1)
+    # the comparator of the diversity claim: DMD2's 4-step student on the phased recipe's budget (6000 steps, student
+    # every 2nd); its mode_weight_tv beside the phased students'
+    budget = ("method.student_steps=4", "method.regression_warmup=0", "train.update_every.student=2",
+              "train.max_steps=6000")
+    out["dmd2-gmm-4step-budget"] = Bench("dmd2/gmm.yaml", budget, factor=1.2)
+    out["dmd2-gmm16-4step-budget"] = Bench("dmd2/gmm.yaml", budget, factor=1.2, teacher="progressive/gmm16.yaml")
     return out
 
 

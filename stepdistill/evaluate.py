@@ -47,12 +47,16 @@ def gmm_metrics(x: torch.Tensor, mixture: GaussianMixture, *, reference_size: in
     counts = torch.bincount(assign[near], minlength=k).double()
     covered = counts >= 0.25 * mixture.weights * n
     ref = mixture.sample(reference_size, torch.Generator().manual_seed(seed + 99))[0]
+    shares = torch.bincount(assign, minlength=k).double() / n
     return {
         "modes_covered": int(covered.sum()),
         "num_modes": k,
         "fraction_near_a_mode": float(near.double().mean()),
         "log_likelihood": float(mixture.log_prob(x).mean()),
         "sliced_wasserstein": sliced_wasserstein(x, ref, seed=seed),
+        # mode weights (each sample to its most responsible component) against the true ones: the diversity that
+        # reverse-KL students lose, 0.5 sum_k |p_k - w_k|
+        "mode_weight_tv": float(0.5 * (shares - mixture.weights).abs().sum()),
     }
 
 
