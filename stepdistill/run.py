@@ -72,7 +72,8 @@ class Run:
     def writes_lora(self) -> bool:
         """Whether the student is a LoRA that stock pipelines can load (``roles.mode: lora`` on a family; one network,
         not a student of several experts, which a stock pipeline cannot switch between)."""
-        return self.recipe.roles.mode == "lora" and self.teacher.family is not None and len(self.grid.roles()) == 1
+        return (self.recipe.roles.mode == "lora" and self.teacher.family is not None
+                and len(self.method.sampling_roles()) == 1)
 
 
 def load_dtype(recipe: Recipe) -> str:

@@ -201,6 +201,9 @@ def test_a_family_experts_pipeline_reproduces_the_lora_experts(tmp_path, family)
     folder = trainer.export()
     meta = json.loads((folder / "stepdistill.json").read_text())
     assert meta["pipeline_class"] == f"Experts{trainer.teacher.family.pipeline}"
+    assert not trainer.writes_lora()  # one LoRA file cannot hold experts that a stock pipeline would switch
+    with pytest.raises(ValueError, match="export --lora: a student of 2 experts"):
+        trainer.export_lora()
     prompts, noise, cond = _first_two(trainer)
     grid = trainer.method.student_grid()
     expected = sample_student(trainer.sampling_student(), noise, grid, cond=cond)
