@@ -363,13 +363,13 @@ def export_lora(student: Denoiser, teacher, grid: StudentGrid, recipe, out_dir: 
     if family is None:
         raise ExportError("export --lora: LoRA files load into SD1.5/SDXL/SD3/FLUX pipelines; DDPMPipeline has no "
                           "load_lora_weights; `stepdistill export RUN` (without --lora) writes the merged pipeline")
-    if adapter is None:
-        raise ExportError("export --lora: this run trained full weights (roles.mode: full); a LoRA file needs a run "
-                          "with roles.mode: lora")
     if len(grid.roles()) > 1:
         raise ExportError(f"export --lora: a student of {len(grid.roles())} experts ({', '.join(grid.roles())}) needs "
                           "a pipeline that switches them by timestep; `stepdistill export RUN` (without --lora) "
                           "writes it, each expert's LoRA merged")
+    if adapter is None:
+        raise ExportError("export --lora: this run trained full weights (roles.mode: full); a LoRA file needs a run "
+                          "with roles.mode: lora")
     if kohya and family.flow:
         raise ExportError(f"export --kohya: kohya/webui files are written for SD1.5 and SDXL; diffusers has no "
                           f"converter to the original {family.name} LoRA format")
