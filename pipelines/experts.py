@@ -33,7 +33,8 @@ TOLERANCE = 1e-3
 
 
 class _Experts:
-    """What every expert pipeline shares: registering the experts and picking one by timestep."""
+    """What every expert pipeline shares: registering the experts, picking one by timestep, and switching them inside
+    the stock pipeline's own loop (``ExpertsPipeline`` runs its own loop instead)."""
 
     backbone = "unet"
 
@@ -51,8 +52,8 @@ class _Experts:
         k = sum(float(t) <= b + TOLERANCE for b in self.config.expert_from)
         return getattr(self, self.backbone if k == 0 else f"{self.backbone}_{k}")
 
-    def _switching(self, call, callback_on_step_end=None, **kwargs):
-        """Run the stock ``call`` with the backbone component set, before each step, to that step's expert."""
+    def __call__(self, *args, callback_on_step_end=None, **kwargs):
+        """The stock pipeline's call, with the backbone component set, before each step, to that step's expert."""
         first = getattr(self, self.backbone)
 
         def switch(pipe, i, t, tensors):
@@ -61,8 +62,8 @@ class _Experts:
                 pipe.__dict__[self.backbone] = pipe.expert(pipe.scheduler.timesteps[i + 1])
             return out
 
-        try:
-            return call(callback_on_step_end=switch, **kwargs)
+        try:  # the next class in the MRO: the stock pipeline
+            return super().__call__(*args, callback_on_step_end=switch, **kwargs)
         finally:
             self.__dict__[self.backbone] = first
 
@@ -109,10 +110,6 @@ class ExpertsStableDiffusionPipeline(_Experts, StableDiffusionPipeline):
                          image_encoder, requires_safety_checker)
         self._register_experts([unet_1, unet_2, unet_3], expert_from)
 
-    def __call__(self, *args, callback_on_step_end=None, **kwargs):
-        return self._switching(lambda **kw: super(ExpertsStableDiffusionPipeline, self).__call__(*args, **kw),
-                               callback_on_step_end, **kwargs)
-
 
 class ExpertsStableDiffusionXLPipeline(_Experts, StableDiffusionXLPipeline):
     """SDXL ``UNet2DConditionModel`` experts."""
@@ -127,10 +124,6 @@ class ExpertsStableDiffusionXLPipeline(_Experts, StableDiffusionXLPipeline):
         super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
                          feature_extractor, force_zeros_for_empty_prompt, add_watermarker)
         self._register_experts([unet_1, unet_2, unet_3], expert_from)
-
-    def __call__(self, *args, callback_on_step_end=None, **kwargs):
-        return self._switching(lambda **kw: super(ExpertsStableDiffusionXLPipeline, self).__call__(*args, **kw),
-                               callback_on_step_end, **kwargs)
 
 
 class ExpertsStableDiffusion3Pipeline(_Experts, StableDiffusion3Pipeline):
@@ -147,10 +140,6 @@ class ExpertsStableDiffusion3Pipeline(_Experts, StableDiffusion3Pipeline):
                          text_encoder_3, tokenizer_3, image_encoder, feature_extractor)
         self._register_experts([transformer_1, transformer_2, transformer_3], expert_from)
 
-    def __call__(self, *args, callback_on_step_end=None, **kwargs):
-        return self._switching(lambda **kw: super(ExpertsStableDiffusion3Pipeline, self).__call__(*args, **kw),
-                               callback_on_step_end, **kwargs)
-
 
 class ExpertsFluxPipeline(_Experts, FluxPipeline):
     """FLUX ``FluxTransformer2DModel`` experts."""
@@ -165,10 +154,6 @@ class ExpertsFluxPipeline(_Experts, FluxPipeline):
         super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                          image_encoder, feature_extractor)
         self._register_experts([transformer_1, transformer_2, transformer_3], expert_from)
-
-    def __call__(self, *args, callback_on_step_end=None, **kwargs):
-        return self._switching(lambda **kw: super(ExpertsFluxPipeline, self).__call__(*args, **kw),
-                               callback_on_step_end, **kwargs)
 
 
 #: the expert pipeline of each stock pipeline class (what stepdistill's export looks up)

@@ -48,6 +48,7 @@ import torch
 from ..denoisers import guided
 from ..parameterization import ddim_step
 from ..sampling import StudentGrid, sample_student, sampling_denoiser
+from ..transitions import noise_travel
 from .base import Batch, LossOutput, Method, Nets, RoleSpec
 from .dmd import DMD
 from .terms import band_times, denoising_loss, dm_loss, subinterval_target
@@ -212,7 +213,7 @@ class PhasedDMD(Method):
     def rollout(self, nets: Nets, k: int, noise: torch.Tensor, cond, gen, shared=None):
         """Phase ``k``'s generator output: step ``j`` drawn in the phase (from ``shared``, alike on every rank), the
         no-grad rollout of the earlier steps' experts to it, phase ``k``'s expert at ``x_j`` with its graph, and the
-        anchor (its DDIM jump to the phase's end; its x0 in the last phase). Returns ``(prediction, anchor, s)``."""
+        anchor (its DDIM jump to the phase's end; its x0 in the last phase). Returns ``(prediction, anchor)``."""
         grid, sch = self.student_grid(), nets.student.schedule
         lo, hi = self._starts[k], self._starts[k + 1]
         j = lo + int(torch.randint(0, hi - lo, (1,), generator=shared or gen)) if hi - lo > 1 else lo
@@ -220,15 +221,13 @@ class PhasedDMD(Method):
         x = sample_student(sampling_denoiser(nets, grid, use_ema=False), noise, grid, cond=cond, steps=j)
         b = noise.shape[0]
         pred = nets[self.expert(k)](x, times[j].expand(b), cond)
-        end = float(times[hi])
-        anchor = pred.x0 if end == 0 else ddim_step(pred, sch, times[hi].expand(b))
-        return pred, anchor, end
+        anchor = pred.x0 if hi == grid.steps else ddim_step(pred, sch, times[hi].expand(b))
+        return pred, anchor
 
-    def draw(self, schedule, k: int, anchor: torch.Tensor, end: float, gen):
-        """``t`` in phase ``k``'s band and the subinterval pair ``(x_t, x0*, eps*)`` of the detached anchor."""
-        t = band_times(schedule, *self.band(k), anchor.shape[0], gen).to(anchor.device)
-        noise = torch.randn(anchor.shape, generator=gen, dtype=anchor.dtype).to(anchor.device)
-        return t, subinterval_target(anchor.detach(), schedule, torch.full_like(t, end), t, noise)
+    def draw(self, schedule, k: int, like: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` in phase ``k``'s band and standard normal noise shaped ``like``."""
+        t = band_times(schedule, *self.band(k), like.shape[0], gen).to(like.device)
+        return t, torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
 
     # ------------------------------------------------------------------------------------------------ phases
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
@@ -240,11 +239,11 @@ class PhasedDMD(Method):
         gen, cond, b = batch.generator, batch.cond, batch.size
         shape, device = DMD.shape_device(batch)
         noise = torch.randn((b, *shape), generator=gen).to(device)
-        pred, anchor, end = self.rollout(nets, k, noise, cond, gen, batch.shared)
+        pred, anchor = self.rollout(nets, k, noise, cond, gen, batch.shared)
         sch = nets.teacher.schedule
-        t, (x_t, _, _) = self.draw(sch, k, anchor, end, gen)
-        x_t = x_t.to(anchor.dtype)
+        t, n = self.draw(sch, k, anchor, gen)
         with torch.no_grad():
+            x_t = noise_travel(anchor.detach(), sch, torch.full_like(t, self.phase_times(k)[1]), t, n)
             real = guided(nets.teacher, x_t, t, cond, self.guidance_scale).x0_64
             fake = nets[self.critic(k)](x_t, t, cond).x0_64
         dm, logs = dm_loss(pred.x0, real, fake)
@@ -262,7 +261,8 @@ class PhasedDMD(Method):
             x_end = sample_student(sampling_denoiser(nets, grid, use_ema=False), noise, grid, cond=cond,
                                    steps=None if last == grid.steps else last)
         critic = nets[self.critic(k)]
-        t, (x_t, x0, eps) = self.draw(critic.schedule, k, x_end, self.phase_times(k)[1], gen)
+        t, n = self.draw(critic.schedule, k, x_end, gen)
+        x_t, x0, eps = subinterval_target(x_end, critic.schedule, torch.full_like(t, self.phase_times(k)[1]), t, n)
         pred = critic(x_t.to(x_end.dtype), t, cond)
         loss = denoising_loss(pred, x0, eps, self.fake_score_target or critic.prediction)
         return LossOutput(loss, {"loss_denoise": loss.detach().mean(), "loss": loss.detach().mean()})
