@@ -140,12 +140,13 @@ def vae_scale(vae_config) -> int:
     return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
-def latents_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Decode latents to images in ``[-1, 1]`` the way the pipelines do (``latents / scaling + shift``)."""
+def latents_to_images(vae, latents: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+    """Decode latents to images in ``[-1, 1]`` the way the pipelines do (``latents / scaling + shift``); ``grad``
+    keeps the graph to the latents (ADD's discriminator on pixels), the VAE's own weights staying frozen."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
     z = latents.to(param.device, param.dtype) / vae.config.scaling_factor + shift
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         return vae.decode(z).sample.float().clamp(-1, 1)
 
 

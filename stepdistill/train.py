@@ -189,11 +189,23 @@ class Trainer:
                              device=acc.device, is_main_process=acc.is_main_process,
                              wait_for_everyone=acc.wait_for_everyone, student_init=self.run.student_init,
                              lr_periods={role: cfg.period for role, cfg in r.optim.items()},
-                             ema_decay=r.train.ema_decay, conditions=self.conditions, data_source=self.data.kind)
+                             ema_decay=r.train.ema_decay, conditions=self.conditions, data_source=self.data.kind,
+                             decode=self._decode())
         try:
             self.method.prepare(self.nets, ctx)
         except ValueError as err:
             raise method_error(err) from None
+
+    def _decode(self):
+        """Latent teachers' differentiable VAE decode on the run's device (``PrepareContext.decode``)."""
+        vae, device = self.teacher.vae, self.accelerator.device
+        if vae is None:
+            return None
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:  # the VAE moves to the device only when a method decodes
+            return latents_to_images(vae.to(device), latents, grad=True)
+
+        return decode
 
     def _prepare_run_dir(self) -> None:
         d, acc = self.dir, self.accelerator

@@ -167,3 +167,6 @@ class PrepareContext:
     conditions: dict[str, torch.Tensor] | None = None
     #: the run's data source (``gmm``, ``digits``, ``image_folder``, or ``gaussian``: a stand-in that is not data)
     data_source: str | None = None
+    #: latent teachers: ``decode(latents) -> images`` in [-1, 1] through the teacher's VAE, differentiable (a
+    #: discriminator on pixels, ADD); ``None`` for teachers that work on pixels or vectors
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -588,7 +588,7 @@ def test_gan_reals_without_captions_are_refused_before_training(tmp_path, captio
 
 
 FAMILY_RECIPES = sorted(p for folder in ("progressive", "dmd2", "lcm", "lcm_lora", "pcm", "tcd", "scm", "rcm", "sid",
-                                          "sida", "phased_dmd")
+                                          "sida", "phased_dmd", "add", "ladd")
                         for p in (Path(__file__).resolve().parents[1] / "recipes" / folder).glob("*.yaml")
                         if p.stem in FAMILIES)
 
@@ -599,7 +599,7 @@ def _tiny_overrides(path: Path, tmp_path: Path, family: str) -> list[str]:
     from PIL import Image
 
     from stepdistill.config import load_recipe
-    from stepdistill.methods import method_class
+    from stepdistill.methods import method_class, method_parameters
 
     images = tmp_path / "images"
     images.mkdir(exist_ok=True)
@@ -616,6 +616,11 @@ def _tiny_overrides(path: Path, tmp_path: Path, family: str) -> list[str]:
                  "train.num_sample_images=2"]
     if method_class(load_recipe(path).method.name).teacher_grad:  # bf16 teacher gradients need autocast, off here
         overrides.append("roles.teacher_dtype=float32")
+    method = load_recipe(path).method
+    if method.params.get("source", method_parameters(method.name).get("source", (None, None))[1]) == "dino":
+        overrides.append("method.dino_tiny=true")  # no DINOv2 weights offline: a random tiny one
+    if method.name == "ladd":  # the teacher's samples, the reals: a handful, on a short grid
+        overrides += ["method.num_pairs=4", "method.pair_steps=2"]
     if load_recipe(path).method.name == "progressive":
         overrides += ["method.teacher_steps=8", "method.final_steps=4", "method.steps_per_stage=1"]
         if "regression_steps" in load_recipe(path).method.params:  # SD1.5/SDXL: one regression step, one halving

@@ -5,6 +5,7 @@ import functools
 import inspect
 import typing
 
+from .adversarial import Adversarial
 from .base import Batch, LossOutput, Method, Nets, RoleSpec
 from .consistency import Consistency
 from .dmd import DMD
@@ -16,6 +17,10 @@ from .sid import SiD
 
 
 METHODS = {
+    # ADD: a DINOv2 discriminator on real data, hinge loss with R1, and the teacher's score distillation (lambda 2.5)
+    "add": functools.partial(Adversarial, source="dino", distill_weight=2.5, r1_weight=1e-5),
+    # LADD: the teacher's own samples as reals, its features as the discriminator, no distillation loss
+    "ladd": functools.partial(Adversarial, real="teacher"),
     # consistency distillation: LCM's defaults, CD with its Heun teacher step, PCM's phases, TCD's random endpoint
     "cd": functools.partial(Consistency, solver="heun"),
     "lcm": Consistency,
@@ -56,5 +61,5 @@ def method_parameters(name: str) -> dict[str, tuple[object, object]]:
     return {k: (hints.get(k, typing.Any), p.default) for k, p in sig.parameters.items()}
 
 
-__all__ = ["Consistency", "DMD", "METHODS", "Batch", "LossOutput", "MeanFlow", "Method", "Nets", "PhasedDMD",
-           "RoleSpec", "ProgressiveDistillation", "SCM", "SiD", "method_class", "method_parameters"]
+__all__ = ["Adversarial", "Consistency", "DMD", "METHODS", "Batch", "LossOutput", "MeanFlow", "Method", "Nets",
+           "PhasedDMD", "RoleSpec", "ProgressiveDistillation", "SCM", "SiD", "method_class", "method_parameters"]

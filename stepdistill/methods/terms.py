@@ -8,8 +8,8 @@ them with their own roles, times and weights.
 * ``denoising_loss``: the score-matching loss that trains a fake score (critic) on generator samples;
 * ``subinterval_target``: the denoising target of a critic whose "data" are noisy intermediate samples ``x_s``
   (phased DMD's subinterval score matching); at ``s = 0`` the ordinary one;
-* ``gan_generator_loss`` / ``gan_critic_loss``: the non-saturating GAN term of DMD2 (and SiDA), on logits of one or
-  several discriminator heads;
+* ``gan_generator_loss`` / ``gan_critic_loss`` / ``r1_penalty``: the GAN terms, non-saturating (DMD2, SiDA) or hinge
+  (ADD, LADD), on logits of one or several discriminator heads, and the R1 penalty;
 * ``regression_loss``: a distance between a student output and a teacher target (DMD v1's ODE-pair regression;
   consistency targets), pseudo-Huber, MSE or LPIPS;
 * ``time_range`` / ``band_times``: DMD2's time axis, a part of the schedule drawn uniformly over a discrete teacher's
@@ -176,16 +176,37 @@ def subinterval_target(x_s: torch.Tensor, schedule, s, t: torch.Tensor,
 # GAN.
 
 
-def gan_generator_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss ``softplus(-D(fake))`` (DMD2 ``gen_cls_loss``), summed over heads: ``[B, L]``
-    logits -> ``[B]``."""
+GAN_LOSSES = ("ns", "hinge")
+
+
+def gan_generator_loss(logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    """The generator's GAN loss on the logits of its samples, summed over heads: ``[B, L]`` -> ``[B]``.
+
+    ``ns``: non-saturating ``softplus(-D(fake))`` (DMD2 ``gen_cls_loss``; FastGen's LADD). ``hinge``: ``-D(fake)``
+    (ADD Eq. 3's ``L_adv^G``, LADD, StyleGAN-T)."""
+    if kind == "hinge":
+        return -logits.sum(1)
     return F.softplus(-logits).sum(1)
 
 
-def gan_critic_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> torch.Tensor:
-    """The discriminator's loss ``softplus(D(fake)) + softplus(-D(real))`` (DMD2 ``guidance_cls_loss``), summed over
-    heads: ``[B, L]`` logits each -> ``[B]``."""
+def gan_critic_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    """The discriminator's loss, summed over heads: ``[B, L]`` logits each -> ``[B]``.
+
+    ``ns``: ``softplus(D(fake)) + softplus(-D(real))`` (DMD2 ``guidance_cls_loss``). ``hinge``:
+    ``max(0, 1 + D(fake)) + max(0, 1 - D(real))`` (ADD Eq. 4, LADD)."""
+    if kind == "hinge":
+        return (F.relu(1.0 + logits_fake) + F.relu(1.0 - logits_real)).sum(1)
     return (F.softplus(logits_fake) + F.softplus(-logits_real)).sum(1)
+
+
+def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018, Eq. 9; ADD's ``gamma R1``): the squared norm of the discriminator's gradient with
+    respect to its real input, ``|d sum_k D_k(x) / dx|^2`` per sample, with the graph kept so that the penalty
+    trains the heads. ``x_real`` must require gradient and ``logits_real`` ``[B, L]`` must depend on it."""
+    if not x_real.requires_grad:
+        raise ValueError("r1_penalty: the real input takes no gradient, so R1 has nothing to penalise")
+    (grad,) = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
+    return grad.flatten(1).square().sum(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
