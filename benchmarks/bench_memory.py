@@ -21,6 +21,9 @@ activations) while its training steps run (``peak_of_steps``; loading the models
   reference of the phased DMD issue's bar; ``phased4_lora`` / ``phased4_full``: four phases, an expert and a critic
   per phase, as LoRA adapters on the one base / as full copies (``schedule: all``: every phase's update each
   iteration, so every expert's and critic's optimizer state is resident).
+* ``ladd_lora``: a LADD iteration (student phase through the frozen teacher's features, then the heads' phase) of a
+  LoRA student with the discriminator on the teacher's own blocks (the adversarial issue's bar: at most 10% over
+  ``lora_finetune``); ``laddenc_lora``: the same with SDXL-Lightning's trainable encoder copy, a LoRA adapter.
 
 ``--family sd15`` uses the mid-size random SD1.5-type pipeline of ``bench_family_speed.py`` instead (34M-parameter
 UNet2DConditionModel, 32x32x4 latents, prompt-conditioned, the LoRA targets of ``families.py``); prompts and image
@@ -114,7 +117,7 @@ def peak_of_steps(setup, iters: int, how: str) -> float:
 
 
 MODES = ("lora_finetune", "dmd2_lora", "dmd2_full", "sid_lora", "sid_full", "sidseq_lora", "sidseq_full",
-         "phased1_lora", "phased4_lora", "phased4_full")
+         "phased1_lora", "phased4_lora", "phased4_full", "ladd_lora", "laddenc_lora")
 PROMPTS = Path(__file__).resolve().parents[1] / "recipes" / "prompts" / "smoke.txt"
 #: pixel resolution of each teacher (None: the UNet2DModel)
 RESOLUTION = {None: 32, "sd15": 64, "sd15-full": 512}
@@ -165,7 +168,10 @@ def _family_data(folder: Path, batch: int, resolution: int):
 def recipe(folder: Path, mode: str, batch: int, rank: int, ckpt: bool, gan: float = 3e-3,
            family: str | None = None, base_dtype: str = "float32", method: str = "dmd2") -> dict:
     bf16 = base_dtype == "bfloat16"
-    if method.startswith("phased"):  # every phase every iteration: each expert's and critic's optimizer state lives
+    if method in ("ladd", "laddenc"):  # a few teacher samples as the reals; both phases each iteration
+        method = {"name": "ladd", "student_steps": 4, "num_pairs": 16, "pair_steps": 4,
+                  "source": "encoder" if method == "laddenc" else "teacher"}
+    elif method.startswith("phased"):  # every phase every iteration: each expert's and critic's optimizer state lives
         method = {"name": "phased_dmd", "student_steps": 4, "num_phases": int(method[-1]), "schedule": "all"}
     else:
         method = ({"name": "dmd2", "student_steps": 1, "gan_weight": gan} if method == "dmd2" else
@@ -269,8 +275,10 @@ def main() -> int:
                    help="a mid-size (sd15) or SD1.5-sized (sd15-full) SD1.5-type teacher instead of the UNet2DModel")
     p.add_argument("--cpu-measure", choices=["tensors", "rss"], default="tensors",
                    help="on CPU: peak of live tensors (profiler memory events, as CUDA's allocator counts) or RSS")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if not m.startswith("phased")],
-                   help="which to measure (lora_finetune, the reference, always runs; default: all but phased*)")
+    p.add_argument("--modes", nargs="+", choices=MODES,
+                   default=[m for m in MODES if not m.startswith(("phased", "ladd"))],
+                   help="which to measure (lora_finetune, the reference, always runs; default: all but phased*, "
+                        "ladd*)")
     p.add_argument("--iters", type=int, default=3,
                    help="steps per mode (AdamW's states exist from the first; 2 is enough for the peak)")
     p.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32",

@@ -133,6 +133,20 @@ def _phased_benches() -> dict[str, Bench]:
     return out
 
 
+def _adversarial_benches() -> dict[str, Bench]:
+    """Adversarial issue: LADD's digits students at 1 and 4 steps (FD <= 1.5x / 1.2x, 10/10 classes); its one-step GMM
+    student covers every mode (its ``mode_weight_tv`` beside DMD2's ``dmd2-gmm``); ADD's 4-step digits student at
+    LADD's bar."""
+    return {
+        "ladd-gmm": Bench("ladd/gmm.yaml", coverage_only=True),
+        "ladd-gmm16": Bench("ladd/gmm.yaml", coverage_only=True, teacher="progressive/gmm16.yaml"),
+        "ladd-digits-1step": Bench("ladd/digits.yaml", ("method.student_steps=1",), factor=1.5),
+        "ladd-digits-4step": Bench("ladd/digits.yaml", factor=1.2),
+        "add-digits-4step": Bench("add/digits.yaml", factor=1.2),
+    }
+
+
+BENCHES.update(_adversarial_benches())
 BENCHES.update(_consistency_benches())
 BENCHES.update(_phased_benches())
 BENCHES.update(_sid_benches())

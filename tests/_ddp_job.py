@@ -2,7 +2,8 @@
 
     python tests/_ddp_job.py OUT KIND [resume]
 
-KIND: pd | pd-ema | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | sd3 | rcm | phased-lora, each also as KIND-fsdp.
+KIND: pd | pd-ema | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | sd3 | rcm | phased-lora | ladd-lora, each also as
+KIND-fsdp.
 pd-ema: progressive distillation with a student EMA, which becomes the stage teacher and the next student at the
 stage boundary (step 3).
 dmd2: three networks, two optimizers, the GAN term through the fake score and a student EMA; dmd2-lora: the same
@@ -12,7 +13,9 @@ cache while the other rank waits for it). sd3: a backbone with buffers (DDP broa
 trainable roles sharded with FSDP2 (``train.fsdp``), sharded checkpoints, and the export rebuilt from them.
 rcm: sCM's JVP through the student, its log-variance role (a built module), and DMD's critic from step 2 (the
 student every 2nd step). phased-lora: phased DMD's two LoRA experts and two LoRA critics on one base, the phases
-alternating. ``resume`` continues from the latest checkpoint in OUT.
+alternating. ladd-lora: LADD with the student and the discriminator's encoder (SDXL-Lightning's source) as LoRA
+adapters of one base, the generator's adversarial loss through the encoder, the teacher's samples as reals. ``resume``
+continues from the latest checkpoint in OUT.
 """
 
 import hashlib
@@ -40,6 +43,10 @@ make = {"pd": gmm_recipe, "pd-ema": lambda **o: gmm_recipe(**{"train.ema_decay":
         "phased-lora": lambda **o: dmd_recipe(**{"method": {"name": "phased_dmd", "student_steps": 4,
                                                             "num_phases": 2}, "roles.mode": "lora",
                                                  "roles.rank": 4, **o}),
+        "ladd-lora": lambda **o: dmd_recipe(**{"method": {"name": "ladd", "source": "encoder", "student_steps": 2,
+                                                          "gan_weight": 1.0, "num_pairs": 16, "pair_steps": 4},
+                                               "optim": {"student": {"lr": 1e-3}, "discriminator": {"lr": 1e-3}},
+                                               "roles.mode": "lora", "roles.rank": 4, **o}),
         "rcm": lambda **o: gmm_recipe(**{"method": {"name": "rcm", "tangent_warmup": 2},
                                          "train.update_every": {"student": 2}, "data.batch_size": 16, **o})}[base]
 overrides = {"train.max_steps": 4, "train.checkpoint_every": 2, **({"train.fsdp": True} if fsdp else {})}

@@ -37,13 +37,14 @@ def _launch(args, tmp_path):
     return proc
 
 
-@pytest.mark.parametrize("kind", ["pd", "dmd2", "dmd2-lora", "sd15", "sd15-dmd2-lora", "sd3"])
+@pytest.mark.parametrize("kind", ["pd", "dmd2", "dmd2-lora", "sd15", "sd15-dmd2-lora", "sd3", "ladd-lora"])
 def test_two_ranks_end_with_identical_weights(tmp_path, kind):
     # dmd2: student, fake score and GAN head all DDP-wrapped; the generator's GAN loss runs through the fake score
     # (which breaks naive DDP, ECOSYSTEM.md §3.2) with the student updated every 2nd step; dmd2-lora also accumulates
     # two micro-batches. sd15*: a tiny Stable Diffusion teacher conditioned on a prompt file, in full and in
     # LoRA-roles mode. sd3: buffers in the backbone, which DDP broadcasts in forward (the main process's sample grid
-    # must not start that collective alone). Weights are each rank's own, in memory.
+    # must not start that collective alone). ladd-lora: the generator's adversarial loss through the discriminator's
+    # encoder, an adapter of the student's own base. Weights are each rank's own, in memory.
     _launch([str(ROOT / "tests" / "_ddp_job.py"), str(tmp_path), kind], tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     if kind.startswith("dmd2"):

@@ -17,8 +17,9 @@ from .sid import SiD
 
 
 METHODS = {
-    # ADD: a DINOv2 discriminator on real data, hinge loss with R1, and the teacher's score distillation (lambda 2.5)
-    "add": functools.partial(Adversarial, source="dino", distill_weight=2.5, r1_weight=1e-5),
+    # ADD: real data, hinge loss with R1 and the teacher's score distillation (lambda 2.5); the discriminator's features
+    # are the recipe's choice (method.source: dino, ADD's DINOv2 on decoded pixels, in the SD recipes)
+    "add": functools.partial(Adversarial, distill_weight=2.5, r1_weight=1e-5),
     # LADD: the teacher's own samples as reals, its features as the discriminator, no distillation loss
     "ladd": functools.partial(Adversarial, real="teacher"),
     # consistency distillation: LCM's defaults, CD with its Heun teacher step, PCM's phases, TCD's random endpoint

@@ -7,7 +7,8 @@ features come from is the recipe's choice (``method.source``):
   the teacher"; every DiT/MMDiT block's tokens laid back on the latent grid, a UNet's down and mid blocks), at the
   sample re-noised to a time of its own. Nothing new is resident: the teacher is already there, which is why LADD fits
   beside an 8B teacher. With the exact GMM teacher (no weights, no blocks), ``layers: output`` reads the teacher's
-  output instead: its x0 at ``x_t`` beside ``x_t`` itself, a 1x1 map;
+  output instead: its x0 at ``x_t`` beside ``x_t`` itself, a 1x1 map (also what ``layers: null``, every block, reads on
+  a teacher that has none);
 * ``encoder``: a trainable copy of the teacher's encoder half, initialised from the teacher (SDXL-Lightning's
   discriminator, Lin et al. 2024 §3.3): the role ``disc_encoder`` (with ``roles.mode: lora``, an adapter of the shared
   base), trained with the heads. Only a UNet has an encoder half;
@@ -81,7 +82,8 @@ def text_vector(cond: dict | None, dim: int) -> torch.Tensor | None:
 @dataclass(frozen=True)
 class TeacherSource:
     """The frozen teacher's blocks (``layers``: indices into ``feature_modules()``, ``None``: all of them, LADD's
-    choice) or, with ``layers == "output"``, its x0 prediction next to its input."""
+    choice) or, with ``layers == "output"`` (and for ``None`` on a teacher without blocks, the exact GMM denoiser), its
+    x0 prediction next to its input."""
 
     layers: tuple[int, ...] | str | None = None
     noised = True
@@ -96,9 +98,13 @@ class TeacherSource:
     def picked(self, nets) -> tuple[int, ...]:
         return tuple(range(len(self.network(nets).feature_modules()))) if self.layers is None else self.layers
 
+    def reads_output(self, nets) -> bool:
+        """``layers: output``, or every block of a network that has none (the exact GMM teacher): its output."""
+        return self.layers == "output" or (self.layers is None and self.network(nets).backbone is None)
+
     def channels(self, nets) -> list[int]:
         net = self.network(nets)
-        if self.layers == "output":
+        if self.reads_output(nets):
             return [2 * (net.backbone.config.in_channels if net.backbone is not None else _vector_dim(net))]
         try:
             channels = net.feature_channels()
@@ -112,7 +118,7 @@ class TeacherSource:
 
     def __call__(self, nets, x_t: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
         net = self.network(nets)
-        if self.layers == "output":
+        if self.reads_output(nets):
             x0 = net(x_t, t, cond).x0
             both = torch.cat([x_t, x0.to(x_t.dtype)], 1)
             return [both[:, :, None, None] if both.ndim == 2 else both]
