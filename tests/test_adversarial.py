@@ -1,6 +1,7 @@
-"""Adversarial distillation (methods/adversarial.py, nets/discriminator.py; ISSUE 28): each feature source's maps on
-every tiny family; gradients reach the student (and the sample) but no frozen feature network; hinge / NS losses and
-R1 against hand computations; LADD's logit-normal re-noising; the gmm recipe on the exact mixture resumes exactly and
+"""Adversarial distillation (methods/adversarial.py, methods/lightning.py, nets/discriminator.py; ISSUE 28): each
+feature source's maps on every tiny family; gradients reach the student (and the sample) but no frozen feature
+network; hinge / NS losses and R1 against hand computations; LADD's logit-normal re-noising; Lightning's stage
+hand-over and conditional / relaxed discriminator input; the gmm recipe on the exact mixture resumes exactly and
 exports; bad input."""
 
 import json
@@ -193,3 +194,58 @@ def test_unconditioned_gmm_heads_see_the_noise_level_and_labels_one_hot():
     assert f.shape == (2, TIME_DIM) and not torch.allclose(f[0], f[1])
     labels = text_vector({"class_labels": torch.tensor([0, 2])}, 4)
     torch.testing.assert_close(labels, torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]]))
+
+
+def _lightning(tmp_path, **method):
+    recipe = {"seed": 0, "teacher": {"tiny": "unet2d"},
+              "method": {"name": "lightning", "teacher_steps": 8, "stages": [4, 2], "mse_stages": 1,
+                         "steps_per_stage": 2, "relaxed_steps": 1, **method},
+              "data": {"batch_size": 2}, "optim": {},
+              "train": {"max_steps": 4, "log_every": 1, "num_sample_images": 2},
+              "eval": {"num_samples": 4, "teacher_full_steps": 4}}
+    return Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
+
+
+def test_lightning_hands_each_stage_on_and_judges_x_s_given_x_t_then_relaxed(tmp_path):
+    """The MSE stage runs the student alone; the adversarial stage's teacher is the previous stage's student (PD's
+    hand-over); its heads see the maps of x_s beside those of x_t (conditional), then beside zeros (relaxed)."""
+    trainer = _lightning(tmp_path)
+    m, nets = trainer.method, trainer.nets
+    every = trainer.recipe.train.update_every
+    assert [m.active_phases(s, every) for s in range(4)] == [("student",)] * 2 + [("student", "discriminator")] * 2
+    m.update_schedule(0, nets)
+    assert m.pd.student_steps == 4 and not m.adversarial
+    with torch.no_grad():  # the student moves during stage 0; at the boundary it becomes the stage teacher
+        for p in nets.student.trainable_parameters():
+            p.add_(0.01)
+    m.update_schedule(2, nets)
+    assert m.begin_step(2, nets) == ("student",)
+    for key, value in nets.student.role_state_dict().items():
+        assert torch.equal(nets["stage_teacher"].role_state_dict()[key], value)
+    assert m.adversarial and m.pd.student_steps == 2 and not m.relaxed
+    seen = []
+    hook = nets["discriminator"].register_forward_pre_hook(
+        lambda mod, args: seen.append([f.detach() for f in args[0]]))
+    m("discriminator", nets, _batch(trainer))
+    half = [f.shape[1] // 2 for f in seen[0]]
+    assert all(float(f[:, h:].abs().max()) > 0 for f, h in zip(seen[0], half))  # x_t's maps
+    m.update_schedule(3, nets)
+    assert m.relaxed
+    seen.clear()
+    m("discriminator", nets, _batch(trainer))
+    hook.remove()
+    assert all(float(f[:, h:].abs().max()) == 0 and float(f[:, :h].abs().max()) > 0 for f, h in zip(seen[0], half))
+    # the first student step of a stage starts from pure noise at t = 1
+    x_t, t, s, real, jump, cond = m.jumps(nets, _batch(trainer, b=64))
+    assert float(t.max()) == 1.0 and real.shape == x_t.shape
+
+
+@pytest.mark.parametrize("method,message", [
+    ({"stages": [4, 1]}, "method.stages must halve"),
+    ({"stages": [3]}, "method.stages must halve"),
+    ({"mse_stages": 2}, "at least one adversarial stage"),
+])
+def test_bad_lightning_settings_are_one_line(tmp_path, method, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        _lightning(tmp_path, **method)
+    assert not (tmp_path / "run").exists()

@@ -588,7 +588,7 @@ def test_gan_reals_without_captions_are_refused_before_training(tmp_path, captio
 
 
 FAMILY_RECIPES = sorted(p for folder in ("progressive", "dmd2", "lcm", "lcm_lora", "pcm", "tcd", "scm", "rcm", "sid",
-                                          "sida", "phased_dmd", "add", "ladd")
+                                          "sida", "phased_dmd", "add", "ladd", "lightning")
                         for p in (Path(__file__).resolve().parents[1] / "recipes" / folder).glob("*.yaml")
                         if p.stem in FAMILIES)
 
@@ -623,6 +623,9 @@ def _tiny_overrides(path: Path, tmp_path: Path, family: str) -> list[str]:
         overrides += ["method.num_pairs=4", "method.pair_steps=2"]
     if load_recipe(path).method.name == "progressive":
         overrides += ["method.teacher_steps=8", "method.final_steps=4", "method.steps_per_stage=1"]
+    if method.name == "lightning":  # one step of each stage: regression, MSE, adversarial
+        overrides += ["method.teacher_steps=8", "method.stages=[4, 2]", "method.steps_per_stage=1",
+                      "method.relaxed_steps=0", "method.regression_steps=1", "train.max_steps=3"]
         if "regression_steps" in load_recipe(path).method.params:  # SD1.5/SDXL: one regression step, one halving
             overrides.append("method.regression_steps=1")
     return overrides

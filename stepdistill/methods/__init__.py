@@ -9,6 +9,7 @@ from .adversarial import Adversarial
 from .base import Batch, LossOutput, Method, Nets, RoleSpec
 from .consistency import Consistency
 from .dmd import DMD
+from .lightning import Lightning
 from .meanflow import MeanFlow
 from .phased_dmd import PhasedDMD
 from .progressive import ProgressiveDistillation
@@ -17,8 +18,8 @@ from .sid import SiD
 
 
 METHODS = {
-    # ADD: real data, hinge loss with R1 and the teacher's score distillation (lambda 2.5); the discriminator's features
-    # are the recipe's choice (method.source: dino, ADD's DINOv2 on decoded pixels, in the SD recipes)
+    # ADD: real data, hinge loss with R1 and the teacher's score distillation (lambda 2.5); the discriminator's
+    # features are the recipe's choice (method.source: dino, ADD's DINOv2 on decoded pixels, in the SD recipes)
     "add": functools.partial(Adversarial, distill_weight=2.5, r1_weight=1e-5),
     # LADD: the teacher's own samples as reals, its features as the discriminator, no distillation loss
     "ladd": functools.partial(Adversarial, real="teacher"),
@@ -34,6 +35,8 @@ METHODS = {
     "ict": functools.partial(Consistency, times="ict", solver="forward", target_ema=0.0, distance="pseudo_huber"),
     "dmd": functools.partial(DMD, regression_weight=0.25),
     "dmd2": DMD,
+    # SDXL-Lightning: progressive distillation's stages, the first by MSE, then a conditional adversarial loss
+    "lightning": Lightning,
     # MeanFlow: the average velocity u(z, r, t) of the teacher's flow, by its JVP identity (one- and two-step jumps)
     "meanflow": MeanFlow,
     # phased DMD: DMD per SNR phase of a deterministic few-step grid, an expert and a critic per phase
@@ -62,5 +65,6 @@ def method_parameters(name: str) -> dict[str, tuple[object, object]]:
     return {k: (hints.get(k, typing.Any), p.default) for k, p in sig.parameters.items()}
 
 
-__all__ = ["Adversarial", "Consistency", "DMD", "METHODS", "Batch", "LossOutput", "MeanFlow", "Method", "Nets",
-           "PhasedDMD", "RoleSpec", "ProgressiveDistillation", "SCM", "SiD", "method_class", "method_parameters"]
+__all__ = ["Adversarial", "Consistency", "DMD", "METHODS", "Batch", "Lightning", "LossOutput", "MeanFlow", "Method",
+           "Nets", "PhasedDMD", "RoleSpec", "ProgressiveDistillation", "SCM", "SiD", "method_class",
+           "method_parameters"]

@@ -187,6 +187,29 @@ class ProgressiveDistillation(Method):
         times = self._schedule.snap(torch.arange(n, 0, -1, dtype=torch.float64) / n)
         return StudentGrid(times=tuple(times.tolist()), transition="ddim")
 
+    def stage_teacher(self, nets: Nets, batch: Batch):
+        """The student's condition and the stage's teacher as ``teacher_step(x, t) -> Prediction``: the CFG teacher
+        (first stage) or the previous, already guided, student. The noised data is seen with its own condition where
+        it has one (labels, captions), else with the batch's prompts."""
+        cond = batch.x0_cond if batch.x0_cond is not None else batch.cond
+        student_cond, w = cond, 1.0
+        if self.guidance is not None:
+            w = self.guidance.draw(batch.size, batch.generator)
+            student_cond = self.guidance.student_cond(cond, w, batch.x0.device)
+        if self.stage <= 0:
+            teacher, teacher_cond, teacher_w = nets.teacher, cond, w
+        else:
+            teacher, teacher_cond, teacher_w = nets["stage_teacher"], student_cond, 1.0
+        return student_cond, lambda x, t: guided(teacher, x, t, teacher_cond, teacher_w)
+
+    @staticmethod
+    def two_steps(teacher_step, schedule, x_t, t, t_mid, s):
+        """Two teacher DDIM steps ``t -> t_mid -> s`` on ``schedule``: ``z_s`` and the prediction made at ``t_mid``."""
+        pred = teacher_step(x_t, t)
+        z_mid = ddim_step(pred, schedule, t_mid)
+        pred = teacher_step(z_mid, t_mid)
+        return ddim_step(pred, schedule, s), pred
+
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:
         x0 = batch.x0
         n_steps, b = self.student_steps, x0.shape[0]
@@ -199,26 +222,12 @@ class ProgressiveDistillation(Method):
         eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
         x_t = sch.add_noise(x0, eps, t)
 
-        # Teacher: CFG teacher (first stage) or the previous, already guided, student. The noised data is seen with
-        # its own condition where it has one (labels, captions), else with the batch's prompts.
-        cond = batch.x0_cond if batch.x0_cond is not None else batch.cond
-        student_cond, w = cond, 1.0
-        if self.guidance is not None:
-            w = self.guidance.draw(b, gen)
-            student_cond = self.guidance.student_cond(cond, w, x0.device)
-        if self.stage <= 0:
-            teacher, teacher_cond, teacher_w = nets.teacher, cond, w
-        else:
-            teacher, teacher_cond, teacher_w = nets["stage_teacher"], student_cond, 1.0
-
+        student_cond, teacher_step = self.stage_teacher(nets, batch)
         with torch.no_grad():
-            pred = guided(teacher, x_t, t, teacher_cond, teacher_w)
             if self.stage < 0:  # regression stage: the teacher's own x0 at t (the student takes the teacher's steps)
-                x_target = pred.x0_64
+                x_target = teacher_step(x_t, t).x0_64
             else:  # two teacher DDIM steps t -> t_mid -> s, then the x-target of Algorithm 2
-                z_mid = ddim_step(pred, teacher.schedule, t_mid)
-                pred = guided(teacher, z_mid, t_mid, teacher_cond, teacher_w)
-                z_s = ddim_step(pred, teacher.schedule, s)
+                z_s, pred = self.two_steps(teacher_step, nets.teacher.schedule, x_t, t, t_mid, s)
                 x_target = ddim_x0_target(x_t, z_s, sch, t, s)
                 # the last step lands on the data: its target is the midpoint's x0 (dpm.py), which the formula
                 # gives only where sigma(0) = 0
