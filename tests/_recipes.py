@@ -103,3 +103,31 @@ def stock_pipeline_latents(consumer: str, folder, noise, prompts: list[str], tmp
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return torch.from_numpy(np.load(tmp_path / "out.npy")), proc.stdout
+
+
+#: what every shipped gmm recipe also runs with: the true mixture as teacher and fresh roles, a short budget
+EXACT_GMM = ["teacher.gmm.denoiser=exact", "student.init=new", "data.batch_size=16", "train.checkpoint_every=1",
+             "train.log_every=1", "train.sample_every=0", "train.num_sample_images=4", "eval.num_samples=16",
+             "train.update_every={}"]
+
+
+def two_steps_and_a_resume(recipe_path, overrides: list[str], tmp_path):
+    """Two steps of a recipe file, then the same as one step and a resume: the finished two-step trainer and both
+    runs' log rows (without the timing), which an exact resume makes equal."""
+    import json
+
+    from stepdistill.config import load_recipe
+    from stepdistill.train import Trainer
+
+    def run(out, steps, resume=False):
+        recipe = load_recipe(recipe_path, [*overrides, f"train.max_steps={steps}"])
+        trainer = Trainer(recipe, tmp_path / out, resume=resume, show_progress=False).setup()
+        trainer.train()
+        return trainer
+
+    full = run("full", 2)
+    run("part", 1)
+    run("part", 2, resume=True)
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "it_per_s"}
+             for line in (tmp_path / out / "log.jsonl").read_text().splitlines()] for out in ("full", "part")]
+    return full, rows

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stepdistill.config import ConfigError, build_recipe, load_recipe
+from stepdistill.config import ConfigError, build_recipe
 from stepdistill.methods import METHODS
 from stepdistill.methods.base import Batch
 from stepdistill.methods.terms import gan_critic_loss, gan_generator_loss, r1_penalty
 from stepdistill.schedules import RectifiedFlow, VPDiscrete, map_time
 from stepdistill.train import Trainer
 
-from ._recipes import _apply, family_recipe
+from ._recipes import EXACT_GMM, _apply, family_recipe, two_steps_and_a_resume
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,21 +146,7 @@ def test_the_gmm_recipe_runs_on_the_exact_mixture_resumes_exactly_and_exports(tm
     """``recipes/ladd/gmm.yaml`` with the true mixture as teacher and fresh roles: two steps, the same two steps as one
     then a resume, and the stock export."""
     path = ROOT / "recipes" / "ladd" / "gmm.yaml"
-    common = ["teacher.gmm.denoiser=exact", "student.init=new", "data.batch_size=16", "train.checkpoint_every=1",
-              "train.log_every=1", "train.sample_every=0", "train.num_sample_images=4", "eval.num_samples=16",
-              "train.update_every={}", "method.num_pairs=32", "method.pair_steps=4"]
-
-    def run(out, steps, resume=False):
-        recipe = load_recipe(path, [*common, f"train.max_steps={steps}"])
-        trainer = Trainer(recipe, tmp_path / out, resume=resume, show_progress=False).setup()
-        trainer.train()
-        return trainer
-
-    full = run("full", 2)
-    run("part", 1)
-    run("part", 2, resume=True)
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "it_per_s"}
-             for line in (tmp_path / out / "log.jsonl").read_text().splitlines()] for out in ("full", "part")]
+    full, rows = two_steps_and_a_resume(path, [*EXACT_GMM, "method.num_pairs=32", "method.pair_steps=4"], tmp_path)
     assert rows[0] == rows[1] and {"loss/student", "loss/discriminator"} <= set(rows[0][0])
     folder = full.export()
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"

@@ -18,7 +18,7 @@ from stepdistill.mixture import GaussianMixture
 from stepdistill.schedules import RectifiedFlow, VPCosine, map_time
 from stepdistill.train import Trainer
 
-from ._recipes import GMM_2D, _apply, family_dmd_recipe
+from ._recipes import EXACT_GMM, GMM_2D, _apply, family_dmd_recipe, two_steps_and_a_resume
 from .test_export import _consume, _expected
 
 
@@ -221,23 +221,7 @@ def test_the_gmm_recipe_runs_on_the_exact_mixture_resumes_exactly_and_exports(tm
     student.init=new``): two steps, the same two steps as one then a resume, the experts pipeline."""
     from pathlib import Path
 
-    from stepdistill.config import load_recipe
-
     path = Path(__file__).resolve().parents[1] / "recipes" / "phased_dmd" / "gmm.yaml"
-    common = ["teacher.gmm.denoiser=exact", "student.init=new", "data.batch_size=16", "train.checkpoint_every=1",
-              "train.log_every=1",
-              "train.sample_every=0", "train.num_sample_images=4", "eval.num_samples=16", "train.update_every={}"]
-
-    def run(out, steps, resume=False):
-        recipe = load_recipe(path, [*common, f"train.max_steps={steps}"])
-        trainer = Trainer(recipe, tmp_path / out, resume=resume, show_progress=False).setup()
-        trainer.train()
-        return trainer
-
-    full = run("full", 2)
-    run("part", 1)
-    run("part", 2, resume=True)
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "it_per_s"}
-             for line in (tmp_path / out / "log.jsonl").read_text().splitlines()] for out in ("full", "part")]
+    full, rows = two_steps_and_a_resume(path, EXACT_GMM, tmp_path)
     assert rows[0] == rows[1] and {"loss/student@0", "loss/student@1"} <= set(rows[0][0]) | set(rows[0][1])
     assert json.loads((full.export() / "stepdistill.json").read_text())["pipeline_class"] == "ExpertsPipeline"
