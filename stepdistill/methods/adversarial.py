@@ -113,8 +113,8 @@ class Adversarial(Method):
         self.disc_times = LogitNormal(disc_time_mean, disc_time_std)
         self.distill_weight, self.distill_guidance = distill_weight, distill_guidance
         self.distill_weighting, self.guidance_scale = distill_weighting, guidance_scale
-        self.num_pairs, self.pair_sampler, self.pair_steps, self.pair_cache = num_pairs, pair_sampler, pair_steps, \
-            pair_cache
+        self.num_pairs, self.pair_sampler, self.pair_steps = num_pairs, pair_sampler, pair_steps
+        self.pair_cache = pair_cache
         self.dino_weights, self.dino_tiny = dino_weights, dino_tiny
         self.image_condition = image_condition and source == "dino"
         self.student_prediction = student_prediction

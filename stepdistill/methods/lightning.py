@@ -55,6 +55,10 @@ class Lightning(Method):
     """
 
     phases = ("student", "discriminator")
+    #: the generator's loss runs through another network's input (the frozen teacher's blocks, or the trained encoder
+    #: copy): under FSDP2 the student's root-level parameters then get no gradient (measured: its time embedding
+    #: missed every adversarial update; docs/experiments/sid.md), so a sharded run is refused
+    teacher_grad = True
 
     def __init__(self, *, teacher_steps: int = 16, stages: list[int] | None = None, mse_stages: int = 1,
                  steps_per_stage: int = 1000, relaxed_steps: int = 0, source: str = "encoder",
@@ -84,7 +88,6 @@ class Lightning(Method):
         self.head_width = head_width
         self.text_dim = 0
         self.relaxed = False
-        self.teacher_grad = source == "teacher"  # the generator's loss then runs through the frozen teacher's blocks
 
     # ------------------------------------------------------------------------------------------------ interface
     def roles(self) -> dict[str, RoleSpec]:
