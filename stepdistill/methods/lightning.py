@@ -109,16 +109,12 @@ class Lightning(Method):
         return self.pd.stage >= self.mse_stages
 
     def active_phases(self, step, update_every) -> tuple[str, ...]:
-        self.update_schedule(step, None)
-        if not self.adversarial:
-            return ("student",)  # PD's MSE stages: no discriminator yet
+        if self.pd.stage_at(step) < self.mse_stages:
+            return ("student",)  # PD's MSE stages (and its regression stage): no discriminator yet
         return super().active_phases(step, update_every)
 
-    def update_schedule(self, step: int, nets: Nets | None) -> dict[str, float]:
-        if nets is not None or self.pd._schedule is not None:
-            logs = self.pd.update_schedule(step, nets)
-        else:
-            return {}
+    def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
+        logs = self.pd.update_schedule(step, nets)
         offset = (step - self.pd.regression_steps) % self.pd.steps_per_stage
         self.relaxed = self.adversarial and offset >= self.pd.steps_per_stage - self.relaxed_steps
         return {**logs, "relaxed": float(self.relaxed)}

@@ -148,9 +148,13 @@ class ProgressiveDistillation(Method):
         """The stage ``step`` belongs to (bookkeeping only: the weights move in ``begin_step``)."""
         if self._schedule is None:
             self._use_schedule(nets.student.schedule)
-        halving = step - self.regression_steps
-        self.stage = -1 if halving < 0 else min(halving // self.steps_per_stage, self.num_stages - 1)
+        self.stage = self.stage_at(step)
         return {"stage": float(self.stage), "student_steps": float(self.student_steps)}
+
+    def stage_at(self, step: int) -> int:
+        """The halving ``step`` belongs to (-1: the regression stage)."""
+        halving = step - self.regression_steps
+        return -1 if halving < 0 else min(halving // self.steps_per_stage, self.num_stages - 1)
 
     def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
         """Stage boundaries, run by the loop once as ``step`` starts. The student just trained becomes the teacher
