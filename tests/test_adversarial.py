@@ -95,6 +95,7 @@ def test_each_source_gives_its_maps_and_only_the_student_takes_the_generator_gra
     cond = _batch(trainer).cond
     feats = m.source(nets, x, t, cond)
     head = nets["discriminator"]
+    assert (m.text_dim > 0) == (tiny != "unet2d")  # the heads see the prompt, sized from the null condition
     assert [f.shape[1] for f in feats] == m.source.channels(nets) and all(f.ndim == 4 for f in feats)
     if source != "dino":
         den = m.source.network(nets)

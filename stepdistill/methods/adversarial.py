@@ -24,7 +24,8 @@ chooses (``add`` and ``ladd`` are this class with other defaults, ``methods/__in
 
 Phases ``("student", "discriminator")``: the student's adversarial (and distillation) loss with the heads and the
 encoder frozen by the loop, gradients flowing through the feature network to the sample; then the heads (and the
-encoder) on detached fresh fakes and reals. ``train.update_every: {student: 5}`` is FastGen's LADD default.
+encoder) on that sample, detached (or a fresh no-grad one on steps without a student update), and reals.
+``train.update_every: {student: 5}`` is FastGen's LADD default.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class Adversarial(Method):
         self.pairs: dict[str, torch.Tensor] | None = None
         self.pair_cond: dict[str, torch.Tensor] | None = None
         self._grid: StudentGrid | None = None
+        self._fakes: list = []  # the student phase's detached samples, for the heads' phase of the same step
 
     def _source(self):
         if self.source_name == "teacher":
@@ -149,8 +151,6 @@ class Adversarial(Method):
 
     def _head(self, nets: Nets) -> GANHead:
         """The conditioned heads, sized for the source's maps (``RoleSpec.build``)."""
-        if self.source_name == "encoder":
-            EncoderSource.check(nets.teacher)
         if self.source is None:
             from ..nets.dino import load_dino  # transformers' DINOv2, only when asked for
             # 224 px (16x16 patches of ViT-S/14) as ADD; the released config's 518 would cost 5x more per image
@@ -169,6 +169,10 @@ class Adversarial(Method):
             times = tuple(float(t) for t in nets.student.schedule.grid(self.student_steps)[:-1])
             self._grid = StudentGrid(times, transition="renoise" if self.student_steps > 1 else "ddim")
         return {}
+
+    def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
+        self._fakes = []  # samples of an earlier step are not this step's generator any more
+        return ()
 
     def student_grid(self) -> StudentGrid:
         if self._grid is None:
@@ -264,7 +268,9 @@ class Adversarial(Method):
         gen = batch.generator
         real, cond = self.reals(batch)
         x = self.generate(nets.student, real, cond, gen, batch.shared)
-        logits, _ = self.judge(nets, x, cond, gen, self.image_embedding(real))
+        embed = self.image_embedding(real)
+        self._fakes.append((x.detach(), cond, embed))  # one per micro-batch, taken in order by the heads' phase
+        logits, _ = self.judge(nets, x, cond, gen, embed)
         adv = gan_generator_loss(logits, self.loss)
         loss = self.gan_weight * adv
         logs = {"loss_adv": adv.detach().mean(), "d_fake": logits.detach().mean()}
@@ -276,14 +282,19 @@ class Adversarial(Method):
         return LossOutput(loss, logs)
 
     def discriminator_loss(self, nets: Nets, batch: Batch) -> LossOutput:
-        """The heads (and encoder): fresh detached fakes against reals, each re-noised on its own (FastGen's default),
-        + R1 on the reals."""
+        """The heads (and encoder): detached fakes against reals, each re-noised on its own (FastGen's default), + R1
+        on the reals. The fakes are the student phase's of this step when it ran (as DMD's critic takes them: one
+        generator pass per step), else a no-grad sample drawn here."""
         gen = batch.generator
         real, cond = self.reals(batch)
-        with torch.no_grad():
-            fake = self.generate(nets.student, real, cond, gen, batch.shared)
         embed = self.image_embedding(real)
-        logits_fake, _ = self.judge(nets, fake, cond, gen, embed)
+        if self._fakes:
+            fake, fake_cond, fake_embed = self._fakes.pop(0)
+        else:
+            with torch.no_grad():
+                fake = self.generate(nets.student, real, cond, gen, batch.shared)
+            fake_cond, fake_embed = cond, embed
+        logits_fake, _ = self.judge(nets, fake, fake_cond, gen, fake_embed)
         with sdpa_kernel(SDPBackend.MATH) if self.r1_weight > 0 else contextlib.nullcontext():
             # R1 differentiates the heads' gradient: fused attention kernels have no double backward, the math one has
             logits_real, seen = self.judge(nets, real, cond, gen, embed, grad_input=self.r1_weight > 0)

@@ -95,8 +95,6 @@ class Lightning(Method):
 
     def _head(self, nets: Nets) -> GANHead:
         """Conditioned heads on the maps of ``x_s`` and ``x_t`` side by side (twice each map's channels)."""
-        if isinstance(self.source, EncoderSource):
-            EncoderSource.check(nets.teacher)
         self.text_dim = text_dim(nets.teacher)
         return GANHead([2 * c for c in self.source.channels(nets)], hidden=self.head_width,
                        cond_dim=TIME_DIM + self.text_dim)

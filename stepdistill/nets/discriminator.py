@@ -45,21 +45,24 @@ def time_features(schedule, t: torch.Tensor, dim: int = TIME_DIM) -> torch.Tenso
     return torch.cat([angles.sin(), angles.cos()], 1)
 
 
+def _pooled(cond: dict) -> torch.Tensor | None:
+    """The prompt as one vector per sample: the pooled embedding where the family has one, else the token mean."""
+    for key in ("pooled_projections", "text_embeds"):
+        if key in cond:
+            return cond[key].float()
+    return cond["encoder_hidden_states"].float().mean(1) if "encoder_hidden_states" in cond else None
+
+
 def text_dim(denoiser) -> int:
-    """The size of ``text_vector``'s output for ``denoiser``'s conditions (0: unconditional)."""
+    """The size of ``text_vector``'s output for ``denoiser``'s conditions (0: unconditional), read off its null
+    condition (set before any role is built) or its number of classes."""
     denoiser = getattr(denoiser, "inner", denoiser)  # a LoRA role's view of the shared base
     classes = getattr(denoiser, "num_classes", None)
     if classes is not None:
         return classes + 1  # the null class too
-    cfg = getattr(denoiser.backbone, "config", None)
-    if cfg is None:
-        return 0
-    if getattr(cfg, "pooled_projection_dim", None):
-        return int(cfg.pooled_projection_dim)  # SD3 and FLUX
-    if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: the pooled text beside 6 time ids
-        return int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
-    dim = getattr(cfg, "cross_attention_dim", None)
-    return int(dim if isinstance(dim, int) else dim[0]) if dim else 0
+    keys = getattr(denoiser, "_null_keys", None)
+    pooled = _pooled({k: getattr(denoiser, f"null_{k}") for k in keys}) if keys else None
+    return 0 if pooled is None else pooled.shape[-1]
 
 
 def text_vector(cond: dict | None, dim: int) -> torch.Tensor | None:
@@ -68,10 +71,7 @@ def text_vector(cond: dict | None, dim: int) -> torch.Tensor | None:
         return None
     if "class_labels" in cond:
         return F.one_hot(cond["class_labels"].long(), dim).float()
-    for key in ("pooled_projections", "text_embeds"):
-        if key in cond:
-            return cond[key].float()
-    return cond["encoder_hidden_states"].float().mean(1)
+    return _pooled(cond)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,6 +145,10 @@ class EncoderSource(TeacherSource):
 
     def network(self, nets):
         return nets["disc_encoder"]
+
+    def channels(self, nets) -> list[int]:
+        self.check(nets.teacher)
+        return super().channels(nets)
 
     @staticmethod
     def check(teacher) -> None:
