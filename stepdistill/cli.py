@@ -18,16 +18,20 @@ RECIPES = next((p for p in (Path(__file__).resolve().parent / "recipes",
 DEMO_RECIPE = Path(__file__).resolve().parent / "assets" / "demo.yaml"
 #: the most samples one ``stepdistill sample`` call draws (they are held in memory and written at once)
 MAX_SAMPLES = 1_000_000
+#: ``eval``'s defaults for text-to-image students: plain COCO-style captions (bundled), the papers' CLIP model
+EVAL_PROMPTS = "prompts/eval.txt"
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
 def _user_errors():
     from .config import ConfigError
+    from .eval_t2i import EvalError
     from .export import ExportError
     from .teachers import TeacherError
     from .train import RunError
 
     # OSError: a read-only or missing output location, an unreadable image file (PIL's error is an OSError)
-    return ConfigError, ExportError, TeacherError, RunError, OSError
+    return ConfigError, EvalError, ExportError, TeacherError, RunError, OSError
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,15 +183,21 @@ def _replaceable(folder: Path) -> bool:
 
 def cmd_eval(args) -> int:
     from .config import ConfigError, EvalConfig, load_recipe
+    from .eval_t2i import exported_folder
     from .evaluate import evaluate
 
     path = Path(args.path)
     if args.num_samples is not None and args.num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
+    if not path.exists():
+        raise ConfigError(f"{path}: no such run directory or pipeline folder")
+    folder = exported_folder(path)
+    if folder is not None:
+        return _eval_text_to_image(args, path, folder)
     student, grid, teacher, _ = _load_student(path)
     if teacher.family is not None:
-        raise ConfigError(f"eval: no metric for {teacher.family.name} students yet (a CLIP score is planned); "
-                          "`stepdistill sample` draws them")
+        raise ConfigError(f"eval: {path} has no exported pipeline ({path / 'pipeline'}); `stepdistill export "
+                          f"{path}` writes it, then evaluate again")
     ev = load_recipe(path / "config.yaml").eval if (path / "config.yaml").exists() else EvalConfig()
     num = args.num_samples or ev.num_samples
     print(f"evaluating: the student and the teacher at {grid.steps} and {ev.teacher_full_steps} steps on {num} "
@@ -202,6 +212,37 @@ def cmd_eval(args) -> int:
     else:  # an exported pipeline is left as it is: its card holds its run's own evaluation
         print("metrics printed above; the exported folder is left unchanged (evaluate the run directory to update "
               "its model card)", file=sys.stderr)
+    return 0
+
+
+def _eval_text_to_image(args, path: Path, folder: Path) -> int:
+    """A text-to-image student: its exported call beside the teacher's (``eval_t2i``). A run's results go to
+    ``RUN/eval/`` and onto its pipeline's model card; an exported folder is left unchanged, its results go beside it
+    (``--output-dir``)."""
+    import torch
+
+    from .config import ConfigError
+    from .eval_t2i import evaluate_export
+
+    is_run = folder != path
+    out = Path(args.output_dir) if args.output_dir else (path / "eval" if is_run else
+                                                          folder.parent / f"{folder.name}-eval")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if args.prompts is None and RECIPES is None:
+        raise ConfigError("--prompts: this install has no bundled prompt list; pass a file (one prompt per line)")
+    clip = None if args.clip_model == "none" else args.clip_model or DEFAULT_CLIP
+    metrics, metrics_path, picture = evaluate_export(
+        folder, out, prompts_file=args.prompts or str(RECIPES / EVAL_PROMPTS), reference=args.reference,
+        num=args.num_samples, batch_size=args.batch_size, seed=args.seed, device=device, clip_model=clip,
+        inception_weights=args.inception_weights, log=log)
+    print(json.dumps(metrics, indent=2))
+    log(f"metrics: {metrics_path}\ncompare: {picture}")
+    if is_run:
+        from .export import card_with_metrics
+
+        card_with_metrics(folder, metrics, picture)
+        log(f"model card: {folder / 'README.md'} (metrics and {picture.name} added)")
     return 0
 
 
@@ -318,7 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="metrics of a run or pipeline beside the teacher's; prints JSON")
     v.add_argument("path")
-    v.add_argument("--num-samples", type=int)
+    v.add_argument("--num-samples", type=int, help="samples (text-to-image: images; default one per prompt)")
+    t = v.add_argument_group("text-to-image students (SD1.5, SDXL, SD3, FLUX)")
+    t.add_argument("--prompts", help="prompt file, one per line (COCO captions); default: a bundled list")
+    t.add_argument("--reference", help="folder of reference images (one size) for FID/KID against real images")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", help="default: cuda when there is one, else cpu")
+    t.add_argument("--clip-model", help=f"CLIPModel hub id or folder (default {DEFAULT_CLIP}); none: no CLIP score")
+    t.add_argument("--inception-weights", help="torch-fidelity's Inception weights file (offline, not cached)")
+    t.add_argument("--output-dir", help="where metrics.json and compare.png go (default RUN/eval, or DIR-eval)")
     v.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("demo", help="the embedded digits teacher, distilled end to end")

@@ -23,14 +23,14 @@ from .atomic import atomic_file
 from .data import read_text
 
 
-def read_prompts(path: str) -> list[str]:
-    """One prompt per non-empty line of a UTF-8 text file."""
+def read_prompts(path: str, *, what: str = "data.prompts") -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file (``what``: the setting that named it, for errors)."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"data.prompts: no such file: {path}")
-    prompts = [line.strip() for line in read_text(p, "data.prompts").splitlines() if line.strip()]
+        raise ValueError(f"{what}: no such file: {path}")
+    prompts = [line.strip() for line in read_text(p, what).splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"data.prompts: {path} holds no prompts (one per line expected)")
+        raise ValueError(f"{what}: {path} holds no prompts (one per line expected)")
     return prompts
 
 

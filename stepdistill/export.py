@@ -557,7 +557,7 @@ def _ship_pipeline_file(folder: Path, filename: str, class_name: str) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def model_card(meta: dict, metrics: dict | None = None) -> str:
+def model_card(meta: dict, metrics: dict | None = None, picture: str | None = None) -> str:
     call = ", ".join(f"{k}={v!r}" for k, v in meta["call"].items())
     lines = [
         card_header(meta, adapter=False).rstrip("\n"),
@@ -594,6 +594,10 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         *_data_map_lines(meta),
         *_timesteps_line(meta),
     ]
+    if picture:  # `stepdistill eval`'s side-by-side picture, a file in the folder
+        lines += ["", "## Teacher and student", "", "Same prompts and initial noise; columns: the teacher's default "
+                  "call, the teacher at the student's number of steps, the student.", "",
+                  f"![teacher and student side by side]({picture})"]
     if metrics:
         lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2), "```"]
     return "\n".join(lines) + "\n"
@@ -625,13 +629,19 @@ def _stochastic(meta: dict) -> bool:
     return not isinstance(move, DDIM) and getattr(move, "gamma", 1.0) > 0  # DDIM and flow-map jumps add no noise
 
 
-def card_with_metrics(pipeline_dir: Path, metrics: dict) -> None:
-    """Rewrite an exported pipeline's model card with ``metrics`` (``stepdistill eval``, the demo) added."""
+def card_with_metrics(pipeline_dir: Path, metrics: dict, picture: Path | None = None) -> None:
+    """Rewrite an exported pipeline's model card with ``metrics`` (``stepdistill eval``, the demo) added, and a
+    picture (copied into the folder) embedded."""
+    import shutil
+
     from .atomic import atomic_file
 
     meta = json.loads((Path(pipeline_dir) / "stepdistill.json").read_text())
+    if picture is not None:
+        with atomic_file(Path(pipeline_dir) / picture.name) as tmp:
+            shutil.copyfile(picture, tmp)
     with atomic_file(Path(pipeline_dir) / "README.md") as tmp:
-        tmp.write_text(model_card(meta, metrics))
+        tmp.write_text(model_card(meta, metrics, picture.name if picture is not None else None))
 
 
 def load_exported_student(pipeline_dir: Path, teacher) -> tuple[Denoiser, StudentGrid, dict]:

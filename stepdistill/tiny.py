@@ -167,3 +167,24 @@ def _eval(build):
 #: ``teacher.tiny`` names of the diffusers families (``unet2d`` lives in ``teachers.py``)
 TINY_PIPELINES = {"sd15": _eval(tiny_sd15), "sdxl": _eval(tiny_sdxl), "sd3": _eval(tiny_sd3),
                   "flux": _eval(tiny_flux), "flux-dev": _eval(lambda: tiny_flux(guidance_embeds=True))}
+
+
+def tiny_clip(image_size: int = 32):
+    """``(CLIPModel, CLIPProcessor)``: a seeded random CLIP of the tiny text encoders' size, for the CLIP score's
+    tests (``stepdistill eval --clip-model`` takes the folder ``save_pretrained`` writes of both)."""
+    import transformers
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    # transformers 5 names the PIL-backed processor apart (the default one needs torchvision); 4.x has one class
+    images = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    text = {k: v for k, v in _clip_config().to_dict().items() if k in (
+        "bos_token_id", "eos_token_id", "pad_token_id", "hidden_size", "intermediate_size", "num_attention_heads",
+        "num_hidden_layers", "vocab_size", "max_position_embeddings")}
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                  image_size=image_size, patch_size=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    size = {"shortest_edge": image_size}
+    processor = CLIPProcessor(image_processor=images(size=size, crop_size={"height": image_size, "width": image_size}),
+                              tokenizer=clip_tokenizer())
+    return model, processor

@@ -56,3 +56,31 @@ def save_sample_grid(x: torch.Tensor, path: str | Path, *, mixture=None) -> Path
         ref = mixture.sample(1000, torch.Generator().manual_seed(0))[0] if mixture is not None else None
         scatter(x, reference=ref).save(path)
     return path
+
+
+def compare_grid(columns: list[torch.Tensor], labels: list[str], prompts: list[str], *,
+                 cell: int = 192) -> Image.Image:
+    """Side-by-side picture: one row per prompt (written at the left), one column per ``[N, 3, H, W]`` image set in
+    [0, 1] (``labels`` on top), every image scaled to ``cell`` pixels high (nearest for small latents' images)."""
+    rows, (h, w) = columns[0].shape[0], columns[0].shape[-2:]
+    width = max(1, round(cell * w / h))
+    text_w, head, pad = 220, 24, 4
+    canvas = Image.new("RGB", (text_w + len(columns) * (width + pad) + pad, head + rows * (cell + pad) + pad),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(labels):
+        draw.text((text_w + pad + j * (width + pad), 6), label, fill="black")
+    for i in range(rows):
+        top = head + pad + i * (cell + pad)
+        draw.multiline_text((pad, top + 4), _wrap(prompts[i], 34), fill="black")
+        for j, images in enumerate(columns):
+            px = (images[i].float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(px, "RGB").resize((width, cell), Image.NEAREST if h < cell else Image.BICUBIC)
+            canvas.paste(tile, (text_w + pad + j * (width + pad), top))
+    return canvas
+
+
+def _wrap(text: str, chars: int, lines: int = 8) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, chars)[:lines])
