@@ -235,7 +235,7 @@ def _eval_text_to_image(args, path: Path, folder: Path) -> int:
     metrics, metrics_path, picture = evaluate_export(
         folder, out, prompts_file=args.prompts or str(RECIPES / EVAL_PROMPTS), reference=args.reference,
         num=args.num_samples, batch_size=args.batch_size, seed=args.seed, device=device, clip_model=clip,
-        inception_weights=args.inception_weights, log=log)
+        features=args.features, inception_weights=args.inception_weights, log=log)
     print(json.dumps(metrics, indent=2))
     log(f"metrics: {metrics_path}\ncompare: {picture}")
     if is_run:
@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", help="default: cuda when there is one, else cpu")
     t.add_argument("--clip-model", help=f"CLIPModel hub id or folder (default {DEFAULT_CLIP}); none: no CLIP score")
+    t.add_argument("--features", default="inception",
+                   help="FID/KID features: inception (default) | dinov2[:HUB_ID_OR_DIR] (FD_DINOv2, ViT-L/14 default)")
     t.add_argument("--inception-weights", help="torch-fidelity's Inception weights file (offline, not cached)")
     t.add_argument("--output-dir", help="where metrics.json and compare.png go (default RUN/eval, or DIR-eval)")
     v.set_defaults(fn=cmd_eval)

@@ -50,6 +50,7 @@ class InceptionFeatures(nn.Module):
     takes uint8 pixels and resizes to 299 itself)."""
 
     num_features = 2048
+    description = "inception-v3-compat (torch-fidelity), 2048-d pool"
 
     def __init__(self, weights: str | None = None):
         super().__init__()
@@ -71,6 +72,36 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net((images.clamp(0, 1) * 255).round().to(torch.uint8)).reshape(images.shape[0], -1)
+
+
+class DinoV2Features(nn.Module):
+    """Images in [0, 1] -> DINOv2's final CLS embedding at 224 px: the features of FD_DINOv2 (Stein et al. 2023,
+    "Exposing flaws of generative model evaluation metrics"; EDM2 reports it with ViT-L/14), an alternative to
+    Inception's for FID/KID (``--features dinov2:NAME_OR_DIR``)."""
+
+    def __init__(self, weights: str):
+        super().__init__()
+        from .nets.dino import load_dino
+
+        try:
+            self.net = load_dino(weights, layers=(-1,), resolution=224, what="--features dinov2")
+        except ValueError as err:
+            raise Unavailable(f"FID/KID not computed: {err}") from err
+        self.num_features = self.net.hidden_size
+        self.description = f"dinov2 ({weights}), CLS token at 224 px"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images * 2 - 1)[1]
+
+
+def feature_network(name: str, *, inception_weights: str | None = None) -> nn.Module:
+    """``inception`` (torchmetrics' default) or ``dinov2[:NAME_OR_DIR]`` (default ``facebook/dinov2-large``)."""
+    kind, _, weights = name.partition(":")
+    if kind == "inception" and not weights:
+        return InceptionFeatures(inception_weights)
+    if kind == "dinov2":
+        return DinoV2Features(weights or "facebook/dinov2-large")
+    raise EvalError(f"--features: {name!r}; use inception or dinov2[:HUB_ID_OR_FOLDER]")
 
 
 class _Given(nn.Identity):
@@ -380,11 +411,11 @@ def load_pipelines(folder: Path, *, device: str):
 
 def evaluate_export(folder: Path, out_dir: Path, *, prompts_file: str, reference: str | None,
                     num: int | None, batch_size: int, seed: int, device: str, clip_model: str | None,
-                    inception_weights: str | None = None, features: nn.Module | None = None, show: int = 8,
+                    features: str | nn.Module = "inception", inception_weights: str | None = None, show: int = 8,
                     log=print) -> tuple[dict, Path, Path]:
     """Check the inputs, load both pipelines and the scorers, evaluate, write ``out_dir/{metrics.json,
-    compare.png}``. ``features``: the FID/KID feature network (default torchmetrics' Inception). Scorers that cannot
-    load (and CLIP with ``clip_model`` None) are reported through ``log`` and left out."""
+    compare.png}``. ``features``: the FID/KID feature network, by name (``feature_network``) or a module. Scorers
+    that cannot load (and CLIP with ``clip_model`` None) are reported through ``log`` and left out."""
     prompts = read_prompts(prompts_file)
     num = num or len(prompts)
     if num < 2:
@@ -392,14 +423,14 @@ def evaluate_export(folder: Path, out_dir: Path, *, prompts_file: str, reference
     if batch_size < 1:
         raise EvalError(f"--batch-size: must be >= 1, got {batch_size}")
     files = reference_files(reference) if reference else None
-    student, teacher, meta, backbone = load_pipelines(folder, device=device)
-    left_out, clip, name = [], None, type(features).__name__
-    if features is None:
-        name = "inception-v3-compat (torch-fidelity), 2048-d pool"
+    left_out, clip = [], None
+    if isinstance(features, str):
         try:
-            features = InceptionFeatures(inception_weights).to(device).eval()
+            features = feature_network(features, inception_weights=inception_weights).to(device).eval()
         except Unavailable as why:
             left_out.append(str(why))
+            features = None
+    student, teacher, meta, backbone = load_pipelines(folder, device=device)
     if clip_model is not None:
         try:
             clip = ClipScorer(clip_model, device=device)
@@ -411,7 +442,7 @@ def evaluate_export(folder: Path, out_dir: Path, *, prompts_file: str, reference
                                            num=num, batch_size=batch_size, seed=seed, device=device,
                                            features=features, clip=clip, reference=files, show=show)
     metrics = {"pipeline": str(folder), "prompts": prompts_file, "num_images": num, "seed": seed, "device": device,
-               "feature_network": name if features is not None else None,
+               "feature_network": getattr(features, "description", type(features).__name__) if features else None,
                "clip_model": clip.name if clip else None, "not_computed": left_out,
                "reference": {"folder": reference, "num_images": len(files)} if files else None,
                "safety_checker": "off", **metrics}

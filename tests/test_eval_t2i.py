@@ -158,27 +158,37 @@ def test_every_call_starts_from_the_same_noise(runs):
 
 
 def test_cli_eval_of_a_run_writes_metrics_picture_and_card(runs, clip_dir, tmp_path, capsys):
-    run = tmp_path / "run"
+    """Through ``stepdistill eval`` with tiny nets saved as a user would point at them: a CLIP folder and a DINOv2
+    folder (``--features dinov2:DIR``, FD_DINOv2's features)."""
+    from stepdistill.nets.dino import _tiny_model
+
+    run, dino = tmp_path / "run", tmp_path / "dino"
     shutil.copytree(runs["sd15"], run)
-    assert main(["eval", str(run), "--num-samples", "2", "--batch-size", "2", "--clip-model", str(clip_dir)]) == 0
+    _tiny_model().save_pretrained(dino)
+    assert main(["eval", str(run), "--num-samples", "2", "--batch-size", "2", "--clip-model", str(clip_dir),
+                 "--features", f"dinov2:{dino}"]) == 0
     out, err = capsys.readouterr()
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert json.loads(out) == metrics and metrics["clip_model"] == str(clip_dir)
+    assert json.loads(out) == metrics and metrics["clip_model"] == str(clip_dir) and metrics["not_computed"] == []
+    assert metrics["feature_network"].startswith("dinov2") and np.isfinite(metrics["student"]["fid_vs_teacher"])
+    assert np.isfinite([metrics[k]["kid_vs_teacher"] for k in ("student", "teacher_same_steps")]).all()
     assert (run / "eval" / "compare.png").is_file() and (run / "pipeline" / "compare.png").is_file()
     card = (run / "pipeline" / "README.md").read_text()
     assert "![teacher and student side by side](compare.png)" in card and '"clip_score"' in card
     assert card.startswith("---\n") and "library_name: diffusers" in card  # the front matter stays
     assert f"metrics: {run / 'eval' / 'metrics.json'}" in err
+    # an exported folder is left as it is; its results go beside it
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "pipeline").iterdir()}
+    assert main(["eval", str(run / "pipeline"), "--num-samples", "2", "--clip-model", str(clip_dir)]) == 0
+    err = capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "pipeline").iterdir()} == before
+    metrics = json.loads((run / "pipeline-eval" / "metrics.json").read_text())
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:  # without torch-fidelity: one line says what is missing and the rest still ran
         assert "FID/KID not computed: their Inception network needs torch-fidelity" in err
-        assert "fid_vs_teacher" not in metrics["student"] and "clip_score" in metrics["student"]
-    # an exported folder is left as it is; its results go beside it
-    before = {p.name: p.stat().st_mtime_ns for p in (run / "pipeline").iterdir()}
-    assert main(["eval", str(run / "pipeline"), "--num-samples", "2", "--clip-model", "none"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (run / "pipeline").iterdir()} == before
-    assert (run / "pipeline-eval" / "metrics.json").is_file()
+        assert metrics["not_computed"] and "fid_vs_teacher" not in metrics["student"]
+        assert "clip_score" in metrics["student"]
 
 
 def _prompts(tmp_path):
@@ -197,6 +207,7 @@ def _prompts(tmp_path):
     ("mixed_sizes", "--reference: images of mixed sizes"),
     ("one_image", "--num-samples: FID and KID need at least 2 images"),
     ("no_export", "has no exported pipeline"),
+    ("features", "--features: 'vgg'; use inception or dinov2"),
 ])
 def test_bad_eval_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, case, match):
     run = tmp_path / "run"
@@ -213,6 +224,8 @@ def test_bad_eval_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, c
         args += ["--reference", str(_reference(tmp_path / "ref", [(24, 24), (32, 24)]))]
     elif case == "one_image":
         args += ["--num-samples", "1"]
+    elif case == "features":
+        args += ["--features", "vgg"]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -165,7 +165,7 @@ def _tiny_model() -> nn.Module:
         return Dinov2Model(tiny_dinov2_config())
 
 
-def _pretrained_model(weights: str) -> nn.Module:
+def _pretrained_model(weights: str, what: str) -> nn.Module:
     from transformers import Dinov2Model
 
     try:
@@ -174,7 +174,7 @@ def _pretrained_model(weights: str) -> nn.Module:
         local_err = err
     if os.path.isdir(os.path.expanduser(weights)):
         first = str(local_err).strip().splitlines()[0] if str(local_err).strip() else type(local_err).__name__
-        raise ValueError(f"method.dino_weights: {weights!r} is a folder but holds no Dinov2Model ({first}); give a "
+        raise ValueError(f"{what}: {weights!r} is a folder but holds no Dinov2Model ({first}); give a "
                          "folder holding a Dinov2Model, or method.dino_tiny: true (a random tiny network, for tests)")
     hub = "" if _looks_like_path(weights) else "hub unreachable"
     if hub and _hub_reachable():
@@ -183,15 +183,15 @@ def _pretrained_model(weights: str) -> nn.Module:
         except (OSError, ValueError):
             hub = "not on the hub"
     where = ", ".join(["not a local folder", "not in the hub cache"] + ([hub] if hub else []))
-    raise ValueError(f"method.dino_weights: no DINOv2 weights at {weights!r} ({where}); give a folder holding a "
+    raise ValueError(f"{what}: no DINOv2 weights at {weights!r} ({where}); give a folder holding a "
                      "Dinov2Model, or method.dino_tiny: true (a random tiny network, for tests)")
 
 
 def load_dino(weights: str | Path | None = None, *, tiny: bool = False, layers: tuple[int, ...] | None = None,
-              resolution: int | None = None) -> DinoFeatures:
+              resolution: int | None = None, what: str = "method.dino_weights") -> DinoFeatures:
     """The frozen feature network: ``tiny`` a random ``tiny_dinov2_config()`` network (seeded, the same every call),
     else the ``Dinov2Model`` at ``weights`` (a local folder or a hub id; default ``DEFAULT_WEIGHTS``), looked for on
     disk and in the hub cache first and downloaded only when the hub is reachable and ``HF_HUB_OFFLINE`` is unset.
-    Missing weights raise ``ValueError`` with one line."""
-    model = _tiny_model() if tiny else _pretrained_model(str(weights or DEFAULT_WEIGHTS))
+    Missing weights raise ``ValueError`` with one line naming the setting ``what``."""
+    model = _tiny_model() if tiny else _pretrained_model(str(weights or DEFAULT_WEIGHTS), what)
     return DinoFeatures(model, layers=layers, resolution=resolution)
