@@ -172,13 +172,14 @@ class CleanSamples:
     def reads_data(self) -> bool:
         return self.source != "teacher"
 
-    def prepare(self, teacher: Denoiser, ctx, *, who: str, guidance: float = 1.0) -> None:
+    def prepare(self, teacher: Denoiser, ctx, *, who: str, guidance: float = 1.0,
+                key: str = "method.x0_source") -> None:
         """Makes (or loads) the teacher samples when they stand in for data, sampled with CFG scale ``guidance`` on
-        text teachers. ``who`` names the method in the log line."""
+        text teachers. ``who`` names the method in the log line, ``key`` the recipe setting in refusals."""
         use_teacher = self.source == "teacher" or (self.source == "auto" and ctx.data_source in (None, "gaussian"))
         if use_teacher:  # a class-conditional teacher is refused there: give it a data source with labels instead
             self.pairs, self.cond = teacher_pairs(
-                teacher, key="method.x0_source", sample_shape=ctx.sample_shape, device=ctx.device,
+                teacher, key=key, sample_shape=ctx.sample_shape, device=ctx.device,
                 cache_dir=ctx.cache_dir, num_pairs=self.num, sampler=self.sampler, steps=self.steps,
                 guidance=guidance, conditions=ctx.conditions, cache=self.cache, is_main_process=ctx.is_main_process,
                 wait_for_everyone=ctx.wait_for_everyone)

@@ -304,14 +304,14 @@ def test_regression_pairs_are_cached_and_a_mismatched_cache_is_refused(tmp_path)
     over = {"method.regression_weight": 0.25, "method.num_pairs": 32, "method.pair_steps": 8,
             "method.pair_cache": str(cache), "method.gan_weight": 0.0}
     trainer = _trainer(tmp_path, "a", **over)
-    assert cache.exists() and trainer.method.pairs["noise"].shape == (32, 2)
+    assert cache.exists() and trainer.method.ode.pairs["noise"].shape == (32, 2)
     stamp = cache.stat().st_mtime_ns
     logs = _trainer(tmp_path, "b", **over).train()
     assert cache.stat().st_mtime_ns == stamp and "loss_reg/student" in logs  # reused, not remade
     # the pair targets are the teacher's own 8-step DDIM samples of the stored noise
     from stepdistill.sampling import sample_ddim
 
-    noise, target = trainer.method.pairs["noise"], trainer.method.pairs["target"]
+    noise, target = trainer.method.ode.pairs["noise"], trainer.method.ode.pairs["target"]
     teacher = trainer.nets.teacher
     with torch.no_grad():
         torch.testing.assert_close(sample_ddim(teacher, noise[:4], teacher.schedule.grid(8)), target[:4])

@@ -353,7 +353,7 @@ def test_ode_pairs_of_a_text_teacher_carry_their_prompts(tmp_path, mode, monkeyp
                                           "method.num_pairs": 4, "method.pair_steps": 2, "roles.mode": mode,
                                           "train.max_steps": 1})
     trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
-    pairs, table = trainer.method.pairs, trainer.conditions
+    pairs, table = trainer.method.ode.pairs, trainer.conditions
     assert pairs["rows"].shape == (4,) and pairs["target"].shape == (4, *trainer.teacher.sample_shape)
     teacher = trainer.nets.teacher
     cond = {k: v[pairs["rows"][:1]] for k, v in table.items()}

@@ -109,7 +109,7 @@ def test_dmd_regression_with_lpips_trains_and_missing_weights_are_one_error(tmp_
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
     _weights(tmp_path / "w", "alex")
     trainer = _lpips_trainer(tmp_path, "a", **{"method.lpips_weights": str(tmp_path / "w")})
-    lpips = trainer.method.lpips
+    lpips = trainer.method.ode.lpips
     assert isinstance(lpips, LPIPS) and not any(p.requires_grad for p in lpips.parameters())
     logs = trainer.train()
     assert "loss_reg/student" in logs and torch.isfinite(torch.tensor(logs["loss_reg/student"]))

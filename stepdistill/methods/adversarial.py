@@ -39,7 +39,7 @@ from ..denoisers import guided
 from ..nets.discriminator import SOURCES, TIME_DIM, DinoSource, EncoderSource, TeacherSource, text_dim, text_vector
 from ..nets.discriminator import time_features as noise_features
 from ..nets.gan_head import GANHead
-from ..pairs import teacher_pairs
+from ..pairs import CleanSamples
 from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise, sample_student
 from ..schedules import LogitNormal, RectifiedFlow, map_time
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
@@ -114,15 +114,13 @@ class Adversarial(Method):
         self.disc_times = LogitNormal(disc_time_mean, disc_time_std)
         self.distill_weight, self.distill_guidance = distill_weight, distill_guidance
         self.distill_weighting, self.guidance_scale = distill_weighting, guidance_scale
-        self.num_pairs, self.pair_sampler, self.pair_steps = num_pairs, pair_sampler, pair_steps
-        self.pair_cache = pair_cache
+        # the reals: the run's data, or the teacher's CFG samples made once and cached (LADD)
+        self.clean = CleanSamples(real, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
         self.dino_weights, self.dino_tiny = dino_weights, dino_tiny
         self.image_condition = image_condition and source == "dino"
         self.student_prediction = student_prediction
         self.source = self._source()
         self.text_dim = 0  # the prompt vector's size, known once the teacher is (``_head``)
-        self.pairs: dict[str, torch.Tensor] | None = None
-        self.pair_cond: dict[str, torch.Tensor] | None = None
         self._grid: StudentGrid | None = None
         self._fakes: list = []  # the student phase's detached samples, for the heads' phase of the same step
 
@@ -184,23 +182,14 @@ class Adversarial(Method):
         self.update_schedule(0, nets)
         if isinstance(self.source, DinoSource):
             self.source = DinoSource(self.source.dino.to(ctx.device), ctx.decode)
-        if self.real == "teacher":
-            self.pairs, self.pair_cond = teacher_pairs(
-                nets.teacher, key="method.real: teacher", sample_shape=ctx.sample_shape, device=ctx.device,
-                cache_dir=ctx.cache_dir, num_pairs=self.num_pairs, sampler=self.pair_sampler, steps=self.pair_steps,
-                guidance=self.guidance_scale, conditions=ctx.conditions, cache=self.pair_cache,
-                is_main_process=ctx.is_main_process, wait_for_everyone=ctx.wait_for_everyone)
+        self.clean.prepare(nets.teacher, ctx, who="discriminator's reals", guidance=self.guidance_scale,
+                           key="method.real: teacher")
 
     # ------------------------------------------------------------------------------------------------ pieces
     def reals(self, batch: Batch) -> tuple[torch.Tensor, dict | None]:
         """``B`` real samples and their conditions: the batch's data (with its own captions or labels when it has
         them), or teacher samples drawn from the cached set."""
-        if self.real == "data":
-            return batch.x0, batch.x0_cond if batch.x0_cond is not None else batch.cond
-        idx = torch.randint(0, self.pairs["target"].shape[0], (batch.size,), generator=batch.generator)
-        x = self.pairs["target"][idx].to(batch.x0.device)
-        cond = None if self.pair_cond is None else {k: v[self.pairs["rows"][idx]] for k, v in self.pair_cond.items()}
-        return x, cond
+        return self.clean.draw(batch)
 
     def _noise(self, like: torch.Tensor, gen) -> torch.Tensor:
         return torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)

@@ -21,7 +21,7 @@ backward simulation; ``main/train_sd.py`` update order). One loss object serves 
   output parameterisation, i.e. the teacher's training loss (v-MSE for the project's v-prediction teachers, which
   weights high-noise times by ``1/a_t^2`` relative to DMD2's eps-MSE on SD); ``eps`` reproduces DMD2 on any teacher;
 * DMD (v1)'s regression loss ``regression_weight * d(G(z), y)`` on teacher ODE pairs ``(z, y)`` made once and
-  cached (``pairs.py``); ``d`` is pseudo-Huber (``c = 0.00054 sqrt(dim)``, iCT) or MSE; one-step students only;
+  cached (``ode_regression.py``); one-step students only;
 * DMD2's GAN term: a head on the fake score's bottleneck (``nets/gan_head.py``); inputs are diffusion-noised
   (``t_gan ~ U[0, gan_t_max)``); non-saturating losses ``softplus(-D(fake))`` for the generator,
   ``softplus(D(fake)) + softplus(-D(real))`` for the head (weight ``gan_critic_weight``), trained with the fake
@@ -33,9 +33,8 @@ backward simulation; ``main/train_sd.py`` update order). One loss object serves 
   ``multistep_matching`` says at which noise levels step ``k``'s output ``x0_k`` is judged. ``mixture`` (DMD2): at
   all of them, by one fake score trained on the outputs of all steps, so the fake score models the *mixture*
   ``M = mean_k P_k`` and the DM loss minimises ``KL(M || p_real)``. Its minimum only asks the mixture to match:
-  steps can err in opposite directions. On the digits teacher (README) the 4-step student's per-step mean pixel
-  read -0.456 / -0.440 / -0.374 / -0.286 (teacher -0.390; their average -0.389) and the last step's FD was 5x the
-  third's. ``phased`` (after Phased DMD, Fan et al. 2025, which trains a fake score per phase on its subinterval):
+  steps can err in opposite directions (measured on the digits teacher: README, "Quality: DMD and DMD2").
+  ``phased`` (after Phased DMD, Fan et al. 2025, which trains a fake score per phase on its subinterval):
   ``x0_k`` is judged, by the DM loss, the fake score and the GAN, only at times in its band ``(t_{k+1}, t_k]``
   (the last step: ``[0, t_{K-1}]``). The bands are disjoint, so one time-conditioned fake score models each
   ``P_k`` on its own band with no mixture. Sufficient: step ``k+1`` sees ``x0_k`` re-noised to ``t_{k+1}``, so
@@ -75,13 +74,10 @@ import torch
 
 from ..denoisers import guided
 from ..nets.gan_head import GANHead
-from ..nets.lpips import LPIPS, lpips_for_samples
-from ..nets.lpips import NETS as LPIPS_NETS
-from ..pairs import teacher_pairs
-from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise, sample_student
+from ..sampling import StudentGrid, sample_student
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
+from .ode_regression import ODERegression
 from .terms import (
-    DISTANCES,
     DIVERGENCES,
     TIME_DENSITIES,
     band_times,
@@ -90,7 +86,6 @@ from .terms import (
     dm_loss,
     gan_critic_loss,
     gan_generator_loss,
-    regression_loss,
     time_range,
 )
 
@@ -174,18 +169,12 @@ class DMD(Method):
             raise ValueError(f"method.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
         if divergence not in DIVERGENCES:
             raise ValueError(f"method.divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        if regression_loss not in DISTANCES:
-            raise ValueError(f"method.regression_loss must be one of {DISTANCES}, got {regression_loss!r}")
-        if lpips_net not in LPIPS_NETS:
-            raise ValueError(f"method.lpips_net must be one of {sorted(LPIPS_NETS)}, got {lpips_net!r}")
         for key, value in (("regression_weight", regression_weight), ("regression_warmup", regression_warmup)):
             if value > 0 and student_steps != 1:
                 raise ValueError(f"method.{key}: the ODE-pair regression is defined for one-step students "
                                  f"(DMD v1, DMD2's SDXL pretraining); got student_steps {student_steps}")
         if not isinstance(regression_warmup, int) or regression_warmup < 0:
             raise ValueError(f"method.regression_warmup must be a number of steps >= 0, got {regression_warmup!r}")
-        if pair_sampler not in TEACHER_SAMPLERS:
-            raise ValueError(f"method.pair_sampler must be one of {sorted(TEACHER_SAMPLERS)}, got {pair_sampler!r}")
         weights = (gan_weight, gan_critic_weight, regression_weight, dm_weight)
         if min(weights) < 0 or min(guidance_scale, fake_guidance) < 1:
             raise ValueError("method: loss weights must be >= 0 and guidance scales >= 1")
@@ -208,18 +197,14 @@ class DMD(Method):
         self.backward_simulation, self.guidance_scale = backward_simulation, guidance_scale
         self.t_min, self.t_max, self.dm_weight, self.divergence = t_min, t_max, dm_weight, divergence
         self.gan_weight, self.gan_critic_weight, self.gan_t_max = gan_weight, gan_critic_weight, gan_t_max
-        self.regression_weight, self.regression_loss = regression_weight, regression_loss
-        self.regression_warmup = regression_warmup
-        self.lpips_net, self.lpips_weights = lpips_net, lpips_weights
-        self.lpips: LPIPS | None = None  # frozen, loaded in prepare(); not a role (never trained or checkpointed)
-        self.num_pairs, self.pair_sampler, self.pair_steps = num_pairs, pair_sampler, pair_steps
-        self.pair_cache, self.student_prediction = pair_cache, student_prediction
+        self.regression_weight, self.regression_warmup = regression_weight, regression_warmup
+        self.ode = ODERegression(loss=regression_loss, num_pairs=num_pairs, sampler=pair_sampler, steps=pair_steps,
+                                 cache=pair_cache, lpips_net=lpips_net, lpips_weights=lpips_weights)
+        self.student_prediction = student_prediction
         self.fake_score_target, self.time_density = fake_score_target, time_density
         self.fake_guidance, self.cond_dropout = fake_guidance, cond_dropout
         self.phased = multistep_matching == "phased" and student_steps > 1
         self._fakes: list = []  # the student phase's detached samples, for the critic of the same step
-        self.pairs: dict[str, torch.Tensor] | None = None
-        self.pair_cond: dict[str, torch.Tensor] | None = None  # text teachers: the prompt table the pairs index
         self._grid: StudentGrid | None = None
 
     # ------------------------------------------------------------------------------------------------ interface
@@ -316,19 +301,10 @@ class DMD(Method):
                              f"(the draw stops short of int(gan_t_max N)); use at least {1 / n:g}")
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
-        """Make or load the teacher ODE pairs of the regression loss (DMD v1); text teachers' pairs carry their
-        prompts (sampled with the CFG teacher at ``guidance_scale``)."""
+        """Make or load the teacher ODE pairs of the regression loss (DMD v1) when it is used."""
         self.update_schedule(0, nets)
-        if self.regression_weight == 0 and self.regression_warmup == 0:
-            return
-        self.pairs, self.pair_cond = teacher_pairs(
-            nets.teacher, key="method.regression_weight", sample_shape=ctx.sample_shape, device=ctx.device,
-            cache_dir=ctx.cache_dir, num_pairs=self.num_pairs, sampler=self.pair_sampler, steps=self.pair_steps,
-            guidance=self.guidance_scale, conditions=ctx.conditions, cache=self.pair_cache,
-            is_main_process=ctx.is_main_process, wait_for_everyone=ctx.wait_for_everyone)
-        if self.regression_loss == "lpips":
-            self.lpips = lpips_for_samples(ctx.sample_shape, self.lpips_net, self.lpips_weights, ctx.device,
-                                           key="method.regression_loss")
+        if self.regression_weight > 0 or self.regression_warmup > 0:
+            self.ode.prepare(nets.teacher, ctx, guidance=self.guidance_scale, key="method.regression_weight")
 
     # ------------------------------------------------------------------------------------------------ pieces
     def times_for(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *,
@@ -395,13 +371,7 @@ class DMD(Method):
 
     def regression(self, nets: Nets, b: int, device, gen) -> torch.Tensor:
         """DMD (v1) regression on cached teacher ODE pairs: one student step from ``z`` against the teacher's ``y``."""
-        noise, target = self.pairs["noise"], self.pairs["target"]
-        idx = torch.randint(0, noise.shape[0], (b,), generator=gen)
-        z, y = noise[idx].to(device), target[idx].to(device)
-        cond = None if self.pair_cond is None else {k: v[self.pairs["rows"][idx]] for k, v in self.pair_cond.items()}
-        sch, t0 = nets.student.schedule, self.student_grid().times[0]
-        x = nets.student(prior_noise(sch, z, t0), torch.full((b,), t0, dtype=torch.float64), cond).x0
-        return regression_loss(x, y, self.regression_loss, self.lpips)
+        return self.ode(nets.student, self.student_grid().times[0], b, device, gen)
 
     # ------------------------------------------------------------------------------------------------ phases
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput | Iterator[LossOutput]:
