@@ -228,6 +228,8 @@ def _eval_text_to_image(args, path: Path, folder: Path) -> int:
     out = Path(args.output_dir) if args.output_dir else (path / "eval" if is_run else
                                                           folder.parent / f"{folder.name}-eval")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device here; use --device cpu")
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.prompts is None and RECIPES is None:
         raise ConfigError("--prompts: this install has no bundled prompt list; pass a file (one prompt per line)")

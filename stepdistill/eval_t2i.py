@@ -436,13 +436,17 @@ def evaluate_export(folder: Path, out_dir: Path, *, prompts_file: str, reference
             clip = ClipScorer(clip_model, device=device)
         except Unavailable as why:
             left_out.append(str(why))
-    for line in left_out:
-        log(line)
+    if left_out:  # one line each for what is missing, and one for what still runs
+        ran = ["FID/KID"] * (features is not None) + ["CLIP score"] * (clip is not None)
+        for line in left_out:
+            log(line)
+        log(f"still computed: {', '.join([*ran, 'wall time and NFE per image', 'compare.png'])}")
     metrics, sets = evaluate_text_to_image(student, teacher, meta["call"], backbone=backbone, prompts=prompts,
                                            num=num, batch_size=batch_size, seed=seed, device=device,
                                            features=features, clip=clip, reference=files, show=show)
     metrics = {"pipeline": str(folder), "prompts": prompts_file, "num_images": num, "seed": seed, "device": device,
-               "feature_network": getattr(features, "description", type(features).__name__) if features else None,
+               "feature_network": getattr(features, "description", type(features).__name__)
+               if features is not None else None,
                "clip_model": clip.name if clip else None, "not_computed": left_out,
                "reference": {"folder": reference, "num_images": len(files)} if files else None,
                "safety_checker": "off", **metrics}

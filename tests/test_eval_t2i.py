@@ -187,6 +187,7 @@ def test_cli_eval_of_a_run_writes_metrics_picture_and_card(runs, clip_dir, tmp_p
         import torch_fidelity  # noqa: F401
     except ImportError:  # without torch-fidelity: one line says what is missing and the rest still ran
         assert "FID/KID not computed: their Inception network needs torch-fidelity" in err
+        assert "still computed: CLIP score, wall time and NFE per image, compare.png" in err
         assert metrics["not_computed"] and "fid_vs_teacher" not in metrics["student"]
         assert "clip_score" in metrics["student"]
 

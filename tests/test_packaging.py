@@ -39,3 +39,6 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs_a_shipped_recipe(t
     shipped = _run([str(python), "-c", "from stepdistill.export import PIPELINES; print(PIPELINES / 'flow_map.py')"],
                    cwd=elsewhere).strip()
     assert str(env) in shipped and Path(shipped).is_file()  # the single-file pipelines ship with the wheel
+    bundled = _run([str(python), "-c", "from stepdistill.cli import EVAL_PROMPTS as P, RECIPES; print(RECIPES / P)"],
+                   cwd=elsewhere).strip()
+    assert str(env) in bundled and Path(bundled).is_file()  # `eval`'s default prompt list ships too
