@@ -5,11 +5,20 @@
 
 For each family and size: the teacher is saved as its stock pipeline; stepdistill distils a 1-step and a 4-step
 student from it (progressive distillation, a few training steps: the weights do not matter for speed) and exports
-them; then the teacher's *default* call (SD1.5/SDXL 50 steps with CFG, SD3 28 with CFG, FLUX 28 with its embedded
-guidance) and each student's exported call (``stepdistill.json`` ``call``) are timed end to end (prompt encoding,
-denoising, VAE decoding), interleaved, on ``--device`` (CUDA when there is one) in ``--dtype``. Reports the measured
-speedup, the ideal speedup (ratio of network evaluations, a CFG step counting 2, counted by a hook on the backbone
-as each call runs) and their ratio; the bar is >= 0.8.
+them; then, interleaved on ``--device`` (CUDA when there is one) in ``--dtype``, median of ``--repeats``:
+
+* the teacher's *default* call (SD1.5/SDXL 50 steps with CFG, SD3 28 with CFG, FLUX 28 with its embedded guidance)
+  and each student's exported call (``stepdistill.json`` ``call``), end to end;
+* the pieces the student's call is made of, timed directly on the inputs a watched call gave them (``watch``): its
+  fixed work (the pipeline's own ``encode_prompt``, once and without a negative prompt, since the student carries its
+  guidance; ``prepare_latents``; ``vae.decode`` and ``image_processor.postprocess`` to the output type) and one
+  backbone evaluation at the batch the student needs (its images). The bar: student call / (fixed + k evaluations)
+  <= 1.1, k the backbone calls the call made; a wasted CFG batch, a second prompt encoding or a negative prompt
+  encoded is what would break it (each is also flagged: ``waste``);
+* the teacher's pieces alike (its CFG encoding, one evaluation at its CFG batch), a check that the model of the cost
+  holds for the stock call too, and one evaluation at half the CFG batch: the CFG pair's measured cost, in
+  evaluations (not an assumed 2), from which the ideal speedup (the teacher's backbone calls x that factor / k) is
+  computed, beside the measured one.
 
 ``tiny`` are the test models of ``stepdistill/tiny.py``; ``mid`` are wider random models of the same families (about
 10-20M backbone parameters at 32x32 latents) where the backbone, not the text encoders or the VAE, dominates;
@@ -21,6 +30,7 @@ the real checkpoint.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -118,23 +128,137 @@ def distil_and_export(teacher_dir: Path, family: str, steps: int, run_dir: Path,
     return trainer.export()
 
 
-def evaluations(pipe, kwargs: dict, output: str, images: int = 1) -> float:
-    """Network evaluations of one call, counted: rows of the backbone's input batch per image, so a CFG step (the
-    conditional and unconditional halves as one batch of 2) is 2, and a scheduler that calls twice per step (or
-    once more than its step count, as PNDM does) is counted as it runs."""
-    backbone = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    rows = []
+def _backbone(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+#: what the stock call does around its denoising loop, watched and replayed: (owner, method) by attribute path
+FIXED_WORK = (("", "encode_prompt"), ("", "prepare_latents"), ("vae", "decode"), ("image_processor", "postprocess"))
+
+
+def _kept(x):
+    """``x`` with every tensor in it detached and copied (nested dicts, lists and tuples followed)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _kept(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_kept(v) for v in x)
+    return x
+
+
+def watch(pipe, kwargs: dict, output: str, images: int = 1) -> dict:
+    """One call of ``pipe``, run and watched: every backbone call (the rows of its input batch, so a CFG step, the
+    conditional and unconditional halves as one batch, is 2 rows per image, and a scheduler that calls twice per step
+    shows as it runs) with the first call's inputs kept, and the inputs of each piece of the stock call's fixed work
+    (``FIXED_WORK``: the pipeline's own ``encode_prompt``, ``prepare_latents``, ``vae.decode`` and
+    ``image_processor.postprocess``), each call of them kept, so a second text encoding shows too."""
+    seen = {"rows": [], "eval": None, **{name: [] for _, name in FIXED_WORK}}
 
     def count(_module, args, kw):
         x = args[0] if args else kw.get("sample", kw.get("hidden_states"))
-        rows.append(x.shape[0])
+        seen["rows"].append(x.shape[0])
+        if seen["eval"] is None:
+            seen["eval"] = (_kept(args), _kept(kw))
 
-    handle = backbone.register_forward_pre_hook(count, with_kwargs=True)
+    def recording(name, method):
+        def record(*args, **kw):
+            seen[name].append((_kept(args), _kept(kw)))
+            return method(*args, **kw)
+        return record
+
+    handle = _backbone(pipe).register_forward_pre_hook(count, with_kwargs=True)
+    owners = [(getattr(pipe, owner) if owner else pipe, name) for owner, name in FIXED_WORK]
+    for obj, name in owners:  # an instance attribute shadows the class's method for this call only
+        setattr(obj, name, recording(name, getattr(obj, name)))
     try:
         timed(pipe, kwargs, output, images)
     finally:
         handle.remove()
-    return sum(rows) / images
+        for obj, name in owners:
+            delattr(obj, name)
+    return seen
+
+
+def _fresh(x):
+    """``x`` with any ``torch.Generator`` in it replaced by a new seeded one (a replay draws the same noise)."""
+    if isinstance(x, torch.Generator):
+        return torch.Generator(x.device).manual_seed(0)
+    if isinstance(x, dict):
+        return {k: _fresh(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_fresh(v) for v in x)
+    return x
+
+
+def fixed_work(pipe, seen: dict, cfg: bool) -> dict:
+    """The stock call's fixed work, as callables to time directly on the inputs the watched call (``seen``) gave them:
+    ``encode`` (the pipeline's ``encode_prompt``, once; with ``cfg`` False, as a call without CFG makes it: no
+    negative prompt encoded), ``latents`` (``prepare_latents``, a fresh generator) and, when the call decoded,
+    ``decode`` (``vae.decode`` then ``image_processor.postprocess`` to the call's output type)."""
+    (args, kw), *_ = seen["encode_prompt"]
+    bound = inspect.signature(pipe.encode_prompt).bind(*args, **kw)
+    bound.apply_defaults()
+    if not cfg:
+        for name in bound.arguments:
+            if name == "do_classifier_free_guidance":
+                bound.arguments[name] = False
+            elif name.startswith("negative_"):
+                bound.arguments[name] = None
+    pieces = {"encode": lambda: pipe.encode_prompt(*bound.args, **bound.kwargs)}
+    (l_args, l_kw), *_ = seen["prepare_latents"]
+    pieces["latents"] = lambda: pipe.prepare_latents(*_fresh(l_args), **_fresh(l_kw))
+    if seen["decode"]:
+        (d_args, d_kw), *_ = seen["decode"]
+        (p_args, p_kw), *_ = seen["postprocess"]
+        latents, vae_dtype = (d_args[0] if d_args else d_kw["z"]), pipe.vae.dtype
+        upcast = latents.dtype != vae_dtype  # SDXL's force_upcast in float16: the call casts the VAE there and back
+
+        def decode():
+            if upcast:
+                pipe.vae.to(latents.dtype)
+            out = pipe.vae.decode(*_fresh(d_args), **_fresh(d_kw))
+            if upcast:
+                pipe.vae.to(vae_dtype)
+            return pipe.image_processor.postprocess(out[0] if isinstance(out, tuple) else out.sample, *p_args[1:],
+                                                    **p_kw)
+        pieces["decode"] = decode
+    return pieces
+
+
+def _rebatch(x, seen: int, batch: int):
+    """``x`` (a backbone input, nested) with every tensor of ``seen`` rows cut to, or repeated up to, ``batch``."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0 or x.shape[0] != seen or batch == seen:
+            return x
+        return x[:batch] if batch < seen else x.repeat(batch // seen, *[1] * (x.dim() - 1))
+    if isinstance(x, dict):
+        return {k: _rebatch(v, seen, batch) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_rebatch(v, seen, batch) for v in x)
+    return x
+
+
+def one_evaluation(pipe, seen: dict, batch: int):
+    """One backbone evaluation on the inputs of the watched call's first one, at ``batch`` rows, as a callable."""
+    args, kw = seen["eval"]
+    rows = seen["rows"][0]
+    args, kw = _rebatch(args, rows, batch), _rebatch(kw, rows, batch)
+    backbone = _backbone(pipe)
+    return lambda: backbone(*args, **kw)
+
+
+def clock(fn) -> float:
+    """Seconds ``fn()`` takes under ``torch.no_grad`` (as in the pipelines' calls), the device synchronised."""
+    cuda = torch.cuda.is_available()
+    with torch.no_grad():
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def timed(pipe, kwargs: dict, output: str, images: int = 1) -> float:
@@ -173,8 +297,34 @@ def random_images(folder: Path, px: int, n: int) -> Path:
     return folder
 
 
+def _median_rounds(times: dict, names) -> float:
+    """Median over the timed rounds of the sum of ``names``' times in each round (pieces timed in the same round)."""
+    names = [n for n in names if n in times]
+    return statistics.median(sum(r) for r in zip(*(times[n] for n in names))) if names else 0.0
+
+
+def _waste(pipe, seen: dict, images: int, cfg: bool) -> list[str]:
+    """What a watched call ran beyond what a call with (``cfg``) or without CFG needs, read off what it ran: a CFG
+    batch, a second prompt encoding, a negative prompt encoded."""
+    found = []
+    if max(seen["rows"]) > images * (2 if cfg else 1):
+        found.append(f"backbone batch {max(seen['rows'])} where {images * (2 if cfg else 1)} is needed")
+    if len(seen["encode_prompt"]) > 1:
+        found.append(f"encode_prompt called {len(seen['encode_prompt'])} times")
+    args, kw = seen["encode_prompt"][0]
+    bound = inspect.signature(pipe.encode_prompt).bind(*args, **kw)
+    bound.apply_defaults()
+    if not cfg and bound.arguments.get("do_classifier_free_guidance"):
+        found.append("encode_prompt encoded the negative prompt too (do_classifier_free_guidance=True)")
+    return found
+
+
 def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: torch.dtype,
           outputs: list[str], images: int = 1) -> list[dict]:
+    """Times, interleaved on one machine: the teacher's default call and each student's exported call end to end,
+    and the pieces the student call is made of, measured directly (``fixed_work``, and one backbone evaluation at the
+    batch the student needs: its images, no CFG); and for the teacher, one evaluation at its CFG batch and at half of
+    it (the CFG pair's cost, measured). One row per student step count and output type."""
     from diffusers import DiffusionPipeline
 
     teacher_dir = work / f"{family}-{size}-teacher"
@@ -186,10 +336,12 @@ def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: 
     teacher_call = {"height": px, "width": px, "num_inference_steps": steps}  # the pipelines' defaults, spelt out
     if family in ("sd3", "flux"):
         teacher_call["max_sequence_length"] = 16
-    teacher_nfe = evaluations(teacher, teacher_call, outputs[0], images)  # also the teacher's warm-up
+    teacher_seen = {output: watch(teacher, teacher_call, output, images) for output in outputs}  # also warm-ups
+    teacher_nfe = sum(teacher_seen[outputs[0]]["rows"]) / images
     if teacher_nfe != steps * (2 if cfg else 1):  # the default call is what ECOSYSTEM.md §1.3 says it is
         raise SystemExit(f"{family}: the teacher's default call ran {teacher_nfe:g} evaluations, not {steps}"
                          + (" x 2 (CFG)" if cfg else ""))
+    params = sum(p.numel() for p in _backbone(teacher).parameters())
     rows = []
     for student_steps in (1, 4):
         folder = distil_and_export(teacher_dir, family, student_steps, work / f"{family}-{size}-{student_steps}",
@@ -197,26 +349,83 @@ def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: 
         student = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
         student.set_progress_bar_config(disable=True)
         call = json.loads((folder / "stepdistill.json").read_text())["call"]
-        student_nfe = evaluations(student, call, outputs[0], images)  # also the student's warm-up
         for output in outputs:  # "np": end to end; "latent": without the VAE decode, which no step count changes
-            timed(student, call, output, images), timed(teacher, teacher_call, output, images)  # warm-up
-            t_student, t_teacher = [], []
-            for _ in range(repeats):  # interleaved: machine load hits both alike
-                t_student.append(timed(student, call, output, images))
-                t_teacher.append(timed(teacher, teacher_call, output, images))
-            measured = statistics.median(t_teacher) / statistics.median(t_student)
-            ideal = teacher_nfe / student_nfe
-            params = sum(p.numel() for p in getattr(teacher, "unet", None).parameters()) if family in (
-                "sd15", "sdxl") else sum(p.numel() for p in teacher.transformer.parameters())
-            rows.append({"family": family, "size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
-                         "output": output, "images": images, "backbone_params_M": round(params / 1e6, 2),
-                         "teacher_call": f"{steps} steps" + (" x CFG" if cfg else ""), "student_steps": student_steps,
-                         "teacher_nfe": teacher_nfe, "student_nfe": student_nfe,
-                         "teacher_s": round(statistics.median(t_teacher), 4),
-                         "student_s": round(statistics.median(t_student), 4), "speedup": round(measured, 2),
-                         "ideal": ideal, "ratio_to_ideal": round(measured / ideal, 3)})
+            seen, t_seen = watch(student, call, output, images), teacher_seen[output]  # the student's warm-up
+            # the exported student carries its guidance (export.py: no CFG at sampling time): its call needs one
+            # prompt encoding and one evaluation at its images per step; anything more is waste the ratio shows
+            jobs = {"student": lambda: timed(student, call, output, images),
+                    **fixed_work(student, seen, cfg=False), "eval": one_evaluation(student, seen, images),
+                    "teacher": lambda: timed(teacher, teacher_call, output, images),
+                    **{f"teacher_{k}": v for k, v in fixed_work(teacher, t_seen, cfg=cfg).items()},
+                    "teacher_eval": one_evaluation(teacher, t_seen, t_seen["rows"][0])}
+            if cfg:  # the CFG pair's cost: one evaluation at the teacher's batch against one at half of it
+                jobs["teacher_half"] = one_evaluation(teacher, t_seen, t_seen["rows"][0] // 2)
+            for fn in jobs.values():
+                clock(fn)  # warm-up
+            times = {name: [] for name in jobs}
+            for _ in range(repeats):  # interleaved: machine load hits every piece alike
+                for name, fn in jobs.items():
+                    times[name].append(clock(fn))
+            med = {name: statistics.median(t) for name, t in times.items()}
+            k, k_teacher = len(seen["rows"]), len(t_seen["rows"])
+            fixed = _median_rounds(times, ("encode", "latents", "decode"))
+            teacher_fixed = _median_rounds(times, ("teacher_encode", "teacher_latents", "teacher_decode"))
+            one = med["eval"]
+            cfg_factor = med["teacher_eval"] / med["teacher_half"] if cfg else None
+            # the teacher's loop in evaluations at the student's batch, a CFG pair at its measured cost
+            teacher_evals = k_teacher * (cfg_factor if cfg else 1)
+            rows.append({
+                "family": family, "size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
+                "output": output, "images": images, "backbone_params_M": round(params / 1e6, 2),
+                "teacher_call": f"{steps} steps" + (" x CFG" if cfg else ""), "student_steps": student_steps,
+                "teacher_nfe": teacher_nfe, "student_nfe": sum(seen["rows"]) / images,
+                "nfe_ratio": teacher_nfe / (sum(seen["rows"]) / images),
+                "student_s": round(med["student"], 4), "student_k": k, "student_batch": max(seen["rows"]),
+                "student_encode_calls": len(seen["encode_prompt"]),
+                "fixed_s": round(fixed, 4), **{f"{n}_s": round(med[n], 4) for n in ("encode", "latents", "decode")
+                                                if n in med},
+                "eval_s": round(one, 4), "expected_s": round(fixed + k * one, 4),
+                "student_ratio": round(med["student"] / (fixed + k * one), 3),
+                "waste": _waste(student, seen, images, cfg=False),
+                "teacher_s": round(med["teacher"], 4), "teacher_k": k_teacher, "teacher_batch": t_seen["rows"][0],
+                "teacher_fixed_s": round(teacher_fixed, 4), "teacher_eval_s": round(med["teacher_eval"], 4),
+                "teacher_half_eval_s": round(med["teacher_half"], 4) if cfg else None,
+                "cfg_factor": round(cfg_factor, 3) if cfg else None,
+                "teacher_ratio": round(med["teacher"] / (teacher_fixed + k_teacher * med["teacher_eval"]), 3),
+                "speedup": round(med["teacher"] / med["student"], 2),
+                "ideal": round(teacher_evals / k, 2),
+                "ideal_with_fixed": round((teacher_fixed + k_teacher * med["teacher_eval"]) / (fixed + k * one), 2),
+            })
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX"}
+
+
+def _s(x: float) -> str:
+    return f"{x:.3g} s" if x < 1 else f"{x:.2f} s"
+
+
+def table(rows: list[dict]) -> str:
+    """The README's table: per family, size and student step count, the student call against its parts (the bar:
+    student / (fixed + k evals) <= 1.1), and the speedup over the teacher's default call beside the ideal one."""
+    lines = ["| Family | Backbone | Output | Steps | Student call | Fixed | One eval (batch) | k | Student / (fixed + "
+             "k evals) | Teacher call | Teacher / (fixed + k evals) | CFG pair / one eval | Speedup | Ideal (NFE, "
+             "measured CFG) | Ideal with fixed work |",
+             "|" + "---|" * 15]
+    for r in rows:
+        cfg = "—" if r["cfg_factor"] is None else f"{r['cfg_factor']:.2f}"
+        size = f"{r['size']}, {r['backbone_params_M']:.{2 if r['backbone_params_M'] < 1 else 1}f}M"
+        lines.append(
+            f"| {NAMES.get(r['family'], r['family'])} | {size} | {r['output']} | "
+            f"{r['student_steps']} | {_s(r['student_s'])} | {_s(r['fixed_s'])} | {_s(r['eval_s'])} "
+            f"({r['student_batch']}) | {r['student_k']} | **{r['student_ratio']:.2f}** | {_s(r['teacher_s'])} | "
+            f"{r['teacher_ratio']:.2f} | {cfg} | {r['speedup']:.1f}x | {r['ideal']:.1f}x | "
+            f"{r['ideal_with_fixed']:.1f}x |")
+    waste = [f"{r['family']} {r['size']} {r['student_steps']}-step: {'; '.join(r['waste'])}" for r in rows
+             if r["waste"]]
+    return "\n".join(lines + (["", "waste in the student calls:", *waste] if waste else []))
 
 
 def main() -> None:
@@ -231,21 +440,21 @@ def main() -> None:
                    help="output_type of the timed calls: np (end to end) and/or latent (no VAE decode)")
     p.add_argument("--images", type=int, default=1,
                    help="num_images_per_prompt: on a GPU, batch 1 is bound by kernel launches; a batch fills the GPU")
+    p.add_argument("--json", help="also write the rows (every measured piece) to this file")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else every core)")
     args = p.parse_args()
     os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="sd-bench-cache-"))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             for family in args.families:
                 rows += bench(family, size, args.repeats, Path(tmp), args.device, getattr(torch, args.dtype),
                               args.outputs, args.images)
-    print("\nfamily size  output   params  student  teacher_s  student_s  speedup  ideal  ratio")
-    for r in rows:
-        print(f"{r['family']:6} {r['size']:5} {r['output']:6} {r['backbone_params_M']:6.2f}M  "
-              f"{r['student_steps']:>5}    "
-              f"{r['teacher_s']:8.3f}  {r['student_s']:8.4f}  {r['speedup']:7.1f}  {r['ideal']:5.0f}  "
-              f"{r['ratio_to_ideal']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    print(table(rows))
     sys.stdout.flush()
 
 

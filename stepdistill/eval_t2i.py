@@ -71,7 +71,8 @@ class InceptionFeatures(nn.Module):
                               "pass --inception-weights FILE (torch-fidelity's pt_inception-2015-12-05 file)") from err
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images.clamp(0, 1) * 255).round().to(torch.uint8)).reshape(images.shape[0], -1)
+        # to uint8 as torchmetrics' FID(normalize=True) does (truncating), so the figures are its figures
+        return self.net((images.clamp(0, 1) * 255).byte()).reshape(images.shape[0], -1)
 
 
 class DinoV2Features(nn.Module):

@@ -3,6 +3,7 @@ that breaks them would leave the README's figures without a way to reproduce the
 
 import importlib
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -33,10 +34,22 @@ def test_family_speed_bench_distils_exports_and_times(tmp_path, monkeypatch, ben
     speed, _ = benches
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(speed.DEFAULTS, family, (2, True))  # a 2-step CFG teacher call: only that it runs matters
-    rows = speed.bench(family, "tiny", 1, tmp_path, "cpu", torch.float32, ["latent"])
+    rows = speed.bench(family, "tiny", 1, tmp_path, "cpu", torch.float32, ["np"])
     assert [r["student_steps"] for r in rows] == [1, 4] and all(r["student_s"] > 0 for r in rows)
-    # counted as the calls run: 2 steps x CFG = 4 evaluations over 1 and 4 student steps
-    assert [(r["teacher_nfe"], r["student_nfe"], r["ideal"]) for r in rows] == [(4, 1, 4.0), (4, 4, 1.0)]
+    # counted as the calls run: 2 steps x CFG = 4 evaluations over 1 and 4 student steps, one backbone call a step at
+    # the student's batch (no CFG pair), one prompt encoding, nothing flagged as waste
+    assert [(r["teacher_nfe"], r["student_nfe"], r["nfe_ratio"]) for r in rows] == [(4, 1, 4.0), (4, 4, 1.0)]
+    assert [(r["student_k"], r["student_batch"], r["teacher_k"], r["teacher_batch"]) for r in rows] == [
+        (1, 1, 2, 2), (4, 1, 2, 2)]
+    assert all(r["student_encode_calls"] == 1 and r["waste"] == [] for r in rows)
+    # the pieces of the student call, measured directly, and the ratios built on them (values not checked: noisy)
+    for r in rows:
+        for key in ("encode_s", "decode_s", "fixed_s", "eval_s", "expected_s", "student_ratio", "teacher_fixed_s",
+                    "teacher_eval_s", "teacher_half_eval_s", "cfg_factor", "teacher_ratio", "speedup", "ideal",
+                    "ideal_with_fixed"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+        assert r["fixed_s"] >= r["encode_s"] and r["expected_s"] > r["student_k"] * r["eval_s"]
+    assert speed.table(rows).count("\n") == 3  # header, rule, a row per student
 
 
 @pytest.mark.parametrize("method, passes", [
