@@ -380,16 +380,16 @@ def bench(family: str, size: str, repeats: int, work: Path, device: str, dtype: 
                 "teacher_call": f"{steps} steps" + (" x CFG" if cfg else ""), "student_steps": student_steps,
                 "teacher_nfe": teacher_nfe, "student_nfe": sum(seen["rows"]) / images,
                 "nfe_ratio": teacher_nfe / (sum(seen["rows"]) / images),
-                "student_s": round(med["student"], 4), "student_k": k, "student_batch": max(seen["rows"]),
+                "student_s": round(med["student"], 6), "student_k": k, "student_batch": max(seen["rows"]),
                 "student_encode_calls": len(seen["encode_prompt"]),
-                "fixed_s": round(fixed, 4), **{f"{n}_s": round(med[n], 4) for n in ("encode", "latents", "decode")
+                "fixed_s": round(fixed, 6), **{f"{n}_s": round(med[n], 6) for n in ("encode", "latents", "decode")
                                                 if n in med},
-                "eval_s": round(one, 4), "expected_s": round(fixed + k * one, 4),
+                "eval_s": round(one, 6), "expected_s": round(fixed + k * one, 6),
                 "student_ratio": round(med["student"] / (fixed + k * one), 3),
                 "waste": _waste(student, seen, images, cfg=False),
-                "teacher_s": round(med["teacher"], 4), "teacher_k": k_teacher, "teacher_batch": t_seen["rows"][0],
-                "teacher_fixed_s": round(teacher_fixed, 4), "teacher_eval_s": round(med["teacher_eval"], 4),
-                "teacher_half_eval_s": round(med["teacher_half"], 4) if cfg else None,
+                "teacher_s": round(med["teacher"], 6), "teacher_k": k_teacher, "teacher_batch": t_seen["rows"][0],
+                "teacher_fixed_s": round(teacher_fixed, 6), "teacher_eval_s": round(med["teacher_eval"], 6),
+                "teacher_half_eval_s": round(med["teacher_half"], 6) if cfg else None,
                 "cfg_factor": round(cfg_factor, 3) if cfg else None,
                 "teacher_ratio": round(med["teacher"] / (teacher_fixed + k_teacher * med["teacher_eval"]), 3),
                 "speedup": round(med["teacher"] / med["student"], 2),
@@ -404,7 +404,7 @@ NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX"}
 
 
 def _s(x: float) -> str:
-    return f"{x:.3g} s" if x < 1 else f"{x:.2f} s"
+    return f"{x:#.3g} s" if x < 1 else f"{x:.2f} s"
 
 
 def table(rows: list[dict]) -> str:
