@@ -27,7 +27,6 @@ from .checkpoints import CheckpointStore, RunError, config_fingerprint, first_li
 from .config import ConfigError, OptimizerConfig, Recipe, dump_recipe
 from .export import check_exportable, check_grid_exportable
 from .families import latents_to_images
-from .methods import method_class
 from .methods.base import loss_terms
 from .optim import check_optimizer, lr_factor, make_lr_schedule, make_optimizer
 from .roles import broadcast_parameters, enable_gradient_checkpointing, frozen, sync_gradients, update_ema
@@ -104,10 +103,6 @@ class Trainer:
         set_seed(r.seed)  # identical initialisation on every rank
         # FSDP2 sharding of the trainable roles (sharding.py): asked for by the recipe or by an accelerate FSDP config
         self.sharded = r.train.fsdp or acc.distributed_type == DistributedType.FSDP
-        if method_class(r.method.name).teacher_grad and self.sharded:  # checked before the roles are built
-            raise ConfigError(f"train.fsdp: {r.method.name} back-propagates through the inputs of other roles, and "
-                              "under FSDP2 the student's root-level parameters then get no gradient (a known bug, "
-                              "docs/experiments/sid.md); train it with DDP (train.fsdp: false)")
         if self.sharded and not torch.distributed.is_initialized():
             raise ConfigError("train.fsdp: sharding needs a multi-process launch (accelerate launch "
                               "--num_processes N, or --config_file recipes/accelerate/fsdp.yaml)")
@@ -238,6 +233,7 @@ class Trainer:
             net.to(acc.device)
         deep = [self.nets[k] for k in self.trainable] + ([self.nets.teacher] if self.method.teacher_grad else [])
         done = set()  # LoRA roles share one base: it is set up once
+        self.fsdp_roots = []
         for net in deep + [self.nets[k] for k, s in specs.items() if s.init == "ema"]:
             if net.backbone is None or id(net.backbone) in done:
                 continue
@@ -245,7 +241,7 @@ class Trainer:
             if r.train.gradient_checkpointing:
                 enable_gradient_checkpointing(net)
             if self.sharded:
-                shard_backbone(net.backbone)
+                self.fsdp_roots.append(shard_backbone(net.backbone))
         self.optimizers, self.lr_schedulers = {}, {}
         for role in self.trainable:
             params = list(self.nets[role].trainable_parameters())
@@ -358,6 +354,13 @@ class Trainer:
         logs, k = {}, r.train.grad_accum
         bad_loss = torch.zeros((), device=acc.device)  # non-finite micro-batch losses, counted without a GPU wait
         with frozen([self.nets[role] for role in self.trainable if role not in roles]):
+            for root in self.fsdp_roots:
+                # An FSDP2 root that ran a forward without backward (a sample drawn under no_grad, in an earlier
+                # phase or between steps) stays gathered, and its gathered parameters keep the requires_grad they
+                # had then: a role frozen then would train now with its root-level parameters (conv_in, the time
+                # embedding, conv_out) getting no gradient, a role trained then would collect gradients now. Sharded
+                # again, every root gathers its parameters with this phase's flags.
+                root.reshard()
             for _ in range(k):
                 batch = self.data.next(self.generator)
                 batch.shared = self.shared_generator

@@ -2,7 +2,7 @@
 
     python tests/_ddp_job.py OUT KIND [resume]
 
-KIND: pd | pd-ema | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | sd3 | rcm | phased-lora | ladd-lora | lightning,
+KIND: pd | pd-ema | dmd2 | dmd2-lora | sd15 | sd15-dmd2-lora | sd3 | rcm | phased-lora | ladd-lora | lightning | sid,
 each also as KIND-fsdp.
 pd-ema: progressive distillation with a student EMA, which becomes the stage teacher and the next student at the
 stage boundary (step 3).
@@ -16,8 +16,8 @@ student every 2nd step). phased-lora: phased DMD's two LoRA experts and two LoRA
 alternating. ladd-lora: LADD with the student and the discriminator's encoder (SDXL-Lightning's source) as LoRA
 adapters of one base, the generator's adversarial loss through the encoder, the teacher's samples as reals. ``resume``
 continues from the latest checkpoint in OUT. lightning: an MSE stage then an adversarial one (the stage hand-over at
-step 2, the discriminator's encoder a trained role from then on); under FSDP2 its student's root-level parameters get
-no gradient through the encoder (the known bug of docs/experiments/sid.md), so train.fsdp refuses it.
+step 2, the discriminator's encoder a trained role from then on). sid: the critic phase first (a no-grad student
+sample while the student is frozen), then the generator loss through the teacher's and the fake score's inputs.
 """
 
 import hashlib
@@ -53,6 +53,7 @@ make = {"pd": gmm_recipe, "pd-ema": lambda **o: gmm_recipe(**{"train.ema_decay":
                                                           "steps_per_stage": 2},
                                                "optim": {"student": {"lr": 1e-3}, "discriminator": {"lr": 1e-3}},
                                                **o}),
+        "sid": lambda **o: dmd_recipe(**{"method": {"name": "sid"}, **o}),
         "rcm": lambda **o: gmm_recipe(**{"method": {"name": "rcm", "tangent_warmup": 2},
                                          "train.update_every": {"student": 2}, "data.batch_size": 16, **o})}[base]
 overrides = {"train.max_steps": 4, "train.checkpoint_every": 2, **({"train.fsdp": True} if fsdp else {})}

@@ -56,8 +56,7 @@ class Lightning(Method):
 
     phases = ("student", "discriminator")
     #: the generator's loss runs through another network's input (the frozen teacher's blocks, or the trained encoder
-    #: copy): under FSDP2 the student's root-level parameters then get no gradient (measured: its time embedding
-    #: missed every adversarial update; docs/experiments/sid.md), so a sharded run is refused
+    #: copy)
     teacher_grad = True
 
     def __init__(self, *, teacher_steps: int = 16, stages: list[int] | None = None, mse_stages: int = 1,
