@@ -116,7 +116,6 @@ def test_lsg_guidance_scales_reach_the_teacher_the_fake_score_and_its_training(m
     ({"method.guidance_real": 0.5}, "guidance scales >= 1"),
     ({"method.init_time": 1.5}, "method.init_time must be in \\(0, 1\\]"),
     ({"method.name": "sida", "data": {"source": "gaussian", "batch_size": 4}}, "needs a real-data source"),
-    ({"train.fsdp": True}, "train.fsdp: sid back-propagates through the inputs of other roles"),
 ])
 def test_bad_sid_settings_are_one_line(tmp_path, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
