@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
 from bench_family_speed import PROMPTS, build, resolution  # noqa: E402
+from bench_memory import rss_mib, vm_hwm_mib  # noqa: E402
 
 
 RECIPE = ROOT / "recipes" / "dmd2" / "sd15.yaml"
@@ -403,18 +404,6 @@ def time_interleaved(ours, theirs, iters: int, warmup: int) -> dict:
         "unet_forwards_per_iter": unet_calls,
         "raw_s": {s: [{k: round(v, 4) for k, v in row.items()} for row in rows[s]] for s in rows},
     }
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def vm_hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def live_tensor_mib() -> float:
