@@ -111,6 +111,9 @@ def _sid_benches() -> dict[str, Bench]:
         "sida-digits": Bench("sida/digits.yaml", factor=1.2),
         "sid-digits-4step": Bench("sid/digits.yaml", ("method.student_steps=4", "method.regression_warmup=0"),
                                   factor=1.1),
+        # each step judged in its own band of times, as DMD2's 4-step digits student needed (README)
+        "sid-digits-4step-phased": Bench("sid/digits.yaml", ("method.student_steps=4", "method.regression_warmup=0",
+                                                             "method.multistep_matching=phased"), factor=1.1),
     }
 
 

@@ -199,3 +199,24 @@ def test_the_regression_warm_up_runs_before_sid_in_its_order():
     assert [method.active_phases(s, {}) for s in range(4)] == [warm, warm, sid, sid]
     assert METHODS["sid"]().active_phases(0, {"student": 2}) == ("fake_score", "student")
     assert METHODS["sid"]().active_phases(1, {"student": 2}) == ("fake_score",)
+
+
+def test_phased_multistep_matching_judges_each_step_in_its_own_band(tmp_path):
+    """``multistep_matching: phased`` (DMD's): the generator loss of step ``k``'s output draws its time only in the
+    band ``(t_{k+1}, t_k]`` of the student grid (the last step: down to 0), as DMD2's 4-step students do."""
+    trainer = _sid(tmp_path, **{"method": {"name": "sid", "student_steps": 4, "multistep_matching": "phased"}})
+    method, nets = trainer.method, trainer.nets
+    method.update_schedule(0, nets)
+    times = method.student_grid().times
+    seen = set()
+    for seed in range(12):
+        batch = _generator_batch(trainer)
+        batch.generator, batch.shared = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            _, k, t, _ = method._draw(nets, batch)
+        lo = times[k + 1] if k + 1 < len(times) else 0.0
+        assert bool(((t > lo) | (t >= lo) & (lo == 0)).all()) and bool((t <= times[k] + 1e-9).all()), (k, t, times)
+        seen.add(k)
+    assert len(seen) > 1  # several steps drawn
+    logs = trainer.train()
+    assert logs and all(torch.isfinite(torch.tensor(float(v))) for v in logs.values())

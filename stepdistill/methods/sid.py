@@ -66,6 +66,9 @@ class SiD(Method):
         gan_weight, gan_critic_weight, gan_t_max: SiDA's GAN term on the fake score's bottleneck (``DMD``; 0: SiD).
         fake_score_target: the fake score's denoising target (``eps``: SiD-LSG's; ``None``: its own output).
         backward_simulation: multi-step inputs from the student's own rollout (``DMD``).
+        multistep_matching: multi-step only: ``mixture`` (DMD2's: every step's output judged at every noise level by
+            one fake score of the mixture of steps) or ``phased`` (step ``k``'s output judged, by the generator loss
+            and the fake score, only in its band of times ``(t_{k+1}, t_k]``; ``DMD``).
         student_prediction: the generator's output parameterisation; ``None`` keeps the teacher's.
         regression_warmup: one-step only: steps of regression on cached teacher ODE pairs before SiD starts (DMD2's
             ODE pretraining, ``DMD``: the generator then starts from the teacher's own noise-to-data map rather than
@@ -86,6 +89,7 @@ class SiD(Method):
                  guidance_fake: float = 1.0, guidance_fake_train: float = 1.0, cond_dropout: float | None = None,
                  gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_t_max: float = 1.0,
                  fake_score_target: str | None = "eps", backward_simulation: bool = True,
+                 multistep_matching: str = "mixture",
                  student_prediction: str | None = None, backward: str = "joint", regression_warmup: int = 0,
                  num_pairs: int = 2048, pair_sampler: str = "ddim", pair_steps: int = 64,
                  pair_cache: str | None = None):
@@ -102,7 +106,8 @@ class SiD(Method):
         self.alpha, self.guidance_real, self.guidance_fake = alpha, guidance_real, guidance_fake
         self.backward = backward
         self.dmd = DMD(student_steps=student_steps, conditioning_time=init_time,
-                       backward_simulation=backward_simulation, guidance_scale=guidance_real, t_min=t_min,
+                       backward_simulation=backward_simulation, multistep_matching=multistep_matching,
+                       guidance_scale=guidance_real, t_min=t_min,
                        t_max=t_max, time_density=time_density, gan_weight=gan_weight,
                        gan_critic_weight=gan_critic_weight, gan_t_max=gan_t_max, fake_score_target=fake_score_target,
                        student_prediction=student_prediction, fake_guidance=guidance_fake_train,
