@@ -492,7 +492,7 @@ def test_the_critic_trains_on_the_student_phases_own_samples(tmp_path):
     fake_score_loss = trainer.method.fake_score_loss
 
     def critic(nets, batch):  # what the critic is handed: the student phase's samples, one per micro-batch
-        stashed.append([x for x, _, _ in trainer.method._fakes])
+        stashed.append([x for x, _, _ in trainer.method.fakes])
         yield from fake_score_loss(nets, batch)
 
     trainer.run.method.fake_score_loss = critic

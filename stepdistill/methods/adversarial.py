@@ -42,7 +42,7 @@ from ..nets.gan_head import GANHead
 from ..pairs import CleanSamples
 from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise, sample_student
 from ..schedules import LogitNormal, RectifiedFlow, map_time
-from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
+from .base import Batch, HandOver, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .terms import GAN_LOSSES, gan_critic_loss, gan_generator_loss, r1_penalty, regression_loss, time_range
 
 
@@ -122,7 +122,7 @@ class Adversarial(Method):
         self.source = self._source()
         self.text_dim = 0  # the prompt vector's size, known once the teacher is (``_head``)
         self._grid: StudentGrid | None = None
-        self._fakes: list = []  # the student phase's detached samples, for the heads' phase of the same step
+        self.fakes = HandOver()  # the student phase's detached samples, for the heads' phase of the same step
 
     def _source(self):
         if self.source_name == "teacher":
@@ -169,7 +169,7 @@ class Adversarial(Method):
         return {}
 
     def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
-        self._fakes = []  # samples of an earlier step are not this step's generator any more
+        self.fakes.clear()
         return ()
 
     def student_grid(self) -> StudentGrid:
@@ -258,7 +258,7 @@ class Adversarial(Method):
         real, cond = self.reals(batch)
         x = self.generate(nets.student, real, cond, gen, batch.shared)
         embed = self.image_embedding(real)
-        self._fakes.append((x.detach(), cond, embed))  # one per micro-batch, taken in order by the heads' phase
+        self.fakes.put(x.detach(), cond, embed)
         logits, _ = self.judge(nets, x, cond, gen, embed)
         adv = gan_generator_loss(logits, self.loss)
         loss = self.gan_weight * adv
@@ -277,8 +277,9 @@ class Adversarial(Method):
         gen = batch.generator
         real, cond = self.reals(batch)
         embed = self.image_embedding(real)
-        if self._fakes:
-            fake, fake_cond, fake_embed = self._fakes.pop(0)
+        handed = self.fakes.take()
+        if handed is not None:
+            fake, fake_cond, fake_embed = handed
         else:
             with torch.no_grad():
                 fake = self.generate(nets.student, real, cond, gen, batch.shared)

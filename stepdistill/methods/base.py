@@ -18,12 +18,34 @@ from ..sampling import StudentGrid
 from ..types import Batch, LossOutput, Nets, PrepareContext, RoleSpec
 
 
-__all__ = ["Batch", "LossOutput", "Method", "Nets", "PrepareContext", "RoleSpec", "loss_terms"]
+__all__ = ["Batch", "HandOver", "LossOutput", "Method", "Nets", "PrepareContext", "RoleSpec", "loss_terms"]
 
 
 def loss_terms(out: LossOutput | Iterator[LossOutput]) -> Iterator[LossOutput]:
     """A method's answer for one phase as an iterator of terms (``Method.__call__``)."""
     return iter([out]) if isinstance(out, LossOutput) else out
+
+
+class HandOver:
+    """The detached samples a generator phase leaves for the critic phase of the same step, so that one generator
+    pass serves both (DMD2's ``train_one_step``). One entry per micro-batch, taken in order; ``clear`` at the start of
+    every step (``Method.begin_step``), since an earlier step's samples are not the current generator's. ``take``
+    gives ``None`` when the generator phase did not run this step: the critic then draws its own sample."""
+
+    def __init__(self):
+        self._items: list[tuple] = []
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def put(self, *item) -> None:
+        self._items.append(item)
+
+    def take(self) -> tuple | None:
+        return self._items.pop(0) if self._items else None
+
+    def __iter__(self):  # what is waiting, in order (for inspection)
+        return iter(list(self._items))
 
 
 class Method:

@@ -75,7 +75,7 @@ import torch
 from ..denoisers import guided
 from ..nets.gan_head import GANHead
 from ..sampling import StudentGrid, sample_student
-from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
+from .base import Batch, HandOver, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .ode_regression import ODERegression
 from .terms import (
     DIVERGENCES,
@@ -204,7 +204,7 @@ class DMD(Method):
         self.fake_score_target, self.time_density = fake_score_target, time_density
         self.fake_guidance, self.cond_dropout = fake_guidance, cond_dropout
         self.phased = multistep_matching == "phased" and student_steps > 1
-        self._fakes: list = []  # the student phase's detached samples, for the critic of the same step
+        self.fakes = HandOver()  # the student phase's detached samples, for the critic of the same step
         self._grid: StudentGrid | None = None
 
     # ------------------------------------------------------------------------------------------------ interface
@@ -265,7 +265,7 @@ class DMD(Method):
         return tuple(p for p in super().active_phases(step, update_every) if p != "regression")
 
     def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
-        self._fakes = []  # samples of an earlier step are not this step's generator any more
+        self.fakes.clear()
         # distribution matching starts as DMD2's run after its ODE pretraining does: with a fresh student optimizer
         return ("student",) if step == self.regression_warmup > 0 else ()
 
@@ -390,7 +390,7 @@ class DMD(Method):
         shape, device = self.shape_device(batch)
         noise = torch.randn((b, *shape), generator=gen).to(device)
         x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
-        self._fakes.append((x.detach(), k, cond))  # one per micro-batch, taken in order by the critic phase
+        self.fakes.put(x.detach(), k, cond)
         dm, logs = self.dm_term(x, nets, cond, gen, k)
         loss = self.dm_weight * dm
         logs["loss_dm"] = dm.detach().mean()
@@ -416,8 +416,9 @@ class DMD(Method):
         generator pass per iteration, ``.detach()`` for the guidance loss), else a no-grad sample drawn here."""
         gen, b = batch.generator, batch.size
         shape, device = self.shape_device(batch)
-        if self._fakes:
-            x, k, cond = self._fakes.pop(0)
+        handed = self.fakes.take()
+        if handed is not None:
+            x, k, cond = handed
         else:
             cond = self._generation_cond(batch)
             with torch.no_grad():

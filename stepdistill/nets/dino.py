@@ -168,6 +168,8 @@ def _tiny_model() -> nn.Module:
 def _pretrained_model(weights: str, what: str) -> nn.Module:
     from transformers import Dinov2Model
 
+    # the tiny network is a recipe switch (ADD's discriminator); elsewhere (eval's features) only a folder helps
+    tiny = ", or method.dino_tiny: true (a random tiny network, for tests)" if what.startswith("method.") else ""
     try:
         return Dinov2Model.from_pretrained(weights, local_files_only=True)  # a folder, or the hub cache
     except (OSError, ValueError) as err:
@@ -175,7 +177,7 @@ def _pretrained_model(weights: str, what: str) -> nn.Module:
     if os.path.isdir(os.path.expanduser(weights)):
         first = str(local_err).strip().splitlines()[0] if str(local_err).strip() else type(local_err).__name__
         raise ValueError(f"{what}: {weights!r} is a folder but holds no Dinov2Model ({first}); give a "
-                         "folder holding a Dinov2Model, or method.dino_tiny: true (a random tiny network, for tests)")
+                         f"folder holding a Dinov2Model{tiny}")
     hub = "" if _looks_like_path(weights) else "hub unreachable"
     if hub and _hub_reachable():
         try:
@@ -184,7 +186,7 @@ def _pretrained_model(weights: str, what: str) -> nn.Module:
             hub = "not on the hub"
     where = ", ".join(["not a local folder", "not in the hub cache"] + ([hub] if hub else []))
     raise ValueError(f"{what}: no DINOv2 weights at {weights!r} ({where}); give a folder holding a "
-                     "Dinov2Model, or method.dino_tiny: true (a random tiny network, for tests)")
+                     f"Dinov2Model{tiny}")
 
 
 def load_dino(weights: str | Path | None = None, *, tiny: bool = False, layers: tuple[int, ...] | None = None,
