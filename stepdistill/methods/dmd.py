@@ -75,12 +75,12 @@ import torch
 from ..denoisers import guided
 from ..nets.gan_head import GANHead
 from ..sampling import StudentGrid, sample_student
+from .bands import Bands
 from .base import Batch, HandOver, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .ode_regression import ODERegression
 from .terms import (
     DIVERGENCES,
     TIME_DENSITIES,
-    band_times,
     denoising_loss,
     density_ratio_weight,
     dm_loss,
@@ -206,6 +206,7 @@ class DMD(Method):
         self.phased = multistep_matching == "phased" and student_steps > 1
         self.fakes = HandOver()  # the student phase's detached samples, for the critic of the same step
         self._grid: StudentGrid | None = None
+        self.bands: Bands | None = None  # ``phased``: step k's band of times, set with the grid
 
     # ------------------------------------------------------------------------------------------------ interface
     @property
@@ -251,6 +252,7 @@ class DMD(Method):
                 times = tuple(float(t) for t in sch.grid(self.student_steps)[:-1])
             self._grid = StudentGrid(times, transition="renoise" if self.student_steps > 1 else "ddim")
             if self.phased:
+                self.bands = Bands.of_grid(times)
                 self._check_bands(sch)
             elif self.uses_head:
                 self._check_gan_range(sch)
@@ -274,22 +276,13 @@ class DMD(Method):
             raise RuntimeError("DMD.student_grid() before update_schedule(): the grid needs the schedule")
         return self._grid
 
-    def _band(self, k: int, lo: float, hi: float) -> tuple[float, float]:
-        """The part of ``[lo, hi]`` at which step ``k``'s output is judged: all of it (``mixture``), or its
-        intersection with the step's band ``(t_{k+1}, t_k]`` (``phased``; the last step's band reaches 0)."""
-        if not self.phased:
-            return lo, hi
-        times = self.student_grid().times
-        return max(lo, times[k + 1] if k + 1 < len(times) else 0.0), min(hi, times[k])
-
     def _check_bands(self, schedule) -> None:
         ranges = {"DM loss (method.t_min/t_max)": (self.t_min, self.t_max)}
         if self.uses_head:
             ranges["GAN (method.gan_t_max)"] = (0.0, self.gan_t_max)
         for what, (lo, hi) in ranges.items():
             for k in range(self.student_steps):
-                band = self._band(k, lo, hi)
-                if band[0] >= band[1] or band_times(schedule, *band, 1, None).numel() == 0:
+                if self.bands.empty(schedule, k, lo, hi):
                     raise ValueError(f"method.multistep_matching: phased: the {what} range [{lo}, {hi}] leaves no "
                                      f"time in step {k}'s band of the student grid {self.student_grid().times}")
 
@@ -310,9 +303,10 @@ class DMD(Method):
     def times_for(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *,
                   closed: bool = True) -> torch.Tensor:
         """``n`` times in ``[lo, hi]`` (``closed=False``: ``hi`` left out, ``terms.time_range``) at which step ``k``'s
-        output is judged (``_band``)."""
-        if self.phased:
-            return band_times(schedule, *self._band(k, lo, hi), n, gen)
+        output is judged: all of it (``mixture``), or its part in the step's band ``(t_{k+1}, t_k]`` (``phased``;
+        the last step's band reaches 0)."""
+        if self.bands is not None:
+            return self.bands.draw(schedule, k, n, gen, lo, hi)
         return time_range(schedule, lo, hi, self.time_density, closed=closed).sample(n, schedule, gen)
 
     def _noised(self, x: torch.Tensor, schedule, t: torch.Tensor, gen) -> torch.Tensor:

@@ -49,9 +49,10 @@ from ..denoisers import guided
 from ..parameterization import ddim_step
 from ..sampling import StudentGrid, sample_student, sampling_denoiser
 from ..transitions import noise_travel
+from .bands import Bands
 from .base import Batch, LossOutput, Method, Nets, RoleSpec
 from .dmd import DMD
-from .terms import band_times, denoising_loss, dm_loss, subinterval_target
+from .terms import denoising_loss, dm_loss, subinterval_target
 
 
 EXPERTS = ("shared", "per_phase")
@@ -118,6 +119,7 @@ class PhasedDMD(Method):
         self.fake_score_target, self.student_prediction = fake_score_target, student_prediction
         self._grid: StudentGrid | None = None
         self._starts: tuple[int, ...] = ()  # the first grid step of each phase, then N
+        self.bands: Bands | None = None  # phase k's subinterval of times, set with the grid
 
     # ------------------------------------------------------------------------------------------------ roles
     def expert(self, k: int) -> str:
@@ -168,6 +170,8 @@ class PhasedDMD(Method):
                            for _ in range(self._starts[k], self._starts[k + 1]))
             self._grid = StudentGrid(times, transition="ddim",
                                      experts=owners if len(set(owners)) > 1 else None)
+            edges = self._grid.with_end().tolist()
+            self.bands = Bands(tuple(edges[i] for i in self._starts), self.margin)
             self._check_bands(nets.teacher.schedule)
         return {}
 
@@ -188,19 +192,13 @@ class PhasedDMD(Method):
         return tuple(starts)
 
     def phase_times(self, k: int) -> tuple[float, float]:
-        """Phase ``k``'s start time and end time ``s`` (0 for the last phase)."""
-        times = self.student_grid().with_end().tolist()
-        return times[self._starts[k]], times[self._starts[k + 1]]
-
-    def band(self, k: int) -> tuple[float, float]:
-        """Where phase ``k``'s DM loss and critic draw ``t``: ``(s + margin, start]`` (no margin at ``s = 0``)."""
-        start, end = self.phase_times(k)
-        return (end + self.margin if end > 0 else 0.0), start
+        """Phase ``k``'s start time and end time ``s`` (0 for the last phase). Its DM loss and critic draw ``t`` in
+        its band ``(s + margin, start]`` (no margin at ``s = 0``)."""
+        return self.bands.edges[k], self.bands.edges[k + 1]
 
     def _check_bands(self, schedule) -> None:
         for k in range(self.num_phases):
-            lo, hi = self.band(k)
-            if lo >= hi or band_times(schedule, lo, hi, 1, None).numel() == 0:
+            if self.bands.empty(schedule, k):
                 raise ValueError(f"method.margin: {self.margin} leaves phase {k} (times {self.phase_times(k)}) no "
                                  "time to match at; use a smaller margin or fewer phases")
 
@@ -226,7 +224,7 @@ class PhasedDMD(Method):
 
     def draw(self, schedule, k: int, like: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` in phase ``k``'s band and standard normal noise shaped ``like``."""
-        t = band_times(schedule, *self.band(k), like.shape[0], gen).to(like.device)
+        t = self.bands.draw(schedule, k, like.shape[0], gen).to(like.device)
         return t, torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
 
     # ------------------------------------------------------------------------------------------------ phases
