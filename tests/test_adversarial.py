@@ -227,7 +227,18 @@ def test_lightning_hands_each_stage_on_and_judges_x_s_given_x_t_then_relaxed(tmp
     assert float(t.max()) == 1.0 and real.shape == x_t.shape
 
 
+def test_lightning_discriminator_warms_up_alone_at_the_start_of_each_adversarial_stage(tmp_path):
+    """``disc_warmup``: the first steps of an adversarial stage train only the heads (the student would otherwise
+    move on a chance discriminator's noise); the MSE stage before it is untouched."""
+    trainer = _lightning(tmp_path, stages=[4, 2, 1], disc_warmup=1, relaxed_steps=0)
+    every = trainer.recipe.train.update_every
+    assert [trainer.method.active_phases(s, every) for s in range(6)] == [
+        ("student",), ("student",), ("discriminator",), ("student", "discriminator"),
+        ("discriminator",), ("student", "discriminator")]
+
+
 @pytest.mark.parametrize("method,message", [
+    ({"disc_warmup": 3}, "method.disc_warmup must be in"),
     ({"stages": [4, 1]}, "method.stages must halve"),
     ({"stages": [3]}, "method.stages must halve"),
     ({"mse_stages": 2}, "at least one adversarial stage"),

@@ -46,6 +46,10 @@ class Lightning(Method):
         mse_stages: how many of the first stages train by PD's MSE before the adversarial ones.
         steps_per_stage: training steps per stage.
         relaxed_steps: the last steps of each adversarial stage that use the relaxed (unconditional) objective.
+        disc_warmup: the first steps of each adversarial stage in which only the discriminator trains. At a stage
+            boundary the student *is* its stage teacher's one-step jump and the heads start at chance; a student
+            updated on a chance discriminator's gradient moves by noise (Adam scales it to full steps) and drifts off
+            the trajectory before the heads can tell anything (docs/experiments/adversarial.md).
         source: the discriminator's features: ``encoder`` (a trainable copy of the teacher's encoder, the paper's) or
             ``teacher`` (its frozen blocks).
         layers: the feature blocks read (``None``: every one).
@@ -60,7 +64,7 @@ class Lightning(Method):
     teacher_grad = True
 
     def __init__(self, *, teacher_steps: int = 16, stages: list[int] | None = None, mse_stages: int = 1,
-                 steps_per_stage: int = 1000, relaxed_steps: int = 0, source: str = "encoder",
+                 steps_per_stage: int = 1000, relaxed_steps: int = 0, disc_warmup: int = 0, source: str = "encoder",
                  layers: list[int] | None = None, head_width: int = 256, loss: str = "ns",
                  student_prediction: str = "v", guidance: tuple[float, float] | None = None,
                  sample_guidance: float | None = None, regression_steps: int = 0, weighting: str = "snr_trunc"):
@@ -74,14 +78,15 @@ class Lightning(Method):
         if source not in LIGHTNING_SOURCES or loss not in GAN_LOSSES:
             raise ValueError(f"method.source must be one of {list(LIGHTNING_SOURCES)} and method.loss one of "
                              f"{list(GAN_LOSSES)}, got {source!r}, {loss!r}")
-        if not 0 <= relaxed_steps <= steps_per_stage:
-            raise ValueError(f"method.relaxed_steps must be in [0, steps_per_stage], got {relaxed_steps}")
+        for key, value in (("relaxed_steps", relaxed_steps), ("disc_warmup", disc_warmup)):
+            if not 0 <= value <= steps_per_stage:
+                raise ValueError(f"method.{key} must be in [0, steps_per_stage], got {value}")
         # the stages are PD's: its grids, targets, hand-over and MSE
         self.pd = ProgressiveDistillation(teacher_steps=teacher_steps, final_steps=stages[-1],
                                           steps_per_stage=steps_per_stage, weighting=weighting,
                                           student_prediction=student_prediction, guidance=guidance,
                                           sample_guidance=sample_guidance, regression_steps=regression_steps)
-        self.mse_stages, self.relaxed_steps, self.loss = mse_stages, relaxed_steps, loss
+        self.mse_stages, self.relaxed_steps, self.disc_warmup, self.loss = mse_stages, relaxed_steps, disc_warmup, loss
         self.source = EncoderSource(tuple(layers) if layers else None) if source == "encoder" else TeacherSource(
             tuple(layers) if layers else None)
         self.head_width = head_width
@@ -108,12 +113,16 @@ class Lightning(Method):
     def active_phases(self, step, update_every) -> tuple[str, ...]:
         if self.pd.stage_at(step) < self.mse_stages:
             return ("student",)  # PD's MSE stages (and its regression stage): no discriminator yet
-        return super().active_phases(step, update_every)
+        phases = super().active_phases(step, update_every)
+        return tuple(p for p in phases if p != "student") if self._offset(step) < self.disc_warmup else phases
+
+    def _offset(self, step: int) -> int:
+        """How many steps of its stage came before ``step``."""
+        return (step - self.pd.regression_steps) % self.pd.steps_per_stage
 
     def update_schedule(self, step: int, nets: Nets) -> dict[str, float]:
         logs = self.pd.update_schedule(step, nets)
-        offset = (step - self.pd.regression_steps) % self.pd.steps_per_stage
-        self.relaxed = self.adversarial and offset >= self.pd.steps_per_stage - self.relaxed_steps
+        self.relaxed = self.adversarial and self._offset(step) >= self.pd.steps_per_stage - self.relaxed_steps
         return {**logs, "relaxed": float(self.relaxed)}
 
     def begin_step(self, step: int, nets: Nets) -> tuple[str, ...]:
