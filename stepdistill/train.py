@@ -398,8 +398,10 @@ class Trainer:
 
     def _loss_terms(self, phase: str, batch):
         """The phase's loss as the method gives it, a ``LossOutput`` or a generator of them (``Method.__call__``),
-        each computed under autocast; backward runs outside it, between terms."""
-        terms = loss_terms(self.method(phase, self.nets, batch))
+        each computed under autocast; backward runs outside it, between terms. The call itself is inside autocast
+        too: a method that returns its ``LossOutput`` computes it there (a generator only starts at ``next``)."""
+        with self.accelerator.autocast():
+            terms = loss_terms(self.method(phase, self.nets, batch))
         while True:
             with self.accelerator.autocast():
                 out = next(terms, None)

@@ -135,7 +135,12 @@ def test_loop_options_bf16_accumulation_and_ema(tmp_path):
     recipe = build_recipe(gmm_recipe(**{"train.mixed_precision": "bf16", "train.grad_accum": 2,
                                         "train.ema_decay": 0.5, "train.checkpoint_every": 0}))
     trainer = Trainer(recipe, tmp_path / "run", show_progress=False).setup()
+    autocast = []  # every training forward of the student and the teacher runs under bf16 autocast
+    for role in ("student", "teacher"):
+        trainer.nets[role].register_forward_pre_hook(
+            lambda mod, args: autocast.append(torch.is_autocast_enabled("cpu")))
     trainer.train()
+    assert autocast and all(autocast), "a loss computed outside autocast"
     ema, student = trainer.nets["student_ema"], trainer.nets.student
     assert not any(p.requires_grad for p in ema.parameters())
     diff = [not torch.equal(a, b) for a, b in zip(ema.parameters(), student.parameters())]
