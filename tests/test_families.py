@@ -625,7 +625,8 @@ def _tiny_overrides(path: Path, tmp_path: Path, family: str) -> list[str]:
         overrides += ["method.teacher_steps=8", "method.final_steps=4", "method.steps_per_stage=1"]
     if method.name == "lightning":  # one step of each stage: regression, MSE, adversarial
         overrides += ["method.teacher_steps=8", "method.stages=[4, 2]", "method.steps_per_stage=1",
-                      "method.relaxed_steps=0", "method.regression_steps=1", "train.max_steps=3"]
+                      "method.relaxed_steps=0", "method.disc_warmup=0",
+                      "method.regression_steps=1", "train.max_steps=3"]
         if "regression_steps" in load_recipe(path).method.params:  # SD1.5/SDXL: one regression step, one halving
             overrides.append("method.regression_steps=1")
     return overrides
