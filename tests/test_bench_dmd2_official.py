@@ -5,13 +5,13 @@ The timings are not checked, only that both sides ran, made the passes they shou
 
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from ._benchmarks import bench_modules
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
 MIRROR = Path("/work/.mirror/tianweiy+DMD2/repo")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,13 +29,8 @@ def _official_repo() -> Path | None:
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_dmd2_official
-
-        yield bench_dmd2_official
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    for (module,) in bench_modules("bench_dmd2_official"):  # benchmarks/ importable until teardown
+        yield module
 
 
 def test_dmd2_official_side_by_side_runs_both_sides_with_finite_ratios(tmp_path, monkeypatch, bench):

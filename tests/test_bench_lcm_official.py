@@ -5,26 +5,19 @@
 sides ran and trained, made the passes they should and gave finite ratios."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
+from ._benchmarks import bench_modules
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_lcm_official
-
-        yield bench_lcm_official
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    for (module,) in bench_modules("bench_lcm_official"):  # benchmarks/ importable until teardown
+        yield module
 
 
 def test_lcm_official_side_by_side_runs_both_sides_with_finite_ratios(tmp_path, monkeypatch, bench):

@@ -1,32 +1,23 @@
 """The README's benchmark scripts still run against the current library (on the tiny models, one repeat): a change
 that breaks them would leave the README's figures without a way to reproduce them. The timings are not checked."""
 
-import importlib
 import json
 import math
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
+from ._benchmarks import bench_module, bench_modules
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def benches():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_family_speed
-        import bench_overhead
-
-        yield bench_family_speed, bench_overhead
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    yield from bench_modules("bench_family_speed", "bench_overhead")
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd3"])
@@ -84,11 +75,7 @@ def test_overhead_bench_records_the_passes_the_readme_lists(tmp_path, monkeypatc
 def test_the_probes_exact_fake_score_is_the_gaussian_posterior_mean():
     """``dm_gradient_probe.empirical_x0``, the fake score of a perfect critic for a sample set, against the closed form
     for Gaussian data: ``x0 ~ N(0, v I)`` gives ``E[x0 | x_t] = a v x_t / (a^2 v + s^2)``."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from dm_gradient_probe import empirical_x0
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    empirical_x0 = bench_module("dm_gradient_probe").empirical_x0
     g = torch.Generator().manual_seed(0)
     v, a, s = 0.25, 0.8, 0.6
     reference = torch.randn(200_000, 1, generator=g, dtype=torch.float64) * v**0.5
@@ -99,11 +86,7 @@ def test_the_probes_exact_fake_score_is_the_gaussian_posterior_mean():
 def _bench_module(name: str, tmp_path, monkeypatch):
     """A script of benchmarks/ imported as a module, with the run's caches under ``tmp_path``."""
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return bench_module(name)
 
 
 def test_mixture_bench_trains_a_recipe_on_a_benchmark_mixture_and_reads_mode_weights(tmp_path, monkeypatch):
