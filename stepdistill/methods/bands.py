@@ -28,12 +28,9 @@ class Bands:
     margin: float = 0.0
 
     @classmethod
-    def of_grid(cls, times, margin: float = 0.0) -> Bands:
-        """One band per student step of a grid's start ``times`` (the last band ends at 0)."""
-        return cls((*(float(t) for t in times), 0.0), margin)
-
-    def __len__(self) -> int:
-        return len(self.edges) - 1
+    def of_grid(cls, times) -> Bands:
+        """One band per student step of a grid's start ``times`` (the last band ends at 0; no margin)."""
+        return cls((*(float(t) for t in times), 0.0))
 
     def band(self, k: int, lo: float = 0.0, hi: float = 1.0) -> tuple[float, float]:
         """Band ``k``, cut to ``[lo, hi]``: ``(low end, high end)``."""
