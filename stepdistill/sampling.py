@@ -260,3 +260,26 @@ def sample_student(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *,
         if callback is not None:
             callback(i, x, pred)
     return x
+
+
+def backward_simulation(student: Denoiser, noise: torch.Tensor, grid: StudentGrid, *, cond: Cond = None, generator,
+                        shared: torch.Generator | None = None,
+                        data: torch.Tensor | None = None) -> tuple[Prediction, int]:
+    """DMD2's backward simulation (Yin et al. 2024, §4.5; ``sd_unified_model.py``): a multi-step student's training
+    input made the way it is sampled. Draw a step ``k ~ U{0..K-1}`` (from ``shared`` when given: alike on every rank,
+    so sharded ranks make the same number of student calls), run the student's rollout without gradient from pure
+    noise for ``k`` steps, and return its prediction at step ``k`` with the graph, and ``k``. ``data`` instead noises
+    real samples to step ``k``'s time (training without simulation). Fresh noise of the rollout's transitions comes
+    from ``generator``."""
+    times = torch.tensor(grid.times, dtype=torch.float64, device=noise.device)
+    b = noise.shape[0]
+    k = int(torch.randint(0, grid.steps, (1,), generator=shared or generator)) if grid.steps > 1 else 0
+
+    def fresh_noise(like):
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+    if k > 0 and data is not None:
+        x = student.schedule.add_noise(data, fresh_noise(noise), times[k].expand(b))
+    else:
+        x = sample_student(student, noise, grid, cond=cond, steps=k, new_noise=fresh_noise)
+    return student(x, times[k].expand(b), cond), k

@@ -135,6 +135,14 @@ class Batch:
     def size(self) -> int:
         return self.x0.shape[0] if self.x0 is not None else next(iter(self.cond.values())).shape[0]
 
+    def noise(self) -> torch.Tensor:
+        """Standard normal noise shaped like ``x0``, drawn from ``generator`` on the CPU (the same numbers on any
+        device) and moved to ``x0``'s device: a generator's input. Data-free runs get the ``gaussian`` stand-in batch,
+        whose ``x0`` only gives the shape."""
+        if self.x0 is None:
+            raise ValueError("this method needs batches with x0 for the sample shape")
+        return torch.randn(self.x0.shape, generator=self.generator).to(self.x0.device)
+
 
 class LossOutput(NamedTuple):
     """Per-sample loss ``[B]`` (the loop reduces it) and detached scalars for the log.

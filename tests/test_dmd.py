@@ -470,8 +470,8 @@ def test_a_gan_range_without_a_timestep_is_refused(tmp_path):
     # 0.0005 of 1000 timesteps: DMD2's randint(0, 0) would fail on the first GAN draw
     method = DMD(student_steps=1, gan_weight=1e-2, gan_t_max=0.0005)
     with pytest.raises(ValueError, match="gan_t_max: 0.0005 x 1000 timesteps"):
-        method._check_gan_range(VPDiscrete.from_scheduler_config(SD_SCHEDULER))
-    DMD(student_steps=1, gan_weight=1e-2, gan_t_max=0.001)._check_gan_range(
+        method._check_ranges(VPDiscrete.from_scheduler_config(SD_SCHEDULER))
+    DMD(student_steps=1, gan_weight=1e-2, gan_t_max=0.001)._check_ranges(
         VPDiscrete.from_scheduler_config(SD_SCHEDULER))
 
 

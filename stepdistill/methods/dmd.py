@@ -2,68 +2,36 @@
 
 Followed: METHODS.md §4 and the DMD2 official code (tianweiy/DMD2 ``main/sd_guidance.py``
 ``compute_distribution_matching_loss``, ``compute_loss_fake``, ``compute_cls_logits``; ``main/sd_unified_model.py``
-backward simulation; ``main/train_sd.py`` update order). One loss object serves both papers; the recipe chooses:
+backward simulation; ``main/train_sd.py`` update order). One method serves both papers; ``dmd`` and ``dmd2`` differ
+only in their defaults (``methods/__init__.py``: DMD (v1)'s regression, weight 0.25, is on for ``dmd``). It composes
+the shared terms of ``terms.py``:
 
-* the distribution-matching (DM) gradient (DMD Eq. 7; DMD2 Eq. 2), for a generator sample ``x`` and
-  ``t ~ U[t_min, t_max]`` (DMD2: indices ``[0.02 N, 0.98 N]``), ``x_t = a_t x + s_t eps``::
+* the distribution-matching gradient (DMD Eq. 7; DMD2 Eq. 2, ``terms.dm_loss``) of a generator sample ``x`` at
+  ``x_t = a_t x + s_t eps``, ``t ~ U[t_min, t_max]`` (DMD2: indices ``[0.02 N, 0.98 N]``): the teacher with CFG
+  ``guidance_scale`` against the fake score at ``w = 1``, normalised by ``mean |x - x0_real|``. f-distill (Xu et al.
+  2025) weights it by ``h(r)`` of the density ratio read from the GAN head (``terms.density_ratio_weight``);
+* the fake score (critic) trained by denoising on detached generator samples, ``t`` over the whole schedule, in
+  ``fake_score_target`` (default: its own output, the teacher's training loss; ``eps`` is DMD2's SD code);
+* DMD (v1)'s regression on teacher ODE pairs made once and cached (``ode_regression.py``), one-step only; or DMD2's
+  ODE pretraining of its one-step SDXL student, the same loss alone for ``regression_warmup`` steps first. Why the
+  mixtures need one of them: docs/experiments/dmd2-mixtures.md;
+* DMD2's GAN term: a head on the fake score's bottleneck (``nets/gan_head.py``) on diffusion-noised inputs
+  (``t_gan ~ U[0, gan_t_max)``), non-saturating losses, trained with the fake score in one phase;
+* DMD2's multi-step student on ``schedule.grid(K)`` (999/749/499/249 on 1000 steps) with "denoise then re-noise"
+  transitions and backward simulation (``sampling.backward_simulation``). ``multistep_matching`` says where step
+  ``k``'s output is judged: ``mixture`` (DMD2) at every noise level, by one fake score of the mixture of all steps'
+  outputs, whose minimum only asks the mixture to match (steps may err in opposite directions); ``phased`` (after
+  Phased DMD, Fan et al. 2025) only in its band ``(t_{k+1}, t_k]`` (``bands.py``), for the DM loss, the fake score
+  and the GAN, so one time-conditioned fake score models each step's output on its own band (enough: step ``k+1``
+  sees ``x0_k`` re-noised to ``t_{k+1}``, so only its marginals there reach the sample). README, "Quality: DMD and
+  DMD2", has the measurement;
+* ``conditioning_time``: DMD2's one-step SDXL student is fed pure noise but told t = 399.
 
-      grad = h(r) (x0_fake(x_t) - x0_real(x_t)) / mean_CHW |x - x0_real(x_t)|      (float64, no grad)
-      L_DM = 0.5 |x - sg(x - grad)|^2      so that  dL_DM/dx = grad / numel
-
-  The teacher (real score) runs with CFG ``w = guidance_scale``; the fake score always at ``w = 1``.
-  ``h = 1`` is reverse KL (DMD). f-distill (Xu et al. 2025) replaces it by ``h(r) = f''(r) r^2`` of the density
-  ratio ``r = p_real / p_fake = exp(D(x_t))`` read from the GAN head: forward KL ``h = r``, Jensen-Shannon
-  ``h = r / (1 + r)``; ``r`` is clipped to [0.1, 20], normalised by its batch mean within 10 bins of ``t``, and ``h``
-  by its batch mean (the two-stage normalisation as in NVIDIA FastGen's ``f_distill.py``; the paper body was not
-  available to check).
-* the fake score (critic), trained by denoising on detached generator samples, ``t`` uniform over the whole
-  schedule (DMD2 ``compute_loss_fake``). The MSE is taken in ``fake_score_target``: by default the fake score's own
-  output parameterisation, i.e. the teacher's training loss (v-MSE for the project's v-prediction teachers, which
-  weights high-noise times by ``1/a_t^2`` relative to DMD2's eps-MSE on SD); ``eps`` reproduces DMD2 on any teacher;
-* DMD (v1)'s regression loss ``regression_weight * d(G(z), y)`` on teacher ODE pairs ``(z, y)`` made once and
-  cached (``ode_regression.py``); one-step students only;
-* DMD2's GAN term: a head on the fake score's bottleneck (``nets/gan_head.py``); inputs are diffusion-noised
-  (``t_gan ~ U[0, gan_t_max)``); non-saturating losses ``softplus(-D(fake))`` for the generator,
-  ``softplus(D(fake)) + softplus(-D(real))`` for the head (weight ``gan_critic_weight``), trained with the fake
-  score in one phase;
-* DMD2's multi-step student (``student_steps > 1``) on the grid ``schedule.grid(K)`` (DMD2's 999/749/499/249 on a
-  1000-step schedule) with "denoise then re-noise" transitions and backward simulation: pick ``k ~ U{0..K-1}``,
-  run the student without gradient from pure noise for ``k`` steps, take the gradient at step ``k`` only. The first
-  step's input is always pure prior noise (DMD2's ``pure_noise_mask`` for schedules with non-zero terminal SNR).
-  ``multistep_matching`` says at which noise levels step ``k``'s output ``x0_k`` is judged. ``mixture`` (DMD2): at
-  all of them, by one fake score trained on the outputs of all steps, so the fake score models the *mixture*
-  ``M = mean_k P_k`` and the DM loss minimises ``KL(M || p_real)``. Its minimum only asks the mixture to match:
-  steps can err in opposite directions (measured on the digits teacher: README, "Quality: DMD and DMD2").
-  ``phased`` (after Phased DMD, Fan et al. 2025, which trains a fake score per phase on its subinterval):
-  ``x0_k`` is judged, by the DM loss, the fake score and the GAN, only at times in its band ``(t_{k+1}, t_k]``
-  (the last step: ``[0, t_{K-1}]``). The bands are disjoint, so one time-conditioned fake score models each
-  ``P_k`` on its own band with no mixture. Sufficient: step ``k+1`` sees ``x0_k`` re-noised to ``t_{k+1}``, so
-  only the marginals of ``x0_k`` at ``t >= t_{k+1}`` reach the final sample, and matching at ``t_{k+1}`` gives
-  the teacher's marginal there;
-* DMD2's conditioning timestep for one-step students: ``conditioning_time`` (e.g. 0.4 for DMD2's t=399 SDXL
-  student) feeds pure noise but tells the network that time;
-* DMD2's ODE-regression pretraining of its one-step SDXL student (``train_sd_ode.py``, METHODS.md §4.3):
-  ``regression_warmup`` steps of the regression loss alone, the student updated every step, before distribution
-  matching starts with the student's optimizer state afresh (as the separate run it is in DMD2). The fake score
-  trains on the student's samples meanwhile, so it models the generator when the DM gradient is first read. Why a
-  one-step student needs it: initialised from the teacher, it starts as a point mass (the teacher's x0 at pure noise
-  is the data mean); the reverse-KL gradient splits that mass by where its noisy early estimate points, and only the
-  weak high-noise part of the gradient moves mass between modes afterwards, so mode weights set at the split stay
-  (docs/experiments/dmd2-mixtures.md). The teacher's ODE map carries the noise to every mode with the teacher's
-  weights.
-
-The loss terms themselves are shared (``terms.py``); this file draws the times, makes the network calls and
-composes them. ``dmd`` and ``dmd2`` are this one class with other defaults (``methods/__init__.py``): DMD (v1)'s
-regression on teacher ODE pairs is on by default (weight 0.25, the paper's), DMD2's is off.
-
-Phases: ``("student", "fake_score")``, DMD2's order (generator then guidance in ``train_one_step``), and
-``("regression", "fake_score")`` during the warm-up. The two-time-scale rule is ``train.update_every: {student: 5}``.
-During the student phase the loop keeps the fake score and the head frozen (``requires_grad`` off, DMD2's fix), so the
-GAN generator loss reaches only the student. When both phases run in one step, the critic trains on the student phase's
-own samples, detached, as DMD2's ``train_one_step`` does (one generator pass per iteration); otherwise it draws a
-no-grad sample itself. Smaller departures from the DMD2 code: the fake score and the head are clipped separately (DMD2
-clips them jointly) and LR warmup counts a role's own updates (DMD2 steps every scheduler every iteration). The
-multi-step ``k`` comes from the stream every rank draws alike, as DMD2 broadcasts one ``k``.
+Phases: ``("student", "fake_score")`` in DMD2's order, ``("regression", "fake_score")`` during the warm-up; the
+two-time-scale rule is ``train.update_every: {student: 5}``. When both phases run in one step, the critic trains on
+the student phase's own samples, detached, as DMD2's ``train_one_step`` does; otherwise it draws a no-grad sample.
+Smaller departures from the DMD2 code: the fake score and the head are clipped separately (DMD2 clips them jointly)
+and LR warmup counts a role's own updates (DMD2 steps every scheduler every iteration).
 """
 
 from __future__ import annotations
@@ -74,7 +42,7 @@ import torch
 
 from ..denoisers import guided
 from ..nets.gan_head import GANHead
-from ..sampling import StudentGrid, sample_student
+from ..sampling import StudentGrid, backward_simulation
 from .bands import Bands
 from .base import Batch, HandOver, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .ode_regression import ODERegression
@@ -84,6 +52,7 @@ from .terms import (
     denoising_loss,
     density_ratio_weight,
     dm_loss,
+    drop_cond,
     gan_critic_loss,
     gan_generator_loss,
     time_range,
@@ -109,9 +78,8 @@ class DMD(Method):
             ``False`` noises real data to the sampled step instead (needs a real-data source).
         guidance_scale: CFG scale of the real score (DESIGN.md §2 convention, 1 = none). The fake score never
             uses CFG.
-        t_min, t_max: range of the DM loss's time (DMD2 ``min/max_step_percent`` 0.02 / 0.98). A fraction of the
-            time axis, so its noise level depends on the schedule: 0.02 is sigma 0.003 on DMD2's ImageNet Karras grid
-            but 0.079 on a 1024-step linear DDPM schedule, where the digits student needed ``t_min=0``.
+        t_min, t_max: range of the DM loss's time (DMD2 ``min/max_step_percent`` 0.02 / 0.98), a fraction of the
+            time axis: its noise level depends on the schedule (README: the digits student needs 0).
         dm_weight: weight of the DM loss (DMD2 ``dm_loss_weight``).
         divergence: ``reverse_kl`` (DMD), ``forward_kl`` or ``js`` (f-distill; needs the GAN head).
         gan_weight: weight of the generator's GAN loss (DMD2 ``gen_cls_loss_weight``; 0 disables the GAN term).
@@ -122,25 +90,20 @@ class DMD(Method):
         time_density: how the DM, fake-score and GAN times are drawn within their ranges: ``uniform`` over the
             teacher's timesteps (DMD2's SD code) or ``karras``, uniform over a 1000-point Karras grid (DMD2's
             ImageNet/EDM code; within the teacher's own sigma range and on its timesteps, ``KarrasGrid``), which
-            puts far more draws at low noise (on the digits teacher's 1024-step linear schedule 26% of them below
-            sigma 0.35, against 11% for uniform timesteps).
+            puts far more draws at low noise.
         regression_weight: weight of DMD (v1)'s regression loss on teacher ODE pairs (paper: 0.25; 0 disables).
-        regression_loss: ``pseudo_huber`` (iCT's metric), ``mse`` or ``lpips`` (the paper's; pixel images only,
-            from local weights: ``nets/lpips.py``).
-        lpips_net: ``vgg`` or ``alex``, the LPIPS backbone.
-        lpips_weights: a folder holding the backbone checkpoint and the LPIPS heads; ``None`` looks in torchvision's
-            hub cache and the installed ``lpips`` package.
-        num_pairs, pair_sampler, pair_steps: the pair set: how many, the teacher sampler and its steps.
-        pair_cache: where the pairs are cached; ``None`` keys a file under ``$STEPDISTILL_CACHE/ode_pairs`` by the
-            teacher's weights and these settings.
+        regression_loss, num_pairs, pair_sampler, pair_steps, pair_cache, lpips_net, lpips_weights: the
+            regression's distance (``pseudo_huber``, ``mse`` or the paper's ``lpips``) and its pair set
+            (``ode_regression.ODERegression``).
         student_prediction: the student's output parameterisation; ``None`` keeps the teacher's.
         multistep_matching: multi-step only: ``mixture`` (DMD2: every step's output judged at every noise level by
             a fake score of the mixture of steps) or ``phased`` (step ``k``'s output judged only in its band of
-            times ``(t_{k+1}, t_k]``; see the module docstring). One-step students ignore it.
+            times ``(t_{k+1}, t_k]``). One-step students ignore it.
         fake_score_target: parameterisation of the fake score's denoising MSE (``x0 | eps | v``); ``None`` uses the
             fake score's own output (the teacher's training loss).
         regression_warmup: one-step only: steps of regression alone on the teacher ODE pairs before distribution
-            matching starts (DMD2's ODE pretraining of its one-step SDXL student; 0: none). See the module docstring.
+            matching starts, with a fresh student optimizer then (DMD2's ODE pretraining of its one-step SDXL student,
+            a separate run; 0: none). The critic trains on the student's samples meanwhile.
         fake_guidance: CFG scale of the fake score's own output in its denoising loss (SiD-LSG's kappa_1; 1: none,
             DMD2's), with ``cond_dropout``, the share of rows trained on the null condition so that its unconditional
             output means something (SiD-LSG: 10% when kappa_1 or kappa_2 is not 1).
@@ -251,11 +214,8 @@ class DMD(Method):
             else:
                 times = tuple(float(t) for t in sch.grid(self.student_steps)[:-1])
             self._grid = StudentGrid(times, transition="renoise" if self.student_steps > 1 else "ddim")
-            if self.phased:
-                self.bands = Bands.of_grid(times)
-                self._check_bands(sch)
-            elif self.uses_head:
-                self._check_gan_range(sch)
+            self.bands = Bands.of_grid(times) if self.phased else None
+            self._check_ranges(sch)
         return {}
 
     def active_phases(self, step: int, update_every: Mapping[str, int]) -> tuple[str, ...]:
@@ -276,7 +236,15 @@ class DMD(Method):
             raise RuntimeError("DMD.student_grid() before update_schedule(): the grid needs the schedule")
         return self._grid
 
-    def _check_bands(self, schedule) -> None:
+    def _check_ranges(self, schedule) -> None:
+        """Every time range must hold a time to draw: the GAN's half-open ``[0, int(gan_t_max N))`` at least one
+        timestep (grid position), and with ``phased`` bands each range a time in every step's band."""
+        if self.bands is None:
+            n = 1000 if self.time_density == "karras" else getattr(schedule, "num_train_timesteps", None)
+            if self.uses_head and n is not None and int(self.gan_t_max * n) < 1:
+                raise ValueError(f"method.gan_t_max: {self.gan_t_max} x {n} timesteps leaves no GAN noise level to "
+                                 f"draw (the draw stops short of int(gan_t_max N)); use at least {1 / n:g}")
+            return
         ranges = {"DM loss (method.t_min/t_max)": (self.t_min, self.t_max)}
         if self.uses_head:
             ranges["GAN (method.gan_t_max)"] = (0.0, self.gan_t_max)
@@ -285,13 +253,6 @@ class DMD(Method):
                 if self.bands.empty(schedule, k, lo, hi):
                     raise ValueError(f"method.multistep_matching: phased: the {what} range [{lo}, {hi}] leaves no "
                                      f"time in step {k}'s band of the student grid {self.student_grid().times}")
-
-    def _check_gan_range(self, schedule) -> None:
-        """The GAN's half-open draw ``[0, int(gan_t_max N))`` must hold at least one timestep (grid position)."""
-        n = 1000 if self.time_density == "karras" else getattr(schedule, "num_train_timesteps", None)
-        if n is not None and int(self.gan_t_max * n) < 1:
-            raise ValueError(f"method.gan_t_max: {self.gan_t_max} x {n} timesteps leaves no GAN noise level to draw "
-                             f"(the draw stops short of int(gan_t_max N)); use at least {1 / n:g}")
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
         """Make or load the teacher ODE pairs of the regression loss (DMD v1) when it is used."""
@@ -315,27 +276,11 @@ class DMD(Method):
 
     def generate(self, student, noise: torch.Tensor, cond, gen, *, data: torch.Tensor | None = None,
                  shared: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-        """A generator sample ``x`` whose graph reaches the student through one step only (backward simulation),
-        and that step ``k``.
-
-        Step ``k ~ U{0..K-1}`` is drawn per batch, from ``shared`` (the same on every rank, so sharded ranks make the
-        same number of student calls) when given. Steps before ``k`` are the student's own rollout without gradient
-        from pure noise (``sampling.sample_student``); with ``backward_simulation=False`` they are ``data`` noised to
-        step ``k`` instead. The student's x0 at step ``k`` is returned.
-        """
-        sch, grid = student.schedule, self.student_grid()
-        times = torch.tensor(grid.times, dtype=torch.float64, device=noise.device)
-        b = noise.shape[0]
-        k = int(torch.randint(0, grid.steps, (1,), generator=shared or gen)) if grid.steps > 1 else 0
-
-        def fresh_noise(like):
-            return torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
-
-        if k > 0 and not self.backward_simulation:
-            x = sch.add_noise(data, fresh_noise(noise), times[k].expand(b))
-        else:
-            x = sample_student(student, noise, grid, cond=cond, steps=k, new_noise=fresh_noise)
-        return student(x, times[k].expand(b), cond).x0, k
+        """A generator sample whose graph reaches the student through one step ``k`` only, and ``k``
+        (``sampling.backward_simulation``; ``backward_simulation=False``: step ``k``'s input is ``data`` noised)."""
+        pred, k = backward_simulation(student, noise, self.student_grid(), cond=cond, generator=gen, shared=shared,
+                                      data=None if self.backward_simulation else data)
+        return pred.x0, k
 
     def dm_term(self, x: torch.Tensor, nets: Nets, cond, gen, k: int = 0) -> tuple[torch.Tensor, dict]:
         """The DM loss of step ``k``'s output ``x`` (``terms.dm_loss``): the teacher with CFG and the fake score at a
@@ -363,6 +308,24 @@ class DMD(Method):
         x_gan = self._noised(x, sch, t_gan, gen)
         return gan_generator_loss(head(nets["fake_score"].features(x_gan, t_gan, cond, head.layers)))
 
+    def gan_critic_term(self, x: torch.Tensor, k: int, cond, batch: Batch, nets: Nets, gen) -> LossOutput:
+        """The head's classification loss (weighted): noised fakes ``x`` of step ``k`` against the batch's reals
+        noised in the same band, each with its own condition (DMD2: a fake's prompt, a real image's caption). The
+        inputs go only as far as the head's feature block of the fake score."""
+        head, fake_net = nets["discriminator"], nets["fake_score"]
+        sch, b = fake_net.schedule, x.shape[0]
+        t_fake = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
+        x_fake = self._noised(x, sch, t_fake, gen)
+        t_real = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
+        x_real = self._noised(batch.x0, sch, t_real, gen)
+        both = None if cond is None else {key: torch.cat([v, batch.x0_cond[key]]) for key, v in cond.items()}
+        feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), both, head.layers)
+        logits_fake, logits_real = head(feats).chunk(2)
+        cls = gan_critic_loss(logits_fake, logits_real)
+        gan = self.gan_critic_weight * cls
+        return LossOutput(gan, {"loss_cls": cls.detach().mean(), "d_real": logits_real.detach().mean(),
+                                "d_fake": logits_fake.detach().mean(), "loss": gan.detach().mean()})
+
     def regression(self, nets: Nets, b: int, device, gen) -> torch.Tensor:
         """DMD (v1) regression on cached teacher ODE pairs: one student step from ``z`` against the teacher's ``y``."""
         return self.ode(nets.student, self.student_grid().times[0], b, device, gen)
@@ -375,15 +338,13 @@ class DMD(Method):
 
     def warmup_loss(self, nets: Nets, batch: Batch) -> LossOutput:
         """The regression warm-up's student update: the ODE-pair regression alone."""
-        reg = self.regression(nets, batch.size, self.shape_device(batch)[1], batch.generator)
+        reg = self.regression(nets, batch.size, batch.x0.device, batch.generator)
         return LossOutput(reg, {"loss_reg": reg.detach().mean(), "loss": reg.detach().mean()})
 
     def student_loss(self, nets: Nets, batch: Batch) -> LossOutput:
         """Generator update: DM loss (+ GAN generator loss, + regression)."""
         gen, cond, b = batch.generator, self._generation_cond(batch), batch.size
-        shape, device = self.shape_device(batch)
-        noise = torch.randn((b, *shape), generator=gen).to(device)
-        x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
+        x, k = self.generate(nets.student, batch.noise(), cond, gen, data=batch.x0, shared=batch.shared)
         self.fakes.put(x.detach(), k, cond)
         dm, logs = self.dm_term(x, nets, cond, gen, k)
         loss = self.dm_weight * dm
@@ -393,7 +354,7 @@ class DMD(Method):
             loss = loss + self.gan_weight * gan
             logs["loss_gan"] = gan.detach().mean()
         if self.regression_weight > 0:
-            reg = self.regression(nets, b, device, gen)
+            reg = self.regression(nets, b, x.device, gen)
             loss = loss + self.regression_weight * reg
             logs["loss_reg"] = reg.detach().mean()
         logs["loss"] = loss.detach().mean()
@@ -409,47 +370,23 @@ class DMD(Method):
         that sum. The samples are the student phase's of this step when it ran (DMD2's ``train_one_step``: one
         generator pass per iteration, ``.detach()`` for the guidance loss), else a no-grad sample drawn here."""
         gen, b = batch.generator, batch.size
-        shape, device = self.shape_device(batch)
         handed = self.fakes.take()
         if handed is not None:
             x, k, cond = handed
         else:
             cond = self._generation_cond(batch)
             with torch.no_grad():
-                noise = torch.randn((b, *shape), generator=gen).to(device)
-                x, k = self.generate(nets.student, noise, cond, gen, data=batch.x0, shared=batch.shared)
+                x, k = self.generate(nets.student, batch.noise(), cond, gen, data=batch.x0, shared=batch.shared)
         fake_net = nets["fake_score"]
         sch = fake_net.schedule
         t = self.times_for(sch, b, 0.0, 1.0, gen, k)
-        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
-        x_t = sch.add_noise(x, eps, t.to(device))
+        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        x_t = sch.add_noise(x, eps, t.to(x.device))
         if self.uses_head:
-            # The GAN inputs [noised fakes, noised reals] go only as far as the head's feature block; reals are noised
-            # in the same band, each classified with its own condition (DMD2: the image's caption), each fake with its
-            # prompt.
-            head = nets["discriminator"]
-            t_fake = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
-            x_fake = self._noised(x, sch, t_fake, gen)
-            t_real = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
-            x_real = self._noised(batch.x0, sch, t_real, gen)
-            both = None if cond is None else {key: torch.cat([v, batch.x0_cond[key]]) for key, v in cond.items()}
-            feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), both, head.layers)
-            logits_fake, logits_real = head(feats).chunk(2)
-            cls = gan_critic_loss(logits_fake, logits_real)
-            gan = self.gan_critic_weight * cls
-            yield LossOutput(gan, {"loss_cls": cls.detach().mean(), "d_real": logits_real.detach().mean(),
-                                   "d_fake": logits_fake.detach().mean(), "loss": gan.detach().mean()})
-        pred = guided(fake_net, x_t, t, self._dropped(fake_net, cond, gen), self.fake_guidance)
+            yield self.gan_critic_term(x, k, cond, batch, nets, gen)
+        pred = guided(fake_net, x_t, t, drop_cond(fake_net, cond, self.cond_dropout, gen), self.fake_guidance)
         loss = denoising_loss(pred, x, eps, self.fake_score_target or fake_net.prediction)
         yield LossOutput(loss, {"loss_denoise": loss.detach().mean(), "loss": loss.detach().mean()})
-
-    def _dropped(self, fake_net, cond, gen):
-        """``cond`` with a ``cond_dropout`` share of rows replaced by the null condition (drawn only when set)."""
-        if cond is None or self.cond_dropout == 0:
-            return cond
-        null = fake_net.null_cond(cond)
-        drop = torch.rand(next(iter(cond.values())).shape[0], generator=gen) < self.cond_dropout
-        return {k: torch.where(drop.to(v.device).view(-1, *[1] * (v.ndim - 1)), null[k], v) for k, v in cond.items()}
 
     def _generation_cond(self, batch: Batch):
         """The condition the student generates with: the batch's prompts, or, when multi-step training starts from
@@ -457,10 +394,3 @@ class DMD(Method):
         if self.student_steps > 1 and not self.backward_simulation:
             return batch.x0_cond
         return batch.cond
-
-    @staticmethod
-    def shape_device(batch: Batch):
-        """Sample shape and device from the batch (data-free runs get the ``gaussian`` stand-in batch)."""
-        if batch.x0 is None:
-            raise ValueError("DMD needs batches with x0 for the sample shape")
-        return tuple(batch.x0.shape[1:]), batch.x0.device

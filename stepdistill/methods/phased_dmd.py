@@ -51,7 +51,6 @@ from ..sampling import StudentGrid, sample_student, sampling_denoiser
 from ..transitions import noise_travel
 from .bands import Bands
 from .base import Batch, LossOutput, Method, Nets, RoleSpec
-from .dmd import DMD
 from .terms import denoising_loss, dm_loss, subinterval_target
 
 
@@ -234,9 +233,8 @@ class PhasedDMD(Method):
 
     def student_loss(self, k: int, nets: Nets, batch: Batch) -> LossOutput:
         """Phase ``k``'s expert update: the DM loss on its step's x0, judged in the phase's band."""
-        gen, cond, b = batch.generator, batch.cond, batch.size
-        shape, device = DMD.shape_device(batch)
-        noise = torch.randn((b, *shape), generator=gen).to(device)
+        gen, cond = batch.generator, batch.cond
+        noise = batch.noise()
         pred, anchor = self.rollout(nets, k, noise, cond, gen, batch.shared)
         sch = nets.teacher.schedule
         t, n = self.draw(sch, k, anchor, gen)
@@ -251,11 +249,10 @@ class PhasedDMD(Method):
     def fake_score_loss(self, k: int, nets: Nets, batch: Batch) -> LossOutput:
         """Phase ``k``'s critic update: subinterval score matching on the phase's output, a full no-grad rollout of the
         experts to the phase's end (the official trainer's ``_run_full_fake_rollout``)."""
-        gen, b, cond = batch.generator, batch.size, batch.cond
-        shape, device = DMD.shape_device(batch)
+        gen, cond = batch.generator, batch.cond
         grid, last = self.student_grid(), self._starts[k + 1]
         with torch.no_grad():
-            noise = torch.randn((b, *shape), generator=gen).to(device)
+            noise = batch.noise()
             x_end = sample_student(sampling_denoiser(nets, grid, use_ema=False), noise, grid, cond=cond,
                                    steps=None if last == grid.steps else last)
         critic = nets[self.critic(k)]

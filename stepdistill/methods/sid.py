@@ -171,9 +171,8 @@ class SiD(Method):
     def _draw(self, nets: Nets, batch: Batch):
         """The generator sample (with its graph), its step ``k``, and the loss's time and noise."""
         gen, b = batch.generator, batch.size
-        shape, device = self.dmd.shape_device(batch)
-        noise = torch.randn((b, *shape), generator=gen).to(device)
-        x, k = self.dmd.generate(nets.student, noise, batch.cond, gen, data=batch.x0, shared=batch.shared)
+        x, k = self.dmd.generate(nets.student, batch.noise(), batch.cond, gen, data=batch.x0, shared=batch.shared)
+        device = x.device
         if x.requires_grad:
             x.register_hook(_finite_gradient)
         t = self.dmd.times_for(nets.teacher.schedule, b, self.dmd.t_min, self.dmd.t_max, gen, k).to(device)

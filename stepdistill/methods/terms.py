@@ -14,6 +14,7 @@ them with their own roles, times and weights.
   consistency targets), pseudo-Huber, MSE or LPIPS;
 * ``time_range`` / ``band_times``: DMD2's time axis, a part of the schedule drawn uniformly over a discrete teacher's
   timesteps (or a Karras grid);
+* ``drop_cond``: a share of a batch's conditions replaced by the null condition (classifier-free training);
 * ``GuidanceRange``: CFG inside the teacher's target at a per-sample scale ``w ~ U[w_min, w_max]`` (guided PD, LCM,
   PCM, TCD), and the w input of a student that takes it.
 
@@ -304,3 +305,14 @@ class GuidanceRange:
     def student_cond(self, cond: dict | None, w: torch.Tensor, device) -> dict | None:
         """The student's condition: ``cond`` plus ``w`` when it takes it."""
         return {**(cond or {}), "guidance": w.to(device, torch.float32)} if self.takes_w else cond
+
+
+def drop_cond(net, cond: dict | None, p: float, gen) -> dict | None:
+    """``cond`` with a share ``p`` of its rows replaced by ``net``'s null condition, so that the network's
+    unconditional output means something (classifier-free guidance training; SiD-LSG's 10% for its fake score). Draws
+    only when ``p > 0``."""
+    if cond is None or p == 0:
+        return cond
+    null = net.null_cond(cond)
+    drop = torch.rand(next(iter(cond.values())).shape[0], generator=gen) < p
+    return {k: torch.where(drop.to(v.device).view(-1, *[1] * (v.ndim - 1)), null[k], v) for k, v in cond.items()}
