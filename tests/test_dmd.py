@@ -331,6 +331,7 @@ def test_regression_pairs_are_cached_and_a_mismatched_cache_is_refused(tmp_path)
     ({"method.time_density": "lognormal"}, "time_density must be one of"),
     ({"data.source": "gaussian"}, "the GAN term .* needs a real-data source"),
     ({"method.multistep_matching": "bands"}, "multistep_matching must be one of"),
+    ({"method.fake_score_target": "score"}, "fake_score_target must be one of"),
     ({"method.multistep_matching": "phased", "method.time_density": "karras"}, "not supported with it"),
     ({"method.multistep_matching": "phased", "method.student_steps": 4, "method.gan_t_max": 0.5},
      "leaves no time in step 0's band"),
@@ -346,8 +347,8 @@ def test_gan_without_real_data_on_a_tiny_teacher(tmp_path):
     recipe["teacher"] = {"tiny": "unet2d"}
     with pytest.raises(ConfigError, match="GAN term"):
         Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
-    # data-free DMD on the same teacher needs no data source at all
-    recipe["method"] = {"name": "dmd", "student_steps": 1}
+    # data-free DMD on the same teacher needs no data source at all (its regression pairs, made in setup, kept few)
+    recipe["method"] = {"name": "dmd", "student_steps": 1, "num_pairs": 8, "pair_steps": 4}
     del recipe["optim"]["discriminator"]
     trainer = Trainer(build_recipe(recipe), tmp_path / "run", show_progress=False).setup()
     assert "discriminator" not in trainer.nets.extra and not trainer.method.reads_data

@@ -130,8 +130,12 @@ class DMD(Method):
                              f"(0, 1], got {conditioning_time} with student_steps {student_steps}")
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"method.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"method.divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        for key, value, allowed in (("divergence", divergence, DIVERGENCES),
+                                    ("time_density", time_density, TIME_DENSITIES),
+                                    ("multistep_matching", multistep_matching, MULTISTEP_MATCHING),
+                                    ("fake_score_target", fake_score_target, (None, "x0", "eps", "v"))):
+            if value not in allowed:
+                raise ValueError(f"method.{key} must be one of {allowed}, got {value!r}")
         for key, value in (("regression_weight", regression_weight), ("regression_warmup", regression_warmup)):
             if value > 0 and student_steps != 1:
                 raise ValueError(f"method.{key}: the ODE-pair regression is defined for one-step students "
@@ -143,16 +147,8 @@ class DMD(Method):
             raise ValueError("method: loss weights must be >= 0 and guidance scales >= 1")
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"method.cond_dropout must be in [0, 1), got {cond_dropout}")
-        if fake_score_target not in (None, "x0", "eps", "v"):
-            raise ValueError(f"method.fake_score_target must be x0, eps, v or null (the fake score's own output), "
-                             f"got {fake_score_target!r}")
         if not 0.0 < gan_t_max <= 1.0:
             raise ValueError(f"method.gan_t_max must be in (0, 1], got {gan_t_max}")
-        if time_density not in TIME_DENSITIES:
-            raise ValueError(f"method.time_density must be one of {TIME_DENSITIES}, got {time_density!r}")
-        if multistep_matching not in MULTISTEP_MATCHING:
-            raise ValueError(f"method.multistep_matching must be one of {MULTISTEP_MATCHING}, "
-                             f"got {multistep_matching!r}")
         if multistep_matching == "phased" and time_density != "uniform":
             raise ValueError("method.multistep_matching: phased draws times uniformly within each step's band; "
                              f"time_density {time_density!r} is not supported with it")
