@@ -115,12 +115,35 @@ def test_lsg_guidance_scales_reach_the_teacher_the_fake_score_and_its_training(m
     ({"method.guidance_fake": 0.5}, "method.guidance_fake .* must be >= 1"),
     ({"method.guidance_real": 0.5}, "guidance scales >= 1"),
     ({"method.init_time": 1.5}, "method.init_time must be in \\(0, 1\\]"),
-    ({"method.name": "sida", "data": {"source": "gaussian", "batch_size": 4}}, "needs a real-data source"),
+    ({"method.name": "sida", "data": {"source": "gaussian", "batch_size": 4}},
+     "GAN term .*method.gan_real: teacher uses the teacher's samples.* needs a real-data source"),
+    ({"method.name": "sida", "method.gan_real": "prompts"}, "method.gan_real must be one of"),
 ])
 def test_bad_sid_settings_are_one_line(tmp_path, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         _sid(tmp_path, **overrides)
     assert not (tmp_path / "run").exists()
+
+
+def test_data_free_sida_classifies_cached_teacher_samples_as_real(tmp_path):
+    """SiDA without data (``gan_real: teacher``): the head's reals are the teacher's cached ODE samples, never the
+    batch's stand-in ``x0``; the run trains."""
+    settings = {"method.name": "sida", "method.gan_real": "teacher", "method.num_pairs": 8, "method.pair_steps": 2,
+                "data": {"source": "gaussian", "batch_size": 4}}
+    trainer = _sid(tmp_path, **settings)
+    method, nets = trainer.method, trainer.nets
+    reals = method.dmd.reals.pairs["target"]
+    assert reals.shape == (8, *trainer.teacher.sample_shape) and not method.reads_data
+    method.update_schedule(0, nets)
+    reals.fill_(7.0)  # marks the cached samples
+    seen = []
+    noised = method.dmd._noised
+    method.dmd._noised = lambda x, *args: seen.append(x.detach().clone()) or noised(x, *args)
+    list(method("fake_score", nets, _generator_batch(trainer)))
+    fakes, real = seen  # the head's inputs: noised fakes, then noised reals
+    assert bool((real == 7.0).all()) and not bool((fakes == 7.0).any())
+    method.dmd._noised = noised
+    trainer.train()
 
 
 def test_with_lora_roles_the_generator_phase_reaches_only_the_students_adapter(tmp_path):

@@ -16,7 +16,9 @@ the shared terms of ``terms.py``:
   ODE pretraining of its one-step SDXL student, the same loss alone for ``regression_warmup`` steps first. Why the
   mixtures need one of them: docs/experiments/dmd2-mixtures.md;
 * DMD2's GAN term: a head on the fake score's bottleneck (``nets/gan_head.py``) on diffusion-noised inputs
-  (``t_gan ~ U[0, gan_t_max)``), non-saturating losses, trained with the fake score in one phase;
+  (``t_gan ~ U[0, gan_t_max)``), non-saturating losses, trained with the fake score in one phase; its reals are the
+  run's data (DMD2) or, data-free, the teacher's ODE samples made once and cached (``gan_real: teacher``, as SiDA
+  and LADD allow);
 * DMD2's multi-step student on ``schedule.grid(K)`` (999/749/499/249 on 1000 steps) with "denoise then re-noise"
   transitions and backward simulation (``sampling.backward_simulation``). ``multistep_matching`` says where step
   ``k``'s output is judged: ``mixture`` (DMD2) at every noise level, by one fake score of the mixture of all steps'
@@ -42,6 +44,7 @@ import torch
 
 from ..denoisers import guided
 from ..nets.gan_head import GANHead
+from ..pairs import CleanSamples
 from ..sampling import StudentGrid, backward_simulation
 from .bands import Bands
 from .base import Batch, HandOver, LossOutput, Method, Nets, PrepareContext, RoleSpec
@@ -87,6 +90,8 @@ class DMD(Method):
             (DMD2 ``guidance_cls_loss_weight``).
         gan_t_max: end of the diffusion-noised GAN inputs' times, itself left out (DMD2
             ``diffusion_gan_max_timestep``/N; 1 is the whole schedule).
+        gan_real: the GAN's real samples: ``data`` (the run's data source, DMD2) or ``teacher`` (``num_pairs``
+            teacher ODE samples with CFG ``guidance_scale``, made once and cached: data-free).
         time_density: how the DM, fake-score and GAN times are drawn within their ranges: ``uniform`` over the
             teacher's timesteps (DMD2's SD code) or ``karras``, uniform over a 1000-point Karras grid (DMD2's
             ImageNet/EDM code; within the teacher's own sigma range and on its timesteps, ``KarrasGrid``), which
@@ -94,7 +99,7 @@ class DMD(Method):
         regression_weight: weight of DMD (v1)'s regression loss on teacher ODE pairs (paper: 0.25; 0 disables).
         regression_loss, num_pairs, pair_sampler, pair_steps, pair_cache, lpips_net, lpips_weights: the
             regression's distance (``pseudo_huber``, ``mse`` or the paper's ``lpips``) and its pair set
-            (``ode_regression.ODERegression``).
+            (``ode_regression.ODERegression``), which ``gan_real: teacher`` shares.
         student_prediction: the student's output parameterisation; ``None`` keeps the teacher's.
         multistep_matching: multi-step only: ``mixture`` (DMD2: every step's output judged at every noise level by
             a fake score of the mixture of steps) or ``phased`` (step ``k``'s output judged only in its band of
@@ -122,7 +127,7 @@ class DMD(Method):
                  lpips_net: str = "vgg", lpips_weights: str | None = None,
                  student_prediction: str | None = None, fake_score_target: str | None = None,
                  multistep_matching: str = "mixture", regression_warmup: int = 0, fake_guidance: float = 1.0,
-                 cond_dropout: float = 0.0):
+                 cond_dropout: float = 0.0, gan_real: str = "data"):
         if student_steps < 1:
             raise ValueError(f"method.student_steps must be >= 1, got {student_steps}")
         if conditioning_time is not None and (student_steps != 1 or not 0.0 < conditioning_time <= 1.0):
@@ -133,7 +138,8 @@ class DMD(Method):
         for key, value, allowed in (("divergence", divergence, DIVERGENCES),
                                     ("time_density", time_density, TIME_DENSITIES),
                                     ("multistep_matching", multistep_matching, MULTISTEP_MATCHING),
-                                    ("fake_score_target", fake_score_target, (None, "x0", "eps", "v"))):
+                                    ("fake_score_target", fake_score_target, (None, "x0", "eps", "v")),
+                                    ("gan_real", gan_real, ("data", "teacher"))):
             if value not in allowed:
                 raise ValueError(f"method.{key} must be one of {allowed}, got {value!r}")
         for key, value in (("regression_weight", regression_weight), ("regression_warmup", regression_warmup)):
@@ -159,6 +165,8 @@ class DMD(Method):
         self.regression_weight, self.regression_warmup = regression_weight, regression_warmup
         self.ode = ODERegression(loss=regression_loss, num_pairs=num_pairs, sampler=pair_sampler, steps=pair_steps,
                                  cache=pair_cache, lpips_net=lpips_net, lpips_weights=lpips_weights)
+        # the GAN's reals; the same settings as the regression's pairs, so the two share one cached set
+        self.reals = CleanSamples(gan_real, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
         self.student_prediction = student_prediction
         self.fake_score_target, self.time_density = fake_score_target, time_density
         self.fake_guidance, self.cond_dropout = fake_guidance, cond_dropout
@@ -175,10 +183,11 @@ class DMD(Method):
 
     @property
     def needs_real_data(self) -> str | None:
-        if self.gan_weight > 0:
-            return "the GAN term (method.gan_weight > 0)"
-        if self.divergence != "reverse_kl":
-            return f"the density ratio of method.divergence {self.divergence!r} (a GAN head)"
+        teacher = "; method.gan_real: teacher uses the teacher's samples"
+        if self.reals.source == "data" and self.gan_weight > 0:
+            return f"the GAN term (method.gan_weight > 0{teacher})"
+        if self.reals.source == "data" and self.divergence != "reverse_kl":
+            return f"the density ratio of method.divergence {self.divergence!r} (a GAN head{teacher})"
         if self.student_steps > 1 and not self.backward_simulation:
             return "multi-step training without backward simulation"
         return None
@@ -251,10 +260,13 @@ class DMD(Method):
                                      f"time in step {k}'s band of the student grid {self.student_grid().times}")
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
-        """Make or load the teacher ODE pairs of the regression loss (DMD v1) when it is used."""
+        """Make or load the teacher ODE pairs of the regression loss (DMD v1) and the GAN's teacher reals when used."""
         self.update_schedule(0, nets)
         if self.regression_weight > 0 or self.regression_warmup > 0:
             self.ode.prepare(nets.teacher, ctx, guidance=self.guidance_scale, key="method.regression_weight")
+        if self.uses_head and self.reals.source == "teacher":
+            self.reals.prepare(nets.teacher, ctx, who="the GAN's reals", guidance=self.guidance_scale,
+                               key="method.gan_real")
 
     # ------------------------------------------------------------------------------------------------ pieces
     def times_for(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *,
@@ -305,16 +317,17 @@ class DMD(Method):
         return gan_generator_loss(head(nets["fake_score"].features(x_gan, t_gan, cond, head.layers)))
 
     def gan_critic_term(self, x: torch.Tensor, k: int, cond, batch: Batch, nets: Nets, gen) -> LossOutput:
-        """The head's classification loss (weighted): noised fakes ``x`` of step ``k`` against the batch's reals
-        noised in the same band, each with its own condition (DMD2: a fake's prompt, a real image's caption). The
-        inputs go only as far as the head's feature block of the fake score."""
+        """The head's classification loss (weighted): noised fakes ``x`` of step ``k`` against reals noised in the same
+        band, each with its own condition (DMD2: a fake's prompt, a real image's caption; a teacher sample's prompt).
+        The inputs go only as far as the head's feature block of the fake score."""
         head, fake_net = nets["discriminator"], nets["fake_score"]
         sch, b = fake_net.schedule, x.shape[0]
+        real, real_cond = self.reals.draw(batch)
         t_fake = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
         x_fake = self._noised(x, sch, t_fake, gen)
         t_real = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
-        x_real = self._noised(batch.x0, sch, t_real, gen)
-        both = None if cond is None else {key: torch.cat([v, batch.x0_cond[key]]) for key, v in cond.items()}
+        x_real = self._noised(real, sch, t_real, gen)
+        both = None if cond is None else {key: torch.cat([v, real_cond[key]]) for key, v in cond.items()}
         feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), both, head.layers)
         logits_fake, logits_real = head(feats).chunk(2)
         cls = gan_critic_loss(logits_fake, logits_real)

@@ -18,7 +18,8 @@ keeps frozen in this phase (``teacher_grad``: the teacher then gets gradient che
 role); DMD's surrogate stops the gradient there instead, and porting SiD onto it would silently change the method
 (``terms.sid_loss``; tests/test_sid.py proves the path). The gradient reaching the generator goes through
 ``nan_to_num(0, +-1e5)`` as the official code does to its parameters' gradients. SiDA adds DMD2's GAN term on the fake
-score's bottleneck (``DMD.gan_term`` and the head's loss in the critic phase), reused rather than copied.
+score's bottleneck (``DMD.gan_term`` and the head's loss in the critic phase), reused rather than copied; its reals
+are real data or, data-free, the teacher's cached ODE samples (``gan_real: teacher``).
 
 Departures, written down: the fake score's loss is DMD's (uniform timesteps over the whole schedule; ``eps`` MSE by
 default as SiD-LSG's SD code, without its ``snr / (snr + 1)`` weight for v-prediction teachers); the one-step
@@ -64,6 +65,8 @@ class SiD(Method):
         cond_dropout: the share of the fake score's training rows on the null condition; ``None``: 0.1 when kappa_1
             or kappa_2 is not 1 (SiD-LSG), else 0.
         gan_weight, gan_critic_weight, gan_t_max: SiDA's GAN term on the fake score's bottleneck (``DMD``; 0: SiD).
+        gan_real: its real samples: ``data`` (the run's data source) or ``teacher`` (the teacher's ODE samples, made
+            once and cached with the pair settings below: data-free SiDA).
         fake_score_target: the fake score's denoising target (``eps``: SiD-LSG's; ``None``: its own output).
         backward_simulation: multi-step inputs from the student's own rollout (``DMD``).
         multistep_matching: multi-step only: ``mixture`` (DMD2's: every step's output judged at every noise level by
@@ -92,7 +95,7 @@ class SiD(Method):
                  multistep_matching: str = "mixture",
                  student_prediction: str | None = None, backward: str = "joint", regression_warmup: int = 0,
                  num_pairs: int = 2048, pair_sampler: str = "ddim", pair_steps: int = 64,
-                 pair_cache: str | None = None):
+                 pair_cache: str | None = None, gan_real: str = "data"):
         if backward not in BACKWARDS:
             raise ValueError(f"method.backward must be one of {BACKWARDS}, got {backward!r}")
         if not 0.0 < alpha <= 2.0:
@@ -112,7 +115,7 @@ class SiD(Method):
                        gan_critic_weight=gan_critic_weight, gan_t_max=gan_t_max, fake_score_target=fake_score_target,
                        student_prediction=student_prediction, fake_guidance=guidance_fake_train,
                        cond_dropout=cond_dropout, regression_warmup=regression_warmup, num_pairs=num_pairs,
-                       pair_sampler=pair_sampler, pair_steps=pair_steps, pair_cache=pair_cache)
+                       pair_sampler=pair_sampler, pair_steps=pair_steps, pair_cache=pair_cache, gan_real=gan_real)
 
     # ------------------------------------------------------------------------------------------------ interface
     @property
