@@ -183,11 +183,11 @@ class DMD(Method):
 
     @property
     def needs_real_data(self) -> str | None:
-        teacher = "; method.gan_real: teacher uses the teacher's samples"
+        instead = "; method.gan_real: teacher uses the teacher's samples"
         if self.reals.source == "data" and self.gan_weight > 0:
-            return f"the GAN term (method.gan_weight > 0{teacher})"
+            return f"the GAN term (method.gan_weight > 0{instead})"
         if self.reals.source == "data" and self.divergence != "reverse_kl":
-            return f"the density ratio of method.divergence {self.divergence!r} (a GAN head{teacher})"
+            return f"the density ratio of method.divergence {self.divergence!r} (a GAN head{instead})"
         if self.student_steps > 1 and not self.backward_simulation:
             return "multi-step training without backward simulation"
         return None
