@@ -21,6 +21,7 @@ from .mixture import GaussianMixture
 from .parameterization import DIFFUSERS_PREDICTION, KINDS, Coefficients, Prediction
 from .schedules import NoiseSchedule
 from .sharding import full, is_sharded, load_local, shard_like
+from .types import noise_like
 
 
 Cond = dict | None
@@ -181,7 +182,7 @@ class Denoiser(RoleModule):
     def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standard normal noise shaped like ``like``, drawn (on CPU) in the layout the family's stock pipeline
         draws it, so a seeded re-noising sampler and the exported pipeline see the same numbers."""
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+        return noise_like(like, generator)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Prediction:
         t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])

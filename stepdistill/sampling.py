@@ -18,6 +18,7 @@ from .parameterization import Coefficients, Prediction, ddim_step
 from .schedules import _bcast
 from .transitions import Transition
 from .transitions import transition as transition_of
+from .types import noise_like
 
 
 def prior_noise(schedule, noise: torch.Tensor, t: float = 1.0) -> torch.Tensor:
@@ -276,7 +277,7 @@ def backward_simulation(student: Denoiser, noise: torch.Tensor, grid: StudentGri
     k = int(torch.randint(0, grid.steps, (1,), generator=shared or generator)) if grid.steps > 1 else 0
 
     def fresh_noise(like):
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+        return noise_like(like, generator)
 
     if k > 0 and data is not None:
         x = student.schedule.add_noise(data, fresh_noise(noise), times[k].expand(b))

@@ -116,6 +116,12 @@ class Nets:
         return {"student": self.student, "teacher": self.teacher, **self.extra}
 
 
+def noise_like(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like`` and of its dtype, drawn on the CPU from ``generator`` (the same
+    numbers on any device) and moved to ``like``'s device."""
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
 @dataclass
 class Batch:
     """One training batch. Data-free methods ignore ``x0``; unconditional sources give ``cond=None``."""

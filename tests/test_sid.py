@@ -127,13 +127,14 @@ def test_bad_sid_settings_are_one_line(tmp_path, overrides, message):
 
 def test_data_free_sida_classifies_cached_teacher_samples_as_real(tmp_path):
     """SiDA without data (``gan_real: teacher``): the head's reals are the teacher's cached ODE samples, never the
-    batch's stand-in ``x0``; the run trains."""
+    batch's stand-in ``x0``, held once when the regression warm-up uses the same pairs; the run trains."""
     settings = {"method.name": "sida", "method.gan_real": "teacher", "method.num_pairs": 8, "method.pair_steps": 2,
-                "data": {"source": "gaussian", "batch_size": 4}}
+                "method.regression_warmup": 1, "data": {"source": "gaussian", "batch_size": 4}}
     trainer = _sid(tmp_path, **settings)
     method, nets = trainer.method, trainer.nets
     reals = method.dmd.reals.pairs["target"]
     assert reals.shape == (8, *trainer.teacher.sample_shape) and not method.reads_data
+    assert reals is method.dmd.ode.pairs["target"]
     method.update_schedule(0, nets)
     reals.fill_(7.0)  # marks the cached samples
     seen = []

@@ -42,6 +42,7 @@ from ..nets.gan_head import GANHead
 from ..pairs import CleanSamples
 from ..sampling import TEACHER_SAMPLERS, StudentGrid, prior_noise, sample_student
 from ..schedules import LogitNormal, RectifiedFlow, map_time
+from ..types import noise_like
 from .base import Batch, HandOver, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .terms import GAN_LOSSES, gan_critic_loss, gan_generator_loss, r1_penalty, regression_loss, time_range
 
@@ -192,7 +193,7 @@ class Adversarial(Method):
         return self.clean.draw(batch)
 
     def _noise(self, like: torch.Tensor, gen) -> torch.Tensor:
-        return torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+        return noise_like(like, gen)
 
     def generate(self, student, real: torch.Tensor, cond, gen, shared) -> torch.Tensor:
         """The student's x0 at a step ``k ~ U{0..K-1}`` (drawn from ``shared``: alike on every rank): from pure noise

@@ -43,6 +43,7 @@ from ..pairs import CleanSamples
 from ..parameterization import consistency_output, ddim_step
 from ..sampling import StudentGrid, heun_step
 from ..schedules import VPDiscrete, _bcast
+from ..types import noise_like
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .terms import DISTANCES, GuidanceRange, regression_loss
 from .time_pairs import parse_times
@@ -256,7 +257,7 @@ class Consistency(Method):
         else:  # ECT's or iCT's pair at this step of its curriculum, with its weight
             t, t_n, weight = self.pairs.draw(b, sch, self.step, gen)
             end = None
-        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(device)
+        eps = noise_like(x0, gen)
         x_t = sch.add_noise(x0, eps, t)
         w, student_cond = 1.0, cond
         if self.guidance is not None:

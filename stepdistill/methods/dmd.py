@@ -46,6 +46,7 @@ from ..denoisers import guided
 from ..nets.gan_head import GANHead
 from ..pairs import CleanSamples
 from ..sampling import StudentGrid, backward_simulation
+from ..types import noise_like
 from .bands import Bands
 from .base import Batch, HandOver, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .ode_regression import ODERegression
@@ -264,7 +265,9 @@ class DMD(Method):
         self.update_schedule(0, nets)
         if self.regression_weight > 0 or self.regression_warmup > 0:
             self.ode.prepare(nets.teacher, ctx, guidance=self.guidance_scale, key="method.regression_weight")
-        if self.uses_head and self.reals.source == "teacher":
+        if self.uses_head and self.reals.source == "teacher" and self.ode.pairs is not None:
+            self.reals.pairs, self.reals.cond = self.ode.pairs, self.ode.pair_cond  # the same set: held once
+        elif self.uses_head and self.reals.source == "teacher":
             self.reals.prepare(nets.teacher, ctx, who="the GAN's reals", guidance=self.guidance_scale,
                                key="method.gan_real")
 
@@ -279,7 +282,7 @@ class DMD(Method):
         return time_range(schedule, lo, hi, self.time_density, closed=closed).sample(n, schedule, gen)
 
     def _noised(self, x: torch.Tensor, schedule, t: torch.Tensor, gen) -> torch.Tensor:
-        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        eps = noise_like(x, gen)
         return schedule.add_noise(x, eps, t.to(x.device))
 
     def generate(self, student, noise: torch.Tensor, cond, gen, *, data: torch.Tensor | None = None,
@@ -389,7 +392,7 @@ class DMD(Method):
         fake_net = nets["fake_score"]
         sch = fake_net.schedule
         t = self.times_for(sch, b, 0.0, 1.0, gen, k)
-        eps = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        eps = noise_like(x, gen)
         x_t = sch.add_noise(x, eps, t.to(x.device))
         if self.uses_head:
             yield self.gan_critic_term(x, k, cond, batch, nets, gen)

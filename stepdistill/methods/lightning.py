@@ -28,6 +28,7 @@ from ..nets.discriminator import time_features as noise_features
 from ..nets.gan_head import GANHead
 from ..parameterization import ddim_step
 from ..sampling import StudentGrid, prior_noise
+from ..types import noise_like
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .progressive import ProgressiveDistillation
 from .terms import GAN_LOSSES, gan_critic_loss, gan_generator_loss
@@ -142,7 +143,7 @@ class Lightning(Method):
         sch, b = nets.student.schedule, x0.shape[0]
         i = torch.randint(0, n, (b,), generator=gen).double()
         t, t_mid, s = (sch.snap(k / (2 * n)) for k in (2 * i + 2, 2 * i + 1, 2 * i))
-        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+        eps = noise_like(x0, gen)
         first = (i == n - 1).view(-1, *([1] * (x0.ndim - 1))).to(x0.device)
         x_t = torch.where(first, prior_noise(sch, eps, 1.0), sch.add_noise(x0, eps, t))
         student_cond, teacher_step = self.pd.stage_teacher(nets, batch)

@@ -38,6 +38,7 @@ from ..denoisers import Reparameterized, guided
 from ..pairs import CleanSamples
 from ..sampling import StudentGrid
 from ..schedules import LogitNormal, RectifiedFlow, _bcast
+from ..types import noise_like
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .time_view import TimeView
 
@@ -134,7 +135,7 @@ class MeanFlow(Method):
         b, device = x0.shape[0], x0.device
         t, r = self.draw_times(b, gen)
         t, r = t.to(device), r.to(device)
-        e = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(device)
+        e = noise_like(x0, gen)
         z = self.rf.add_noise(x0, e, t)
         student = self.view(nets.student)
         with torch.no_grad():

@@ -49,6 +49,7 @@ from ..denoisers import guided
 from ..parameterization import ddim_step
 from ..sampling import StudentGrid, sample_student, sampling_denoiser
 from ..transitions import noise_travel
+from ..types import noise_like
 from .bands import Bands
 from .base import Batch, LossOutput, Method, Nets, RoleSpec
 from .terms import denoising_loss, dm_loss, subinterval_target
@@ -224,7 +225,7 @@ class PhasedDMD(Method):
     def draw(self, schedule, k: int, like: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` in phase ``k``'s band and standard normal noise shaped ``like``."""
         t = self.bands.draw(schedule, k, like.shape[0], gen).to(like.device)
-        return t, torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+        return t, noise_like(like, gen)
 
     # ------------------------------------------------------------------------------------------------ phases
     def __call__(self, phase: str, nets: Nets, batch: Batch) -> LossOutput:

@@ -41,6 +41,7 @@ import torch
 from ..denoisers import guided
 from ..parameterization import ddim_step, ddim_x0_target
 from ..sampling import StudentGrid
+from ..types import noise_like
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .terms import GuidanceRange
 
@@ -223,7 +224,7 @@ class ProgressiveDistillation(Method):
         # Sample a student step and noise the data to its start time.
         i = torch.randint(0, n_steps, (b,), generator=gen).double()
         t, t_mid, s = (sch.snap(k / (2 * n_steps)) for k in (2 * i + 2, 2 * i + 1, 2 * i))
-        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+        eps = noise_like(x0, gen)
         x_t = sch.add_noise(x0, eps, t)
 
         student_cond, teacher_step = self.stage_teacher(nets, batch)

@@ -44,6 +44,7 @@ from ..nets.log_variance import LogVariance
 from ..pairs import CleanSamples
 from ..sampling import StudentGrid
 from ..schedules import LogNormalSigma, TrigFlow, _bcast
+from ..types import noise_like
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .dmd import DMD
 from .time_view import TimeView
@@ -200,7 +201,7 @@ class SCM(Method):
         b, device = x0.shape[0], x0.device
         t = self.draw_times(b, gen)
         theta = 0.5 * math.pi * t
-        z = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(device)
+        z = noise_like(x0, gen)
         x_t = self.trig.add_noise(x0, z, t)
         student = self.view(nets.student)
         dx, dF = self.derivatives(student, self.view(nets.teacher), x_t, t, cond)

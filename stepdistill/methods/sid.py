@@ -35,6 +35,7 @@ import torch
 
 from ..denoisers import guided
 from ..sampling import StudentGrid
+from ..types import noise_like
 from .base import Batch, LossOutput, Method, Nets, PrepareContext, RoleSpec
 from .dmd import DMD
 from .terms import sid_loss, sid_partials
@@ -179,7 +180,7 @@ class SiD(Method):
         if x.requires_grad:
             x.register_hook(_finite_gradient)
         t = self.dmd.times_for(nets.teacher.schedule, b, self.dmd.t_min, self.dmd.t_max, gen, k).to(device)
-        return x, k, t, torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
+        return x, k, t, noise_like(x, gen)
 
     def _real(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
         """``y_r``: the teacher's x0 with CFG kappa_4."""
