@@ -192,9 +192,6 @@ class Adversarial(Method):
         them), or teacher samples drawn from the cached set."""
         return self.clean.draw(batch)
 
-    def _noise(self, like: torch.Tensor, gen) -> torch.Tensor:
-        return noise_like(like, gen)
-
     def generate(self, student, real: torch.Tensor, cond, gen, shared) -> torch.Tensor:
         """The student's x0 at a step ``k ~ U{0..K-1}`` (drawn from ``shared``: alike on every rank): from pure noise
         at step 0, else from ``real`` noised to ``t_k`` (or the student's own rollout). The graph reaches the student
@@ -202,13 +199,13 @@ class Adversarial(Method):
         sch, grid = student.schedule, self.student_grid()
         b = real.shape[0]
         k = int(torch.randint(0, grid.steps, (1,), generator=shared or gen)) if grid.steps > 1 else 0
-        noise = self._noise(real, gen)
+        noise = noise_like(real, gen)
         if k == 0:
             x = prior_noise(sch, noise, grid.times[0])
         elif self.student_input == "data":
             x = sch.add_noise(real, noise, torch.full((b,), grid.times[k], dtype=torch.float64, device=real.device))
         else:
-            x = sample_student(student, noise, grid, cond=cond, steps=k, new_noise=lambda like: self._noise(like, gen))
+            x = sample_student(student, noise, grid, cond=cond, steps=k, new_noise=lambda like: noise_like(like, gen))
         return student(x, torch.full((b,), grid.times[k], dtype=torch.float64, device=real.device), cond).x0
 
     def disc_time(self, schedule, b: int, gen) -> torch.Tensor:
@@ -222,7 +219,7 @@ class Adversarial(Method):
         feature network saw (``grad_input``: made a leaf that takes a gradient, for R1)."""
         sch, b = nets.teacher.schedule, x.shape[0]
         t = self.disc_time(sch, b, gen) if self.source.noised else torch.full((b,), sch.t_min, dtype=torch.float64)
-        seen = sch.add_noise(x, self._noise(x, gen), t.to(x.device)) if self.source.noised else x
+        seen = sch.add_noise(x, noise_like(x, gen), t.to(x.device)) if self.source.noised else x
         if grad_input:
             seen = seen.detach().requires_grad_(True)
         parts = [noise_features(sch, t).to(x.device)] if self.source.noised else []
@@ -244,7 +241,7 @@ class Adversarial(Method):
         sch, b = nets.teacher.schedule, x.shape[0]
         t = time_range(sch, 0.0, 1.0).sample(b, sch, gen)
         with torch.no_grad():
-            x_t = sch.add_noise(x.detach(), self._noise(x, gen), t.to(x.device))
+            x_t = sch.add_noise(x.detach(), noise_like(x, gen), t.to(x.device))
             target = guided(nets.teacher, x_t, t, cond, self.distill_guidance).x0.to(x.dtype)
         c = sch.alpha(t).to(x.device, x.dtype) if self.distill_weighting == "alpha" else torch.ones_like(t)
         return c.to(x.device, x.dtype) * regression_loss(x, target, "mse")

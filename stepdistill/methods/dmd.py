@@ -265,11 +265,12 @@ class DMD(Method):
         self.update_schedule(0, nets)
         if self.regression_weight > 0 or self.regression_warmup > 0:
             self.ode.prepare(nets.teacher, ctx, guidance=self.guidance_scale, key="method.regression_weight")
-        if self.uses_head and self.reals.source == "teacher" and self.ode.pairs is not None:
-            self.reals.pairs, self.reals.cond = self.ode.pairs, self.ode.pair_cond  # the same set: held once
-        elif self.uses_head and self.reals.source == "teacher":
-            self.reals.prepare(nets.teacher, ctx, who="the GAN's reals", guidance=self.guidance_scale,
-                               key="method.gan_real")
+        if self.uses_head and self.reals.source == "teacher":
+            if self.ode.pairs is not None:  # the regression's set, made with the same settings: held once
+                self.reals.pairs, self.reals.cond = self.ode.pairs, self.ode.pair_cond
+            else:
+                self.reals.prepare(nets.teacher, ctx, who="the GAN's reals", guidance=self.guidance_scale,
+                                   key="method.gan_real")
 
     # ------------------------------------------------------------------------------------------------ pieces
     def times_for(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *,
