@@ -68,7 +68,7 @@ def test_karras_time_density_draws_dmd2_edm_times_for_every_term(tmp_path):
     trainer = _trainer(tmp_path, **{"method.time_density": "karras"})
     method, sch = trainer.method, trainer.nets.teacher.schedule
     for lo, hi in ((0.02, 0.98), (0.0, 1.0)):
-        t = method.times_for(sch, 64, lo, hi, torch.Generator().manual_seed(5))
+        t = method.times.draw(sch, 64, lo, hi, torch.Generator().manual_seed(5))
         expected = KarrasGrid(num_points=1000, lo=lo, hi=hi).sample(64, sch, torch.Generator().manual_seed(5))
         torch.testing.assert_close(t, expected, rtol=0, atol=0)
     sigma = sch.sigma(t) / sch.alpha(t)
@@ -214,13 +214,13 @@ def test_phased_matching_judges_each_step_only_in_its_own_band(tmp_path):
     gen = torch.Generator().manual_seed(0)
     fake_bands = []
     for k in range(4):
-        idx = sch.model_time(method.times_for(sch, 20000, 0.0, 1.0, gen, k)).round().long()
+        idx = sch.model_time(method.times.draw(sch, 20000, 0.0, 1.0, gen, k)).round().long()
         fake_bands.append(set(idx.tolist()))
         lo, hi = edges[k + 1], edges[k]
         assert fake_bands[-1] == {i for i in range(n) if lo < (i + 1) / n <= hi}
-        dm = method.times_for(sch, 4000, method.t_min, method.t_max, gen, k)
+        dm = method.times.draw(sch, 4000, method.t_min, method.t_max, gen, k)
         assert dm.min() > max(lo, method.t_min) - 1 / n and dm.max() <= min(hi, method.t_max)
-        gan = method.times_for(sch, 4000, 0.0, method.gan_t_max, gen, k)
+        gan = method.times.draw(sch, 4000, 0.0, method.gan.t_max, gen, k)
         assert gan.min() > lo and gan.max() <= hi
     assert set().union(*fake_bands) == set(range(n))  # the fake score still learns every time, once
 
@@ -450,8 +450,8 @@ def test_gan_noise_levels_stop_short_of_gan_t_max_as_dmd2_draws_them(density):
     # the Karras grid's sigma range (0.002..80) is EDM's; on SD's schedule its ends would clamp
     sch = VPDiscrete.from_scheduler_config(SD_SCHEDULER) if density == "uniform" else EDM()
     method = DMD(student_steps=1, gan_weight=1e-2, gan_t_max=0.5, t_min=0.02, t_max=0.98, time_density=density)
-    t = method.times_for(sch, 20000, 0.0, method.gan_t_max, torch.Generator().manual_seed(0), closed=False)
-    dm = method.times_for(sch, 20000, method.t_min, method.t_max, torch.Generator().manual_seed(0))
+    t = method.times.draw(sch, 20000, 0.0, method.gan.t_max, torch.Generator().manual_seed(0), closed=False)
+    dm = method.times.draw(sch, 20000, method.t_min, method.t_max, torch.Generator().manual_seed(0))
     if density == "uniform":  # the teacher's own timesteps, 1000 of them
         gan_idx, dm_idx = sch.model_time(t), sch.model_time(dm)
         assert (gan_idx.min().item(), gan_idx.max().item()) == (0, 499)

@@ -132,18 +132,18 @@ def test_data_free_sida_classifies_cached_teacher_samples_as_real(tmp_path):
                 "method.regression_warmup": 1, "data": {"source": "gaussian", "batch_size": 4}}
     trainer = _sid(tmp_path, **settings)
     method, nets = trainer.method, trainer.nets
-    reals = method.dmd.reals.pairs["target"]
+    reals = method.dmd.gan.reals.pairs["target"]
     assert reals.shape == (8, *trainer.teacher.sample_shape) and not method.reads_data
     assert reals is method.dmd.ode.pairs["target"]
     method.update_schedule(0, nets)
     reals.fill_(7.0)  # marks the cached samples
     seen = []
-    noised = method.dmd._noised
-    method.dmd._noised = lambda x, *args: seen.append(x.detach().clone()) or noised(x, *args)
+    noised = method.dmd.gan.noised
+    method.dmd.gan.noised = lambda x, *args: seen.append(x.detach().clone()) or noised(x, *args)
     list(method("fake_score", nets, _generator_batch(trainer)))
     fakes, real = seen  # the head's inputs: noised fakes, then noised reals
     assert bool((real == 7.0).all()) and not bool((fakes == 7.0).any())
-    method.dmd._noised = noised
+    method.dmd.gan.noised = noised
     trainer.train()
 
 

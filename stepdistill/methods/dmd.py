@@ -15,10 +15,9 @@ the shared terms of ``terms.py``:
 * DMD (v1)'s regression on teacher ODE pairs made once and cached (``ode_regression.py``), one-step only; or DMD2's
   ODE pretraining of its one-step SDXL student, the same loss alone for ``regression_warmup`` steps first. Why the
   mixtures need one of them: docs/experiments/dmd2-mixtures.md;
-* DMD2's GAN term: a head on the fake score's bottleneck (``nets/gan_head.py``) on diffusion-noised inputs
-  (``t_gan ~ U[0, gan_t_max)``), non-saturating losses, trained with the fake score in one phase; its reals are the
-  run's data (DMD2) or, data-free, the teacher's ODE samples made once and cached (``gan_real: teacher``, as SiDA
-  and LADD allow);
+* DMD2's GAN term (``diffusion_gan.py``): a head on the fake score's bottleneck on diffusion-noised inputs
+  (``t_gan ~ U[0, gan_t_max)``), trained with the fake score in one phase; its reals are the run's data (DMD2) or,
+  data-free, the teacher's ODE samples made once and cached (``gan_real: teacher``, as SiDA and LADD allow);
 * DMD2's multi-step student on ``schedule.grid(K)`` (999/749/499/249 on 1000 steps) with "denoise then re-noise"
   transitions and backward simulation (``sampling.backward_simulation``). ``multistep_matching`` says where step
   ``k``'s output is judged: ``mixture`` (DMD2) at every noise level, by one fake score of the mixture of all steps'
@@ -43,32 +42,17 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ..denoisers import guided
-from ..nets.gan_head import GANHead
 from ..pairs import CleanSamples
 from ..sampling import StudentGrid, backward_simulation
 from ..types import noise_like
-from .bands import Bands
+from .bands import Bands, StepTimes
 from .base import Batch, HandOver, LossOutput, Method, Nets, PrepareContext, RoleSpec
+from .diffusion_gan import DiffusionGAN, gan_head
 from .ode_regression import ODERegression
-from .terms import (
-    DIVERGENCES,
-    TIME_DENSITIES,
-    denoising_loss,
-    density_ratio_weight,
-    dm_loss,
-    drop_cond,
-    gan_critic_loss,
-    gan_generator_loss,
-    time_range,
-)
+from .terms import DIVERGENCES, TIME_DENSITIES, denoising_loss, density_ratio_weight, dm_loss, drop_cond
 
 
 MULTISTEP_MATCHING = ("mixture", "phased")
-
-
-def _gan_head(nets: Nets) -> GANHead:
-    """DMD2's GAN head on the fake score's bottleneck (``RoleSpec.build``)."""
-    return GANHead.for_denoiser(nets["fake_score"])
 
 
 class DMD(Method):
@@ -86,11 +70,8 @@ class DMD(Method):
             time axis: its noise level depends on the schedule (README: the digits student needs 0).
         dm_weight: weight of the DM loss (DMD2 ``dm_loss_weight``).
         divergence: ``reverse_kl`` (DMD), ``forward_kl`` or ``js`` (f-distill; needs the GAN head).
-        gan_weight: weight of the generator's GAN loss (DMD2 ``gen_cls_loss_weight``; 0 disables the GAN term).
-        gan_critic_weight: weight of the head's classification loss in the fake-score phase
-            (DMD2 ``guidance_cls_loss_weight``).
-        gan_t_max: end of the diffusion-noised GAN inputs' times, itself left out (DMD2
-            ``diffusion_gan_max_timestep``/N; 1 is the whole schedule).
+        gan_weight, gan_critic_weight, gan_t_max: the GAN term's (``diffusion_gan.DiffusionGAN``; ``gan_weight`` 0
+            disables it).
         gan_real: the GAN's real samples: ``data`` (the run's data source, DMD2) or ``teacher`` (``num_pairs``
             teacher ODE samples with CFG ``guidance_scale``, made once and cached: data-free).
         time_density: how the DM, fake-score and GAN times are drawn within their ranges: ``uniform`` over the
@@ -154,40 +135,38 @@ class DMD(Method):
             raise ValueError("method: loss weights must be >= 0 and guidance scales >= 1")
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"method.cond_dropout must be in [0, 1), got {cond_dropout}")
-        if not 0.0 < gan_t_max <= 1.0:
-            raise ValueError(f"method.gan_t_max must be in (0, 1], got {gan_t_max}")
         if multistep_matching == "phased" and time_density != "uniform":
             raise ValueError("method.multistep_matching: phased draws times uniformly within each step's band; "
                              f"time_density {time_density!r} is not supported with it")
         self.student_steps, self.conditioning_time = student_steps, conditioning_time
         self.backward_simulation, self.guidance_scale = backward_simulation, guidance_scale
         self.t_min, self.t_max, self.dm_weight, self.divergence = t_min, t_max, dm_weight, divergence
-        self.gan_weight, self.gan_critic_weight, self.gan_t_max = gan_weight, gan_critic_weight, gan_t_max
         self.regression_weight, self.regression_warmup = regression_weight, regression_warmup
         self.ode = ODERegression(loss=regression_loss, num_pairs=num_pairs, sampler=pair_sampler, steps=pair_steps,
                                  cache=pair_cache, lpips_net=lpips_net, lpips_weights=lpips_weights)
-        # the GAN's reals; the same settings as the regression's pairs, so the two share one cached set
-        self.reals = CleanSamples(gan_real, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
-        self.student_prediction = student_prediction
-        self.fake_score_target, self.time_density = fake_score_target, time_density
+        self.times = StepTimes(time_density)  # ``phased``: its bands are set with the grid
+        # the GAN's reals take the regression's pair settings, so that the two share one cached set
+        reals = CleanSamples(gan_real, num=num_pairs, sampler=pair_sampler, steps=pair_steps, cache=pair_cache)
+        self.gan = DiffusionGAN(weight=gan_weight, critic_weight=gan_critic_weight, t_max=gan_t_max, reals=reals,
+                                times=self.times)
+        self.student_prediction, self.fake_score_target = student_prediction, fake_score_target
         self.fake_guidance, self.cond_dropout = fake_guidance, cond_dropout
         self.phased = multistep_matching == "phased" and student_steps > 1
         self.fakes = HandOver()  # the student phase's detached samples, for the critic of the same step
         self._grid: StudentGrid | None = None
-        self.bands: Bands | None = None  # ``phased``: step k's band of times, set with the grid
 
     # ------------------------------------------------------------------------------------------------ interface
     @property
     def uses_head(self) -> bool:
         """The GAN head exists for the GAN term and for the density ratio of the f-divergence weighting."""
-        return self.gan_weight > 0 or self.divergence != "reverse_kl"
+        return self.gan.weight > 0 or self.divergence != "reverse_kl"
 
     @property
     def needs_real_data(self) -> str | None:
         instead = "; method.gan_real: teacher uses the teacher's samples"
-        if self.reals.source == "data" and self.gan_weight > 0:
+        if self.gan.reals.source == "data" and self.gan.weight > 0:
             return f"the GAN term (method.gan_weight > 0{instead})"
-        if self.reals.source == "data" and self.divergence != "reverse_kl":
+        if self.gan.reals.source == "data" and self.divergence != "reverse_kl":
             return f"the density ratio of method.divergence {self.divergence!r} (a GAN head{instead})"
         if self.student_steps > 1 and not self.backward_simulation:
             return "multi-step training without backward simulation"
@@ -203,7 +182,7 @@ class DMD(Method):
             "fake_score": RoleSpec(init="teacher"),
         }
         if self.uses_head:
-            specs["discriminator"] = RoleSpec(build=_gan_head)
+            specs["discriminator"] = RoleSpec(build=gan_head)
         return specs
 
     def owner(self, phase: str) -> str | tuple[str, ...]:
@@ -220,7 +199,7 @@ class DMD(Method):
             else:
                 times = tuple(float(t) for t in sch.grid(self.student_steps)[:-1])
             self._grid = StudentGrid(times, transition="renoise" if self.student_steps > 1 else "ddim")
-            self.bands = Bands.of_grid(times) if self.phased else None
+            self.times.bands = Bands.of_grid(times) if self.phased else None
             self._check_ranges(sch)
         return {}
 
@@ -243,49 +222,29 @@ class DMD(Method):
         return self._grid
 
     def _check_ranges(self, schedule) -> None:
-        """Every time range must hold a time to draw: the GAN's half-open ``[0, int(gan_t_max N))`` at least one
-        timestep (grid position), and with ``phased`` bands each range a time in every step's band."""
-        if self.bands is None:
-            n = 1000 if self.time_density == "karras" else getattr(schedule, "num_train_timesteps", None)
-            if self.uses_head and n is not None and int(self.gan_t_max * n) < 1:
-                raise ValueError(f"method.gan_t_max: {self.gan_t_max} x {n} timesteps leaves no GAN noise level to "
-                                 f"draw (the draw stops short of int(gan_t_max N)); use at least {1 / n:g}")
-            return
+        """Every time range must hold a time to draw: the GAN's at least one timestep, and with ``phased`` bands each
+        range a time in every step's band."""
         ranges = {"DM loss (method.t_min/t_max)": (self.t_min, self.t_max)}
         if self.uses_head:
-            ranges["GAN (method.gan_t_max)"] = (0.0, self.gan_t_max)
-        for what, (lo, hi) in ranges.items():
-            for k in range(self.student_steps):
-                if self.bands.empty(schedule, k, lo, hi):
-                    raise ValueError(f"method.multistep_matching: phased: the {what} range [{lo}, {hi}] leaves no "
-                                     f"time in step {k}'s band of the student grid {self.student_grid().times}")
+            ranges["GAN (method.gan_t_max)"] = (0.0, self.gan.t_max)
+            if self.times.bands is None:
+                self.gan.check_range(schedule, self.times.density)
+        self.times.check(schedule, ranges)
 
     def prepare(self, nets: Nets, ctx: PrepareContext) -> None:
         """Make or load the teacher ODE pairs of the regression loss (DMD v1) and the GAN's teacher reals when used."""
         self.update_schedule(0, nets)
         if self.regression_weight > 0 or self.regression_warmup > 0:
             self.ode.prepare(nets.teacher, ctx, guidance=self.guidance_scale, key="method.regression_weight")
-        if self.uses_head and self.reals.source == "teacher":
+        reals = self.gan.reals
+        if self.uses_head and reals.source == "teacher":
             if self.ode.pairs is not None:  # the regression's set, made with the same settings: held once
-                self.reals.pairs, self.reals.cond = self.ode.pairs, self.ode.pair_cond
+                reals.pairs, reals.cond = self.ode.pairs, self.ode.pair_cond
             else:
-                self.reals.prepare(nets.teacher, ctx, who="the GAN's reals", guidance=self.guidance_scale,
+                reals.prepare(nets.teacher, ctx, who="the GAN's reals", guidance=self.guidance_scale,
                                    key="method.gan_real")
 
     # ------------------------------------------------------------------------------------------------ pieces
-    def times_for(self, schedule, n: int, lo: float, hi: float, gen, k: int = 0, *,
-                  closed: bool = True) -> torch.Tensor:
-        """``n`` times in ``[lo, hi]`` (``closed=False``: ``hi`` left out, ``terms.time_range``) at which step ``k``'s
-        output is judged: all of it (``mixture``), or its part in the step's band ``(t_{k+1}, t_k]`` (``phased``;
-        the last step's band reaches 0)."""
-        if self.bands is not None:
-            return self.bands.draw(schedule, k, n, gen, lo, hi)
-        return time_range(schedule, lo, hi, self.time_density, closed=closed).sample(n, schedule, gen)
-
-    def _noised(self, x: torch.Tensor, schedule, t: torch.Tensor, gen) -> torch.Tensor:
-        eps = noise_like(x, gen)
-        return schedule.add_noise(x, eps, t.to(x.device))
-
     def generate(self, student, noise: torch.Tensor, cond, gen, *, data: torch.Tensor | None = None,
                  shared: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """A generator sample whose graph reaches the student through one step ``k`` only, and ``k``
@@ -298,9 +257,9 @@ class DMD(Method):
         """The DM loss of step ``k``'s output ``x`` (``terms.dm_loss``): the teacher with CFG and the fake score at a
         noised copy; with an f-divergence, the head's density ratio weights each sample."""
         sch, b = nets.teacher.schedule, x.shape[0]
-        t = self.times_for(sch, b, self.t_min, self.t_max, gen, k)
+        t = self.times.draw(sch, b, self.t_min, self.t_max, gen, k)
         with torch.no_grad():
-            x_t = self._noised(x.detach(), sch, t, gen)
+            x_t = sch.add_noise(x.detach(), noise_like(x, gen), t.to(x.device))
             real = guided(nets.teacher, x_t, t, cond, self.guidance_scale).x0_64
             weight = None
             if self.divergence == "reverse_kl":
@@ -311,33 +270,6 @@ class DMD(Method):
                 fake = pred.x0_64
                 weight = density_ratio_weight(head(feats).sum(1), t, self.divergence, self.t_min, self.t_max)
         return dm_loss(x, real, fake, weight)
-
-    def gan_term(self, x: torch.Tensor, nets: Nets, cond, gen, k: int = 0) -> torch.Tensor:
-        """DMD2's GAN generator loss of step ``k``'s output ``x`` (graph kept): the head on the fake score's features
-        of a diffusion-noised copy, ``t_gan ~ U[0, gan_t_max)``."""
-        head, sch = nets["discriminator"], nets.teacher.schedule
-        t_gan = self.times_for(sch, x.shape[0], 0.0, self.gan_t_max, gen, k, closed=False)
-        x_gan = self._noised(x, sch, t_gan, gen)
-        return gan_generator_loss(head(nets["fake_score"].features(x_gan, t_gan, cond, head.layers)))
-
-    def gan_critic_term(self, x: torch.Tensor, k: int, cond, batch: Batch, nets: Nets, gen) -> LossOutput:
-        """The head's classification loss (weighted): noised fakes ``x`` of step ``k`` against reals noised in the same
-        band, each with its own condition (DMD2: a fake's prompt, a real image's caption; a teacher sample's prompt).
-        The inputs go only as far as the head's feature block of the fake score."""
-        head, fake_net = nets["discriminator"], nets["fake_score"]
-        sch, b = fake_net.schedule, x.shape[0]
-        real, real_cond = self.reals.draw(batch)
-        t_fake = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
-        x_fake = self._noised(x, sch, t_fake, gen)
-        t_real = self.times_for(sch, b, 0.0, self.gan_t_max, gen, k, closed=False)
-        x_real = self._noised(real, sch, t_real, gen)
-        both = None if cond is None else {key: torch.cat([v, real_cond[key]]) for key, v in cond.items()}
-        feats = fake_net.features(torch.cat([x_fake, x_real]), torch.cat([t_fake, t_real]), both, head.layers)
-        logits_fake, logits_real = head(feats).chunk(2)
-        cls = gan_critic_loss(logits_fake, logits_real)
-        gan = self.gan_critic_weight * cls
-        return LossOutput(gan, {"loss_cls": cls.detach().mean(), "d_real": logits_real.detach().mean(),
-                                "d_fake": logits_fake.detach().mean(), "loss": gan.detach().mean()})
 
     def regression(self, nets: Nets, b: int, device, gen) -> torch.Tensor:
         """DMD (v1) regression on cached teacher ODE pairs: one student step from ``z`` against the teacher's ``y``."""
@@ -362,9 +294,9 @@ class DMD(Method):
         dm, logs = self.dm_term(x, nets, cond, gen, k)
         loss = self.dm_weight * dm
         logs["loss_dm"] = dm.detach().mean()
-        if self.gan_weight > 0:
-            gan = self.gan_term(x, nets, cond, gen, k)
-            loss = loss + self.gan_weight * gan
+        if self.gan.weight > 0:
+            gan = self.gan.generator_loss(x, nets, cond, gen, k)
+            loss = loss + self.gan.weight * gan
             logs["loss_gan"] = gan.detach().mean()
         if self.regression_weight > 0:
             reg = self.regression(nets, b, x.device, gen)
@@ -392,11 +324,11 @@ class DMD(Method):
                 x, k = self.generate(nets.student, batch.noise(), cond, gen, data=batch.x0, shared=batch.shared)
         fake_net = nets["fake_score"]
         sch = fake_net.schedule
-        t = self.times_for(sch, b, 0.0, 1.0, gen, k)
+        t = self.times.draw(sch, b, 0.0, 1.0, gen, k)
         eps = noise_like(x, gen)
         x_t = sch.add_noise(x, eps, t.to(x.device))
         if self.uses_head:
-            yield self.gan_critic_term(x, k, cond, batch, nets, gen)
+            yield self.gan.critic_loss(x, k, cond, batch, nets, gen)
         pred = guided(fake_net, x_t, t, drop_cond(fake_net, cond, self.cond_dropout, gen), self.fake_guidance)
         loss = denoising_loss(pred, x, eps, self.fake_score_target or fake_net.prediction)
         yield LossOutput(loss, {"loss_denoise": loss.detach().mean(), "loss": loss.detach().mean()})

@@ -18,7 +18,7 @@ keeps frozen in this phase (``teacher_grad``: the teacher then gets gradient che
 role); DMD's surrogate stops the gradient there instead, and porting SiD onto it would silently change the method
 (``terms.sid_loss``; tests/test_sid.py proves the path). The gradient reaching the generator goes through
 ``nan_to_num(0, +-1e5)`` as the official code does to its parameters' gradients. SiDA adds DMD2's GAN term on the fake
-score's bottleneck (``DMD.gan_term`` and the head's loss in the critic phase), reused rather than copied; its reals
+score's bottleneck (``diffusion_gan.DiffusionGAN``, held by ``DMD``), reused rather than copied; its reals
 are real data or, data-free, the teacher's cached ODE samples (``gan_real: teacher``).
 
 Departures, written down: the fake score's loss is DMD's (uniform timesteps over the whole schedule; ``eps`` MSE by
@@ -179,7 +179,7 @@ class SiD(Method):
         device = x.device
         if x.requires_grad:
             x.register_hook(_finite_gradient)
-        t = self.dmd.times_for(nets.teacher.schedule, b, self.dmd.t_min, self.dmd.t_max, gen, k).to(device)
+        t = self.dmd.times.draw(nets.teacher.schedule, b, self.dmd.t_min, self.dmd.t_max, gen, k).to(device)
         return x, k, t, noise_like(x, gen)
 
     def _real(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
@@ -200,9 +200,9 @@ class SiD(Method):
             x_t = sch.add_noise(x, n, t)  # with x's graph: the loss reaches the generator through both scores' inputs
             loss, logs = sid_loss(x, self._real(nets, x_t, t, cond), self._fake(nets, x_t, t, cond), self.alpha)
         logs["loss_sid"] = logs.pop("loss_value", loss.detach()).mean()
-        if self.dmd.gan_weight > 0:
-            gan = self.dmd.gan_term(x, nets, cond, batch.generator, k)
-            loss = loss.mean() + self.dmd.gan_weight * gan.mean()
+        if self.dmd.gan.weight > 0:
+            gan = self.dmd.gan.generator_loss(x, nets, cond, batch.generator, k)
+            loss = loss.mean() + self.dmd.gan.weight * gan.mean()
             logs["loss_gan"] = gan.detach().mean()
         logs["loss"] = loss.detach().mean()
         return LossOutput(loss, logs)
