@@ -108,6 +108,13 @@ def _sid_benches() -> dict[str, Bench]:
     return {
         "sid-gmm": Bench("sid/gmm.yaml", factor=1.3, beat_nfe=4),
         "sid-gmm16": Bench("sid/gmm.yaml", factor=1.3, beat_nfe=4, teacher="progressive/gmm16.yaml"),
+        # multi-step, reported beside the one-step bar (the issue sets none): SiD-LSG's untrained baseline (the
+        # one-step student re-noised to t_init (1 - i/k), ``SiD.grid_for``) and students trained for k steps by
+        # backward simulation, each step judged in its band (as the 4-step digits student)
+        **{f"sid-gmm-renoise-{k}step": Bench("sid/gmm.yaml", factor=1.3, steps=k) for k in (2, 4)},
+        **{f"sid-gmm-{k}step": Bench("sid/gmm.yaml", (f"method.student_steps={k}", "method.regression_warmup=0",
+                                                      "method.multistep_matching=phased"), factor=1.3)
+           for k in (2, 4)},
         "sid-digits": Bench("sid/digits.yaml", factor=1.3),
         "sida-digits": Bench("sida/digits.yaml", factor=1.2),
         # 4 steps: 4000 steps (their recorded figures; the one-step recipe trains 6000)
