@@ -242,7 +242,7 @@ class DMD(Method):
                 reals.pairs, reals.cond = self.ode.pairs, self.ode.pair_cond
             else:
                 reals.prepare(nets.teacher, ctx, who="the GAN's reals", guidance=self.guidance_scale,
-                                   key="method.gan_real")
+                              key="method.gan_real")
 
     # ------------------------------------------------------------------------------------------------ pieces
     def generate(self, student, noise: torch.Tensor, cond, gen, *, data: torch.Tensor | None = None,
