@@ -19,13 +19,9 @@ the shared terms of ``terms.py``:
   (``t_gan ~ U[0, gan_t_max)``), trained with the fake score in one phase; its reals are the run's data (DMD2) or,
   data-free, the teacher's ODE samples made once and cached (``gan_real: teacher``, as SiDA and LADD allow);
 * DMD2's multi-step student on ``schedule.grid(K)`` (999/749/499/249 on 1000 steps) with "denoise then re-noise"
-  transitions and backward simulation (``sampling.backward_simulation``). ``multistep_matching`` says where step
-  ``k``'s output is judged: ``mixture`` (DMD2) at every noise level, by one fake score of the mixture of all steps'
-  outputs, whose minimum only asks the mixture to match (steps may err in opposite directions); ``phased`` (after
-  Phased DMD, Fan et al. 2025) only in its band ``(t_{k+1}, t_k]`` (``bands.py``), for the DM loss, the fake score
-  and the GAN, so one time-conditioned fake score models each step's output on its own band (enough: step ``k+1``
-  sees ``x0_k`` re-noised to ``t_{k+1}``, so only its marginals there reach the sample). README, "Quality: DMD and
-  DMD2", has the measurement;
+  transitions and backward simulation (``sampling.backward_simulation``); ``multistep_matching: phased`` (after Phased
+  DMD, Fan et al. 2025) judges step ``k``'s output only in its band ``(t_{k+1}, t_k]`` (``bands.py``). Why: README,
+  "Quality: DMD and DMD2";
 * ``conditioning_time``: DMD2's one-step SDXL student is fed pure noise but told t = 399.
 
 Phases: ``("student", "fake_score")`` in DMD2's order, ``("regression", "fake_score")`` during the warm-up; the
@@ -84,8 +80,9 @@ class DMD(Method):
             (``ode_regression.ODERegression``), which ``gan_real: teacher`` shares.
         student_prediction: the student's output parameterisation; ``None`` keeps the teacher's.
         multistep_matching: multi-step only: ``mixture`` (DMD2: every step's output judged at every noise level by
-            a fake score of the mixture of steps) or ``phased`` (step ``k``'s output judged only in its band of
-            times ``(t_{k+1}, t_k]``). One-step students ignore it.
+            a fake score of the mixture of steps, whose minimum only asks the mixture to match: steps may err in
+            opposite directions) or ``phased`` (step ``k``'s output judged only in its band of times
+            ``(t_{k+1}, t_k]``, by the DM loss, the fake score and the GAN). One-step students ignore it.
         fake_score_target: parameterisation of the fake score's denoising MSE (``x0 | eps | v``); ``None`` uses the
             fake score's own output (the teacher's training loss).
         regression_warmup: one-step only: steps of regression alone on the teacher ODE pairs before distribution
