@@ -82,7 +82,8 @@ class DMD(Method):
         multistep_matching: multi-step only: ``mixture`` (DMD2: every step's output judged at every noise level by
             a fake score of the mixture of steps, whose minimum only asks the mixture to match: steps may err in
             opposite directions) or ``phased`` (step ``k``'s output judged only in its band of times
-            ``(t_{k+1}, t_k]``, by the DM loss, the fake score and the GAN). One-step students ignore it.
+            ``(t_{k+1}, t_k]``, by the DM loss, the fake score and the GAN: enough, since step ``k+1`` sees step
+            ``k``'s output only re-noised to ``t_{k+1}``). One-step students ignore it.
         fake_score_target: parameterisation of the fake score's denoising MSE (``x0 | eps | v``); ``None`` uses the
             fake score's own output (the teacher's training loss).
         regression_warmup: one-step only: steps of regression alone on the teacher ODE pairs before distribution
